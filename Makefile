@@ -1,0 +1,31 @@
+# Every target sets up what it needs: a fresh clone runs `make demo` or `make test` directly.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-slow bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0   # the CPU build; before anything pulls a CUDA one
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)  ## the main job
+	$(BIN)/iterhead train examples/poly_then_parity_small.yaml
+
+test: $(STAMP)  ## unit and integration tests (what CI runs)
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-slow: $(STAMP)  ## the slow tier too
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,198 @@
+"""Reading and writing curricula as YAML, with one-line errors that name file and field.
+
+YAML is read with a safe loader only (no tags that build Python objects) that also rejects
+duplicate keys, which plain PyYAML would silently resolve to the last one.
+"""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+from typing import Annotated, Any, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from iterhead.curricula.errors import ConfigError
+from iterhead.curricula.schema import Curriculum
+from iterhead.curricula.tasks import KINDS
+
+
+class _StrictSafeLoader(yaml.SafeLoader):
+    """A safe loader that refuses duplicate mapping keys."""
+
+
+def _construct_mapping(loader: _StrictSafeLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            continue  # construct_mapping below reports the unhashable key
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictSafeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML file; `ConfigError` for anything else."""
+    file = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read the file ({err.strerror or err})", file=file) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+                          "give a YAML file", file=file) from None
+    return parse_yaml_mapping(text, file=file)
+
+
+def parse_yaml_mapping(text: str, *, file: str = "<string>") -> dict[str, Any]:
+    """Parse YAML text that must hold one mapping."""
+    try:
+        data = yaml.load(text, Loader=_StrictSafeLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = ", ".join(p for p in (err.context, err.problem) if p) or "invalid YAML"
+        if "constructor for the tag" in problem:
+            problem = (f"the tag {problem.split('tag ')[-1]} is not allowed; "
+                       "write plain YAML values (no !! or ! tags)")
+        raise ConfigError(f"YAML error at {where}{problem}", file=file) from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"YAML error: {str(err).splitlines()[0]}", file=file) from None
+    except RecursionError:
+        raise ConfigError("YAML error: values are nested too deeply", file=file) from None
+    if data is None:
+        raise ConfigError("the file is empty; write a mapping of fields", file=file)
+    if not isinstance(data, dict):
+        raise ConfigError(f"the top level must be a mapping of fields, not a {type(data).__name__}",
+                          file=file)
+    return data
+
+
+def format_loc(loc: tuple[Any, ...]) -> str:
+    """``('stages', 1, 'mix', 'x')`` -> ``stages[1].mix.x``; a bad mapping key is ``.key``."""
+    out = ""
+    for i, part in enumerate(loc):
+        if part == "[key]":
+            continue
+        index = isinstance(part, int) and loc[i + 1:i + 2] != ("[key]",)
+        out += f"[{part}]" if index else (f".{part}" if out else str(part))
+    return out
+
+
+def _unwrap(tp: Any) -> Any:
+    """`tp` without ``Annotated[...]`` and ``| None``."""
+    while True:
+        if get_origin(tp) is Annotated:
+            tp = get_args(tp)[0]
+        elif get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp):
+            rest = [a for a in get_args(tp) if a is not type(None)]
+            tp = rest[0] if len(rest) == 1 else Union[tuple(rest)]
+        else:
+            return tp
+
+
+def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """Field names allowed where an unknown key was found, walking `loc` through the schema.
+
+    `loc` is pydantic's, through lists (an index), dicts (a key) and tagged unions (the tag).
+    """
+    tp: Any = model
+    for part in loc[:-1]:
+        tp = _unwrap(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(part) if isinstance(part, str) else None
+            if field is None:
+                return None
+            tp = field.annotation
+        elif get_origin(tp) is list and isinstance(part, int):
+            tp = get_args(tp)[0]
+        elif get_origin(tp) is dict:
+            tp = get_args(tp)[1]
+        elif get_origin(tp) in (Union, types.UnionType):
+            tagged = [m for m in get_args(tp) if isinstance(m, type) and issubclass(m, BaseModel)
+                      and "kind" in m.model_fields
+                      and part in get_args(m.model_fields["kind"].annotation)]
+            if len(tagged) != 1:
+                return None
+            tp = tagged[0]
+        else:
+            return None
+    tp = _unwrap(tp)
+    fields = getattr(tp, "model_fields", None)
+    return sorted(fields) if fields else None
+
+
+def validation_error(err: ValidationError, model: type[BaseModel], *, file: str = "") -> ConfigError:
+    """The first error of a pydantic `ValidationError` as a one-line `ConfigError`."""
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    allowed = _allowed_fields(model, loc) if first["type"] == "extra_forbidden" else None
+    if len(loc) >= 3 and loc[0] == "tasks" and loc[2] in KINDS:  # drop the union's tag
+        loc = loc[:2] + loc[3:]
+    if first["type"] == "extra_forbidden":
+        message = "unknown field" + (f"; allowed here: {', '.join(allowed)}" if allowed else "")
+    elif first["type"] == "missing":
+        message = "required field is missing"
+    elif first["type"] == "union_tag_invalid":
+        message = f"unknown task kind; choose one of {', '.join(KINDS)}"
+    else:
+        message = first["msg"]
+        if "input" in first and not isinstance(first["input"], (dict, list)):
+            message += f" (got {first['input']!r})"
+    more = len(err.errors()) - 1
+    if more:
+        message += f" (and {more} more error{'s' if more > 1 else ''})"
+    return ConfigError(message, field=format_loc(loc), file=file)
+
+
+def parse_curriculum(data: dict[str, Any], *, file: str = "") -> Curriculum:
+    """A checked `Curriculum` from a plain mapping."""
+    try:
+        cur = Curriculum.model_validate(data)
+    except ValidationError as err:
+        raise validation_error(err, Curriculum, file=file) from None
+    try:
+        return cur.check()
+    except ConfigError as err:
+        raise err.in_file(file) from None
+
+
+def load_curriculum(path: str | Path) -> Curriculum:
+    """Read, parse and check a curriculum YAML file."""
+    return parse_curriculum(read_yaml_mapping(path), file=str(path))
+
+
+def dump_curriculum(cur: Curriculum) -> str:
+    """The curriculum as YAML in the input schema, every field written out."""
+    return yaml.safe_dump(cur.model_dump(mode="json"), sort_keys=False, default_flow_style=None)
+
+
+def flatten(cur: Curriculum) -> dict[str, Any]:
+    """Dotted field -> value, stages addressed by name (MLflow params, search keys)."""
+    data = cur.model_dump(mode="json")
+    stages = data.pop("stages")
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, sub in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), sub)
+        else:
+            out[prefix] = value
+
+    walk("", data)
+    for stage in stages:
+        name = stage.pop("name")
+        walk(f"stages.{name}", stage)
+    return out

@@ -1,0 +1,166 @@
+"""The curriculum: one trial's data, model, optimiser and stages, as validated data.
+
+Pydantic checks each field (types, ranges, unknown keys); `Curriculum.check` then checks
+what spans fields (mix names defined tasks, stage names unique, ...). Both raise errors
+that name the field path, turned into one-line `ConfigError`s by `iterhead.curricula.io`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from iterhead.curricula.errors import ConfigError
+from iterhead.curricula.tasks import KINDS, Task
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_\-]*$", max_length=64)]
+
+
+class Spec(BaseModel):
+    """Base of every spec: unknown keys are errors, numbers must be finite."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
+
+
+class ModelSpec(Spec):
+    d_model: PositiveInt = 128
+    n_layers: PositiveInt = 2
+    n_heads: PositiveInt = 1
+    positional: Literal["learned", "rotary"] = "learned"
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    mlp_ratio: PositiveInt = 4
+
+
+class DataSpec(Spec):
+    min_len: PositiveInt = 1
+    max_len: Annotated[int, Field(gt=0, le=512)] = 32
+    train_per_len: PositiveInt = 1024
+    test_per_len: PositiveInt = 1024
+    cot: bool = True
+    split: Literal["iid", "disjoint"] = "iid"
+
+
+class ParitySpec(Spec):
+    kind: Literal["parity"]
+
+
+class PolynomialSpec(Spec):
+    kind: Literal["polynomial"]
+    modulus: Annotated[int, Field(ge=2, le=1000)] = 11
+
+
+class CopySpec(Spec):
+    kind: Literal["copy"]
+
+
+TaskSpec = Annotated[Union[ParitySpec, PolynomialSpec, CopySpec], Field(discriminator="kind")]
+
+
+class OptimSpec(Spec):
+    lr: PositiveFloat = 3.0e-4
+    batch_size: PositiveInt = 256
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+
+
+class StageSpec(Spec):
+    name: Name
+    mix: dict[str, Annotated[float, Field(ge=0.0)]]
+    epochs: Annotated[int, Field(ge=0)]
+    lr: PositiveFloat | None = None
+    train_modules: list[str] | None = None
+
+
+class TargetSpec(Spec):
+    task: str
+    accuracy: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+
+
+class EvalSpec(Spec):
+    every_epochs: PositiveInt = 1
+    probe_per_len: Annotated[int, Field(ge=0)] = 16
+
+
+class Curriculum(Spec):
+    name: Name
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
+    model: ModelSpec = ModelSpec()
+    data: DataSpec = DataSpec()
+    tasks: dict[Name, TaskSpec]
+    optim: OptimSpec = OptimSpec()
+    stages: list[StageSpec]
+    target: TargetSpec
+    eval: EvalSpec = EvalSpec()
+
+    def check(self) -> "Curriculum":
+        """Checks that span fields; raises `ConfigError` naming the field. Returns self."""
+        if not self.tasks:
+            raise ConfigError("define at least one task", field="tasks")
+        if not self.stages:
+            raise ConfigError("define at least one stage", field="stages")
+        if self.data.max_len < self.data.min_len:
+            raise ConfigError(
+                f"max_len ({self.data.max_len}) must be >= min_len ({self.data.min_len})",
+                field="data.max_len",
+            )
+        if self.model.d_model % self.model.n_heads:
+            raise ConfigError(
+                f"d_model ({self.model.d_model}) must be divisible by n_heads ({self.model.n_heads})",
+                field="model.d_model",
+            )
+        if self.model.positional == "rotary" and (self.model.d_model // self.model.n_heads) % 2:
+            raise ConfigError("rotary positions need an even head size (d_model / n_heads)",
+                              field="model.positional")
+        seen: set[str] = set()
+        modules = module_names(self.model)
+        for i, stage in enumerate(self.stages):
+            where = f"stages[{i}]"
+            if stage.name in seen:
+                raise ConfigError(f"stage name {stage.name!r} is used twice; names must be unique",
+                                  field=f"{where}.name")
+            seen.add(stage.name)
+            for task in stage.mix:
+                if task not in self.tasks:
+                    raise ConfigError(f"task {task!r} is not defined; defined tasks: "
+                                      f"{', '.join(self.tasks)}", field=f"{where}.mix.{task}")
+            if stage.epochs > 0 and sum(stage.mix.values()) <= 0:
+                raise ConfigError("mix weights must have a positive sum", field=f"{where}.mix")
+            for j, module in enumerate(stage.train_modules or []):
+                if module not in modules:
+                    raise ConfigError(f"{module!r} is not a module of this model; choose from "
+                                      f"{', '.join(sorted(modules))}",
+                                      field=f"{where}.train_modules[{j}]")
+        if self.target.task not in self.tasks:
+            raise ConfigError(f"task {self.target.task!r} is not defined; defined tasks: "
+                              f"{', '.join(self.tasks)}", field="target.task")
+        return self
+
+    def stage(self, name: str) -> StageSpec:
+        """The stage called `name` (stages are addressed by name, never by index)."""
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)
+
+
+def module_names(model: ModelSpec) -> set[str]:
+    """Dotted names of the model's modules that a stage may train.
+
+    `iterhead.trainable.model.Transformer` builds exactly these; a test keeps the two in step.
+    """
+    names = {"tok_emb", "ln_f", "head", "blocks"}
+    if model.positional == "learned":
+        names.add("pos_emb")
+    for i in range(model.n_layers):
+        names |= {f"blocks.{i}", f"blocks.{i}.ln1", f"blocks.{i}.attn", f"blocks.{i}.ln2",
+                  f"blocks.{i}.mlp", f"blocks.{i}.attn.qkv", f"blocks.{i}.attn.proj",
+                  f"blocks.{i}.mlp.fc", f"blocks.{i}.mlp.proj"}
+    return names
+
+
+def make_task(spec: ParitySpec | PolynomialSpec | CopySpec) -> Task:
+    """The generator and solver for a task spec."""
+    params = spec.model_dump(exclude={"kind"})
+    return KINDS[spec.kind](**params)

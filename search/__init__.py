@@ -1,0 +1,1 @@
+"""Which trials, and where they are recorded: the command line, MLflow, plots."""

@@ -1,0 +1,58 @@
+"""PNG figures for MLflow artifacts: attention maps and accuracy against compute."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def attention_maps(path: Path, maps: Sequence[tuple[str, list[str], np.ndarray]]) -> Path:
+    """One row per sequence, one panel per (layer, head).
+
+    `maps` holds (title, token labels, patterns [layer, head, query, key]) per sequence.
+    """
+    n_rows = len(maps)
+    n_layers, n_heads = maps[0][2].shape[:2]
+    n_cols = n_layers * n_heads
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.6 * n_cols, 3.4 * n_rows), squeeze=False)
+    for r, (title, labels, pattern) in enumerate(maps):
+        for layer in range(n_layers):
+            for head in range(n_heads):
+                ax = axes[r][layer * n_heads + head]
+                ax.imshow(pattern[layer, head], cmap="viridis", vmin=0.0, vmax=1.0)
+                ax.set_title(f"{title}: layer {layer} head {head}", fontsize=8)
+                ticks = np.arange(len(labels))
+                ax.set_xticks(ticks, labels, rotation=90, fontsize=5)
+                ax.set_yticks(ticks, labels, fontsize=5)
+                ax.set_xlabel("key", fontsize=7)
+                ax.set_ylabel("query", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def accuracy_vs_compute(path: Path, flops: Sequence[float], accuracy: dict[str, Sequence[float]],
+                        target_task: str, target: float, stage_starts: dict[str, float]) -> Path:
+    """Accuracy of each task against cumulative training FLOPs, stages and target marked."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for task, values in accuracy.items():
+        ax.plot(flops, values, marker=".", label=f"acc/{task}", lw=2 if task == target_task else 1)
+    ax.axhline(target, color="grey", ls=":", lw=1, label=f"target ({target_task})")
+    for name, start in stage_starts.items():
+        ax.axvline(start, color="black", ls="--", lw=0.7)
+        ax.text(start, 1.02, name, fontsize=7, transform=ax.get_xaxis_transform())
+    ax.set_xlabel("training FLOPs (cumulative, analytic)")
+    ax.set_ylabel("exact-match test accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

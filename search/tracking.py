@@ -1,0 +1,143 @@
+"""Writing runs to MLflow: batched, from one ordered background thread.
+
+Every write goes through `RunWriter`, which owns one worker thread: calls are queued in
+order and return at once, so training never waits on the tracking store (importing MLflow
+and creating a fresh sqlite schema alone take seconds). Errors are not swallowed: the next
+call after a failed write, and `close()`, raise it.
+
+The tracking URI defaults to MLflow's own default, ``sqlite:///mlflow.db`` in the working
+directory; ``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` override it. File stores are
+refused by MLflow 3 and rejected here up front, as bad input.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+from iterhead.curricula.errors import ConfigError
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+MAX_METRICS, MAX_PARAMS, MAX_PARAM_CHARS = 1000, 100, 6000
+
+
+def resolve_uri(uri: str | None) -> str:
+    """The tracking URI to use, checked: `ConfigError` for one MLflow cannot use."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    scheme = uri.split(":", 1)[0].split("+", 1)[0] if ":" in uri else ""
+    if scheme not in SCHEMES:
+        raise ConfigError(f"{uri!r} is not a tracking URI MLflow 3 accepts (file stores are refused); "
+                          "use sqlite:///PATH.db or http://HOST:PORT", field="--tracking-uri")
+    if scheme == "sqlite":
+        path = uri[len("sqlite:///"):]
+        folder = Path(path).parent if path not in ("", ":memory:") else Path(".")
+        if not folder.is_dir():
+            raise ConfigError(f"the folder {str(folder)!r} of the sqlite store does not exist",
+                              field="--tracking-uri")
+    return uri
+
+
+def ui_hint(uri: str) -> str:
+    """How to look at the runs."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+class RunWriter:
+    """Ordered, non-blocking writes to one tracking store (module docstring)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-writer")
+        self._pending: list[Future] = []
+        self._client: Any = None
+        self.submit(self._connect)
+
+    def _connect(self) -> None:
+        from mlflow import MlflowClient  # slow import, kept off the main thread
+
+        self._client = MlflowClient(tracking_uri=self.uri)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Queue `fn(*args)`; re-raise the error of any earlier write that failed."""
+        self.raise_errors()
+        future = self._pool.submit(fn, *args)
+        self._pending.append(future)
+        return future
+
+    def raise_errors(self) -> None:
+        done = [f for f in self._pending if f.done()]
+        self._pending = [f for f in self._pending if not f.done()]
+        for f in done:
+            f.result()
+
+    def flush(self) -> None:
+        """Wait for every queued write; raise the first error. The writer stays usable."""
+        pending, self._pending = self._pending, []
+        for f in pending:
+            f.result()
+
+    def close(self) -> None:
+        """Wait for every queued write; raise the first error."""
+        try:
+            for f in self._pending:
+                f.result()
+        finally:
+            self._pending = []
+            self._pool.shutdown(wait=True)
+
+    # -- what runs in the worker ----------------------------------------------------------
+
+    @property
+    def client(self) -> Any:
+        return self._client
+
+    def experiment_id(self, name: str) -> str:
+        """The experiment called `name`, created if missing (once, before any trial writes)."""
+        exp = self._client.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                raise RuntimeError(f"experiment {name!r} is deleted in {self.uri}; restore it "
+                                   "(mlflow experiments restore) or choose another name")
+            return exp.experiment_id
+        return self._client.create_experiment(name)
+
+    def create_run(self, experiment: str, run_name: str, tags: dict[str, str],
+                   params: dict[str, Any], parent_run_id: str | None = None) -> str:
+        """A new run with its params; a child of `parent_run_id` when given."""
+        tags = dict(tags)
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = self._client.create_run(self.experiment_id(experiment), run_name=run_name, tags=tags)
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in params.items()]
+        for i in range(0, len(items), MAX_PARAMS):
+            self._client.log_batch(run_id, params=items[i:i + MAX_PARAMS])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int,
+                    timestamp_ms: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        ts = timestamp_ms or int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        for i in range(0, len(items), MAX_METRICS):
+            self._client.log_batch(run_id, metrics=items[i:i + MAX_METRICS])
+
+    def log_artifact(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
+        self._client.log_artifact(run_id, str(path), folder)
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        self._client.log_text(run_id, text, name)
+
+    def end_run(self, run_id: str, status: str) -> None:
+        self._client.set_terminated(run_id, status)

@@ -1,0 +1,90 @@
+"""`iterhead train`: one curriculum, one MLflow run, a summary on the terminal."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from iterhead.curricula.io import dump_curriculum, flatten
+from iterhead.curricula.schema import Curriculum
+from iterhead.search import plots
+from iterhead.search.tracking import RunWriter, ui_hint
+from iterhead.trainable.loop import Evaluation, Trainer
+from iterhead.trainable.probes import example_maps
+from iterhead.trainable.summary import summary_metrics
+
+
+def progress_line(ev: Evaluation, target_task: str) -> str:
+    m = ev.metrics
+    accs = "  ".join(f"{k[4:]} {v:6.1%}" for k, v in m.items() if k.startswith("acc/") and k.count("/") == 1)
+    mark = "  <- target reached" if ev.reached else ""
+    return (f"[{ev.stage} epoch {ev.epoch:4d}] {accs}  loss {m['loss/train']:.4f}  "
+            f"{m['compute/flops']:.3e} FLOP  {m['compute/seconds']:7.1f} s{mark}")
+
+
+def write_artifacts(trainer: Trainer, history: list[Evaluation], folder: Path) -> list[Path]:
+    """The curriculum YAML, attention maps and accuracy-against-compute plot of a trial."""
+    cur = trainer.cur
+    yaml_path = folder / "curriculum.yaml"
+    yaml_path.write_text(dump_curriculum(cur))
+    maps = example_maps(trainer.model, trainer.test, trainer.vocab, trainer.device, cur.data.cot)
+    attention = plots.attention_maps(folder / "attention.png", maps)
+    starts: dict[str, float] = {}
+    previous = 0.0
+    for ev in history:  # a stage starts where the evaluation before its first one stood
+        starts.setdefault(ev.stage, previous)
+        previous = ev.metrics["compute/flops"]
+    flops = [ev.metrics["compute/flops"] for ev in history]
+    accuracy = {t: [ev.metrics[f"acc/{t}"] for ev in history] for t in cur.tasks}
+    curve = plots.accuracy_vs_compute(folder / "compute_to_accuracy.png", flops, accuracy,
+                                      cur.target.task, cur.target.accuracy, starts)
+    return [yaml_path, attention, curve]
+
+
+def train(cur: Curriculum, *, uri: str, experiment: str, device: torch.device,
+          source: str = "", out: TextIO = sys.stdout) -> dict[str, float]:
+    """Train `cur`, logging one run to `uri`; returns the summary metrics."""
+    started = time.perf_counter()
+    writer = RunWriter(uri)
+    tags = {"iterhead.curriculum": cur.name, "iterhead.source": source, "iterhead.device": str(device),
+            "iterhead.torch_threads": str(torch.get_num_threads())}
+    run = writer.submit(writer.create_run, experiment, cur.name, tags, flatten(cur))
+    status = "FAILED"
+    try:
+        trainer = Trainer(cur, device)
+        history: list[Evaluation] = []
+        print(f"training {cur.name!r} on {device} ({trainer.n_params:,} non-embedding parameters)", file=out)
+        for ev in trainer.run():
+            history.append(ev)
+            writer.submit(lambda ev=ev: writer.log_metrics(run.result(), ev.metrics, ev.step))
+            print(progress_line(ev, cur.target.task), file=out, flush=True)
+        summary = summary_metrics(cur, trainer.outcome)
+        summary.update({f"final/{k}": v for k, v in history[-1].metrics.items()
+                        if k.startswith("acc/") and k.count("/") == 1} if history else {})
+        writer.submit(lambda: writer.log_metrics(run.result(), summary, len(history)))
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in write_artifacts(trainer, history, Path(tmp)):
+                writer.submit(lambda p=path: writer.log_artifact(run.result(), p))
+            writer.flush()
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if run.done() and run.exception() is None:
+            writer.submit(lambda: writer.end_run(run.result(), status))
+        writer.close()
+    reached = "reached" if summary["reached"] else "did NOT reach"
+    print(f"\n{cur.name}: {reached} {cur.target.task} accuracy {cur.target.accuracy:g} "
+          f"after {trainer.compute.examples:,} examples, {trainer.compute.flops:.3e} training FLOP, "
+          f"{trainer.compute.seconds:.1f} s training ({time.perf_counter() - started:.1f} s in all)", file=out)
+    print(f"compute_to_target = {summary['compute_to_target']:.4e}"
+          + ("" if summary["reached"] else " (censored: the documented penalty)"), file=out)
+    print(f"MLflow run {run.result()} in experiment {experiment!r}; to look: {ui_hint(uri)}", file=out)
+    return summary
+

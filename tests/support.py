@@ -1,0 +1,31 @@
+"""Helpers the tests import: tiny curricula that train in a second or two on a CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from iterhead.curricula.io import parse_curriculum
+from iterhead.curricula.schema import Curriculum
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(**overrides: Any) -> Curriculum:
+    """A two-task, two-stage curriculum small enough for unit tests; override any top field."""
+    data: dict[str, Any] = {
+        "name": "tiny",
+        "seed": 0,
+        "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "dropout": 0.1},
+        "data": {"min_len": 1, "max_len": 4, "train_per_len": 64, "test_per_len": 32, "cot": True},
+        "tasks": {"parity": {"kind": "parity"}, "polynomial": {"kind": "polynomial", "modulus": 11}},
+        "optim": {"lr": 1.0e-3, "batch_size": 32},
+        "stages": [
+            {"name": "pretrain", "mix": {"polynomial": 1.0}, "epochs": 2},
+            {"name": "finetune", "mix": {"parity": 0.7, "polynomial": 0.3}, "epochs": 3},
+        ],
+        "target": {"task": "parity", "accuracy": 1.0},
+        "eval": {"every_epochs": 1, "probe_per_len": 4},
+    }
+    data.update(overrides)
+    return parse_curriculum(data, file="<tiny>")

@@ -1,0 +1,130 @@
+"""The training loop: determinism, exact resume, stages, compute accounting, the sampler."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from iterhead.curricula.data import stream
+from iterhead.curricula.sampler import Layout, plan_epoch, shares
+from iterhead.trainable import checkpoint
+from iterhead.trainable.loop import Trainer
+from iterhead.trainable.summary import planned_flops, summary_metrics
+
+from support import tiny
+
+
+def run_all(trainer: Trainer) -> list[dict[str, float]]:
+    return [ev.metrics for ev in trainer.run()]
+
+
+def without_time(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if "seconds" not in k}
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers():
+    a = run_all(Trainer(tiny()))
+    b = run_all(Trainer(tiny()))
+    c = run_all(Trainer(tiny(seed=1)))
+    assert [without_time(m) for m in a] == [without_time(m) for m in b]
+    assert [m["loss/train"] for m in a] != [m["loss/train"] for m in c]
+
+
+def test_resume_from_checkpoint_is_exact(tmp_path):
+    straight = Trainer(tiny())
+    history = run_all(straight)
+    first = Trainer(tiny())
+    events = first.run()
+    for _ in range(3):  # stop mid-way through the second stage, after its first evaluation
+        next(events)
+    checkpoint.save(first.state_dict(), tmp_path)
+    resumed = Trainer(tiny(), state=checkpoint.load(tmp_path))
+    rest = run_all(resumed)
+    assert [without_time(m) for m in rest] == [without_time(m) for m in history[3:]]
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_checkpoint_refuses_another_curriculum(tmp_path):
+    trainer = Trainer(tiny())
+    checkpoint.save(trainer.state_dict(), tmp_path)
+    with pytest.raises(ValueError, match="different curriculum"):
+        Trainer(tiny(seed=3), state=checkpoint.load(tmp_path))
+
+
+def test_epoch_costs_the_same_whatever_the_mix():
+    costs = []
+    for mix in ({"parity": 1.0}, {"polynomial": 1.0}, {"parity": 0.3, "polynomial": 0.7}):
+        cur = tiny(stages=[{"name": "s", "mix": mix, "epochs": 1}])
+        trainer = Trainer(cur)
+        run_all(trainer)
+        costs.append((trainer.compute.examples, trainer.compute.tokens, trainer.compute.flops))
+    assert costs[0] == costs[1] == costs[2]
+    assert costs[0][2] == pytest.approx(planned_flops(tiny(stages=[{"name": "s", "mix": {"parity": 1}, "epochs": 1}])))
+
+
+def test_zero_epoch_stage_is_skipped_and_compute_is_cumulative():
+    cur = tiny(stages=[{"name": "pretrain", "mix": {"polynomial": 1}, "epochs": 0},
+                       {"name": "finetune", "mix": {"parity": 1}, "epochs": 2}])
+    trainer = Trainer(cur)
+    events = list(trainer.run())
+    assert {ev.stage for ev in events} == {"finetune"}
+    two = Trainer(tiny())
+    events = list(two.run())
+    flops = [ev.metrics["compute/flops"] for ev in events]
+    assert flops == sorted(flops) and len(set(flops)) == len(flops)
+    assert two.compute.flops == pytest.approx(planned_flops(tiny()))
+
+
+def test_train_modules_freezes_everything_else():
+    cur = tiny(stages=[{"name": "ft", "mix": {"parity": 1}, "epochs": 1, "train_modules": ["blocks.1.mlp"]}])
+    trainer = Trainer(cur)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    run_all(trainer)
+    for name, p in trainer.model.named_parameters():
+        changed = not torch.equal(before[name], p)
+        assert changed == name.startswith("blocks.1.mlp."), name
+
+
+def test_stops_at_target_and_summarises():
+    cur = tiny(target={"task": "parity", "accuracy": 0.01})
+    trainer = Trainer(cur)
+    events = list(trainer.run())
+    assert [ev.reached for ev in events] == [False] * (len(events) - 1) + [True]
+    assert len(events) < 5  # stopped before the last stage ended
+    s = summary_metrics(cur, trainer.outcome)
+    assert s["reached"] == 1.0 and s["compute_to_target"] == events[-1].metrics["compute/flops"]
+    unreached = Trainer(tiny(target={"task": "parity", "accuracy": 1.0},
+                             stages=[{"name": "s", "mix": {"polynomial": 1}, "epochs": 1}]))
+    run_all(unreached)
+    s = summary_metrics(unreached.cur, unreached.outcome)
+    assert s["reached"] == 0.0 and np.isfinite(s["compute_to_target"])
+    assert s["compute_to_target"] > unreached.compute.flops
+
+
+def test_metrics_have_the_documented_names():
+    metrics = run_all(Trainer(tiny()))[-1]
+    for task in ("parity", "polynomial"):
+        assert 0.0 <= metrics[f"acc/{task}"] <= 1.0
+        per_len = [metrics[f"acc/{task}/len_{n}"] for n in range(1, 5)]
+        assert metrics[f"acc/{task}"] == pytest.approx(np.mean(per_len))
+        for layer in range(2):
+            for head in range(2):
+                assert 0.0 <= metrics[f"probe/{task}/iteration/l{layer}h{head}"] <= 1.0
+                assert 0.0 <= metrics[f"probe/{task}/cot_to_eoi/l{layer}h{head}"] <= 1.0
+    for key in ("loss/train", "compute/flops", "compute/examples", "compute/tokens", "compute/seconds",
+                "compute/eval_flops"):
+        assert metrics[key] > 0
+
+
+def test_sampler_stratifies_by_length_and_batches_by_length():
+    layout = Layout({"a": 0, "b": 100}, min_len=1, max_len=5, per_len=20)
+    plan = plan_epoch(layout, {"a": 0.25, "b": 0.75}, 16, stream(0, "t"))
+    assert len(plan.rows) == 100 and len(np.unique(plan.rows)) == 100
+    for length in range(1, 6):
+        rows = plan.rows[plan.lengths == length]
+        assert len(rows) == 20 and (rows < 100).sum() == 5
+    for lo, hi, short, long in plan.batches():
+        assert long - short <= 1 and 0 < hi - lo <= 16
+    assert shares({"x": 1, "y": 1, "z": 1}, 10) == {"x": 4, "y": 3, "z": 3}

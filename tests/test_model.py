@@ -1,0 +1,89 @@
+"""The transformer: causal, attention rows sum to 1, the windowed forward is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from iterhead.curricula.schema import ModelSpec, module_names
+from iterhead.trainable.compute import count_params
+from iterhead.trainable.model import Transformer, pattern_hooks
+
+
+def build(positional: str = "learned", n_heads: int = 2, dropout: float = 0.0) -> Transformer:
+    spec = ModelSpec(d_model=32, n_layers=2, n_heads=n_heads, positional=positional, dropout=dropout)
+    return Transformer(spec, vocab_size=15, max_len=20, generator=torch.Generator().manual_seed(0)).eval()
+
+
+@pytest.mark.parametrize("positional", ["learned", "rotary"])
+def test_causal(positional):
+    model = build(positional)
+    tokens = torch.randint(0, 15, (3, 12), generator=torch.Generator().manual_seed(1))
+    changed = tokens.clone()
+    changed[:, 7:] = (changed[:, 7:] + 1) % 15
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    torch.testing.assert_close(a[:, :7], b[:, :7])
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+@pytest.mark.parametrize("positional", ["learned", "rotary"])
+def test_attention_rows_sum_to_one_and_are_causal(positional):
+    model = build(positional)
+    tokens = torch.randint(0, 15, (4, 10))
+    _, cache = model.run_with_cache(tokens, pattern_hooks(2))
+    for name in pattern_hooks(2):
+        p = cache[name]
+        assert p.shape == (4, 2, 10, 10)
+        torch.testing.assert_close(p.sum(-1), torch.ones(4, 2, 10))
+        assert (p.triu(diagonal=1) == 0).all()
+
+
+@pytest.mark.parametrize("positional", ["learned", "rotary"])
+def test_hooked_and_fused_attention_agree(positional):
+    model = build(positional)
+    tokens = torch.randint(0, 15, (2, 9))
+    with torch.no_grad():
+        fused = model(tokens)
+        hooked, _ = model.run_with_cache(tokens, pattern_hooks(2))
+    torch.testing.assert_close(fused, hooked, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("q_start", [1, 4, 8])
+def test_windowed_forward_matches_full(q_start):
+    model = build()
+    tokens = torch.randint(0, 15, (3, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, q_start=q_start), model(tokens)[:, q_start:],
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("positional", ["learned", "rotary"])
+def test_schema_module_names_are_the_models(positional):
+    spec = ModelSpec(d_model=32, n_layers=3, n_heads=2, positional=positional)
+    model = Transformer(spec, 15, 20, torch.Generator().manual_seed(0))
+    real = {n for n, _ in model.named_modules() if n and not n.endswith(("hook_pattern", "rotary"))}
+    assert module_names(spec) == real
+
+
+def test_count_params_matches_model():
+    spec = ModelSpec(d_model=48, n_layers=3, n_heads=3, mlp_ratio=2)
+    model = Transformer(spec, 17, 20, torch.Generator().manual_seed(0))
+    assert count_params(48, 3, 2, 17) == model.n_params()
+
+
+def test_init_is_seeded_and_dropout_needs_a_generator():
+    a, b = build(dropout=0.1), build(dropout=0.1)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    a.train()
+    tokens = torch.randint(0, 15, (2, 6))
+    with pytest.raises(ValueError, match="Generator"):
+        a(tokens)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    torch.testing.assert_close(a(tokens, generator=g1), a(tokens, generator=g2))
+
+
+def test_too_long_input_is_refused():
+    with pytest.raises(ValueError, match="positions"):
+        build()(torch.zeros(1, 21, dtype=torch.long))

@@ -1,0 +1,71 @@
+"""`iterhead train` end to end against a real sqlite MLflow store in a temp folder."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow import MlflowClient
+
+from iterhead.search.cli import main
+
+from support import ROOT
+
+SMALL = ROOT / "examples" / "poly_then_parity_small.yaml"
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """The shipped small curriculum trained twice into one store."""
+    folder = tmp_path_factory.mktemp("train")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    for _ in range(2):
+        assert main(["train", str(SMALL), "--tracking-uri", uri, "--experiment", "twice"]) == 0
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("twice")
+    return client, client.search_runs([exp.experiment_id])
+
+
+def test_small_curriculum_reaches_target_reproducibly(two_runs):
+    _, runs = two_runs
+    assert len(runs) == 2
+    a, b = (r.data.metrics for r in runs)
+    assert a["reached"] == b["reached"] == 1.0
+    assert a["compute_to_target"] == b["compute_to_target"]
+    finals = sorted(k for k in a if k.startswith("final/acc/"))
+    assert finals and all(a[k] == b[k] for k in finals)
+
+
+def test_run_holds_params_history_and_artifacts(two_runs):
+    client, runs = two_runs
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["stages.pretrain.mix.polynomial"] == "1.0" and params["data.max_len"] == "4"
+    history = client.get_metric_history(run.info.run_id, "acc/parity")
+    steps = [m.step for m in history]
+    assert len(steps) > 5 and steps == sorted(set(steps))
+    flops = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "compute/flops"),
+                                     key=lambda m: m.step)]
+    assert flops == sorted(flops)
+    metrics = run.data.metrics
+    for key in ("acc/parity/len_4", "loss/train", "compute/examples", "compute/tokens",
+                "compute/seconds", "probe/parity/iteration/l1h0", "examples_to_target"):
+        assert key in metrics, key
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert names == {"curriculum.yaml", "attention.png", "compute_to_accuracy.png"}
+    local = client.download_artifacts(run.info.run_id, "attention.png")
+    with open(local, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--device", "nonsense"], "--device"),
+    (["--tracking-uri", "./mlruns"], "--tracking-uri"),
+    (["--tracking-uri", "sqlite:////no/such/folder/mlflow.db"], "--tracking-uri"),
+    (["--threads", "0"], "--threads"),
+])
+def test_bad_options_exit_2_before_anything_starts(tmp_path, capsys, monkeypatch, args, field):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(SMALL), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and field in err[0]
+    assert list(tmp_path.iterdir()) == []  # no store, no artifacts

@@ -1,0 +1,1 @@
+"""How one trial trains: model, training loop over stages, evaluation, probes, compute."""

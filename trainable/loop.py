@@ -1,0 +1,250 @@
+"""One training loop over a curriculum's stages; `iterhead train`, Ray Tune and tests share it.
+
+`Trainer.run()` is a generator: it yields an `Evaluation` every `eval.every_epochs` epochs
+of a stage and at each stage's last epoch, and stops once the target accuracy is reached
+(or the last stage ends). The caller decides what to do with each evaluation (log it,
+report it to Tune, checkpoint with `state_dict()`), so variants are stages of this loop,
+never copies of it.
+
+Speed: all data lives on the device as one token table; an epoch's row order goes to the
+device in one copy; batches hold one length (two at a boundary) so padding is small; the
+loss is accumulated on the device, so nothing waits on the host between steps; evaluation
+runs in large no-grad chunks.
+
+Determinism: everything random derives from the curriculum seed: model init, each epoch's
+rows and order (stream "sampler", stage, epoch), and each epoch's dropout (stream "dropout",
+stage, epoch). Because every epoch re-derives its streams, resuming from a checkpoint taken
+at an evaluation continues exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from iterhead.curricula.data import answer_len, build_data, seq_len, stream
+from iterhead.curricula.io import parse_curriculum
+from iterhead.curricula.sampler import Layout, plan_epoch
+from iterhead.curricula.schema import Curriculum
+from iterhead.trainable.compute import Compute, Stopwatch, flops, input_tokens
+from iterhead.trainable.evaluate import EvalTable, accuracy_metrics, correct_rows
+from iterhead.trainable.model import Transformer
+from iterhead.trainable.probes import probe_metrics
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def torch_seed(seed: int, *labels: object) -> int:
+    """A 63-bit seed for a torch.Generator from the root seed and labels."""
+    return int(stream(seed, *labels).integers(0, 2**63 - 1))
+
+
+@dataclass
+class Position:
+    """Where training stands: the stage index and the epochs done in it."""
+
+    stage: int = 0
+    epoch: int = 0
+
+
+@dataclass
+class Outcome:
+    """What a trial achieved; `compute_to_target` is None until the target is reached."""
+
+    reached: bool = False
+    compute_to_target: float | None = None
+    examples_to_target: int | None = None
+    seconds_to_target: float | None = None
+    evaluations: int = 0
+
+
+@dataclass
+class Evaluation:
+    """One evaluation: where it happened and every metric, compute cumulative."""
+
+    step: int  # evaluation index, 0-based
+    stage: str
+    epoch: int  # epochs done in this stage
+    metrics: dict[str, float] = field(default_factory=dict)
+    reached: bool = False
+
+
+class Trainer:
+    """Trains one curriculum. Build it, iterate `run()`, read `outcome` and `compute`."""
+
+    def __init__(self, cur: Curriculum, device: torch.device | str = "cpu",
+                 state: dict[str, Any] | None = None) -> None:
+        self.cur = cur
+        self.device = torch.device(device) if isinstance(device, str) else device
+        self.vocab, data = build_data(cur)
+        d = cur.data
+        self.max_tokens = seq_len(d.max_len, d.cot)
+        g = torch.Generator().manual_seed(torch_seed(cur.seed, "init"))
+        self.model = Transformer(cur.model, self.vocab.size, self.max_tokens, g).to(self.device)
+        self.n_params = self.model.n_params()
+        self.test = data["test"]
+        offsets, start = {}, 0
+        for name, split in data["train"].items():
+            offsets[name], start = start, start + len(split.lengths)
+        self.layout = Layout(offsets, d.min_len, d.max_len, d.train_per_len)
+        train_tokens = np.concatenate([s.tokens for s in data["train"].values()])
+        self.train_tokens = torch.from_numpy(train_tokens).to(self.device)
+        self.train_mask = self._loss_mask(np.concatenate([s.lengths for s in data["train"].values()]))
+        self.eval_table = EvalTable.build(data["test"], d.cot, self.device)
+        self.position = Position()
+        self.compute = Compute()
+        self.outcome = Outcome()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._optim_state: dict[str, Any] | None = None
+        if state is not None:
+            self.load_state_dict(state)
+
+    def _loss_mask(self, lengths: np.ndarray) -> torch.Tensor:
+        """True at the input positions that predict an answer token, per training row."""
+        pos = np.arange(self.max_tokens - 1)[None, :]
+        start = lengths[:, None] + 1
+        stop = start + np.array([answer_len(int(n), self.cur.data.cot) for n in lengths])[:, None]
+        return torch.from_numpy((pos >= start) & (pos < stop)).to(self.device)
+
+    # -- stages ---------------------------------------------------------------------------
+
+    def _set_trainable(self, modules: list[str] | None) -> list[torch.nn.Parameter]:
+        names = dict(self.model.named_modules())
+        for p in self.model.parameters():
+            p.requires_grad_(modules is None)
+        for name in modules or []:
+            for p in names[name].parameters():
+                p.requires_grad_(True)
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _make_optimizer(self, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        """Adam, fused on CUDA (the fastest path there), foreach on CPU (measured faster)."""
+        fused = self.device.type == "cuda"
+        return torch.optim.Adam(params, lr=lr, weight_decay=self.cur.optim.weight_decay,
+                                fused=fused, foreach=None if fused else True)
+
+    def run(self) -> Iterator[Evaluation]:
+        """Train stage by stage, yielding each evaluation (module docstring)."""
+        cur = self.cur
+        self.model.train()
+        watch = Stopwatch()
+        for index, stage in enumerate(cur.stages):
+            if index < self.position.stage or stage.epochs == 0 or self.outcome.reached:
+                continue
+            if index > self.position.stage:
+                self.position, self._optim_state = Position(index, 0), None
+            params = self._set_trainable(stage.train_modules)
+            self.optimizer = self._make_optimizer(params, stage.lr or cur.optim.lr)
+            if self._optim_state is not None:
+                self.optimizer.load_state_dict(self._optim_state)
+                self._optim_state = None
+            loss_sum = torch.zeros((), device=self.device)
+            n_batches = 0
+            watch.start()
+            while self.position.epoch < stage.epochs:
+                epoch = self.position.epoch
+                plan = plan_epoch(self.layout, stage.mix, cur.optim.batch_size,
+                                  stream(cur.seed, "sampler", stage.name, epoch))
+                g = torch.Generator(device=self.device)
+                g.manual_seed(torch_seed(cur.seed, "dropout", stage.name, epoch))
+                loss_sum += self._train_epoch(plan, g)
+                n_batches += len(plan.bounds) - 1
+                self.compute.examples += len(plan.rows)
+                self.compute.tokens += int(input_tokens(plan.lengths, cur.data.cot).sum())
+                self.compute.flops += flops(plan.lengths, cur.data.cot, self.n_params,
+                                            cur.model.n_layers, cur.model.d_model)
+                self.position.epoch += 1
+                if self.position.epoch % cur.eval.every_epochs and self.position.epoch < stage.epochs:
+                    continue
+                loss = float(loss_sum) / max(n_batches, 1)  # the one host sync per evaluation
+                self.compute.seconds += watch.stop()
+                yield self._evaluate(stage.name, loss)
+                loss_sum.zero_()
+                n_batches = 0
+                if self.outcome.reached:
+                    return
+                watch.start()
+            watch.stop()
+            self.position = Position(index + 1, 0)
+
+    def _train_epoch(self, plan, generator: torch.Generator) -> torch.Tensor:
+        """One epoch's optimiser steps; returns the summed batch losses (on the device)."""
+        cot = self.cur.data.cot
+        rows = torch.from_numpy(plan.rows).to(self.device, non_blocking=True)
+        total = torch.zeros((), device=self.device)
+        for lo, hi, short, long in plan.batches():
+            start, stop = short + 1, long + 1 + answer_len(long, cot)
+            batch = self.train_tokens.index_select(0, rows[lo:hi])
+            logits = self.model(batch[:, :stop], q_start=start, generator=generator)
+            target = batch[:, start + 1:stop + 1]
+            if short == long:
+                loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
+            else:
+                mask = self.train_mask.index_select(0, rows[lo:hi])[:, start:stop]
+                each = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+                loss = (each * mask.flatten()).sum() / mask.sum()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += loss.detach()
+        return total
+
+    def _evaluate(self, stage: str, loss: float) -> Evaluation:
+        watch = Stopwatch()
+        watch.start()
+        correct = correct_rows(self.model, self.eval_table)
+        metrics = accuracy_metrics(self.eval_table, correct)
+        metrics.update(probe_metrics(self.model, self.test, self.cur.eval.probe_per_len,
+                                     self.cur.data.cot, self.device))
+        self.compute.eval_flops += flops(self.eval_table.lengths, self.cur.data.cot, self.n_params,
+                                         self.cur.model.n_layers, self.cur.model.d_model, training=False)
+        self.compute.eval_seconds += watch.stop()
+        metrics["loss/train"] = loss
+        metrics.update(self.compute.metrics())
+        target = self.cur.target
+        reached = metrics[f"acc/{target.task}"] >= target.accuracy
+        if reached and not self.outcome.reached:
+            self.outcome.reached = True
+            self.outcome.compute_to_target = self.compute.flops
+            self.outcome.examples_to_target = self.compute.examples
+            self.outcome.seconds_to_target = self.compute.seconds
+        step = self.outcome.evaluations
+        self.outcome.evaluations += 1
+        return Evaluation(step, stage, self.position.epoch, metrics, reached)
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: weights, optimiser, position, compute."""
+        return {
+            "curriculum": self.cur.model_dump(mode="json"),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "position": asdict(self.position),
+            "compute": asdict(self.compute),
+            "outcome": asdict(self.outcome),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = parse_curriculum(state["curriculum"], file="checkpoint")
+        if saved != self.cur:
+            raise ValueError("the checkpoint was written for a different curriculum")
+        self.model.load_state_dict(state["model"])
+        self.position = Position(**state["position"])
+        self.compute = Compute(**state["compute"])
+        self.outcome = Outcome(**state["outcome"])
+        self._optim_state = state["optimizer"]
+        stage = self.cur.stages[self.position.stage] if self.position.stage < len(self.cur.stages) else None
+        if stage is not None and self.position.epoch >= stage.epochs:
+            self.position, self._optim_state = Position(self.position.stage + 1, 0), None

@@ -1,0 +1,201 @@
+"""A small pre-LayerNorm GPT: forward returns logits; attention patterns through hook points.
+
+Hook points follow TransformerLens: ``blocks.{i}.attn.hook_pattern`` is a module whose
+forward hooks see the attention pattern [batch, head, query, key]. The pattern is only
+materialised when a hook is attached (or a caller asks through `run_with_cache`); otherwise
+attention runs through the fused `scaled_dot_product_attention`.
+
+Speed: `forward(tokens, q_start=a)` returns logits for positions ``a ..`` only, and the last
+block computes its queries, MLP and the head only there. Training and evaluation set ``a``
+to the first answer position, which skips about a quarter of the work for chain-of-thought
+sequences without changing any logit that the loss or the accuracy reads.
+
+Randomness: embedding dropout (the paper's only dropout) draws from a `torch.Generator`
+passed in by the caller, never from the global RNG.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from iterhead.curricula.schema import ModelSpec
+
+
+class HookPoint(nn.Module):
+    """An identity module that forward hooks attach to, by dotted name."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @property
+    def active(self) -> bool:
+        return bool(self._forward_hooks)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding applied to queries and keys."""
+
+    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Rotate `x` [B, H, T, hd] whose first position is `start`."""
+        t = x.shape[-2]
+        cos, sin = self.cos[start:start + t].to(x.dtype), self.sin[start:start + t].to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        return out.flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, max_len: int) -> None:
+        super().__init__()
+        d = spec.d_model
+        self.n_heads = spec.n_heads
+        self.head_dim = d // spec.n_heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.rotary = Rotary(self.head_dim, max_len) if spec.positional == "rotary" else None
+        self.hook_pattern = HookPoint()
+        self._masks: dict[tuple[int, int, str], torch.Tensor] = {}
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def _mask(self, q_start: int, t: int, device: torch.device) -> torch.Tensor:
+        """Causal mask for queries at ``q_start .. t-1`` over keys ``0 .. t-1`` (True = keep)."""
+        key = (q_start, t, str(device))
+        if key not in self._masks:
+            q = torch.arange(q_start, t, device=device)[:, None]
+            self._masks[key] = torch.arange(t, device=device)[None, :] <= q
+        return self._masks[key]
+
+    def forward(self, x: torch.Tensor, q_start: int = 0) -> torch.Tensor:
+        d = x.shape[-1]
+        w, bias = self.qkv.weight, self.qkv.bias
+        q = self._split(F.linear(x[:, q_start:], w[:d], bias[:d]))
+        k, v = (self._split(t) for t in F.linear(x, w[d:], bias[d:]).split(d, dim=-1))
+        if self.rotary is not None:
+            q, k = self.rotary(q, q_start), self.rotary(k, 0)
+        if self.hook_pattern.active:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+            scores = scores.masked_fill(~self._mask(q_start, x.shape[1], x.device), float("-inf"))
+            y = self.hook_pattern(scores.softmax(dim=-1)) @ v
+        elif q_start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(q_start, x.shape[1], x.device))
+        b, _, tq, _ = y.shape
+        return self.proj(y.transpose(1, 2).reshape(b, tq, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.fc = nn.Linear(spec.d_model, spec.mlp_ratio * spec.d_model)
+        self.proj = nn.Linear(spec.mlp_ratio * spec.d_model, spec.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec, max_len: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(spec.d_model)
+        self.attn = Attention(spec, max_len)
+        self.ln2 = nn.LayerNorm(spec.d_model)
+        self.mlp = MLP(spec)
+
+    def forward(self, x: torch.Tensor, q_start: int = 0) -> torch.Tensor:
+        x = x[:, q_start:] + self.attn(self.ln1(x), q_start)
+        return x + self.mlp(self.ln2(x))
+
+
+class Transformer(nn.Module):
+    """Token (+ learned position) embeddings, pre-LN blocks, final LayerNorm, linear head."""
+
+    def __init__(self, spec: ModelSpec, vocab_size: int, max_len: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.spec = spec
+        self.max_len = max_len
+        self.tok_emb = nn.Embedding(vocab_size, spec.d_model)
+        self.pos_emb = nn.Embedding(max_len, spec.d_model) if spec.positional == "learned" else None
+        self.blocks = nn.ModuleList([Block(spec, max_len) for _ in range(spec.n_layers)])
+        self.ln_f = nn.LayerNorm(spec.d_model)
+        self.head = nn.Linear(spec.d_model, vocab_size)
+        self._init(generator)
+
+    @torch.no_grad()
+    def _init(self, g: torch.Generator) -> None:
+        """GPT-2 style: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layers)."""
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0 if name.endswith("ln1.weight") or name.endswith("ln2.weight")
+                        or name == "ln_f.weight" else 0.0)
+                continue
+            std = 0.02 / math.sqrt(2 * self.spec.n_layers) if name.endswith("proj.weight") else 0.02
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+    def n_params(self, embeddings: bool = False) -> int:
+        """Parameter count; without token and position embeddings unless asked."""
+        skip = set() if embeddings else {"tok_emb.weight", "pos_emb.weight"}
+        return sum(p.numel() for n, p in self.named_parameters() if n not in skip)
+
+    def forward(self, tokens: torch.Tensor, q_start: int = 0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Logits [batch, T - q_start, vocab] for token ids [batch, T]."""
+        t = tokens.shape[1]
+        if t > self.max_len:
+            raise ValueError(f"sequence of {t} tokens exceeds the model's {self.max_len} positions")
+        x = self.tok_emb(tokens)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb.weight[:t]
+        p = self.spec.dropout
+        if self.training and p > 0:
+            if generator is None:
+                raise ValueError("training with dropout needs an explicit torch.Generator")
+            keep = torch.rand(x.shape, generator=generator, device=x.device) >= p
+            x = x * keep / (1.0 - p)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x = block(x, q_start if i == last else 0)
+        return self.head(self.ln_f(x))
+
+    @contextmanager
+    def hooks(self, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+        """Capture the outputs of the named hook points while the context is open."""
+        cache: dict[str, torch.Tensor] = {}
+        modules = dict(self.named_modules())
+        handles = []
+        for name in names:
+            if not isinstance(modules.get(name), HookPoint):
+                raise KeyError(f"{name!r} is not a hook point")
+            handles.append(modules[name].register_forward_hook(
+                lambda _m, _i, out, name=name: cache.__setitem__(name, out.detach())))
+        try:
+            yield cache
+        finally:
+            for h in handles:
+                h.remove()
+
+    def run_with_cache(self, tokens: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and the named hook points' outputs for one forward pass."""
+        with self.hooks(names) as cache:
+            logits = self(tokens)
+        return logits, dict(cache)
+
+
+def pattern_hooks(n_layers: int) -> list[str]:
+    return [f"blocks.{i}.attn.hook_pattern" for i in range(n_layers)]

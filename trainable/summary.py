@@ -1,0 +1,48 @@
+"""A trial's summary metrics, and the value a censored trial reports.
+
+A trial that never reaches its target is censored, not dropped: ``reached = 0`` and its
+``compute_to_target`` is the finite penalty ``CENSOR_FACTOR x budget``, where the budget is
+the search's FLOP budget or, without one, the compute the whole curriculum would spend if
+every stage ran to its end. The penalty is above anything a trial that reached the target
+can report, so a searcher minimising compute_to_target ranks censored trials last, and it
+is finite, so Ray Tune's best-result filters (which drop NaN and inf) still count them.
+The search budget caps each trial's compute, so nothing reached reports more than it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from iterhead.curricula.data import vocab_for
+from iterhead.curricula.schema import Curriculum
+from iterhead.trainable.compute import count_params, flops
+from iterhead.trainable.loop import Outcome
+
+CENSOR_FACTOR = 2.0
+
+
+def planned_flops(cur: Curriculum) -> float:
+    """Training FLOPs of the whole curriculum, every stage to its last epoch."""
+    d, m = cur.data, cur.model
+    n = count_params(m.d_model, m.n_layers, m.mlp_ratio, vocab_for(cur).size)
+    lengths = np.repeat(np.arange(d.min_len, d.max_len + 1), d.train_per_len)
+    per_epoch = flops(lengths, d.cot, n, m.n_layers, m.d_model)
+    return per_epoch * sum(s.epochs for s in cur.stages)
+
+
+def censored_value(cur: Curriculum, budget_flops: float | None = None) -> float:
+    """What an unreached trial reports as compute_to_target (module docstring)."""
+    return CENSOR_FACTOR * (budget_flops if budget_flops else planned_flops(cur))
+
+
+def summary_metrics(cur: Curriculum, outcome: Outcome, budget_flops: float | None = None) -> dict[str, float]:
+    """``reached`` and ``compute_to_target``; examples and seconds to target when reached.
+
+    A censored trial has no examples or seconds to target: they are left out rather than
+    invented, and ``reached = 0`` says why.
+    """
+    if not outcome.reached:
+        return {"reached": 0.0, "compute_to_target": censored_value(cur, budget_flops)}
+    return {"reached": 1.0, "compute_to_target": float(outcome.compute_to_target),
+            "examples_to_target": float(outcome.examples_to_target),
+            "seconds_to_target": float(outcome.seconds_to_target)}
