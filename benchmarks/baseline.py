@@ -1,0 +1,80 @@
+"""A training loop written the obvious way, as the yardstick for `throughput.py`.
+
+It follows the reference trainer's description in the design notes, not its code: every
+sequence padded to the longest length of the whole set, a shuffled DataLoader of 256-row
+batches, the loss masked to the chain-of-thought positions, `loss.item()` every step, plain
+Adam, and a full evaluation (train and test sets, whole sequences) after the epoch. It uses
+iterhead's data and model, so only the training method differs.
+
+    python benchmarks/baseline.py CURRICULUM.yaml [--epochs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from iterhead.curricula.data import build_data
+from iterhead.curricula.io import load_curriculum
+from iterhead.trainable.loop import Trainer
+
+
+def padded(trainer: Trainer, split: dict) -> TensorDataset:
+    tokens = torch.cat([torch.from_numpy(s.tokens) for s in split.values()])
+    lengths = torch.cat([torch.from_numpy(s.lengths) for s in split.values()])
+    pos = torch.arange(tokens.shape[1] - 1)[None, :]
+    start = (lengths + 1)[:, None]
+    return TensorDataset(tokens, (pos >= start) & (pos < 2 * start - 1))
+
+
+def evaluate(model: torch.nn.Module, data: TensorDataset, batch_size: int) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for tokens, mask in DataLoader(data, batch_size=batch_size):
+            pred = model(tokens[:, :-1]).argmax(-1)
+            ok = ((pred == tokens[:, 1:]) | ~mask).all(dim=1)
+            correct += int(ok.sum().item())
+    model.train()
+    return correct / len(data)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("curriculum")
+    ap.add_argument("--epochs", type=int, default=1)
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    cur = load_curriculum(args.curriculum)
+    trainer = Trainer(cur)  # iterhead's model and data, nothing of its loop
+    _, data = build_data(cur)
+    train, test = padded(trainer, data["train"]), padded(trainer, data["test"])
+    model, bs = trainer.model, cur.optim.batch_size
+    opt = torch.optim.Adam(model.parameters(), lr=cur.optim.lr)
+    g = torch.Generator().manual_seed(cur.seed)
+    loader = DataLoader(train, batch_size=bs, shuffle=True, generator=g)
+    t_train = 0.0
+    for epoch in range(args.epochs):
+        t = time.perf_counter()
+        for tokens, mask in loader:
+            logits = model(tokens[:, :-1], generator=g)
+            each = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+            loss = (each * mask.flatten()).sum() / mask.sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss.item()
+        t_train += time.perf_counter() - t
+    t = time.perf_counter()
+    acc_train, acc_test = evaluate(model, train, bs), evaluate(model, test, bs)
+    t_eval = time.perf_counter() - t
+    print(f"baseline: train {t_train:.1f} s, eval {t_eval:.1f} s, whole {time.perf_counter() - t0:.1f} s, "
+          f"acc train {acc_train:.3f} test {acc_test:.3f}")
+
+
+if __name__ == "__main__":
+    main()
