@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)  ## the main job
-	$(BIN)/iterhead train examples/poly_then_parity_small.yaml
+	$(BIN)/iterhead search examples/search_small.yaml
 
 test: $(STAMP)  ## unit and integration tests (what CI runs)
 	$(BIN)/python -m pytest -m "not slow" -q

@@ -25,22 +25,46 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--experiment", help="MLflow experiment (default: the curriculum's name)")
     t.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    s = sub.add_parser("search", help="run a curriculum search on Ray Tune, tracked in MLflow")
+    s.add_argument("spec", metavar="SPEC.yaml")
+    s.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    s.add_argument("--address", help="an existing Ray cluster (HOST:PORT or auto); default: an embedded local Ray")
+    s.add_argument("--storage-path", help="where Tune keeps trial results and checkpoints (default: ./ray_results)")
+    s.add_argument("--smoke", action="store_true", help="2 trials, tiny data, 2 epochs a stage: a quick check")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted search from its storage path")
+    s.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all)")
     return p
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    from iterhead.curricula.io import load_curriculum
+def load_any(file: str):
+    """A curriculum or a search spec, told apart by their fields."""
+    from iterhead.curricula.io import load_curriculum, read_yaml_mapping
+    from iterhead.search.spec import is_search_spec, load_search
 
+    return load_search(file) if is_search_spec(read_yaml_mapping(file)) else load_curriculum(file)
+
+
+def describe(obj) -> str:
+    from iterhead.search.spec import LoadedSearch
+
+    if isinstance(obj, LoadedSearch):
+        s = obj.spec
+        return (f"search {s.name!r} over {len(s.space)} key(s) of {obj.base_path.name}, "
+                f"{s.search.algorithm}, {s.search.num_samples} sample(s)")
+    return (f"curriculum {obj.name!r}, {len(obj.tasks)} task(s), {len(obj.stages)} stage(s), "
+            f"lengths {obj.data.min_len}..{obj.data.max_len}")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
     bad = 0
     for file in args.files:
         try:
-            cur = load_curriculum(file)
+            obj = load_any(file)
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             bad += 1
             continue
-        print(f"ok: {file}: curriculum {cur.name!r}, {len(cur.tasks)} task(s), "
-              f"{len(cur.stages)} stage(s), lengths {cur.data.min_len}..{cur.data.max_len}")
+        print(f"ok: {file}: {describe(obj)}")
     return EXIT_BAD_INPUT if bad else EXIT_OK
 
 
@@ -68,7 +92,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"validate": cmd_validate, "train": cmd_train}
+def cmd_search(args: argparse.Namespace) -> int:
+    from iterhead.search.spec import load_search
+    from iterhead.search.tracking import resolve_uri
+
+    loaded = load_search(args.spec)
+    uri = resolve_uri(args.tracking_uri)
+    if args.num_cpus is not None and args.num_cpus < 1:
+        raise ConfigError("must be at least 1", field="--num-cpus")
+    if args.resume:
+        raise ConfigError("resuming a search is not available yet; run it again without --resume",
+                          field="--resume")
+    from iterhead.search.run import SearchOptions, run_search
+
+    run_search(loaded, SearchOptions(uri=uri, address=args.address, storage_path=args.storage_path,
+                                     smoke=args.smoke, num_cpus=args.num_cpus))
+    return EXIT_OK
+
+
+COMMANDS = {"validate": cmd_validate, "train": cmd_train, "search": cmd_search}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

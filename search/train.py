@@ -10,12 +10,11 @@ from typing import TextIO
 
 import torch
 
-from iterhead.curricula.io import dump_curriculum, flatten
+from iterhead.curricula.io import flatten
 from iterhead.curricula.schema import Curriculum
-from iterhead.search import plots
 from iterhead.search.tracking import RunWriter, ui_hint
+from iterhead.trainable.artifacts import write_artifacts
 from iterhead.trainable.loop import Evaluation, Trainer
-from iterhead.trainable.probes import example_maps
 from iterhead.trainable.summary import summary_metrics
 
 
@@ -25,25 +24,6 @@ def progress_line(ev: Evaluation, target_task: str) -> str:
     mark = "  <- target reached" if ev.reached else ""
     return (f"[{ev.stage} epoch {ev.epoch:4d}] {accs}  loss {m['loss/train']:.4f}  "
             f"{m['compute/flops']:.3e} FLOP  {m['compute/seconds']:7.1f} s{mark}")
-
-
-def write_artifacts(trainer: Trainer, history: list[Evaluation], folder: Path) -> list[Path]:
-    """The curriculum YAML, attention maps and accuracy-against-compute plot of a trial."""
-    cur = trainer.cur
-    yaml_path = folder / "curriculum.yaml"
-    yaml_path.write_text(dump_curriculum(cur))
-    maps = example_maps(trainer.model, trainer.test, trainer.vocab, trainer.device, cur.data.cot)
-    attention = plots.attention_maps(folder / "attention.png", maps)
-    starts: dict[str, float] = {}
-    previous = 0.0
-    for ev in history:  # a stage starts where the evaluation before its first one stood
-        starts.setdefault(ev.stage, previous)
-        previous = ev.metrics["compute/flops"]
-    flops = [ev.metrics["compute/flops"] for ev in history]
-    accuracy = {t: [ev.metrics[f"acc/{t}"] for ev in history] for t in cur.tasks}
-    curve = plots.accuracy_vs_compute(folder / "compute_to_accuracy.png", flops, accuracy,
-                                      cur.target.task, cur.target.accuracy, starts)
-    return [yaml_path, attention, curve]
 
 
 def train(cur: Curriculum, *, uri: str, experiment: str, device: torch.device,
@@ -57,18 +37,18 @@ def train(cur: Curriculum, *, uri: str, experiment: str, device: torch.device,
     status = "FAILED"
     try:
         trainer = Trainer(cur, device)
-        history: list[Evaluation] = []
         print(f"training {cur.name!r} on {device} ({trainer.n_params:,} non-embedding parameters)", file=out)
+        last: Evaluation | None = None
         for ev in trainer.run():
-            history.append(ev)
+            last = ev
             writer.submit(lambda ev=ev: writer.log_metrics(run.result(), ev.metrics, ev.step))
             print(progress_line(ev, cur.target.task), file=out, flush=True)
         summary = summary_metrics(cur, trainer.outcome)
-        summary.update({f"final/{k}": v for k, v in history[-1].metrics.items()
-                        if k.startswith("acc/") and k.count("/") == 1} if history else {})
-        writer.submit(lambda: writer.log_metrics(run.result(), summary, len(history)))
+        summary.update({f"final/{k}": v for k, v in last.metrics.items()
+                        if k.startswith("acc/") and k.count("/") == 1} if last else {})
+        writer.submit(lambda: writer.log_metrics(run.result(), summary, trainer.outcome.evaluations))
         with tempfile.TemporaryDirectory() as tmp:
-            for path in write_artifacts(trainer, history, Path(tmp)):
+            for path in write_artifacts(trainer, Path(tmp)):
                 writer.submit(lambda p=path: writer.log_artifact(run.result(), p))
             writer.flush()
         status = "FINISHED"
@@ -76,8 +56,10 @@ def train(cur: Curriculum, *, uri: str, experiment: str, device: torch.device,
         status = "KILLED"
         raise
     finally:
-        if run.done() and run.exception() is None:
-            writer.submit(lambda: writer.end_run(run.result(), status))
+        def end() -> None:  # runs after the run's creation: the writer is ordered
+            if run.exception() is None:
+                writer.end_run(run.result(), status)
+        writer.submit(end)
         writer.close()
     reached = "reached" if summary["reached"] else "did NOT reach"
     print(f"\n{cur.name}: {reached} {cur.target.task} accuracy {cur.target.accuracy:g} "

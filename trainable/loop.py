@@ -78,6 +78,7 @@ class Evaluation:
     epoch: int  # epochs done in this stage
     metrics: dict[str, float] = field(default_factory=dict)
     reached: bool = False
+    final: bool = False  # no evaluation follows: the target is reached or training is over
 
 
 class Trainer:
@@ -105,6 +106,7 @@ class Trainer:
         self.position = Position()
         self.compute = Compute()
         self.outcome = Outcome()
+        self.history: list[dict[str, Any]] = []  # per evaluation: stage and headline metrics
         self.optimizer: torch.optim.Optimizer | None = None
         self._optim_state: dict[str, Any] | None = None
         if state is not None:
@@ -169,7 +171,8 @@ class Trainer:
                     continue
                 loss = float(loss_sum) / max(n_batches, 1)  # the one host sync per evaluation
                 self.compute.seconds += watch.stop()
-                yield self._evaluate(stage.name, loss)
+                last = index == self._last_stage() and self.position.epoch == stage.epochs
+                yield self._evaluate(stage.name, loss, last)
                 loss_sum.zero_()
                 n_batches = 0
                 if self.outcome.reached:
@@ -177,6 +180,9 @@ class Trainer:
                 watch.start()
             watch.stop()
             self.position = Position(index + 1, 0)
+
+    def _last_stage(self) -> int:
+        return max(i for i, s in enumerate(self.cur.stages) if s.epochs > 0)
 
     def _train_epoch(self, plan, generator: torch.Generator) -> torch.Tensor:
         """One epoch's optimiser steps; returns the summed batch losses (on the device)."""
@@ -200,7 +206,7 @@ class Trainer:
             total += loss.detach()
         return total
 
-    def _evaluate(self, stage: str, loss: float) -> Evaluation:
+    def _evaluate(self, stage: str, loss: float, last: bool) -> Evaluation:
         watch = Stopwatch()
         watch.start()
         correct = correct_rows(self.model, self.eval_table)
@@ -221,7 +227,9 @@ class Trainer:
             self.outcome.seconds_to_target = self.compute.seconds
         step = self.outcome.evaluations
         self.outcome.evaluations += 1
-        return Evaluation(step, stage, self.position.epoch, metrics, reached)
+        self.history.append({"stage": stage, "step": step, **{k: v for k, v in metrics.items()
+                                                              if k.count("/") == 1 and k.startswith(("acc/", "compute/"))}})
+        return Evaluation(step, stage, self.position.epoch, metrics, reached, final=reached or last)
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -234,6 +242,7 @@ class Trainer:
             "position": asdict(self.position),
             "compute": asdict(self.compute),
             "outcome": asdict(self.outcome),
+            "history": self.history,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -244,6 +253,7 @@ class Trainer:
         self.position = Position(**state["position"])
         self.compute = Compute(**state["compute"])
         self.outcome = Outcome(**state["outcome"])
+        self.history = list(state["history"])
         self._optim_state = state["optimizer"]
         stage = self.cur.stages[self.position.stage] if self.position.stage < len(self.cur.stages) else None
         if stage is not None and self.position.epoch >= stage.epochs:

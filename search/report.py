@@ -1,0 +1,75 @@
+"""The parent run's summary of a search: a table with one row per trial, and two plots.
+
+Every trial is in the table and the plots, censored ones included and marked as such:
+compute_to_target against each searched parameter, and the fraction of trials that reached
+the target against training compute.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+COLUMNS = ("trial_id", "status", "reached", "compute_to_target", "target_acc", "compute/flops", "run_id")
+
+
+def write_table(path: Path, rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> Path:
+    """CSV: trial, searched values, outcome; one row per trial."""
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*COLUMNS[:2], *keys, *COLUMNS[2:]], extrasaction="ignore")
+        w.writeheader()
+        for row in rows:
+            w.writerow(row)
+    return path
+
+
+def plot_against_params(path: Path, rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> Path:
+    """compute_to_target against each searched parameter; censored trials as crosses."""
+    keys = list(keys) or ["trial"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for reached, marker, label in ((1.0, "o", "reached"), (0.0, "x", "censored (penalty)")):
+            sel = [r for r in rows if float(r.get("reached", 0)) == reached]
+            xs = [_numeric(r.get(key, i)) for i, r in enumerate(sel)]
+            ys = [float(r["compute_to_target"]) for r in sel]
+            if sel:
+                ax.scatter(xs, ys, marker=marker, label=f"{label} ({len(sel)})")
+        ax.set_xlabel(key, fontsize=8)
+        ax.set_ylabel("compute_to_target (FLOPs)", fontsize=8)
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_fraction_reached(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """Fraction of all trials that had reached the target by each amount of compute."""
+    n = len(rows)
+    hits = np.sort([float(r["compute_to_target"]) for r in rows if float(r.get("reached", 0)) == 1.0])
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    if len(hits):
+        xs = np.concatenate([[hits[0]], hits])
+        ys = np.concatenate([[0.0], np.arange(1, len(hits) + 1) / n])
+        ax.step(xs, ys, where="post")
+        ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel(f"fraction of the {n} trials at target")
+    ax.set_title(f"{len(hits)} of {n} trials reached the target", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _numeric(value: Any) -> Any:
+    return value if isinstance(value, (int, float)) else str(value)

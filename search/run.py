@@ -1,0 +1,190 @@
+"""`iterhead search`: a search spec -> Ray Tune trials -> MLflow runs and a summary.
+
+Order matters: the spec, its base and the resources are checked first (bad input exits 2
+before Ray starts); then the tracking store, the experiment and the parent run are made once
+from the driver, before any trial writes (concurrent first-time sqlite schema creation
+races); then Ray (the embedded default, or `--address`) runs the trials.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from iterhead.curricula.errors import ConfigError
+from iterhead.search.spec import LoadedSearch, SearchSettings
+from iterhead.search.tracking import RunWriter, ui_hint
+
+
+@dataclass
+class SearchOptions:
+    uri: str
+    address: str | None = None
+    storage_path: str | None = None
+    smoke: bool = False
+    resume: bool = False
+    num_cpus: int | None = None  # the embedded Ray's CPUs (default: this machine's)
+
+
+def settings_for(loaded: LoadedSearch, smoke: bool) -> SearchSettings:
+    s = loaded.spec.search
+    return s.model_copy(update={"num_samples": 2, "max_concurrent": 2}) if smoke else s
+
+
+def local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_resources(loaded: LoadedSearch, cpus: float, gpus: float, where: str) -> dict[str, float]:
+    """The per-trial resources to ask for; `ConfigError` if no node could ever grant them."""
+    r = loaded.spec.resources
+    file = str(loaded.path)
+    if r.cpu > cpus:
+        raise ConfigError(f"a trial asks for {r.cpu:g} CPUs but {where} has {cpus:g}; lower resources.cpu",
+                          field="resources.cpu", file=file)
+    gpu = r.gpu if gpus > 0 else 0.0  # gpu is ignored where no CUDA device exists
+    if gpu > gpus:
+        raise ConfigError(f"a trial asks for {gpu:g} GPUs but {where} has {gpus:g}; lower resources.gpu",
+                          field="resources.gpu", file=file)
+    if gpu > 1 and gpu != int(gpu):
+        raise ConfigError("more than one GPU per trial must be a whole number", field="resources.gpu", file=file)
+    return {"cpu": r.cpu, "gpu": gpu}
+
+
+def start_ray(opts: SearchOptions) -> bool:
+    """Connect to `--address`, or start the embedded Ray; True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if opts.address:
+        ray.init(address=opts.address, log_to_driver=False)
+        return True
+    ray.init(num_cpus=opts.num_cpus or os.cpu_count() or 1, num_gpus=local_gpus(),
+             include_dashboard=False, log_to_driver=False, configure_logging=False)
+    return True
+
+
+def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
+    """Run the search; returns one summary row per trial."""
+    spec = loaded.spec
+    settings = settings_for(loaded, opts.smoke)
+    if not opts.address:  # checked before Ray starts
+        check_resources(loaded, float(opts.num_cpus or os.cpu_count() or 1), float(local_gpus()), "this machine")
+    writer = RunWriter(opts.uri)
+    experiment = spec.name
+    writer.submit(writer.experiment_id, experiment).result()  # store and experiment made once, here
+    import ray
+    from ray import tune
+
+    from iterhead.search.callback import MlflowSearchCallback
+    from iterhead.search.space import SEARCH_METRIC, param_space, scheduler, searcher
+    from iterhead.trainable.tune import train_trial
+
+    started = start_ray(opts)
+    callback = None
+    parent = None
+    status = "FAILED"
+    try:
+        resources = check_resources(loaded, ray.cluster_resources().get("CPU", 0.0),
+                                    ray.cluster_resources().get("GPU", 0.0), "the Ray cluster")
+        parent = writer.submit(writer.create_run, experiment, f"search:{spec.name}",
+                               {"iterhead.kind": "search", "iterhead.spec": str(loaded.path.resolve())},
+                               _spec_params(loaded, settings, opts)).result()
+        base = loaded.base.model_dump(mode="json")
+        callback = MlflowSearchCallback(opts.uri, experiment, parent, base, opts.smoke, out)
+        trainable = tune.with_resources(
+            tune.with_parameters(train_trial, base=base, budget=spec.budget.flops, smoke=opts.smoke,
+                                 threads=max(1, int(resources["cpu"]))), resources)
+        storage = str(Path(opts.storage_path or "ray_results").resolve())
+        print(f"search {spec.name!r}: {settings.num_samples} sample(s), at most {settings.max_concurrent} at once, "
+              f"{settings.algorithm} + {settings.scheduler}; MLflow parent run {parent}", file=out, flush=True)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(loaded),
+            tune_config=tune.TuneConfig(search_alg=searcher(settings, bool(spec.space)),
+                                        scheduler=scheduler(loaded, settings),
+                                        num_samples=settings.num_samples, reuse_actors=True),
+            run_config=tune.RunConfig(name=spec.name, storage_path=storage, callbacks=[callback], verbose=0,
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                      failure_config=tune.FailureConfig(max_failures=1)),
+        )
+        grid = tuner.fit()
+        rows = _rows(grid, callback, list(spec.space))
+        _log_summary(writer, parent, rows, list(spec.space))
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        try:
+            if callback is not None:
+                callback.close()
+            if parent is not None:
+                writer.submit(writer.end_run, parent, status)
+            writer.close()
+        finally:
+            if started:
+                ray.shutdown()
+    _print_summary(rows, list(spec.space), SEARCH_METRIC, out)
+    print(f"MLflow experiment {experiment!r}; to look: {ui_hint(opts.uri)}", file=out)
+    return rows
+
+
+def _spec_params(loaded: LoadedSearch, settings: SearchSettings, opts: SearchOptions) -> dict[str, Any]:
+    params: dict[str, Any] = {f"space.{k}": f"{d.kind} {d.args}" for k, d in loaded.spec.space.items()}
+    params.update({f"search.{k}": v for k, v in settings.model_dump().items()})
+    params.update({"budget.flops": loaded.spec.budget.flops, "base": str(loaded.base_path), "smoke": opts.smoke})
+    params.update({f"resources.{k}": v for k, v in loaded.spec.resources.model_dump().items()})
+    return params
+
+
+def _rows(grid, callback, keys: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for result in grid:
+        m = result.metrics or {}
+        trial_id = m.get("trial_id") or Path(result.path).name
+        row = {"trial_id": trial_id, "status": "ERROR" if result.error else "TERMINATED",
+               "run_id": callback.run_id(trial_id) if trial_id in callback.runs else ""}
+        row.update({k: result.config.get(k) for k in keys})
+        for k in ("reached", "compute_to_target", "target_acc", "compute/flops"):
+            row[k] = m.get(k, float("nan"))
+        row["reports"] = m.get("training_iteration", 0)
+        rows.append(row)
+    return rows
+
+
+def _log_summary(writer: RunWriter, parent: str, rows: list[dict[str, Any]], keys: list[str]) -> None:
+    from iterhead.search import report
+
+    folder = Path(tempfile.mkdtemp(prefix="iterhead-summary-"))
+    scored = [r for r in rows if r["compute_to_target"] == r["compute_to_target"]]  # drop NaN (errors)
+    report.write_table(folder / "trials.csv", rows, keys)
+    report.plot_against_params(folder / "compute_to_target.png", scored, keys)
+    report.plot_fraction_reached(folder / "fraction_reached.png", scored)
+    n_reached = sum(1 for r in scored if r["reached"] == 1.0)
+    writer.submit(writer.log_metrics, parent, {"trials": len(rows), "trials_reached": n_reached}, 0)
+    writer.submit(lambda: writer.client.log_artifacts(parent, str(folder)))
+    writer.flush()
+
+
+def _print_summary(rows: list[dict[str, Any]], keys: list[str], metric: str, out: TextIO) -> None:
+    reached = [r for r in rows if r["reached"] == 1.0]
+    print(f"\n{len(reached)} of {len(rows)} trials reached the target "
+          f"({len(rows) - len(reached)} censored or failed); by {metric}:", file=out)
+    header = ["trial", *keys, "reached", metric]
+    print("  " + " | ".join(header), file=out)
+    for r in sorted(rows, key=lambda r: (-(r["reached"] == 1.0), r["compute_to_target"])):
+        vals = [r["trial_id"], *(_fmt(r.get(k)) for k in keys), "yes" if r["reached"] == 1.0 else "no",
+                f"{r['compute_to_target']:.3e}" + ("" if r["reached"] == 1.0 else " (censored)")]
+        print("  " + " | ".join(vals), file=out)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

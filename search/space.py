@@ -1,0 +1,67 @@
+"""From a search spec to Ray Tune: the param space, the searcher and the scheduler.
+
+What each trial is scored on:
+
+- the searcher minimises ``compute_to_target`` (training FLOPs to reach the target,
+  pretraining included; censored trials report the finite penalty of `trainable.summary`);
+- ASHA maximises ``target_acc`` (the target task's accuracy) at rungs of cumulative training
+  FLOPs (``compute/flops``), so a long pretraining stage counts against a trial exactly as
+  its compute does. Its horizon is the budget, or the base curriculum's planned compute.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import tune
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
+
+from iterhead.search.spec import Domain, LoadedSearch, SearchSettings
+from iterhead.trainable.summary import planned_flops
+
+SEARCH_METRIC, SEARCH_MODE = "compute_to_target", "min"
+SCHEDULER_METRIC, SCHEDULER_MODE, TIME_ATTR = "target_acc", "max", "compute/flops"
+
+
+def tune_domain(domain: Domain) -> Any:
+    kind, args = domain.kind, domain.args
+    if kind == "uniform":
+        return tune.uniform(*args)
+    if kind == "loguniform":
+        return tune.loguniform(*args)
+    if kind == "randint":
+        return tune.randint(args[0], args[1] + 1)  # the spec's randint includes both ends
+    if kind == "choice":
+        return tune.choice(list(args))
+    return tune.grid_search(list(args))
+
+
+def param_space(loaded: LoadedSearch) -> dict[str, Any]:
+    """Dotted curriculum key -> Tune domain."""
+    return {key: tune_domain(d) for key, d in loaded.spec.space.items()}
+
+
+def searcher(settings: SearchSettings, has_space: bool) -> Searcher | BasicVariantGenerator:
+    if settings.algorithm == "optuna" and has_space:
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        algo = OptunaSearch(metric=SEARCH_METRIC, mode=SEARCH_MODE,
+                            sampler=optuna.samplers.TPESampler(seed=settings.seed))
+        return ConcurrencyLimiter(algo, max_concurrent=settings.max_concurrent)
+    return BasicVariantGenerator(max_concurrent=settings.max_concurrent, random_state=settings.seed)
+
+
+def horizon(loaded: LoadedSearch) -> float:
+    """ASHA's max_t in FLOPs: the budget, else the base curriculum's planned compute."""
+    return loaded.spec.budget.flops or planned_flops(loaded.base)
+
+
+def scheduler(loaded: LoadedSearch, settings: SearchSettings):
+    if settings.scheduler == "none":
+        return FIFOScheduler()
+    max_t = horizon(loaded)
+    return AsyncHyperBandScheduler(time_attr=TIME_ATTR, metric=SCHEDULER_METRIC, mode=SCHEDULER_MODE,
+                                   max_t=max_t, grace_period=max_t * settings.grace_fraction,
+                                   reduction_factor=settings.reduction_factor)

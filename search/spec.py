@@ -1,0 +1,164 @@
+"""The search spec: a base curriculum, a space over its fields, how to search, the budget.
+
+    name: poly-parity-transfer
+    base: poly_then_parity.yaml          # relative to this file
+    space:
+      stages.pretrain.epochs: {randint: [0, 60]}         # both ends included
+      stages.finetune.mix.polynomial: {uniform: [0.0, 0.5]}   # a share of the mix
+      optim.lr: {loguniform: [1.0e-4, 3.0e-3]}
+      seed: {grid: [0, 1, 2]}
+    search: {algorithm: optuna, num_samples: 32, max_concurrent: 4, scheduler: asha, seed: 0}
+    budget: {flops: 2.0e14}              # a trial is censored past this compute
+    resources: {cpu: 1, gpu: 0.25}       # gpu is ignored where no CUDA device exists
+
+Checked before anything starts: every space key addresses a curriculum field (stages by
+name), every domain is well formed, and the curriculum stays valid at each domain's ends
+and choices, so a bad space fails in a second, not in the middle of a search.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from iterhead.curricula.errors import ConfigError
+from iterhead.curricula.io import parse_curriculum, read_yaml_mapping, validation_error
+from iterhead.curricula.overrides import apply
+from iterhead.curricula.schema import Curriculum, Name, Spec
+
+DOMAINS = ("uniform", "loguniform", "randint", "choice", "grid")
+
+
+class Domain(Spec):
+    """Exactly one of: uniform, loguniform, randint ([low, high]); choice, grid ([values])."""
+
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+    choice: list[Any] | None = None
+    grid: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "Domain":
+        given = [k for k in DOMAINS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one domain of {', '.join(DOMAINS)} (got {len(given)})")
+        kind = given[0]
+        value = getattr(self, kind)
+        if kind in ("uniform", "loguniform", "randint") and not value[0] < value[1]:
+            raise ValueError(f"{kind} needs low < high (got {list(value)})")
+        if kind == "loguniform" and value[0] <= 0:
+            raise ValueError(f"loguniform needs low > 0 (got {value[0]})")
+        if kind in ("choice", "grid") and not value:
+            raise ValueError(f"{kind} needs at least one value")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in DOMAINS if getattr(self, k) is not None)
+
+    @property
+    def args(self) -> Any:
+        return getattr(self, self.kind)
+
+    def probes(self) -> list[Any]:
+        """Values whose curricula must all be valid: the ends, or every listed value."""
+        if self.kind in ("choice", "grid"):
+            return list(self.args)
+        low, high = self.args
+        return [low, high] if self.kind != "uniform" else [low, high, (low + high) / 2]
+
+
+class SearchSettings(Spec):
+    algorithm: Literal["optuna", "random", "grid"] = "optuna"
+    num_samples: Annotated[int, Field(gt=0, le=100_000)] = 8
+    max_concurrent: Annotated[int, Field(gt=0, le=10_000)] = 2
+    scheduler: Literal["asha", "none"] = "asha"
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
+    grace_fraction: Annotated[float, Field(gt=0, le=1)] = 1 / 9
+    reduction_factor: Annotated[float, Field(gt=1)] = 3.0
+
+
+class Budget(Spec):
+    flops: Annotated[float, Field(gt=0)] | None = None
+
+
+class Resources(Spec):
+    cpu: Annotated[float, Field(gt=0, le=1024)] = 1.0
+    gpu: Annotated[float, Field(ge=0, le=64)] = 0.0
+
+
+class SearchSpec(Spec):
+    name: Name
+    base: str
+    space: dict[str, Domain] = {}
+    search: SearchSettings = SearchSettings()
+    budget: Budget = Budget()
+    resources: Resources = Resources()
+
+
+class LoadedSearch:
+    """A checked spec with its base curriculum, as read from `path`."""
+
+    def __init__(self, spec: SearchSpec, base: Curriculum, base_path: Path, path: Path) -> None:
+        self.spec, self.base, self.base_path, self.path = spec, base, base_path, path
+
+    def curriculum(self, overrides: dict[str, Any]) -> Curriculum:
+        """The base with a trial's sampled values set."""
+        return parse_curriculum(apply(self.base.model_dump(mode="json"), overrides), file=str(self.path))
+
+
+def _check_space(spec: SearchSpec, base: Curriculum, file: str) -> None:
+    data = base.model_dump(mode="json")
+    grids = [k for k, d in spec.space.items() if d.kind == "grid"]
+    if grids and spec.search.algorithm == "optuna":
+        raise ConfigError("grid domains need algorithm random or grid (Optuna samples, it does not "
+                          f"enumerate); change search.algorithm or make {grids[0]!r} a choice",
+                          field="search.algorithm", file=file)
+    if spec.search.algorithm == "grid" and any(d.kind != "grid" for d in spec.space.values()):
+        key = next(k for k, d in spec.space.items() if d.kind != "grid")
+        raise ConfigError("algorithm grid enumerates grid domains only; make it a grid or use random",
+                          field=f"space.{key}", file=file)
+    for key, domain in spec.space.items():
+        for value in domain.probes():
+            try:
+                parse_curriculum(apply(data, {key: value}), file=file)
+            except ConfigError as err:
+                where = f"space.{key}"
+                if err.field and err.field != key:
+                    raise ConfigError(f"the value {value!r} makes the curriculum invalid: "
+                                      f"{err.field}: {err.message}", field=where, file=file) from None
+                raise ConfigError(err.message, field=where, file=file) from None
+
+
+def load_search(path: str | Path) -> LoadedSearch:
+    """Read and check a search spec and its base curriculum; `ConfigError` on bad input."""
+    path = Path(path)
+    file = str(path)
+    data = read_yaml_mapping(path)
+    try:
+        spec = SearchSpec.model_validate(data)
+    except ValidationError as err:
+        raise validation_error(err, SearchSpec, file=file) from None
+    base_path = (path.parent / spec.base).resolve()
+    if not base_path.is_file():
+        raise ConfigError(f"no curriculum file at {str(base_path)!r} (base is relative to the spec)",
+                          field="base", file=file)
+    from iterhead.curricula.io import load_curriculum
+
+    try:
+        base = load_curriculum(base_path)
+    except ConfigError as err:
+        raise ConfigError(f"the base curriculum is invalid: {err}", field="base", file=file) from None
+    _check_space(spec, base, file)
+    if spec.budget.flops is not None and not math.isfinite(spec.budget.flops):
+        raise ConfigError("must be a finite number", field="budget.flops", file=file)
+    return LoadedSearch(spec, base, base_path, path)
+
+
+def is_search_spec(data: dict[str, Any]) -> bool:
+    """Search specs have a base; curricula have stages."""
+    return "base" in data or "space" in data

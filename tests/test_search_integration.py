@@ -1,0 +1,110 @@
+"""`iterhead search` on a real local Ray with a real sqlite MLflow store in a temp folder."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from iterhead.search.run import SearchOptions, run_search
+from iterhead.search.spec import load_search
+
+pytestmark = pytest.mark.integration
+
+BASE = {
+    "name": "tiny-base", "seed": 0,
+    "model": {"d_model": 32, "n_layers": 2, "n_heads": 1, "dropout": 0.0},
+    "data": {"min_len": 1, "max_len": 3, "train_per_len": 64, "test_per_len": 32, "cot": True},
+    "tasks": {"parity": {"kind": "parity"}, "polynomial": {"kind": "polynomial", "modulus": 5}},
+    "optim": {"lr": 3.0e-3, "batch_size": 32},
+    "stages": [{"name": "pretrain", "mix": {"polynomial": 1.0}, "epochs": 1},
+               {"name": "finetune", "mix": {"parity": 1.0}, "epochs": 4}],
+    "target": {"task": "parity", "accuracy": 1.0},
+    "eval": {"every_epochs": 1, "probe_per_len": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             object_store_memory=80 * 1024 * 1024)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def search(ray_local, tmp_path_factory):
+    """A 4-trial ASHA search: a grid over the target accuracy makes two trials reach it at their
+    first evaluation and two never (censored), two seeds each; two trials run at once."""
+    folder = tmp_path_factory.mktemp("search")
+    (folder / "base.yaml").write_text(yaml.safe_dump(BASE))
+    (folder / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "it-search", "base": "base.yaml",
+        "space": {"target.accuracy": {"grid": [0.01, 1.0]}, "stages.pretrain.epochs": {"grid": [1]},
+                  "seed": {"choice": [0, 1]}},
+        "search": {"algorithm": "random", "num_samples": 2, "max_concurrent": 2, "scheduler": "asha", "seed": 0},
+        "budget": {"flops": 1.0e12},
+        "resources": {"cpu": 1},
+    }))
+    uri = f"sqlite:///{folder}/mlflow.db"
+    out = io.StringIO()
+    rows = run_search(load_search(folder / "spec.yaml"),
+                      SearchOptions(uri=uri, storage_path=str(folder / "ray")), out=out)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("it-search")
+    runs = client.search_runs([exp.experiment_id])
+    return rows, runs, client, out.getvalue()
+
+
+def test_one_parent_and_one_finished_child_per_trial(search):
+    rows, runs, _, _ = search
+    parents = [r for r in runs if r.data.tags.get("iterhead.kind") == "search"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(rows) == 4 and len(parents) == 1 and len(children) == 4
+    assert parents[0].info.status == "FINISHED"
+    assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert {c.data.tags["iterhead.trial_id"] for c in children} == {r["trial_id"] for r in rows}
+    assert all(c.data.tags.get("ray.node_id") for c in children)
+
+
+def test_children_hold_summary_history_and_curriculum(search):
+    rows, runs, client, _ = search
+    for child in (r for r in runs if r.data.tags.get("mlflow.parentRunId")):
+        m = child.data.metrics
+        assert {"compute_to_target", "reached", "acc/parity", "acc/parity/len_3", "compute/flops"} <= set(m)
+        assert child.data.params["target.accuracy"] in ("0.01", "1.0")
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"curriculum.yaml", "attention.png", "compute_to_accuracy.png"} <= artifacts
+
+
+def test_censored_trials_are_counted_not_dropped(search):
+    rows, runs, client, out = search
+    reached = [r for r in rows if r["reached"] == 1.0]
+    censored = [r for r in rows if r["reached"] == 0.0]
+    assert len(reached) == 2 and len(censored) == 2
+    assert all(r["compute_to_target"] == 2.0e12 for r in censored)  # 2 x the budget, finite
+    assert all(r["compute_to_target"] < 1.0e12 for r in reached)
+    parent = next(r for r in runs if r.data.tags.get("iterhead.kind") == "search")
+    assert parent.data.metrics["trials"] == 4 and parent.data.metrics["trials_reached"] == 2
+    names = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "compute_to_target.png", "fraction_reached.png"} <= names
+    table = open(client.download_artifacts(parent.info.run_id, "trials.csv")).read().splitlines()
+    assert len(table) == 5  # header + every trial, censored included
+    assert "2 of 4 trials reached the target" in out
+
+
+def test_concurrent_trials_lose_no_metric_row(search):
+    """Two trials ran at once into one store: every report is one row, none lost or doubled."""
+    rows, runs, client, _ = search
+    by_trial = {r.data.tags["iterhead.trial_id"]: r for r in runs if r.data.tags.get("mlflow.parentRunId")}
+    for row in rows:
+        run_id = by_trial[row["trial_id"]].info.run_id
+        for key in ("acc/parity", "compute/flops", "loss/train"):
+            history = client.get_metric_history(run_id, key)
+            steps = [h.step for h in history]
+            assert len(steps) == row["reports"] == len(set(steps)), (row["trial_id"], key)

@@ -1,0 +1,81 @@
+"""Search specs: space keys, domains and resources are checked before anything starts."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from iterhead.curricula.overrides import apply, blend
+from iterhead.search.cli import main
+from iterhead.search.spec import load_search
+
+from support import ROOT
+
+BASE = ROOT / "examples" / "poly_then_parity_small.yaml"
+
+
+def write_spec(tmp_path, body: str):
+    (tmp_path / "base.yaml").write_text(BASE.read_text())
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: s\nbase: base.yaml\n" + body)
+    return path
+
+
+BAD = {
+    "unknown-top-key": ("spaces: {}\n", "spaces", "unknown field"),
+    "key-names-no-field": ("space:\n  optim.learning_rate: {uniform: [0.1, 0.2]}\n", "space.optim.learning_rate", "not a field"),
+    "undefined-stage": ("space:\n  stages.warmup.epochs: {randint: [0, 3]}\n", "space.stages.warmup.epochs", "no stage named"),
+    "mix-of-undefined-task": ("space:\n  stages.pretrain.mix.copy: {uniform: [0, 1]}\n", "space.stages.pretrain.mix.copy", "task"),
+    "low-not-below-high": ("space:\n  optim.lr: {uniform: [0.2, 0.1]}\n", "space.optim.lr", "low < high"),
+    "loguniform-at-zero": ("space:\n  optim.lr: {loguniform: [0.0, 0.1]}\n", "space.optim.lr", "low > 0"),
+    "two-domains": ("space:\n  optim.lr: {uniform: [0.1, 0.2], loguniform: [0.1, 0.2]}\n", "space.optim.lr", "exactly one"),
+    "empty-choice": ("space:\n  optim.batch_size: {choice: []}\n", "space.optim.batch_size", "at least one"),
+    "value-breaks-curriculum": ("space:\n  optim.lr: {uniform: [-1.0, 0.1]}\n", "space.optim.lr", "greater than 0"),
+    "unknown-algorithm": ("search: {algorithm: bayes}\n", "search.algorithm", "optuna"),
+    "grid-with-optuna": ("space:\n  seed: {grid: [0, 1]}\nsearch: {algorithm: optuna}\n", "search.algorithm", "grid"),
+    "negative-budget": ("budget: {flops: -1.0}\n", "budget.flops", "greater than 0"),
+    "missing-base": ("", "base", "no curriculum file"),
+}
+
+
+@pytest.mark.parametrize("body, field, words", BAD.values(), ids=BAD.keys())
+def test_bad_spec_exits_2_with_one_line(tmp_path, capsys, body, field, words):
+    path = write_spec(tmp_path, body)
+    if field == "base":
+        (tmp_path / "base.yaml").unlink()
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{path}: {field}: " in err[0] and words in err[0], err
+
+
+def test_impossible_resources_fail_fast_before_ray(tmp_path, capsys):
+    import ray
+
+    path = write_spec(tmp_path, "resources: {cpu: 4096}\n")
+    t = time.perf_counter()
+    code = main(["search", str(path), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
+    assert code == 2 and time.perf_counter() - t < 5.0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "resources.cpu" in err[0]
+    assert not ray.is_initialized() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_shipped_search_specs_validate():
+    specs = sorted((ROOT / "examples").glob("search*.yaml"))
+    assert specs
+    for spec in specs:
+        assert main(["validate", str(spec)]) == 0, spec
+
+
+def test_overrides_address_stages_by_name_and_mix_as_share():
+    loaded = load_search(ROOT / "examples" / "search_small.yaml")
+    cur = loaded.curriculum({"stages.pretrain.epochs": 0, "stages.finetune.mix.polynomial": 0.25,
+                             "optim.lr": 0.002})
+    assert cur.stage("pretrain").epochs == 0 and cur.optim.lr == 0.002
+    assert cur.stage("finetune").mix == pytest.approx({"parity": 0.75, "polynomial": 0.25})
+    assert blend({"a": 1.0, "b": 3.0}, {"c": 0.5}) == pytest.approx({"a": 0.125, "b": 0.375, "c": 0.5})
+    assert blend({"a": 1.0}, {"b": 0.8, "c": 0.8}) == pytest.approx({"b": 0.5, "c": 0.5})
+    original = loaded.base.model_dump(mode="json")
+    apply(original, {"optim.lr": 1.0})
+    assert original == loaded.base.model_dump(mode="json")  # apply never changes its input

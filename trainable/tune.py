@@ -1,0 +1,97 @@
+"""The Ray Tune function trainable: a thin adapter over `Trainer` (the only file importing ray).
+
+Per evaluation it reports the metrics with cumulative compute, the running
+``compute_to_target`` (the censoring penalty until the target is reached), ``target_acc``
+for the scheduler, and a checkpoint of the whole trainer state, so a trial that is paused,
+fails or is restored continues exactly where it stood. Checkpoints are written at most every
+`CHECKPOINT_EVERY_S` seconds (each one makes Tune snapshot its experiment state) and at the
+last evaluation. The final report's checkpoint also
+carries the trial's artifacts (curriculum YAML, attention maps, accuracy-against-compute
+plot) for the driver to log. A trial ends when the target is reached, its compute passes
+the budget (censored), or its last stage ends.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+
+from iterhead.curricula.io import parse_curriculum
+from iterhead.curricula.overrides import apply
+from iterhead.trainable import checkpoint
+from iterhead.trainable.artifacts import ARTIFACTS, write_artifacts
+from iterhead.trainable.loop import Evaluation, Trainer, resolve_device
+from iterhead.trainable.summary import censored_value
+
+CHECKPOINT_EVERY_S = 30.0  # and at the last evaluation; resuming from any evaluation is exact
+SMOKE = {"max_len": 4, "train_per_len": 64, "test_per_len": 32, "epochs": 2}
+
+
+def shrink(data: dict[str, Any]) -> dict[str, Any]:
+    """A smoke-size copy of a curriculum mapping: short lengths, few rows, two epochs a stage."""
+    d = data["data"]
+    d["max_len"] = min(d["max_len"], max(d["min_len"], SMOKE["max_len"]))
+    d["train_per_len"] = min(d["train_per_len"], SMOKE["train_per_len"])
+    d["test_per_len"] = min(d["test_per_len"], SMOKE["test_per_len"])
+    for stage in data["stages"]:
+        stage["epochs"] = min(stage["epochs"], SMOKE["epochs"])
+    data["eval"]["every_epochs"] = 1
+    return data
+
+
+def trial_curriculum(base: dict[str, Any], config: dict[str, Any], smoke: bool):
+    """The curriculum one trial trains: the base with the sampled values (and smoke size)."""
+    data = apply(base, config)
+    return parse_curriculum(shrink(data) if smoke else data, file="trial")
+
+
+def trial_metrics(ev: Evaluation, trainer: Trainer, budget: float | None) -> dict[str, Any]:
+    cur = trainer.cur
+    out: dict[str, Any] = dict(ev.metrics)
+    out["step"] = ev.step
+    out["target_acc"] = ev.metrics[f"acc/{cur.target.task}"]
+    out["reached"] = float(trainer.outcome.reached)
+    out["compute_to_target"] = (trainer.outcome.compute_to_target if trainer.outcome.reached
+                                else censored_value(cur, budget))
+    if trainer.outcome.reached:
+        out["examples_to_target"] = float(trainer.outcome.examples_to_target)
+        out["seconds_to_target"] = float(trainer.outcome.seconds_to_target)
+    out["node_id"] = ray.get_runtime_context().get_node_id()
+    out["stage"] = ev.stage
+    return out
+
+
+def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float | None = None,
+                smoke: bool = False, threads: int = 1) -> None:
+    """Train one trial of a search (module docstring)."""
+    torch.set_num_threads(max(1, threads))
+    cur = trial_curriculum(base, config, smoke)
+    device = resolve_device("auto")
+    saved = tune.get_checkpoint()
+    state = None
+    if saved is not None:
+        with saved.as_directory() as folder:
+            state = checkpoint.load(folder, device)
+    trainer = Trainer(cur, device, state)
+    saved_at = time.monotonic()
+    for ev in trainer.run():
+        metrics = trial_metrics(ev, trainer, budget)
+        over_budget = budget is not None and metrics["compute/flops"] >= budget
+        last = ev.final or over_budget
+        if not last and time.monotonic() - saved_at < CHECKPOINT_EVERY_S:
+            tune.report(metrics)
+            continue
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint.save(trainer.state_dict(), folder)
+            if last:
+                write_artifacts(trainer, Path(folder) / ARTIFACTS)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        saved_at = time.monotonic()
+        if over_budget:
+            return
