@@ -3,7 +3,10 @@
 One parent run per search (made by the driver before trials start), one child run per trial
 (``mlflow.parentRunId``, tags ``iterhead.trial_id`` and ``ray.node_id``, params = the trial's
 flattened curriculum). Each reported evaluation becomes one batched write at its own step;
-the final checkpoint's artifacts are copied out and logged. A child run is found again by
+the final checkpoint's artifacts are copied out and logged. Reported metrics are buffered
+per trial and written every `flush_every` seconds (and when a trial ends) as one batch of
+several steps: on a small machine the driver shares the cores with the trials, and one
+store transaction per report costs them measurable time. A child run is found again by
 its trial-id tag, so a restored search continues the same runs instead of making new ones.
 All writes go through an ordered background `RunWriter`: Tune's loop never waits on the
 store. Tune pickles callbacks into its experiment state, so the pickled state is only the
@@ -40,12 +43,13 @@ def metric_items(result: dict[str, Any]) -> dict[str, float]:
 
 
 class MlflowSearchCallback(tune.Callback):
-    SETTINGS = ("uri", "experiment", "parent", "base", "smoke", "status_every")
+    SETTINGS = ("uri", "experiment", "parent", "base", "smoke", "status_every", "flush_every")
 
     def __init__(self, uri: str, experiment: str, parent_run_id: str, base: dict[str, Any],
-                 smoke: bool, out: TextIO | None = None, status_every: float = 10.0) -> None:
+                 smoke: bool, out: TextIO | None = None, status_every: float = 10.0,
+                 flush_every: float = 2.0) -> None:
         self.uri, self.experiment, self.parent = uri, experiment, parent_run_id
-        self.base, self.smoke, self.status_every = base, smoke, status_every
+        self.base, self.smoke, self.status_every, self.flush_every = base, smoke, status_every, flush_every
         self._live(out)
 
     def _live(self, out: TextIO | None) -> None:
@@ -55,6 +59,8 @@ class MlflowSearchCallback(tune.Callback):
         self.runs: dict[str, Future] = {}
         self.nodes: dict[str, str] = {}
         self._last_status = 0.0
+        self._buffer: dict[str, list[tuple[int, int, dict[str, float]]]] = {}
+        self._last_flush = time.monotonic()
         self._tmp: Path | None = None
         self.finished: dict[str, str] = {}  # trial id -> final status
 
@@ -112,7 +118,9 @@ class MlflowSearchCallback(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         run = self._run(trial)
         step = int(result.get("step", result.get("training_iteration", 0)))
-        self.writer.submit(lambda: self.writer.log_metrics(run.result(), metric_items(result), step))
+        self._buffer.setdefault(trial.trial_id, []).append((step, int(time.time() * 1000), metric_items(result)))
+        if time.monotonic() - self._last_flush >= self.flush_every:
+            self._flush()
         node = result.get("node_id")
         if node and self.nodes.get(trial.trial_id) != node:
             self.nodes[trial.trial_id] = node
@@ -146,7 +154,18 @@ class MlflowSearchCallback(tune.Callback):
         self._end(trial, "FAILED")
         print(f"trial {trial.trial_id} FAILED (see its error file under the storage path)", file=self.out, flush=True)
 
+    def _flush(self, trial_id: str | None = None) -> None:
+        """Queue the buffered metrics (of one trial, or all) as one write per trial."""
+        for tid in [trial_id] if trial_id else list(self._buffer):
+            steps = self._buffer.pop(tid, [])
+            if steps:
+                run = self.runs[tid]
+                self.writer.submit(lambda run=run, steps=steps: self.writer.log_steps(run.result(), steps))
+        if trial_id is None:
+            self._last_flush = time.monotonic()
+
     def _end(self, trial, status: str) -> None:
+        self._flush(trial.trial_id)
         run = self._run(trial)
         self.finished[trial.trial_id] = status
         self.writer.submit(lambda: self.writer.end_run(run.result(), status))
@@ -165,6 +184,7 @@ class MlflowSearchCallback(tune.Callback):
     def close(self) -> None:
         """Wait for every write (raising the first error), then drop the copied artifacts."""
         try:
+            self._flush()
             if self._writer is not None:
                 self._writer.close()
         finally:

@@ -79,7 +79,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO = sys.stdo
         check_resources(loaded, float(opts.num_cpus or os.cpu_count() or 1), float(local_gpus()), "this machine")
     writer = RunWriter(opts.uri)
     experiment = spec.name
-    writer.submit(writer.experiment_id, experiment).result()  # store and experiment made once, here
+    made = writer.submit(writer.experiment_id, experiment)  # store and experiment, once, here ...
     import ray
     from ray import tune
 
@@ -87,11 +87,13 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO = sys.stdo
     from iterhead.search.space import SEARCH_METRIC, param_space, scheduler, searcher
     from iterhead.trainable.tune import train_trial
 
-    started = start_ray(opts)
     callback = None
     parent = None
     status = "FAILED"
+    started = False
     try:
+        started = start_ray(opts)  # ... while Ray starts: both take seconds
+        made.result()  # before any trial can write
         resources = check_resources(loaded, ray.cluster_resources().get("CPU", 0.0),
                                     ray.cluster_resources().get("GPU", 0.0), "the Ray cluster")
         parent = writer.submit(writer.create_run, experiment, f"search:{spec.name}",

@@ -126,10 +126,13 @@ class RunWriter:
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int,
                     timestamp_ms: int | None = None) -> None:
+        self.log_steps(run_id, [(step, timestamp_ms or int(time.time() * 1000), metrics)])
+
+    def log_steps(self, run_id: str, steps: list[tuple[int, int, dict[str, float]]]) -> None:
+        """Several steps' metrics, (step, timestamp ms, metrics) each, in as few batches as fit."""
         from mlflow.entities import Metric
 
-        ts = timestamp_ms or int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        items = [Metric(k, float(v), ts, step) for step, ts, metrics in steps for k, v in metrics.items()]
         for i in range(0, len(items), MAX_METRICS):
             self._client.log_batch(run_id, metrics=items[i:i + MAX_METRICS])
 

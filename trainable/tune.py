@@ -51,18 +51,17 @@ def trial_curriculum(base: dict[str, Any], config: dict[str, Any], smoke: bool):
     return parse_curriculum(shrink(data) if smoke else data, file="trial")
 
 
-def trial_metrics(ev: Evaluation, trainer: Trainer, budget: float | None) -> dict[str, Any]:
-    cur = trainer.cur
+def trial_metrics(ev: Evaluation, trainer: Trainer, penalty: float, node_id: str) -> dict[str, Any]:
+    """What one evaluation reports: its metrics, the running outcome, where it ran."""
     out: dict[str, Any] = dict(ev.metrics)
     out["step"] = ev.step
-    out["target_acc"] = ev.metrics[f"acc/{cur.target.task}"]
+    out["target_acc"] = ev.metrics[f"acc/{trainer.cur.target.task}"]
     out["reached"] = float(trainer.outcome.reached)
-    out["compute_to_target"] = (trainer.outcome.compute_to_target if trainer.outcome.reached
-                                else censored_value(cur, budget))
+    out["compute_to_target"] = trainer.outcome.compute_to_target if trainer.outcome.reached else penalty
     if trainer.outcome.reached:
         out["examples_to_target"] = float(trainer.outcome.examples_to_target)
         out["seconds_to_target"] = float(trainer.outcome.seconds_to_target)
-    out["node_id"] = ray.get_runtime_context().get_node_id()
+    out["node_id"] = node_id
     out["stage"] = ev.stage
     return out
 
@@ -79,9 +78,10 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float |
         with saved.as_directory() as folder:
             state = checkpoint.load(folder, device)
     trainer = Trainer(cur, device, state)
+    penalty, node_id = censored_value(cur, budget), ray.get_runtime_context().get_node_id()
     saved_at = time.monotonic()
     for ev in trainer.run():
-        metrics = trial_metrics(ev, trainer, budget)
+        metrics = trial_metrics(ev, trainer, penalty, node_id)
         over_budget = budget is not None and metrics["compute/flops"] >= budget
         last = ev.final or over_budget
         if not last and time.monotonic() - saved_at < CHECKPOINT_EVERY_S:
