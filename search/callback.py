@@ -33,6 +33,7 @@ from iterhead.trainable.artifacts import ARTIFACTS
 from iterhead.trainable.tune import trial_curriculum
 
 PREFIXES = ("acc/", "loss/", "compute/", "probe/")
+RESULT_TAGS = {"node_id": "ray.node_id", "torch_threads": "iterhead.torch_threads", "device": "iterhead.device"}
 SUMMARY = ("reached", "compute_to_target", "examples_to_target", "seconds_to_target", "target_acc")
 
 
@@ -57,7 +58,7 @@ class MlflowSearchCallback(tune.Callback):
         self.out = out or sys.stdout
         self._writer: RunWriter | None = None
         self.runs: dict[str, Future] = {}
-        self.nodes: dict[str, str] = {}
+        self.tagged: dict[str, dict[str, str]] = {}
         self._last_status = 0.0
         self._buffer: dict[str, list[tuple[int, int, dict[str, float]]]] = {}
         self._last_flush = time.monotonic()
@@ -121,10 +122,10 @@ class MlflowSearchCallback(tune.Callback):
         self._buffer.setdefault(trial.trial_id, []).append((step, int(time.time() * 1000), metric_items(result)))
         if time.monotonic() - self._last_flush >= self.flush_every:
             self._flush()
-        node = result.get("node_id")
-        if node and self.nodes.get(trial.trial_id) != node:
-            self.nodes[trial.trial_id] = node
-            self.writer.submit(lambda: self.writer.client.set_tag(run.result(), "ray.node_id", node))
+        tags = {tag: str(result[key]) for key, tag in RESULT_TAGS.items() if key in result}
+        if tags and self.tagged.get(trial.trial_id) != tags:  # once, and again if a resume moved it
+            self.tagged[trial.trial_id] = tags
+            self.writer.submit(lambda: [self.writer.client.set_tag(run.result(), k, v) for k, v in tags.items()])
         now = time.monotonic()
         if now - self._last_status >= self.status_every:
             self._last_status = now

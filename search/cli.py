@@ -33,6 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--smoke", action="store_true", help="2 trials, tiny data, 2 epochs a stage: a quick check")
     s.add_argument("--resume", action="store_true", help="continue an interrupted search from its storage path")
     s.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all)")
+    e = sub.add_parser("export", help="write the best trials of a search as curriculum YAML")
+    e.add_argument("--experiment", required=True, help="the search's MLflow experiment (its name)")
+    e.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    e.add_argument("--run", dest="parent_run", help="the search's parent run id (default: the latest search)")
+    e.add_argument("--top-k", type=int, default=1, help="how many trials (default 1: OUT is a .yaml file)")
+    e.add_argument("-o", "--out", required=True, help="OUT.yaml for --top-k 1, else a folder")
     return p
 
 
@@ -110,7 +116,30 @@ def cmd_search(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"validate": cmd_validate, "train": cmd_train, "search": cmd_search}
+def cmd_export(args: argparse.Namespace) -> int:
+    from iterhead.search.tracking import resolve_uri
+
+    uri = resolve_uri(args.tracking_uri)
+    if args.top_k < 1:
+        raise ConfigError("must be at least 1", field="--top-k")
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise ConfigError(f"no tracking store at {uri}", field="--tracking-uri")
+    from mlflow import MlflowClient
+
+    from iterhead.search.export import ExportError, export
+
+    try:
+        paths = export(MlflowClient(uri), args.experiment, Path(args.out), top_k=args.top_k,
+                       parent_run_id=args.parent_run)
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    for path in paths:
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
+COMMANDS = {"validate": cmd_validate, "train": cmd_train, "search": cmd_search, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

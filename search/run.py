@@ -36,9 +36,12 @@ def settings_for(loaded: LoadedSearch, smoke: bool) -> SearchSettings:
 
 
 def local_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    """NVIDIA GPUs this process may use, without importing torch (a bad spec must fail fast)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return len(list(gpus.iterdir())) if gpus.is_dir() else 0
 
 
 def check_resources(loaded: LoadedSearch, cpus: float, gpus: float, where: str) -> dict[str, float]:

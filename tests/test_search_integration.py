@@ -108,3 +108,57 @@ def test_concurrent_trials_lose_no_metric_row(search):
             history = client.get_metric_history(run_id, key)
             steps = [h.step for h in history]
             assert len(steps) == row["reports"] == len(set(steps)), (row["trial_id"], key)
+
+
+def test_export_best_retrains_to_the_same_compute(search, tmp_path, capsys):
+    from iterhead.curricula.io import load_curriculum
+    from iterhead.search.cli import main
+
+    rows, runs, client, _ = search
+    uri = client.tracking_uri
+    best = min((r for r in rows if r["reached"] == 1.0),  # ties: higher target accuracy, then trial id
+               key=lambda r: (r["compute_to_target"], -r["target_acc"], r["trial_id"]))
+    out = tmp_path / "best.yaml"
+    assert main(["export", "--experiment", "it-search", "--tracking-uri", uri, "-o", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# exported by iterhead") and best["trial_id"] in text and "--threads 1" in text
+    cur = load_curriculum(out)
+    assert main(["train", str(out), "--tracking-uri", f"sqlite:///{tmp_path}/retrain.db",
+                 "--experiment", "retrain", "--threads", "1"]) == 0
+    retrain = MlflowClient(f"sqlite:///{tmp_path}/retrain.db")
+    (run,) = retrain.search_runs([retrain.get_experiment_by_name("retrain").experiment_id])
+    assert run.data.metrics["compute_to_target"] == best["compute_to_target"]  # exactly, on CPU
+    assert cur.target.accuracy == 0.01
+
+
+def test_export_top_k_writes_a_folder_that_round_trips(search, tmp_path):
+    from iterhead.curricula.io import dump_curriculum, load_curriculum
+    from iterhead.search.cli import main
+
+    rows, runs, client, _ = search
+    folder = tmp_path / "top"
+    assert main(["export", "--experiment", "it-search", "--tracking-uri", client.tracking_uri,
+                 "--top-k", "5", "-o", str(folder)]) == 0
+    files = sorted(folder.glob("*.yaml"))
+    assert len(files) == 2  # only the trials that reached the target
+    for f in files:
+        cur = load_curriculum(f)
+        assert load_curriculum(f) == cur
+        assert main(["validate", str(f)]) == 0
+        again = tmp_path / f"again-{f.name}"
+        again.write_text(dump_curriculum(cur))
+        assert load_curriculum(again) == cur
+
+
+def test_export_refuses_bad_targets(search, tmp_path, capsys):
+    from iterhead.search.cli import main
+
+    _, _, client, _ = search
+    uri = client.tracking_uri
+    assert main(["export", "--experiment", "it-search", "--tracking-uri", uri, "-o", str(tmp_path / "x.txt")]) == 2
+    assert main(["export", "--experiment", "it-search", "--tracking-uri", uri,
+                 "-o", str(tmp_path / "no" / "such" / "x.yaml")]) == 2
+    assert main(["export", "--experiment", "nope", "--tracking-uri", uri, "-o", str(tmp_path / "x.yaml")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err)
+    assert list(tmp_path.iterdir()) == []

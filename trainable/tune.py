@@ -62,6 +62,8 @@ def trial_metrics(ev: Evaluation, trainer: Trainer, penalty: float, node_id: str
         out["examples_to_target"] = float(trainer.outcome.examples_to_target)
         out["seconds_to_target"] = float(trainer.outcome.seconds_to_target)
     out["node_id"] = node_id
+    out["torch_threads"] = torch.get_num_threads()
+    out["device"] = str(trainer.device)
     out["stage"] = ev.stage
     return out
 
