@@ -74,8 +74,9 @@ def start_ray(opts: SearchOptions) -> bool:
     return True
 
 
-def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
+def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = None) -> list[dict[str, Any]]:
     """Run the search; returns one summary row per trial."""
+    out = out or sys.stdout
     spec = loaded.spec
     settings = settings_for(loaded, opts.smoke)
     if not opts.address:  # checked before Ray starts

@@ -27,8 +27,9 @@ def progress_line(ev: Evaluation, target_task: str) -> str:
 
 
 def train(cur: Curriculum, *, uri: str, experiment: str, device: torch.device,
-          source: str = "", out: TextIO = sys.stdout) -> dict[str, float]:
+          source: str = "", out: TextIO | None = None) -> dict[str, float]:
     """Train `cur`, logging one run to `uri`; returns the summary metrics."""
+    out = out or sys.stdout
     started = time.perf_counter()
     writer = RunWriter(uri)
     tags = {"iterhead.curriculum": cur.name, "iterhead.source": source, "iterhead.device": str(device),
