@@ -1,0 +1,93 @@
+"""`mlflow_server/start.sh`: a real server on a free loopback port that `iterhead train` logs to."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from iterhead.search.cli import main
+
+from support import ROOT, tiny
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening(port: int) -> set[str]:
+    """Local addresses with a socket listening on `port`, read from /proc/net/tcp{,6}."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.split(":")
+                if state == "0A" and int(hex_port, 16) == port:
+                    found.add(address)
+    return found
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    data = tmp_path_factory.mktemp("server")
+    port = free_port()
+    proc = subprocess.Popen([str(ROOT / "mlflow_server" / "start.sh"), "--port", str(port), "--data", str(data)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.read().strip() == b"OK":
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start: {proc.stdout.read().decode()[-2000:]}")
+            time.sleep(0.5)
+        yield url, port, data
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # only the process group this test started
+        proc.wait(timeout=30)
+
+
+def test_train_logs_to_the_server_over_http(server, tmp_path, monkeypatch):
+    url, _, data = server
+    monkeypatch.chdir(tmp_path)
+    cur = tiny(name="over-http", stages=[{"name": "s", "mix": {"parity": 1.0}, "epochs": 2}])
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cur.model_dump(mode="json")))
+    assert main(["train", str(path), "--tracking-uri", url]) == 0
+    client = MlflowClient(url)
+    (run,) = client.search_runs([client.get_experiment_by_name("over-http").experiment_id])
+    assert run.info.status == "FINISHED" and "compute/flops" in run.data.metrics
+    assert len(client.get_metric_history(run.info.run_id, "acc/parity")) == 2
+    local = client.download_artifacts(run.info.run_id, "curriculum.yaml", str(tmp_path))
+    assert yaml.safe_load(open(local))["name"] == "over-http"
+    assert list((data / "artifacts").rglob("attention.png"))  # stored by the server, not the client
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_server_listens_on_loopback_only(server):
+    _, port, _ = server
+    addresses = listening(port)
+    assert addresses == {"0100007F"}, addresses  # 127.0.0.1, nothing on 0.0.0.0 or ::
+
+
+def test_bad_port_is_refused():
+    out = subprocess.run([str(ROOT / "mlflow_server" / "start.sh"), "--port", "http"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "--port" in out.stderr
