@@ -11,7 +11,16 @@ its trial-id tag, so a restored search continues the same runs instead of making
 All writes go through an ordered background `RunWriter`: Tune's loop never waits on the
 store. Tune pickles callbacks into its experiment state, so the pickled state is only the
 settings (tracking URI, experiment, parent run, base curriculum); the writer and the run
-map are rebuilt on first use, which is also what a restored search needs. Progress goes to the terminal: trial starts and ends, and a status line at most
+map are rebuilt on first use, which is also what a restored search needs.
+
+Resuming never logs a step twice: a run found again remembers the last step it holds and
+skips reports up to it (a trial restored from a checkpoint repeats the evaluations after
+that checkpoint, identically). Each checkpoint first flushes and waits for that trial's
+metrics, so every step up to a checkpoint is in MLflow before the checkpoint can be resumed
+from. When the experiment ends, the writer is closed here (Tune restores this callback
+from its state, so the driver may hold no reference to it) and the runs of trials left
+unfinished by an interruption are marked KILLED: no run stays RUNNING once a search ends,
+and a resume sets them RUNNING again. Progress goes to the terminal: trial starts and ends, and a status line at most
 every `status_every` seconds.
 """
 
@@ -59,6 +68,7 @@ class MlflowSearchCallback(tune.Callback):
         self._writer: RunWriter | None = None
         self.runs: dict[str, Future] = {}
         self.tagged: dict[str, dict[str, str]] = {}
+        self.logged: dict[str, int] = {}  # trial id -> last step already in MLflow
         self._last_status = 0.0
         self._buffer: dict[str, list[tuple[int, int, dict[str, float]]]] = {}
         self._last_flush = time.monotonic()
@@ -97,6 +107,8 @@ class MlflowSearchCallback(tune.Callback):
         if found:
             run_id = found[0].info.run_id
             client.update_run(run_id, status="RUNNING")
+            steps = [m.step for m in client.get_metric_history(run_id, "compute/flops")]
+            self.logged[trial_id] = max(steps, default=-1)
             return run_id
         cur = trial_curriculum(self.base, config, self.smoke)
         tags = {"iterhead.trial_id": trial_id, "iterhead.search": self.experiment}
@@ -119,6 +131,10 @@ class MlflowSearchCallback(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         run = self._run(trial)
         step = int(result.get("step", result.get("training_iteration", 0)))
+        run.result()  # the run (and, for a resumed one, its last logged step) is known first
+        if step <= self.logged.get(trial.trial_id, -1):
+            return
+        self.logged[trial.trial_id] = step
         self._buffer.setdefault(trial.trial_id, []).append((step, int(time.time() * 1000), metric_items(result)))
         if time.monotonic() - self._last_flush >= self.flush_every:
             self._flush()
@@ -132,6 +148,8 @@ class MlflowSearchCallback(tune.Callback):
             self._status(trials)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
+        self._flush(trial.trial_id)
+        self.writer.flush()  # every step up to this checkpoint is stored before it counts
         with checkpoint.as_directory() as folder:
             src = Path(folder) / ARTIFACTS
             if not src.is_dir():
@@ -181,6 +199,12 @@ class MlflowSearchCallback(tune.Callback):
         line = ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items()))
         extra = f"; best running target accuracy {best:.1%}" if best is not None else ""
         print(f"[status] {line}; {reached} reached the target{extra}", file=self.out, flush=True)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        for trial in trials:
+            if trial.trial_id not in self.finished and trial.trial_id in self.runs:
+                self._end(trial, "KILLED")
+        self.close()
 
     def close(self) -> None:
         """Wait for every write (raising the first error), then drop the copied artifacts."""

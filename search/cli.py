@@ -106,13 +106,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     uri = resolve_uri(args.tracking_uri)
     if args.num_cpus is not None and args.num_cpus < 1:
         raise ConfigError("must be at least 1", field="--num-cpus")
-    if args.resume:
-        raise ConfigError("resuming a search is not available yet; run it again without --resume",
-                          field="--resume")
     from iterhead.search.run import SearchOptions, run_search
 
     run_search(loaded, SearchOptions(uri=uri, address=args.address, storage_path=args.storage_path,
-                                     smoke=args.smoke, num_cpus=args.num_cpus))
+                                     smoke=args.smoke, resume=args.resume, num_cpus=args.num_cpus))
     return EXIT_OK
 
 

@@ -1,23 +1,33 @@
 """`iterhead search`: a search spec -> Ray Tune trials -> MLflow runs and a summary.
 
 Order matters: the spec, its base and the resources are checked first (bad input exits 2
-before Ray starts); then the tracking store, the experiment and the parent run are made once
-from the driver, before any trial writes (concurrent first-time sqlite schema creation
+before Ray starts); the tracking store and experiment are created once from the driver
+while Ray starts, before any trial writes (concurrent first-time sqlite schema creation
 races); then Ray (the embedded default, or `--address`) runs the trials.
+
+Each search gets its own folder under the storage path, ``<name>-<YYYYmmdd-HHMMSS>``, with
+Tune's state and a small `iterhead-search.json` (parent run, tracking URI, state).
+``--resume`` continues the newest unfinished search of that name: finished trials are not
+run again, unfinished ones continue from their checkpoints, and MLflow keeps the same runs.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from iterhead.curricula.errors import ConfigError
+from iterhead.search.export import write_atomic
 from iterhead.search.spec import LoadedSearch, SearchSettings
 from iterhead.search.tracking import RunWriter, ui_hint
+
+STATE_FILE = "iterhead-search.json"
 
 
 @dataclass
@@ -60,6 +70,30 @@ def check_resources(loaded: LoadedSearch, cpus: float, gpus: float, where: str) 
     return {"cpu": r.cpu, "gpu": gpu}
 
 
+def search_folder(loaded: LoadedSearch, opts: SearchOptions) -> tuple[Path, dict[str, Any] | None]:
+    """Where this search's Tune state lives, and its saved state when resuming."""
+    root = Path(opts.storage_path or "ray_results").resolve()
+    name = loaded.spec.name
+    if not opts.resume:
+        folder = root / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        while folder.exists():
+            folder = folder.with_name(folder.name + "x")
+        return folder, None
+    states = []
+    for path in root.glob(f"{name}-*/{STATE_FILE}"):
+        state = json.loads(path.read_text())
+        if state.get("state") != "finished":
+            states.append((path.stat().st_mtime, path.parent, state))
+    if not states:
+        raise ConfigError(f"no unfinished search named {name!r} under {root}; run it without --resume",
+                          field="--resume")
+    _, folder, state = max(states, key=lambda s: s[0])
+    if state["uri"] != opts.uri:
+        raise ConfigError(f"the search was tracked in {state['uri']}; resume it with that --tracking-uri",
+                          field="--tracking-uri")
+    return folder, state
+
+
 def start_ray(opts: SearchOptions) -> bool:
     """Connect to `--address`, or start the embedded Ray; True if we started it."""
     import ray
@@ -75,12 +109,13 @@ def start_ray(opts: SearchOptions) -> bool:
 
 
 def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = None) -> list[dict[str, Any]]:
-    """Run the search; returns one summary row per trial."""
+    """Run (or resume) the search; returns one summary row per trial."""
     out = out or sys.stdout
     spec = loaded.spec
     settings = settings_for(loaded, opts.smoke)
     if not opts.address:  # checked before Ray starts
         check_resources(loaded, float(opts.num_cpus or os.cpu_count() or 1), float(local_gpus()), "this machine")
+    folder, state = search_folder(loaded, opts)
     writer = RunWriter(opts.uri)
     experiment = spec.name
     made = writer.submit(writer.experiment_id, experiment)  # store and experiment, once, here ...
@@ -88,59 +123,76 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
     from ray import tune
 
     from iterhead.search.callback import MlflowSearchCallback
-    from iterhead.search.space import SEARCH_METRIC, param_space, scheduler, searcher
+    from iterhead.search.space import param_space, scheduler, searcher
     from iterhead.trainable.tune import train_trial
 
-    callback = None
-    parent = None
+    parent = state["parent_run_id"] if state else None
     status = "FAILED"
     started = False
+    rows: list[dict[str, Any]] = []
     try:
         started = start_ray(opts)  # ... while Ray starts: both take seconds
         made.result()  # before any trial can write
         resources = check_resources(loaded, ray.cluster_resources().get("CPU", 0.0),
                                     ray.cluster_resources().get("GPU", 0.0), "the Ray cluster")
-        parent = writer.submit(writer.create_run, experiment, f"search:{spec.name}",
-                               {"iterhead.kind": "search", "iterhead.spec": str(loaded.path.resolve())},
-                               _spec_params(loaded, settings, opts)).result()
         base = loaded.base.model_dump(mode="json")
-        callback = MlflowSearchCallback(opts.uri, experiment, parent, base, opts.smoke, out)
         trainable = tune.with_resources(
             tune.with_parameters(train_trial, base=base, budget=spec.budget.flops, smoke=opts.smoke,
                                  threads=max(1, int(resources["cpu"]))), resources)
-        storage = str(Path(opts.storage_path or "ray_results").resolve())
-        print(f"search {spec.name!r}: {settings.num_samples} sample(s), at most {settings.max_concurrent} at once, "
-              f"{settings.algorithm} + {settings.scheduler}; MLflow parent run {parent}", file=out, flush=True)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space(loaded),
-            tune_config=tune.TuneConfig(search_alg=searcher(settings, bool(spec.space)),
-                                        scheduler=scheduler(loaded, settings),
-                                        num_samples=settings.num_samples, reuse_actors=True),
-            run_config=tune.RunConfig(name=spec.name, storage_path=storage, callbacks=[callback], verbose=0,
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                                      failure_config=tune.FailureConfig(max_failures=1)),
-        )
+        if state:
+            writer.submit(lambda: writer.client.update_run(parent, status="RUNNING")).result()
+            print(f"resuming search {spec.name!r} from {folder}; MLflow parent run {parent}", file=out, flush=True)
+            tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            parent = writer.submit(writer.create_run, experiment, f"search:{spec.name}",
+                                   {"iterhead.kind": "search", "iterhead.spec": str(loaded.path.resolve()),
+                                    "iterhead.storage": str(folder)},
+                                   _spec_params(loaded, settings, opts)).result()
+            folder.mkdir(parents=True)
+            _save_state(folder, {"parent_run_id": parent, "uri": opts.uri, "spec": str(loaded.path.resolve()),
+                                 "state": "running"})
+            print(f"search {spec.name!r}: {settings.num_samples} sample(s), at most {settings.max_concurrent} at "
+                  f"once, {settings.algorithm} + {settings.scheduler}; MLflow parent run {parent}; Tune state in "
+                  f"{folder}", file=out, flush=True)
+            callback = MlflowSearchCallback(opts.uri, experiment, parent, base, opts.smoke, out)
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space(loaded),
+                tune_config=tune.TuneConfig(search_alg=searcher(settings, bool(spec.space)),
+                                            scheduler=scheduler(loaded, settings),
+                                            num_samples=settings.num_samples, reuse_actors=True),
+                run_config=tune.RunConfig(name=folder.name, storage_path=str(folder.parent), callbacks=[callback],
+                                          verbose=0, checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                          failure_config=tune.FailureConfig(max_failures=1)),
+            )
         grid = tuner.fit()
-        rows = _rows(grid, callback, list(spec.space))
-        _log_summary(writer, parent, rows, list(spec.space))
-        status = "FINISHED"
+        rows = _rows(grid, writer, experiment, parent, list(spec.space))
+        complete = grid.num_terminated + grid.num_errors == len(grid)
+        if complete:
+            _log_summary(writer, parent, rows, list(spec.space))
+            _save_state(folder, {**json.loads((folder / STATE_FILE).read_text()), "state": "finished"})
+        status = "FINISHED" if complete else "KILLED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         try:
-            if callback is not None:
-                callback.close()
             if parent is not None:
                 writer.submit(writer.end_run, parent, status)
             writer.close()
         finally:
             if started:
                 ray.shutdown()
-    _print_summary(rows, list(spec.space), SEARCH_METRIC, out)
+    if status != "FINISHED":
+        print(f"\nsearch interrupted; continue it with: iterhead search {loaded.path} --resume"
+              + (f" --storage-path {opts.storage_path}" if opts.storage_path else ""), file=out)
+    _print_summary(rows, list(spec.space), out)
     print(f"MLflow experiment {experiment!r}; to look: {ui_hint(opts.uri)}", file=out)
     return rows
+
+
+def _save_state(folder: Path, state: dict[str, Any]) -> None:
+    write_atomic(folder / STATE_FILE, json.dumps(state, indent=1))
 
 
 def _spec_params(loaded: LoadedSearch, settings: SearchSettings, opts: SearchOptions) -> dict[str, Any]:
@@ -151,13 +203,21 @@ def _spec_params(loaded: LoadedSearch, settings: SearchSettings, opts: SearchOpt
     return params
 
 
-def _rows(grid, callback, keys: list[str]) -> list[dict[str, Any]]:
+def _rows(grid, writer: RunWriter, experiment: str, parent: str, keys: list[str]) -> list[dict[str, Any]]:
+    """One row per trial: its searched values, outcome and MLflow run."""
+    def children() -> dict[str, str]:
+        exp = writer.experiment_id(experiment)
+        runs = writer.client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
+                                         max_results=50_000)
+        return {r.data.tags.get("iterhead.trial_id", ""): r.info.run_id for r in runs}
+
+    run_ids = writer.submit(children).result()
     rows = []
     for result in grid:
         m = result.metrics or {}
         trial_id = m.get("trial_id") or Path(result.path).name
         row = {"trial_id": trial_id, "status": "ERROR" if result.error else "TERMINATED",
-               "run_id": callback.run_id(trial_id) if trial_id in callback.runs else ""}
+               "run_id": run_ids.get(trial_id, "")}
         row.update({k: result.config.get(k) for k in keys})
         for k in ("reached", "compute_to_target", "target_acc", "compute/flops"):
             row[k] = m.get(k, float("nan"))
@@ -180,12 +240,13 @@ def _log_summary(writer: RunWriter, parent: str, rows: list[dict[str, Any]], key
     writer.flush()
 
 
-def _print_summary(rows: list[dict[str, Any]], keys: list[str], metric: str, out: TextIO) -> None:
+def _print_summary(rows: list[dict[str, Any]], keys: list[str], out: TextIO) -> None:
+    if not rows:
+        return
     reached = [r for r in rows if r["reached"] == 1.0]
     print(f"\n{len(reached)} of {len(rows)} trials reached the target "
-          f"({len(rows) - len(reached)} censored or failed); by {metric}:", file=out)
-    header = ["trial", *keys, "reached", metric]
-    print("  " + " | ".join(header), file=out)
+          f"({len(rows) - len(reached)} censored or failed); by compute_to_target:", file=out)
+    print("  " + " | ".join(["trial", *keys, "reached", "compute_to_target"]), file=out)
     for r in sorted(rows, key=lambda r: (-(r["reached"] == 1.0), r["compute_to_target"])):
         vals = [r["trial_id"], *(_fmt(r.get(k)) for k in keys), "yes" if r["reached"] == 1.0 else "no",
                 f"{r['compute_to_target']:.3e}" + ("" if r["reached"] == 1.0 else " (censored)")]

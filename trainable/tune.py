@@ -5,7 +5,8 @@ Per evaluation it reports the metrics with cumulative compute, the running
 for the scheduler, and a checkpoint of the whole trainer state, so a trial that is paused,
 fails or is restored continues exactly where it stood. Checkpoints are written at most every
 `CHECKPOINT_EVERY_S` seconds (each one makes Tune snapshot its experiment state) and at the
-last evaluation. The final report's checkpoint also
+last evaluation. A trial restored after it had finished (its end not yet in Tune's
+state) has nothing left to train and reports its last result again. The final report's checkpoint also
 carries the trial's artifacts (curriculum YAML, attention maps, accuracy-against-compute
 plot) for the driver to log. A trial ends when the target is reached, its compute passes
 the budget (censored), or its last stage ends.
@@ -13,6 +14,7 @@ the budget (censored), or its last stage ends.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +32,7 @@ from iterhead.trainable.loop import Evaluation, Trainer, resolve_device
 from iterhead.trainable.summary import censored_value
 
 CHECKPOINT_EVERY_S = 30.0  # and at the last evaluation; resuming from any evaluation is exact
+LAST_REPORT = "last_report.json"  # in each checkpoint: what was reported with it
 SMOKE = {"max_len": 4, "train_per_len": 64, "test_per_len": 32, "epochs": 2}
 
 
@@ -75,14 +78,18 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float |
     cur = trial_curriculum(base, config, smoke)
     device = resolve_device("auto")
     saved = tune.get_checkpoint()
-    state = None
+    state, last_report = None, None
     if saved is not None:
         with saved.as_directory() as folder:
             state = checkpoint.load(folder, device)
+            last_report = json.loads((Path(folder) / LAST_REPORT).read_text())
     trainer = Trainer(cur, device, state)
     penalty, node_id = censored_value(cur, budget), ray.get_runtime_context().get_node_id()
     saved_at = time.monotonic()
-    for ev in trainer.run():
+    reported = False
+    spent = budget is not None and trainer.compute.flops >= budget  # restored past its budget
+    for ev in [] if spent else trainer.run():
+        reported = True
         metrics = trial_metrics(ev, trainer, penalty, node_id)
         over_budget = budget is not None and metrics["compute/flops"] >= budget
         last = ev.final or over_budget
@@ -91,9 +98,12 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float |
             continue
         with tempfile.TemporaryDirectory() as folder:
             checkpoint.save(trainer.state_dict(), folder)
+            (Path(folder) / LAST_REPORT).write_text(json.dumps(metrics))
             if last:
                 write_artifacts(trainer, Path(folder) / ARTIFACTS)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
         saved_at = time.monotonic()
         if over_budget:
             return
+    if not reported and last_report is not None:
+        tune.report(last_report)

@@ -1,0 +1,75 @@
+"""A search whose driver is SIGKILLed resumes with `--resume` into the same MLflow runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+pytestmark = pytest.mark.integration
+
+BASE = {
+    "name": "b", "seed": 0,
+    "model": {"d_model": 32, "n_layers": 2, "n_heads": 1, "dropout": 0.0},
+    "data": {"min_len": 1, "max_len": 4, "train_per_len": 128, "test_per_len": 64, "cot": True},
+    "tasks": {"parity": {"kind": "parity"}},
+    "optim": {"lr": 1.0e-3, "batch_size": 32},
+    "stages": [{"name": "train", "mix": {"parity": 1.0}, "epochs": 30}],
+    "target": {"task": "parity", "accuracy": 1.0},
+    "eval": {"every_epochs": 1, "probe_per_len": 2},
+}
+EPOCHS = [3, 30, 40, 50]
+
+
+def iterhead(*args: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "iterhead"), *args]
+
+
+def test_sigkilled_search_resumes_into_the_same_runs(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "resumable", "base": "base.yaml",
+        "space": {"stages.train.epochs": {"grid": EPOCHS}},
+        "search": {"algorithm": "grid", "num_samples": 1, "max_concurrent": 2, "scheduler": "none"},
+        "resources": {"cpu": 1}}))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["search", "spec.yaml", "--storage-path", "runs", "--tracking-uri", uri, "--num-cpus", "2"]
+    driver = subprocess.Popen(iterhead(*args), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    seen = []
+    for line in driver.stdout:
+        seen.append(line)
+        if " finished:" in line:  # the first trial is done; the others are mid-training
+            os.killpg(driver.pid, signal.SIGKILL)
+            break
+    driver.wait(timeout=60)
+    assert driver.returncode == -signal.SIGKILL, "".join(seen)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("resumable")
+    before = client.search_runs([exp.experiment_id])
+    assert any(r.info.status == "RUNNING" for r in before)  # what a killed driver leaves behind
+
+    resumed = subprocess.run(iterhead(*args, "--resume"), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("iterhead.kind") == "search"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == len(EPOCHS) and all(c.info.status == "FINISHED" for c in children)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    for child in children:
+        epochs = int(child.data.params["stages.train.epochs"])
+        for key in ("compute/flops", "acc/parity", "loss/train"):
+            steps = [m.step for m in client.get_metric_history(child.info.run_id, key)]
+            assert sorted(steps) == list(range(epochs)), (key, epochs, sorted(steps))  # each step once
+    parent = parents[0]
+    assert parent.data.metrics["trials"] == len(EPOCHS)
+    again = subprocess.run(iterhead(*args, "--resume"), cwd=tmp_path, capture_output=True, text=True)
+    assert again.returncode == 2 and "no unfinished search" in again.stderr
