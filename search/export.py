@@ -14,7 +14,6 @@ only once complete, so an interrupted export never leaves half a file or spoils 
 
 from __future__ import annotations
 
-import os
 import re
 import tempfile
 import time
@@ -25,6 +24,7 @@ from typing import Any
 
 from iterhead.curricula.errors import ConfigError
 from iterhead.curricula.io import dump_curriculum, parse_curriculum, parse_yaml_mapping
+from iterhead.trainable.checkpoint import write_atomic
 
 
 @dataclass
@@ -81,20 +81,6 @@ def safe_name(text: str) -> str:
     return name[:80] or "trial"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename; no half file ever."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def targets(out: Path, chosen: list[Candidate]) -> list[Path]:
     """Where each chosen trial goes: OUT itself for one, OUT/<rank>-<trial>.yaml otherwise."""
     if len(chosen) == 1 and out.suffix in (".yaml", ".yml"):
@@ -131,5 +117,5 @@ def export(client: Any, experiment: str, out: Path, *, top_k: int = 1,
     if len(paths) > 1 or paths[0] != out:
         out.mkdir(exist_ok=True)
     for path, text in zip(paths, texts):
-        write_atomic(path, text)
+        write_atomic(path, lambda f, text=text: f.write(text.encode()))
     return paths

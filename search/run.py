@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from iterhead.curricula.errors import ConfigError
-from iterhead.search.export import write_atomic
 from iterhead.search.spec import LoadedSearch, SearchSettings
 from iterhead.search.tracking import RunWriter, ui_hint
+from iterhead.trainable.checkpoint import write_atomic
 
 STATE_FILE = "iterhead-search.json"
 
@@ -192,7 +192,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
 
 
 def _save_state(folder: Path, state: dict[str, Any]) -> None:
-    write_atomic(folder / STATE_FILE, json.dumps(state, indent=1))
+    write_atomic(folder / STATE_FILE, lambda f: f.write(json.dumps(state, indent=1).encode()))
 
 
 def _spec_params(loaded: LoadedSearch, settings: SearchSettings, opts: SearchOptions) -> dict[str, Any]:

@@ -29,3 +29,16 @@ def tiny(**overrides: Any) -> Curriculum:
     }
     data.update(overrides)
     return parse_curriculum(data, file="<tiny>")
+
+
+PARITY_BASE: dict[str, Any] = {
+    "name": "b", "seed": 0,
+    "model": {"d_model": 32, "n_layers": 2, "n_heads": 1, "dropout": 0.0},
+    "data": {"min_len": 1, "max_len": 4, "train_per_len": 128, "test_per_len": 64, "cot": True},
+    "tasks": {"parity": {"kind": "parity"}},
+    "optim": {"lr": 1.0e-3, "batch_size": 32},
+    "stages": [{"name": "train", "mix": {"parity": 1.0}, "epochs": 20}],
+    "target": {"task": "parity", "accuracy": 1.0},
+    "eval": {"every_epochs": 1, "probe_per_len": 2},
+}
+"""A one-task base curriculum whose trials take a few seconds (search tests vary its epochs)."""

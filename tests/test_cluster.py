@@ -22,18 +22,10 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from support import PARITY_BASE
+
 pytestmark = pytest.mark.slow
 
-BASE = {
-    "name": "b", "seed": 0,
-    "model": {"d_model": 32, "n_layers": 2, "n_heads": 1, "dropout": 0.0},
-    "data": {"min_len": 1, "max_len": 4, "train_per_len": 128, "test_per_len": 64, "cot": True},
-    "tasks": {"parity": {"kind": "parity"}},
-    "optim": {"lr": 1.0e-3, "batch_size": 32},
-    "stages": [{"name": "train", "mix": {"parity": 1.0}, "epochs": 20}],
-    "target": {"task": "parity", "accuracy": 1.0},
-    "eval": {"every_epochs": 1, "probe_per_len": 2},
-}
 
 
 def free_port() -> int:
@@ -89,7 +81,7 @@ def test_search_spreads_trials_over_both_nodes(tmp_path):
                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   start_new_session=True)
         groups.append(worker)
-        (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+        (tmp_path / "base.yaml").write_text(yaml.safe_dump(PARITY_BASE))
         (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
             "name": "on-cluster", "base": "base.yaml",
             "space": {"stages.train.epochs": {"grid": [20, 21, 22, 23]}},

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from iterhead.search.export import Candidate, safe_name, targets, write_atomic
+from iterhead.search.export import Candidate, safe_name, targets
+from iterhead.trainable.checkpoint import write_atomic
 
 
 def test_trial_names_cannot_escape_the_folder(tmp_path):
@@ -27,6 +28,6 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", full_disk)
     with pytest.raises(OSError):
-        write_atomic(path, "new: 2\n" * 1000)
+        write_atomic(path, lambda f: f.write(b"new: 2\n" * 1000))
     assert path.read_text() == "old: 1\n"
     assert [p.name for p in tmp_path.iterdir()] == ["best.yaml"]  # no temporary left behind

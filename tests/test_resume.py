@@ -12,18 +12,10 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from support import PARITY_BASE
+
 pytestmark = pytest.mark.integration
 
-BASE = {
-    "name": "b", "seed": 0,
-    "model": {"d_model": 32, "n_layers": 2, "n_heads": 1, "dropout": 0.0},
-    "data": {"min_len": 1, "max_len": 4, "train_per_len": 128, "test_per_len": 64, "cot": True},
-    "tasks": {"parity": {"kind": "parity"}},
-    "optim": {"lr": 1.0e-3, "batch_size": 32},
-    "stages": [{"name": "train", "mix": {"parity": 1.0}, "epochs": 30}],
-    "target": {"task": "parity", "accuracy": 1.0},
-    "eval": {"every_epochs": 1, "probe_per_len": 2},
-}
 EPOCHS = [3, 30, 40, 50]
 
 
@@ -32,7 +24,7 @@ def iterhead(*args: str) -> list[str]:
 
 
 def test_sigkilled_search_resumes_into_the_same_runs(tmp_path):
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(PARITY_BASE))
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
         "name": "resumable", "base": "base.yaml",
         "space": {"stages.train.epochs": {"grid": EPOCHS}},

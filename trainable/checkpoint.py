@@ -10,29 +10,37 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
 FILENAME = "trainer.pt"
 
 
+def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Call `write` on a temporary file beside `path`, sync it, then rename it over `path`.
+
+    Readers see the old file or the whole new one, never half of one; on any error the
+    temporary file is removed and `path` is untouched.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def save(state: dict[str, Any], folder: str | Path) -> Path:
     """Write `state` to ``folder/trainer.pt`` atomically; returns the path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / FILENAME
-    fd, tmp = tempfile.mkstemp(prefix=".trainer-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_atomic(folder / FILENAME, lambda f: torch.save(state, f))
 
 
 def load(folder: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
