@@ -43,7 +43,7 @@ from iterhead.trainable.tune import trial_curriculum
 
 PREFIXES = ("acc/", "loss/", "compute/", "probe/")
 RESULT_TAGS = {"node_id": "ray.node_id", "torch_threads": "iterhead.torch_threads", "device": "iterhead.device"}
-SUMMARY = ("reached", "compute_to_target", "examples_to_target", "seconds_to_target", "target_acc")
+SUMMARY = ("reached", "diverged", "compute_to_target", "examples_to_target", "seconds_to_target", "target_acc")
 
 
 def metric_items(result: dict[str, Any]) -> dict[str, float]:
@@ -163,7 +163,9 @@ class MlflowSearchCallback(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._end(trial, "FINISHED")
         r = trial.last_result or {}
-        if r.get("reached"):
+        if r.get("diverged"):
+            how = "diverged (the loss became NaN or infinite; censored)"
+        elif r.get("reached"):
             how = f"reached the target at {r['compute_to_target']:.3e} FLOP"
         else:
             how = f"censored (did not reach the target; {r.get('compute/flops', 0):.3e} FLOP spent)"

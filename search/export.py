@@ -57,7 +57,7 @@ def find_candidates(client: Any, experiment: str, parent_run_id: str | None) -> 
         raise ExportError(f"run {parent_run_id} of {experiment!r} has no trial runs")
     reached = [Candidate(r.info.run_id, r.data.tags.get("iterhead.trial_id", r.info.run_id),
                          dict(r.data.metrics), dict(r.data.tags))
-               for r in children if r.data.metrics.get("reached") == 1.0]
+               for r in children if r.data.metrics.get("reached") == 1.0 and not r.data.metrics.get("diverged")]
     reached.sort(key=lambda c: (c.metrics["compute_to_target"], -c.metrics.get("target_acc", 0.0), c.trial_id))
     return parent_run_id, reached
 

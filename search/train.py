@@ -20,6 +20,9 @@ from iterhead.trainable.summary import summary_metrics
 
 def progress_line(ev: Evaluation, target_task: str) -> str:
     m = ev.metrics
+    if ev.diverged:
+        return (f"[{ev.stage} epoch {ev.epoch:4d}] DIVERGED: the training loss became NaN or infinite; "
+                f"stopped after {m['compute/flops']:.3e} FLOP (lower the learning rate)")
     accs = "  ".join(f"{k[4:]} {v:6.1%}" for k, v in m.items() if k.startswith("acc/") and k.count("/") == 1)
     mark = "  <- target reached" if ev.reached else ""
     return (f"[{ev.stage} epoch {ev.epoch:4d}] {accs}  loss {m['loss/train']:.4f}  "
@@ -62,7 +65,8 @@ def train(cur: Curriculum, *, uri: str, experiment: str, device: torch.device,
                 writer.end_run(run.result(), status)
         writer.submit(end)
         writer.close()
-    reached = "reached" if summary["reached"] else "did NOT reach"
+    reached = "reached" if summary["reached"] else ("DIVERGED before reaching" if trainer.outcome.diverged
+                                                    else "did NOT reach")
     print(f"\n{cur.name}: {reached} {cur.target.task} accuracy {cur.target.accuracy:g} "
           f"after {trainer.compute.examples:,} examples, {trainer.compute.flops:.3e} training FLOP, "
           f"{trainer.compute.seconds:.1f} s training ({time.perf_counter() - started:.1f} s in all)", file=out)

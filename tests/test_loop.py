@@ -128,3 +128,17 @@ def test_sampler_stratifies_by_length_and_batches_by_length():
     for lo, hi, short, long in plan.batches():
         assert long - short <= 1 and 0 < hi - lo <= 16
     assert shares({"x": 1, "y": 1, "z": 1}, 10) == {"x": 4, "y": 3, "z": 3}
+
+
+def test_divergence_stops_at_once_and_is_censored():
+    cur = tiny(optim={"lr": 1.0e10, "batch_size": 32})
+    trainer = Trainer(cur)
+    events = list(trainer.run())
+    assert len(events) == 1 and events[0].diverged and events[0].final
+    assert events[0].epoch == 1 and events[0].metrics["diverged"] == 1.0  # the first epoch's sync caught it
+    assert trainer.outcome.diverged and not trainer.outcome.reached
+    s = summary_metrics(cur, trainer.outcome)
+    assert s["diverged"] == 1.0 and s["reached"] == 0.0 and np.isfinite(s["compute_to_target"])
+    healthy = Trainer(tiny())
+    run_all(healthy)
+    assert not healthy.outcome.diverged

@@ -11,6 +11,11 @@ device in one copy; batches hold one length (two at a boundary) so padding is sm
 loss is accumulated on the device, so nothing waits on the host between steps; evaluation
 runs in large no-grad chunks.
 
+Divergence: after each epoch (one host sync per epoch, none per step) the epoch's summed
+loss is checked; if it is NaN or infinite, training stops at once and a final evaluation
+marked ``diverged`` is yielded, with compute but no accuracy (a model with non-finite
+weights has none worth measuring). It is an outcome, not an error.
+
 Determinism: everything random derives from the curriculum seed: model init, each epoch's
 rows and order (stream "sampler", stage, epoch), and each epoch's dropout (stream "dropout",
 stage, epoch). Because every epoch re-derives its streams, resuming from a checkpoint taken
@@ -67,6 +72,7 @@ class Outcome:
     examples_to_target: int | None = None
     seconds_to_target: float | None = None
     evaluations: int = 0
+    diverged: bool = False
 
 
 @dataclass
@@ -79,6 +85,7 @@ class Evaluation:
     metrics: dict[str, float] = field(default_factory=dict)
     reached: bool = False
     final: bool = False  # no evaluation follows: the target is reached or training is over
+    diverged: bool = False  # the loss became NaN or infinite; metrics hold compute only
 
 
 class Trainer:
@@ -142,7 +149,7 @@ class Trainer:
         self.model.train()
         watch = Stopwatch()
         for index, stage in enumerate(cur.stages):
-            if index < self.position.stage or stage.epochs == 0 or self.outcome.reached:
+            if index < self.position.stage or stage.epochs == 0 or self.outcome.reached or self.outcome.diverged:
                 continue
             if index > self.position.stage:
                 self.position, self._optim_state = Position(index, 0), None
@@ -160,13 +167,18 @@ class Trainer:
                                   stream(cur.seed, "sampler", stage.name, epoch))
                 g = torch.Generator(device=self.device)
                 g.manual_seed(torch_seed(cur.seed, "dropout", stage.name, epoch))
-                loss_sum += self._train_epoch(plan, g)
+                epoch_loss = self._train_epoch(plan, g)
+                loss_sum += epoch_loss
                 n_batches += len(plan.bounds) - 1
                 self.compute.examples += len(plan.rows)
                 self.compute.tokens += int(input_tokens(plan.lengths, cur.data.cot).sum())
                 self.compute.flops += flops(plan.lengths, cur.data.cot, self.n_params,
                                             cur.model.n_layers, cur.model.d_model)
                 self.position.epoch += 1
+                if not bool(torch.isfinite(epoch_loss)):  # one sync per epoch
+                    self.compute.seconds += watch.stop()
+                    yield self._diverged(stage.name)
+                    return
                 if self.position.epoch % cur.eval.every_epochs and self.position.epoch < stage.epochs:
                     continue
                 loss = float(loss_sum) / max(n_batches, 1)  # the one host sync per evaluation
@@ -205,6 +217,13 @@ class Trainer:
             self.optimizer.step()
             total += loss.detach()
         return total
+
+    def _diverged(self, stage: str) -> Evaluation:
+        self.outcome.diverged = True
+        step = self.outcome.evaluations
+        self.outcome.evaluations += 1
+        metrics = {**self.compute.metrics(), "diverged": 1.0}
+        return Evaluation(step, stage, self.position.epoch, metrics, final=True, diverged=True)
 
     def _evaluate(self, stage: str, loss: float, last: bool) -> Evaluation:
         watch = Stopwatch()

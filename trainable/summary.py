@@ -39,10 +39,12 @@ def summary_metrics(cur: Curriculum, outcome: Outcome, budget_flops: float | Non
     """``reached`` and ``compute_to_target``; examples and seconds to target when reached.
 
     A censored trial has no examples or seconds to target: they are left out rather than
-    invented, and ``reached = 0`` says why.
+    invented, and ``reached = 0`` says why. A trial whose loss became NaN or infinite is
+censored the same way and also carries ``diverged = 1``.
     """
     if not outcome.reached:
-        return {"reached": 0.0, "compute_to_target": censored_value(cur, budget_flops)}
-    return {"reached": 1.0, "compute_to_target": float(outcome.compute_to_target),
+        return {"reached": 0.0, "compute_to_target": censored_value(cur, budget_flops),
+                "diverged": float(outcome.diverged)}
+    return {"reached": 1.0, "diverged": 0.0, "compute_to_target": float(outcome.compute_to_target),
             "examples_to_target": float(outcome.examples_to_target),
             "seconds_to_target": float(outcome.seconds_to_target)}

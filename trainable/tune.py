@@ -58,8 +58,9 @@ def trial_metrics(ev: Evaluation, trainer: Trainer, penalty: float, node_id: str
     """What one evaluation reports: its metrics, the running outcome, where it ran."""
     out: dict[str, Any] = dict(ev.metrics)
     out["step"] = ev.step
-    out["target_acc"] = ev.metrics[f"acc/{trainer.cur.target.task}"]
+    out["target_acc"] = ev.metrics.get(f"acc/{trainer.cur.target.task}", 0.0)  # none once diverged
     out["reached"] = float(trainer.outcome.reached)
+    out["diverged"] = float(trainer.outcome.diverged)
     out["compute_to_target"] = trainer.outcome.compute_to_target if trainer.outcome.reached else penalty
     if trainer.outcome.reached:
         out["examples_to_target"] = float(trainer.outcome.examples_to_target)
