@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -121,6 +122,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError("must be at least 1", field="--top-k")
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise ConfigError(f"no tracking store at {uri}", field="--tracking-uri")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one artifact a trial
     from mlflow import MlflowClient
 
     from iterhead.search.export import ExportError, export
@@ -130,6 +132,9 @@ def cmd_export(args: argparse.Namespace) -> int:
                        parent_run_id=args.parent_run)
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as err:  # a full disk, a read-only folder: earlier files are left as they were
+        print(f"error: cannot write {args.out}: {err.strerror or err}", file=sys.stderr)
         return EXIT_FAILED
     for path in paths:
         print(f"wrote {path}")

@@ -138,7 +138,8 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
         base = loaded.base.model_dump(mode="json")
         trainable = tune.with_resources(
             tune.with_parameters(train_trial, base=base, budget=spec.budget.flops, smoke=opts.smoke,
-                                 threads=max(1, int(resources["cpu"]))), resources)
+                                 threads=max(1, int(resources["cpu"])),
+                                 checkpoint_every_s=settings.checkpoint_every_s), resources)
         if state:
             writer.submit(lambda: writer.client.update_run(parent, status="RUNNING")).result()
             print(f"resuming search {spec.name!r} from {folder}; MLflow parent run {parent}", file=out, flush=True)
@@ -163,7 +164,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
                                             num_samples=settings.num_samples, reuse_actors=True),
                 run_config=tune.RunConfig(name=folder.name, storage_path=str(folder.parent), callbacks=[callback],
                                           verbose=0, checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                                          failure_config=tune.FailureConfig(max_failures=1)),
+                                          failure_config=tune.FailureConfig(max_failures=settings.max_failures)),
             )
         grid = tuner.fit()
         rows = _rows(grid, writer, experiment, parent, list(spec.space))

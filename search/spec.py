@@ -80,6 +80,8 @@ class SearchSettings(Spec):
     seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
     grace_fraction: Annotated[float, Field(gt=0, le=1)] = 1 / 9
     reduction_factor: Annotated[float, Field(gt=1)] = 3.0
+    max_failures: Annotated[int, Field(ge=0, le=100)] = 2  # retries of a trial that errored
+    checkpoint_every_s: Annotated[float, Field(ge=0)] = 30.0  # and at each trial's last evaluation
 
 
 class Budget(Spec):

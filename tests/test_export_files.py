@@ -31,3 +31,37 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
         write_atomic(path, lambda f: f.write(b"new: 2\n" * 1000))
     assert path.read_text() == "old: 1\n"
     assert [p.name for p in tmp_path.iterdir()] == ["best.yaml"]  # no temporary left behind
+
+
+def test_export_on_a_full_disk_fails_cleanly_and_keeps_the_old_file(tmp_path, monkeypatch, capsys):
+    """Through the CLI, from a real store: exit 1, one line, the earlier export untouched."""
+    from mlflow import MlflowClient
+
+    from iterhead.curricula.io import dump_curriculum
+    from iterhead.search.cli import main
+
+    from support import tiny
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("e")
+    parent = client.create_run(exp, tags={"iterhead.kind": "search"}).info.run_id
+    child = client.create_run(exp, tags={"mlflow.parentRunId": parent, "iterhead.trial_id": "t1"}).info.run_id
+    client.log_metric(child, "reached", 1.0)
+    client.log_metric(child, "compute_to_target", 1.0e9)
+    client.log_text(child, dump_curriculum(tiny()), "curriculum.yaml")
+    out = tmp_path / "best.yaml"
+    out.write_text("old: 1\n")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    code = main(["export", "--experiment", "e", "--tracking-uri", uri, "-o", str(out)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert code == 1 and len(err) == 1 and "No space left on device" in err[0]
+    assert out.read_text() == "old: 1\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    monkeypatch.undo()
+    assert main(["export", "--experiment", "e", "--tracking-uri", uri, "-o", str(out)]) == 0
+    assert "trial t1" in out.read_text()

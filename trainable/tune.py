@@ -4,8 +4,8 @@ Per evaluation it reports the metrics with cumulative compute, the running
 ``compute_to_target`` (the censoring penalty until the target is reached), ``target_acc``
 for the scheduler, and a checkpoint of the whole trainer state, so a trial that is paused,
 fails or is restored continues exactly where it stood. Checkpoints are written at most every
-`CHECKPOINT_EVERY_S` seconds (each one makes Tune snapshot its experiment state) and at the
-last evaluation. A trial restored after it had finished (its end not yet in Tune's
+`checkpoint_every_s` seconds (each one makes Tune snapshot its experiment state) and at the
+last evaluation; resuming from any of them is exact. A trial restored after it had finished (its end not yet in Tune's
 state) has nothing left to train and reports its last result again. The final report's checkpoint also
 carries the trial's artifacts (curriculum YAML, attention maps, accuracy-against-compute
 plot) for the driver to log. A trial ends when the target is reached, its compute passes
@@ -31,7 +31,6 @@ from iterhead.trainable.artifacts import ARTIFACTS, write_artifacts
 from iterhead.trainable.loop import Evaluation, Trainer, resolve_device
 from iterhead.trainable.summary import censored_value
 
-CHECKPOINT_EVERY_S = 30.0  # and at the last evaluation; resuming from any evaluation is exact
 LAST_REPORT = "last_report.json"  # in each checkpoint: what was reported with it
 SMOKE = {"max_len": 4, "train_per_len": 64, "test_per_len": 32, "epochs": 2}
 
@@ -73,7 +72,7 @@ def trial_metrics(ev: Evaluation, trainer: Trainer, penalty: float, node_id: str
 
 
 def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float | None = None,
-                smoke: bool = False, threads: int = 1) -> None:
+                smoke: bool = False, threads: int = 1, checkpoint_every_s: float = 30.0) -> None:
     """Train one trial of a search (module docstring)."""
     torch.set_num_threads(max(1, threads))
     cur = trial_curriculum(base, config, smoke)
@@ -94,7 +93,7 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float |
         metrics = trial_metrics(ev, trainer, penalty, node_id)
         over_budget = budget is not None and metrics["compute/flops"] >= budget
         last = ev.final or over_budget
-        if not last and time.monotonic() - saved_at < CHECKPOINT_EVERY_S:
+        if not last and time.monotonic() - saved_at < checkpoint_every_s:
             tune.report(metrics)
             continue
         with tempfile.TemporaryDirectory() as folder:

@@ -1,0 +1,84 @@
+"""Checkpoints survive a kill in the middle of a write and a full disk."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from iterhead.trainable import checkpoint
+from iterhead.trainable.loop import Trainer
+
+from support import tiny
+
+
+def without_time(metrics):
+    return {k: v for k, v in metrics.items() if "seconds" not in k}
+
+
+def test_kill_during_a_write_resumes_from_the_previous_checkpoint(tmp_path):
+    """A process saves one checkpoint, then is SIGKILLed halfway through writing the next."""
+    script = textwrap.dedent(f"""
+        import io, os, signal, sys
+        import torch
+        sys.path.insert(0, {str(os.path.dirname(__file__))!r})
+        from support import tiny
+        from iterhead.trainable import checkpoint
+        from iterhead.trainable.loop import Trainer
+        torch.set_num_threads(1)
+        trainer = Trainer(tiny())
+        events = trainer.run()
+        next(events); next(events)
+        checkpoint.save(trainer.state_dict(), {str(tmp_path)!r})  # complete: after 2 evaluations
+        next(events)
+        data = io.BytesIO()
+        torch.save(trainer.state_dict(), data)
+        def half_then_die(f):
+            f.write(data.getvalue()[: len(data.getvalue()) // 2])
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        checkpoint.write_atomic(checkpoint.Path({str(tmp_path)!r}) / checkpoint.FILENAME, half_then_die)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # the half-written file, beside it
+    state = checkpoint.load(tmp_path)
+    assert state["outcome"]["evaluations"] == 2
+    straight = [ev.metrics for ev in Trainer(tiny()).run()]
+    resumed = [ev.metrics for ev in Trainer(tiny(), state=state).run()]
+    assert [without_time(m) for m in resumed] == [without_time(m) for m in straight[2:]]
+
+
+def test_full_disk_during_checkpointing_keeps_the_previous_one(tmp_path, monkeypatch):
+    trainer = Trainer(tiny())
+    events = trainer.run()
+    next(events)
+    checkpoint.save(trainer.state_dict(), tmp_path)
+    next(events)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save(trainer.state_dict(), tmp_path)
+    monkeypatch.undo()
+    assert checkpoint.load(tmp_path)["outcome"]["evaluations"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.FILENAME]
+
+
+def test_checkpoints_load_weights_only(tmp_path):
+    """A checkpoint holding a pickled object (code on load) is refused."""
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"model": {}, "evil": Payload()}, tmp_path / checkpoint.FILENAME)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        checkpoint.load(tmp_path)

@@ -1,0 +1,83 @@
+"""A trial worker SIGKILLed mid-training is retried from its last checkpoint, exactly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from iterhead.curricula.io import parse_curriculum
+from iterhead.trainable import checkpoint
+from iterhead.trainable.loop import Trainer
+
+from support import PARITY_BASE
+
+pytestmark = pytest.mark.integration
+
+BASE = {**PARITY_BASE, "stages": [{"name": "train", "mix": {"parity": 1.0}, "epochs": 60}]}
+
+
+def trial_workers() -> list[int]:
+    """Ray processes running a trial of our function trainable."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().startswith(b"ray::ImplicitFunc.train"):
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_killed_trial_resumes_to_the_uninterrupted_result(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "fault", "base": "base.yaml",
+        "search": {"algorithm": "random", "num_samples": 1, "max_concurrent": 1, "scheduler": "none",
+                   "checkpoint_every_s": 0, "max_failures": 2},
+        "resources": {"cpu": 1}}))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    driver = subprocess.Popen([str(Path(sys.executable).parent / "iterhead"), "search", "spec.yaml",
+                               "--storage-path", "runs", "--tracking-uri", uri, "--num-cpus", "1"],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    killed = []
+    try:
+        deadline = time.monotonic() + 300
+        while not killed and time.monotonic() < deadline and driver.poll() is None:
+            if len(list(tmp_path.glob("runs/*/*/checkpoint_*"))) >= 3:  # mid-training, checkpoints behind
+                killed = trial_workers()
+                for pid in killed:
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        out, _ = driver.communicate(timeout=600)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert killed, "the trial ended before it could be killed"
+    assert driver.returncode == 0, out[-3000:]
+    assert list(tmp_path.glob("runs/*/*/error.txt"))  # Tune saw the failure and retried
+
+    straight = Trainer(parse_curriculum(BASE))
+    history = [ev.metrics for ev in straight.run()]
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("fault")
+    (run,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mlflow.parentRunId")]
+    assert run.info.status == "FINISHED"
+    for key in ("acc/parity", "loss/train", "compute/flops", "probe/parity/iteration/l1h0"):
+        logged = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+        assert [m.step for m in logged] == list(range(len(history)))  # each step once, none missing
+        assert [m.value for m in logged] == [h[key] for h in history]  # the same numbers, exactly
+    final = sorted(tmp_path.glob("runs/*/*/checkpoint_*"))[-1]
+    weights = checkpoint.load(final)["model"]
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(weights[name], value), name
