@@ -40,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--run", dest="parent_run", help="the search's parent run id (default: the latest search)")
     e.add_argument("--top-k", type=int, default=1, help="how many trials (default 1: OUT is a .yaml file)")
     e.add_argument("-o", "--out", required=True, help="OUT.yaml for --top-k 1, else a folder")
+    r = sub.add_parser("reconcile", help="mark runs a crash left RUNNING as KILLED (never a live search's)")
+    r.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    r.add_argument("--experiment", action="append", help="only this experiment (repeatable; default: all)")
+    r.add_argument("--stale-after", type=float, default=None,
+                   help="seconds without a heartbeat after which a RUNNING run is dead (default 300)")
     return p
 
 
@@ -141,7 +146,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"validate": cmd_validate, "train": cmd_train, "search": cmd_search, "export": cmd_export}
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from iterhead.search.reconcile import STALE_AFTER_S, reconcile
+    from iterhead.search.tracking import resolve_uri
+
+    uri = resolve_uri(args.tracking_uri)
+    stale = STALE_AFTER_S if args.stale_after is None else args.stale_after
+    if stale < 0:
+        raise ConfigError("must be at least 0", field="--stale-after")
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise ConfigError(f"no tracking store at {uri}", field="--tracking-uri")
+    from mlflow import MlflowClient
+
+    marked = reconcile(MlflowClient(uri), args.experiment, stale)
+    for m in marked:
+        print(f"marked KILLED: {m.what} run {m.run_id} in {m.experiment!r} (no sign of life for {m.idle_s:.0f} s)")
+    print(f"{len(marked)} run(s) marked KILLED")
+    return EXIT_OK
+
+
+COMMANDS = {"validate": cmd_validate, "train": cmd_train, "search": cmd_search, "export": cmd_export,
+            "reconcile": cmd_reconcile}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

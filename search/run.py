@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 from iterhead.curricula.errors import ConfigError
 from iterhead.search.spec import LoadedSearch, SearchSettings
-from iterhead.search.tracking import RunWriter, ui_hint
+from iterhead.search.tracking import Heartbeat, RunWriter, ui_hint
 from iterhead.trainable.checkpoint import write_atomic
 
 STATE_FILE = "iterhead-search.json"
@@ -127,12 +127,17 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
     from iterhead.trainable.tune import train_trial
 
     parent = state["parent_run_id"] if state else None
+    heartbeat: Heartbeat | None = None
     status = "FAILED"
     started = False
     rows: list[dict[str, Any]] = []
     try:
         started = start_ray(opts)  # ... while Ray starts: both take seconds
         made.result()  # before any trial can write
+        from iterhead.search.reconcile import reconcile
+
+        for m in writer.submit(reconcile, writer.client, [experiment]).result():
+            print(f"marked KILLED: a {m.what} run a crash left RUNNING ({m.run_id})", file=out)
         resources = check_resources(loaded, ray.cluster_resources().get("CPU", 0.0),
                                     ray.cluster_resources().get("GPU", 0.0), "the Ray cluster")
         base = loaded.base.model_dump(mode="json")
@@ -142,6 +147,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
                                  checkpoint_every_s=settings.checkpoint_every_s), resources)
         if state:
             writer.submit(lambda: writer.client.update_run(parent, status="RUNNING")).result()
+            heartbeat = Heartbeat(writer, parent)
             print(f"resuming search {spec.name!r} from {folder}; MLflow parent run {parent}", file=out, flush=True)
             tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True)
         else:
@@ -149,6 +155,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
                                    {"iterhead.kind": "search", "iterhead.spec": str(loaded.path.resolve()),
                                     "iterhead.storage": str(folder)},
                                    _spec_params(loaded, settings, opts)).result()
+            heartbeat = Heartbeat(writer, parent)
             folder.mkdir(parents=True)
             _save_state(folder, {"parent_run_id": parent, "uri": opts.uri, "spec": str(loaded.path.resolve()),
                                  "state": "running"})
@@ -178,6 +185,8 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
         raise
     finally:
         try:
+            if heartbeat is not None:
+                heartbeat.stop()
             if parent is not None:
                 writer.submit(writer.end_run, parent, status)
             writer.close()

@@ -13,6 +13,7 @@ refused by MLflow 3 and rejected here up front, as bad input.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -55,6 +56,7 @@ class RunWriter:
         self.uri = uri
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-writer")
         self._pending: list[Future] = []
+        self._lock = threading.Lock()  # submit() is also called from the heartbeat thread
         self._client: Any = None
         self.submit(self._connect)
 
@@ -63,32 +65,34 @@ class RunWriter:
 
         self._client = MlflowClient(tracking_uri=self.uri)
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        """Queue `fn(*args)`; re-raise the error of any earlier write that failed."""
-        self.raise_errors()
-        future = self._pool.submit(fn, *args)
-        self._pending.append(future)
+    def submit(self, fn: Callable[..., Any], *args: Any, check: bool = True) -> Future:
+        """Queue `fn(*args)`; with `check`, first re-raise the error of an earlier failed write."""
+        if check:
+            self.raise_errors()
+        with self._lock:
+            future = self._pool.submit(fn, *args)
+            self._pending.append(future)
         return future
 
     def raise_errors(self) -> None:
-        done = [f for f in self._pending if f.done()]
-        self._pending = [f for f in self._pending if not f.done()]
+        with self._lock:
+            done = [f for f in self._pending if f.done()]
+            self._pending = [f for f in self._pending if not f.done()]
         for f in done:
             f.result()
 
     def flush(self) -> None:
         """Wait for every queued write; raise the first error. The writer stays usable."""
-        pending, self._pending = self._pending, []
+        with self._lock:
+            pending, self._pending = self._pending, []
         for f in pending:
             f.result()
 
     def close(self) -> None:
         """Wait for every queued write; raise the first error."""
         try:
-            for f in self._pending:
-                f.result()
+            self.flush()
         finally:
-            self._pending = []
             self._pool.shutdown(wait=True)
 
     # -- what runs in the worker ----------------------------------------------------------
@@ -144,3 +148,35 @@ class RunWriter:
 
     def end_run(self, run_id: str, status: str) -> None:
         self._client.set_terminated(run_id, status)
+
+
+HEARTBEAT_TAG = "iterhead.heartbeat"
+
+
+class Heartbeat:
+    """Stamps ``iterhead.heartbeat`` (Unix seconds) on a live run every `every` seconds.
+
+    `iterhead reconcile` tells a crashed run from a live one by this stamp's age. The
+    interval defaults to 30 s (``ITERHEAD_HEARTBEAT_S`` overrides it, for tests).
+    """
+
+    def __init__(self, writer: RunWriter, run_id: Future | str, every: float | None = None) -> None:
+        self.writer, self.run_id = writer, run_id
+        self.every = every if every is not None else float(os.environ.get("ITERHEAD_HEARTBEAT_S", "30"))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="iterhead-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while True:
+            self.writer.submit(self._stamp, check=False)  # a failure surfaces on the main thread
+            if self._stop.wait(self.every):
+                return
+
+    def _stamp(self) -> None:
+        run = self.run_id.result() if isinstance(self.run_id, Future) else self.run_id
+        self.writer.client.set_tag(run, HEARTBEAT_TAG, str(int(time.time())))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -12,7 +12,7 @@ import torch
 
 from iterhead.curricula.io import flatten
 from iterhead.curricula.schema import Curriculum
-from iterhead.search.tracking import RunWriter, ui_hint
+from iterhead.search.tracking import Heartbeat, RunWriter, ui_hint
 from iterhead.trainable.artifacts import write_artifacts
 from iterhead.trainable.loop import Evaluation, Trainer
 from iterhead.trainable.summary import summary_metrics
@@ -38,6 +38,7 @@ def train(cur: Curriculum, *, uri: str, experiment: str, device: torch.device,
     tags = {"iterhead.curriculum": cur.name, "iterhead.source": source, "iterhead.device": str(device),
             "iterhead.torch_threads": str(torch.get_num_threads())}
     run = writer.submit(writer.create_run, experiment, cur.name, tags, flatten(cur))
+    heartbeat = Heartbeat(writer, run)
     status = "FAILED"
     try:
         trainer = Trainer(cur, device)
@@ -60,6 +61,8 @@ def train(cur: Curriculum, *, uri: str, experiment: str, device: torch.device,
         status = "KILLED"
         raise
     finally:
+        heartbeat.stop()
+
         def end() -> None:  # runs after the run's creation: the writer is ordered
             if run.exception() is None:
                 writer.end_run(run.result(), status)

@@ -1,0 +1,65 @@
+"""`iterhead reconcile`: mark runs a crash left RUNNING as KILLED, never a live search's.
+
+A run is live while its heartbeat (the ``iterhead.heartbeat`` tag, refreshed every 30 s by
+`iterhead train` and by a search's driver on its parent run) is fresh. A RUNNING run of
+iterhead's whose heartbeat (or, without one, whose start) is older than `stale_after`
+seconds is marked KILLED, and so are the RUNNING trial runs of such a search. Trial runs
+of a live search are never touched. A later `--resume` sets a search's runs RUNNING again.
+Each new search reconciles its own experiment before it starts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from iterhead.search.tracking import HEARTBEAT_TAG
+
+STALE_AFTER_S = 300.0
+MARKS = ("iterhead.kind", "iterhead.curriculum", "iterhead.trial_id")
+
+
+@dataclass
+class Marked:
+    run_id: str
+    experiment: str
+    what: str
+    idle_s: float
+
+
+def last_sign_of_life(run: Any) -> float:
+    """Unix seconds of the run's last heartbeat, or of its start."""
+    beat = run.data.tags.get(HEARTBEAT_TAG)
+    return float(beat) if beat else run.info.start_time / 1000.0
+
+
+def reconcile(client: Any, experiments: list[str] | None = None, stale_after: float = STALE_AFTER_S,
+              now: float | None = None) -> list[Marked]:
+    """Mark stale RUNNING iterhead runs KILLED; returns what was marked."""
+    now = now or time.time()
+    if experiments is None:
+        exps = client.search_experiments()
+    else:
+        exps = [e for e in (client.get_experiment_by_name(n) for n in experiments) if e is not None]
+    marked: list[Marked] = []
+    for exp in exps:
+        running = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                     max_results=50_000)
+        ours = [r for r in running if any(k in r.data.tags for k in MARKS)]
+        by_id = {r.info.run_id: r for r in running}
+        for run in ours:
+            parent_id = run.data.tags.get("mlflow.parentRunId")
+            owner = by_id.get(parent_id) if parent_id else run
+            if owner is None:  # the search run already ended: its trial run is an orphan
+                idle = now - last_sign_of_life(run)
+                stale = True
+            else:
+                idle = now - last_sign_of_life(owner)
+                stale = idle > stale_after
+            if stale:
+                client.set_terminated(run.info.run_id, "KILLED")
+                what = ("search" if run.data.tags.get("iterhead.kind") == "search"
+                        else "trial" if parent_id else "train")
+                marked.append(Marked(run.info.run_id, exp.name, what, idle))
+    return marked

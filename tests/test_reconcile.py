@@ -1,0 +1,87 @@
+"""`iterhead reconcile` marks crashed runs KILLED and never touches live ones."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from iterhead.search.cli import main
+
+from support import tiny
+
+pytestmark = pytest.mark.integration
+
+
+def start_train(tmp_path: Path, name: str, epochs: int, uri: str) -> subprocess.Popen:
+    cur = tiny(name=name, stages=[{"name": "s", "mix": {"parity": 1.0}, "epochs": epochs}])
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cur.model_dump(mode="json")))
+    env = {**os.environ, "ITERHEAD_HEARTBEAT_S": "0.5"}
+    return subprocess.Popen([str(Path(sys.executable).parent / "iterhead"), "train", str(path),
+                             "--tracking-uri", uri, "--threads", "1"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def runs_of(client: MlflowClient, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def wait_for_running(client: MlflowClient, experiment: str, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        runs = runs_of(client, experiment)
+        if runs and runs[0].info.status == "RUNNING" and runs[0].data.tags.get("iterhead.heartbeat"):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no live run of {experiment} appeared")
+
+
+def test_crashed_train_is_marked_and_a_live_one_is_not(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    client.search_experiments()  # the store, made once before the two writers start
+    crashed = start_train(tmp_path, "crashed", 2000, uri)
+    live = start_train(tmp_path, "live", 2000, uri)
+    try:
+        deadline = time.monotonic() + 120
+        wait_for_running(client, "crashed", deadline)
+        wait_for_running(client, "live", deadline)
+        os.killpg(crashed.pid, signal.SIGKILL)
+        crashed.wait()
+        time.sleep(4)  # the crashed run's heartbeat goes stale; the live one keeps beating
+        assert main(["reconcile", "--tracking-uri", uri, "--stale-after", "3"]) == 0
+        assert runs_of(client, "crashed")[0].info.status == "KILLED"
+        assert runs_of(client, "live")[0].info.status == "RUNNING"
+        assert "1 run(s) marked KILLED" in capsys.readouterr().out
+    finally:
+        for proc in (crashed, live):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def test_a_stale_search_takes_its_trial_runs_with_it_a_live_one_keeps_them(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("s")
+    now = int(time.time())
+    runs = {}
+    for name, beat in (("stale", now - 3600), ("live", now)):
+        parent = client.create_run(exp, tags={"iterhead.kind": "search", "iterhead.heartbeat": str(beat)})
+        child = client.create_run(exp, tags={"mlflow.parentRunId": parent.info.run_id, "iterhead.trial_id": name})
+        runs[name] = (parent.info.run_id, child.info.run_id)
+    other = client.create_run(exp, tags={"not": "ours"}).info.run_id  # another tool's run: never touched
+    assert main(["reconcile", "--tracking-uri", uri, "--experiment", "s"]) == 0
+    status = {r.info.run_id: r.info.status for r in client.search_runs([exp])}
+    assert [status[r] for r in runs["stale"]] == ["KILLED", "KILLED"]
+    assert [status[r] for r in runs["live"]] == ["RUNNING", "RUNNING"]
+    assert status[other] == "RUNNING"
