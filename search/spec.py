@@ -149,10 +149,12 @@ def load_search(path: str | Path) -> LoadedSearch:
     if not base_path.is_file():
         raise ConfigError(f"no curriculum file at {str(base_path)!r} (base is relative to the spec)",
                           field="base", file=file)
-    from iterhead.curricula.io import load_curriculum
-
     try:
-        base = load_curriculum(base_path)
+        base_data = read_yaml_mapping(base_path)
+        if is_search_spec(base_data):
+            raise ConfigError("it is a search spec, not a curriculum; point base at a curriculum file",
+                              file=str(base_path))
+        base = parse_curriculum(base_data, file=str(base_path))
     except ConfigError as err:
         raise ConfigError(f"the base curriculum is invalid: {err}", field="base", file=file) from None
     _check_space(spec, base, file)

@@ -36,6 +36,23 @@ BAD = {
     "grid-with-optuna": ("space:\n  seed: {grid: [0, 1]}\nsearch: {algorithm: optuna}\n", "search.algorithm", "grid"),
     "negative-budget": ("budget: {flops: -1.0}\n", "budget.flops", "greater than 0"),
     "missing-base": ("", "base", "no curriculum file"),
+    "unknown-search-key": ("search: {algo: optuna}\n", "search.algo", "unknown field"),
+    "num-samples-zero": ("search: {num_samples: 0}\n", "search.num_samples", "greater than 0"),
+    "max-concurrent-zero": ("search: {max_concurrent: 0}\n", "search.max_concurrent", "greater than 0"),
+    "unknown-scheduler": ("search: {scheduler: pbt}\n", "search.scheduler", "asha"),
+    "budget-zero": ("budget: {flops: 0}\n", "budget.flops", "greater than 0"),
+    "budget-infinite": ("budget: {flops: .inf}\n", "budget.flops", "finite"),
+    "budget-text": ("budget: {flops: lots}\n", "budget.flops", "number"),
+    "negative-gpu": ("resources: {gpu: -1}\n", "resources.gpu", "greater than or equal to 0"),
+    "zero-cpu": ("resources: {cpu: 0}\n", "resources.cpu", "greater than 0"),
+    "unknown-resource": ("resources: {tpu: 1}\n", "resources.tpu", "unknown field"),
+    "whole-section": ("space:\n  model: {choice: [1]}\n", "space.model", "single value"),
+    "stage-without-field": ("space:\n  stages.pretrain: {randint: [0, 3]}\n", "space.stages.pretrain", "stages.<stage name>.<field>"),
+    "randint-of-floats": ("space:\n  stages.pretrain.epochs: {randint: [0.5, 3]}\n", "space.stages.pretrain.epochs.randint[0]", "integer"),
+    "grid-algorithm-with-uniform": ("space:\n  optim.lr: {uniform: [0.1, 0.2]}\nsearch: {algorithm: grid}\n", "space.optim.lr", "grid"),
+    "choice-breaks-curriculum": ("space:\n  optim.batch_size: {choice: [32, 0]}\n", "space.optim.batch_size", "greater than 0"),
+    "space-not-a-mapping": ("space: [optim.lr]\n", "space", "dictionary"),
+    "unknown-domain": ("space:\n  optim.lr: {normal: [0, 1]}\n", "space.optim.lr.normal", "unknown field"),
 }
 
 
@@ -47,6 +64,20 @@ def test_bad_spec_exits_2_with_one_line(tmp_path, capsys, body, field, words):
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{path}: {field}: " in err[0] and words in err[0], err
+
+
+@pytest.mark.parametrize("base_text, words", [
+    ("- just\n- a list\n", "top level must be a mapping"),
+    ("name: s\nbase: other.yaml\n", "search spec, not a curriculum"),
+    ("name: x\ntasks: {p: {kind: parity}}\nstages: []\ntarget: {task: p}\n", "at least one stage"),
+    ("\x00\x01binary", "YAML"),
+], ids=["list", "a-search-spec", "no-stages", "binary"])
+def test_base_that_is_not_a_curriculum(tmp_path, capsys, base_text, words):
+    path = write_spec(tmp_path, "")
+    (tmp_path / "base.yaml").write_text(base_text)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{path}: base: the base curriculum is invalid" in err[0] and words in err[0], err
 
 
 def test_impossible_resources_fail_fast_before_ray(tmp_path, capsys):
