@@ -24,8 +24,10 @@ test: $(STAMP)  ## unit and integration tests (what CI runs)
 test-slow: $(STAMP)  ## the slow tier too
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP)  ## rewrites BENCHMARKS.md: throughput first, then the sections appended to it
 	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/search_overhead.py
+	$(BIN)/python benchmarks/store_stress.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

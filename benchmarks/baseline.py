@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from iterhead.curricula.data import build_data
+from iterhead.curricula.data import build_data, seq_len
 from iterhead.curricula.io import load_curriculum
-from iterhead.trainable.loop import Trainer
+from iterhead.trainable.model import Transformer
 
 
-def padded(trainer: Trainer, split: dict) -> TensorDataset:
+def padded(split: dict) -> TensorDataset:
     tokens = torch.cat([torch.from_numpy(s.tokens) for s in split.values()])
     lengths = torch.cat([torch.from_numpy(s.lengths) for s in split.values()])
     pos = torch.arange(tokens.shape[1] - 1)[None, :]
@@ -50,10 +50,10 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.perf_counter()
     cur = load_curriculum(args.curriculum)
-    trainer = Trainer(cur)  # iterhead's model and data, nothing of its loop
-    _, data = build_data(cur)
-    train, test = padded(trainer, data["train"]), padded(trainer, data["test"])
-    model, bs = trainer.model, cur.optim.batch_size
+    vocab, data = build_data(cur)  # iterhead's data and model, nothing of its loop
+    model = Transformer(cur.model, vocab.size, seq_len(cur.data.max_len, True), torch.Generator().manual_seed(cur.seed))
+    train, test = padded(data["train"]), padded(data["test"])
+    bs = cur.optim.batch_size
     opt = torch.optim.Adam(model.parameters(), lr=cur.optim.lr)
     g = torch.Generator().manual_seed(cur.seed)
     loader = DataLoader(train, batch_size=bs, shuffle=True, generator=g)

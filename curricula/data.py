@@ -47,12 +47,11 @@ def answer_len(length: int, cot: bool) -> int:
 
 @dataclass(frozen=True)
 class TaskSplit:
-    """One task's sequences for one split, ordered by length (`per_len` rows per length)."""
+    """One task's sequences for one split, ordered by length (the same count at each length)."""
 
     task: str
     tokens: np.ndarray  # int64 [n, seq_len(max_len)], EoS-padded
     lengths: np.ndarray  # int64 [n]
-    per_len: int
 
 
 def stream(seed: int, *labels: object) -> np.random.Generator:
@@ -120,7 +119,7 @@ def build_task(cur: Curriculum, name: str, vocab: Vocab) -> dict[str, TaskSplit]
         for s in SPLITS:
             parts[s].append(render(task, vocab.task_token(name), drawn[s], vocab, d.cot, width))
     lengths = np.arange(d.min_len, d.max_len + 1)
-    return {s: TaskSplit(name, np.concatenate(parts[s]), np.repeat(lengths, counts[s]), counts[s])
+    return {s: TaskSplit(name, np.concatenate(parts[s]), np.repeat(lengths, counts[s]))
             for s in SPLITS}
 
 

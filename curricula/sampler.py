@@ -4,9 +4,9 @@ An epoch is as many examples as one task's training set holds, whatever the mix,
 epoch of any mix costs the same. The mix is stratified by length: at each length the
 ``per_len`` slots are shared among the tasks in proportion to their weights (largest
 remainder), and each task fills its share with distinct rows of that length drawn at
-random. Rows are then sorted by length and cut into batches, so a batch holds one length
-(or, at a boundary, two neighbouring ones) and padding stays small; the batch order is
-shuffled.
+random. Rows are then sorted by length and cut into batches, so a batch holds neighbouring
+lengths only (one length, or two at a boundary, whenever a length has at least a batch of
+rows) and padding stays small; the batch order is shuffled.
 """
 
 from __future__ import annotations

@@ -132,6 +132,11 @@ class Curriculum(Spec):
                     raise ConfigError(f"{module!r} is not a module of this model; choose from "
                                       f"{', '.join(sorted(modules))}",
                                       field=f"{where}.train_modules[{j}]")
+        if self.data.split == "disjoint":
+            for name, spec in self.tasks.items():
+                if len(make_task(spec).alphabet()) < 2:
+                    raise ConfigError("a disjoint split needs at least two possible inputs; this task has "
+                                      "one (polynomial with modulus 2): use split iid", field=f"tasks.{name}")
         if self.target.task not in self.tasks:
             raise ConfigError(f"task {self.target.task!r} is not defined; defined tasks: "
                               f"{', '.join(self.tasks)}", field="target.task")

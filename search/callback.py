@@ -8,8 +8,8 @@ per trial and written every `flush_every` seconds (and when a trial ends) as one
 several steps: on a small machine the driver shares the cores with the trials, and one
 store transaction per report costs them measurable time. A child run is found again by
 its trial-id tag, so a restored search continues the same runs instead of making new ones.
-All writes go through an ordered background `RunWriter`: Tune's loop never waits on the
-store. Tune pickles callbacks into its experiment state, so the pickled state is only the
+All writes go through an ordered background `RunWriter`; Tune's loop waits on the store
+only for a trial's first result (until its run exists) and at checkpoints (below). Tune pickles callbacks into its experiment state, so the pickled state is only the
 settings (tracking URI, experiment, parent run, base curriculum); the writer and the run
 map are rebuilt on first use, which is also what a restored search needs.
 

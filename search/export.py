@@ -36,14 +36,16 @@ class Candidate:
 
 
 class ExportError(RuntimeError):
-    """Nothing to export (no such experiment, no trial at target); exit code 1."""
+    """Nothing to export (no trial reached the target); exit code 1."""
 
 
 def find_candidates(client: Any, experiment: str, parent_run_id: str | None) -> tuple[str, list[Candidate]]:
     """The parent run id and its child runs that reached the target, best first."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise ExportError(f"no experiment named {experiment!r} in the tracking store")
+        raise ConfigError(f"no experiment named {experiment!r} in the tracking store", field="--experiment")
+    if parent_run_id is not None and not re.fullmatch(r"[0-9a-f]{32}", parent_run_id):
+        raise ConfigError(f"{parent_run_id!r} is not an MLflow run id (32 hex digits)", field="--run")
     if parent_run_id is None:
         parents = client.search_runs([exp.experiment_id], filter_string="tags.`iterhead.kind` = 'search'",
                                      order_by=["attributes.start_time DESC"], max_results=1)
@@ -54,7 +56,8 @@ def find_candidates(client: Any, experiment: str, parent_run_id: str | None) -> 
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
                                   max_results=50_000)
     if not children:
-        raise ExportError(f"run {parent_run_id} of {experiment!r} has no trial runs")
+        raise ConfigError(f"run {parent_run_id} of {experiment!r} has no trial runs; give a search's "
+                          "parent run", field="--run")
     reached = [Candidate(r.info.run_id, r.data.tags.get("iterhead.trial_id", r.info.run_id),
                          dict(r.data.metrics), dict(r.data.tags))
                for r in children if r.data.metrics.get("reached") == 1.0 and not r.data.metrics.get("diverged")]
@@ -111,8 +114,9 @@ def export(client: Any, experiment: str, out: Path, *, top_k: int = 1,
     paths = targets(out, chosen)
     texts = []
     for rank, (c, path) in enumerate(zip(chosen, paths), 1):
-        local = client.download_artifacts(c.run_id, "curriculum.yaml", tempfile.mkdtemp(prefix="iterhead-export-"))
-        cur = parse_curriculum(parse_yaml_mapping(Path(local).read_text(), file=local), file=local)
+        with tempfile.TemporaryDirectory(prefix="iterhead-export-") as tmp:
+            local = client.download_artifacts(c.run_id, "curriculum.yaml", tmp)
+            cur = parse_curriculum(parse_yaml_mapping(Path(local).read_text(), file=local), file=local)
         texts.append(header(c, experiment, parent, rank, path.name) + dump_curriculum(cur))
     if len(paths) > 1 or paths[0] != out:
         out.mkdir(exist_ok=True)

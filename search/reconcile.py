@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from iterhead.curricula.errors import ConfigError
 from iterhead.search.tracking import HEARTBEAT_TAG
 
 STALE_AFTER_S = 300.0
@@ -41,7 +42,10 @@ def reconcile(client: Any, experiments: list[str] | None = None, stale_after: fl
     if experiments is None:
         exps = client.search_experiments()
     else:
-        exps = [e for e in (client.get_experiment_by_name(n) for n in experiments) if e is not None]
+        exps = [client.get_experiment_by_name(n) for n in experiments]
+        missing = [n for n, e in zip(experiments, exps) if e is None]
+        if missing:
+            raise ConfigError(f"no experiment named {missing[0]!r} in the tracking store", field="--experiment")
     marked: list[Marked] = []
     for exp in exps:
         running = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'",

@@ -1,6 +1,7 @@
 """The parent run's summary of a search: a table with one row per trial, and two plots.
 
-Every trial is in the table and the plots, censored ones included and marked as such:
+Every trial is in the table, and every trial with a result in the plots, censored ones
+included and marked as such (a trial that errored has no compute_to_target to plot):
 compute_to_target against each searched parameter, and the fraction of trials that reached
 the target against training compute.
 """

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -72,8 +73,12 @@ def check_resources(loaded: LoadedSearch, cpus: float, gpus: float, where: str) 
 
 def search_folder(loaded: LoadedSearch, opts: SearchOptions) -> tuple[Path, dict[str, Any] | None]:
     """Where this search's Tune state lives, and its saved state when resuming."""
+    if opts.storage_path and "://" in opts.storage_path:
+        raise ConfigError("give a local or shared-file-system folder (object-store URIs are not "
+                          "supported yet)", field="--storage-path")
     root = Path(opts.storage_path or "ray_results").resolve()
     name = loaded.spec.name
+    own = re.compile(rf"{re.escape(name)}-\d{{8}}-\d{{6}}x*")
     if not opts.resume:
         folder = root / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
         while folder.exists():
@@ -81,6 +86,8 @@ def search_folder(loaded: LoadedSearch, opts: SearchOptions) -> tuple[Path, dict
         return folder, None
     states = []
     for path in root.glob(f"{name}-*/{STATE_FILE}"):
+        if not own.fullmatch(path.parent.name):  # another search whose name starts like this one
+            continue
         state = json.loads(path.read_text())
         if state.get("state") != "finished":
             states.append((path.stat().st_mtime, path.parent, state))
@@ -123,7 +130,8 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
     from ray import tune
 
     from iterhead.search.callback import MlflowSearchCallback
-    from iterhead.search.space import param_space, scheduler, searcher
+    from iterhead.search.space import horizon, param_space, scheduler, searcher
+    from iterhead.trainable.summary import CENSOR_FACTOR
     from iterhead.trainable.tune import train_trial
 
     parent = state["parent_run_id"] if state else None
@@ -140,9 +148,13 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
             print(f"marked KILLED: a {m.what} run a crash left RUNNING ({m.run_id})", file=out)
         resources = check_resources(loaded, ray.cluster_resources().get("CPU", 0.0),
                                     ray.cluster_resources().get("GPU", 0.0), "the Ray cluster")
-        base = loaded.base.model_dump(mode="json")
+        # a resume trains what the search started with, whatever the files say now
+        base = state["base"] if state else loaded.base.model_dump(mode="json")
+        budget = state["budget"] if state else spec.budget.flops
+        smoke = state["smoke"] if state else opts.smoke
+        penalty = state["penalty"] if state else CENSOR_FACTOR * horizon(loaded)
         trainable = tune.with_resources(
-            tune.with_parameters(train_trial, base=base, budget=spec.budget.flops, smoke=opts.smoke,
+            tune.with_parameters(train_trial, base=base, budget=budget, smoke=smoke, penalty=penalty,
                                  threads=max(1, int(resources["cpu"])),
                                  checkpoint_every_s=settings.checkpoint_every_s), resources)
         if state:
@@ -158,11 +170,12 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
             heartbeat = Heartbeat(writer, parent)
             folder.mkdir(parents=True)
             _save_state(folder, {"parent_run_id": parent, "uri": opts.uri, "spec": str(loaded.path.resolve()),
-                                 "state": "running"})
+                                 "state": "running", "base": base, "budget": budget, "smoke": smoke,
+                                 "penalty": penalty})
             print(f"search {spec.name!r}: {settings.num_samples} sample(s), at most {settings.max_concurrent} at "
                   f"once, {settings.algorithm} + {settings.scheduler}; MLflow parent run {parent}; Tune state in "
                   f"{folder}", file=out, flush=True)
-            callback = MlflowSearchCallback(opts.uri, experiment, parent, base, opts.smoke, out)
+            callback = MlflowSearchCallback(opts.uri, experiment, parent, base, smoke, out)
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space(loaded),
@@ -187,12 +200,14 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
         try:
             if heartbeat is not None:
                 heartbeat.stop()
-            if parent is not None:
-                writer.submit(writer.end_run, parent, status)
-            writer.close()
+            if parent is not None:  # unchecked: an earlier write error must not hide the first error
+                writer.submit(writer.end_run, parent, status, check=False)
         finally:
-            if started:
-                ray.shutdown()
+            try:
+                writer.close()
+            finally:
+                if started:
+                    ray.shutdown()
     if status != "FINISHED":
         print(f"\nsearch interrupted; continue it with: iterhead search {loaded.path} --resume"
               + (f" --storage-path {opts.storage_path}" if opts.storage_path else ""), file=out)
@@ -239,15 +254,16 @@ def _rows(grid, writer: RunWriter, experiment: str, parent: str, keys: list[str]
 def _log_summary(writer: RunWriter, parent: str, rows: list[dict[str, Any]], keys: list[str]) -> None:
     from iterhead.search import report
 
-    folder = Path(tempfile.mkdtemp(prefix="iterhead-summary-"))
     scored = [r for r in rows if r["compute_to_target"] == r["compute_to_target"]]  # drop NaN (errors)
-    report.write_table(folder / "trials.csv", rows, keys)
-    report.plot_against_params(folder / "compute_to_target.png", scored, keys)
-    report.plot_fraction_reached(folder / "fraction_reached.png", scored)
-    n_reached = sum(1 for r in scored if r["reached"] == 1.0)
-    writer.submit(writer.log_metrics, parent, {"trials": len(rows), "trials_reached": n_reached}, 0)
-    writer.submit(lambda: writer.client.log_artifacts(parent, str(folder)))
-    writer.flush()
+    with tempfile.TemporaryDirectory(prefix="iterhead-summary-") as tmp:
+        folder = Path(tmp)
+        report.write_table(folder / "trials.csv", rows, keys)
+        report.plot_against_params(folder / "compute_to_target.png", scored, keys)
+        report.plot_fraction_reached(folder / "fraction_reached.png", scored)
+        n_reached = sum(1 for r in scored if r["reached"] == 1.0)
+        writer.submit(writer.log_metrics, parent, {"trials": len(rows), "trials_reached": n_reached}, 0)
+        writer.submit(lambda: writer.client.log_artifacts(parent, str(folder)))
+        writer.flush()
 
 
 def _print_summary(rows: list[dict[str, Any]], keys: list[str], out: TextIO) -> None:

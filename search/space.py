@@ -6,7 +6,7 @@ What each trial is scored on:
   pretraining included; censored trials report the finite penalty of `trainable.summary`);
 - ASHA maximises ``target_acc`` (the target task's accuracy) at rungs of cumulative training
   FLOPs (``compute/flops``), so a long pretraining stage counts against a trial exactly as
-  its compute does. Its horizon is the budget, or the base curriculum's planned compute.
+  its compute does. Its horizon is `horizon()`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from ray import tune
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
 
+from iterhead.curricula.errors import ConfigError
+from iterhead.curricula.io import parse_curriculum
+from iterhead.curricula.overrides import apply
 from iterhead.search.spec import Domain, LoadedSearch, SearchSettings
 from iterhead.trainable.summary import planned_flops
 
@@ -54,8 +57,26 @@ def searcher(settings: SearchSettings, has_space: bool) -> Searcher | BasicVaria
 
 
 def horizon(loaded: LoadedSearch) -> float:
-    """ASHA's max_t in FLOPs: the budget, else the base curriculum's planned compute."""
-    return loaded.spec.budget.flops or planned_flops(loaded.base)
+    """The most training compute a trial can spend: ASHA's max_t, and half the censoring penalty.
+
+    The budget when there is one. Without one, the larger of the base's planned compute and
+    that of the curriculum with each searched key at the probe value (ends, choices) that
+    plans the most compute: the penalty then sits above what a reached trial can report
+    for the usual keys (epochs, lengths, sizes), which grow compute monotonically.
+    """
+    if loaded.spec.budget.flops:
+        return loaded.spec.budget.flops
+    base = loaded.base.model_dump(mode="json")
+
+    def planned(overrides: dict[str, Any]) -> float:
+        return planned_flops(parse_curriculum(apply(base, overrides)))
+
+    worst = {key: max(d.probes(), key=lambda v, key=key: planned({key: v})) for key, d in loaded.spec.space.items()}
+    try:
+        combined = planned(worst)
+    except ConfigError:  # the per-key maxima do not fit together; take the largest alone
+        combined = max((planned({k: v}) for k, v in worst.items()), default=0.0)
+    return max(planned_flops(loaded.base), combined)
 
 
 def scheduler(loaded: LoadedSearch, settings: SearchSettings):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -22,14 +23,14 @@ from typing import Any, Callable
 from iterhead.curricula.errors import ConfigError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
-SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")  # MLflow 3's stores
 MAX_METRICS, MAX_PARAMS, MAX_PARAM_CHARS = 1000, 100, 6000
 
 
 def resolve_uri(uri: str | None) -> str:
     """The tracking URI to use, checked: `ConfigError` for one MLflow cannot use."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-    scheme = uri.split(":", 1)[0].split("+", 1)[0] if ":" in uri else ""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0] if ":" in uri else uri  # `databricks` alone
     if scheme not in SCHEMES:
         raise ConfigError(f"{uri!r} is not a tracking URI MLflow 3 accepts (file stores are refused); "
                           "use sqlite:///PATH.db or http://HOST:PORT", field="--tracking-uri")
@@ -73,6 +74,10 @@ class RunWriter:
             future = self._pool.submit(fn, *args)
             self._pending.append(future)
         return future
+
+    def submit_untracked(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Queue `fn(*args)` in order with the rest, outside the error tracking (heartbeats)."""
+        return self._pool.submit(fn, *args)
 
     def raise_errors(self) -> None:
         with self._lock:
@@ -133,18 +138,30 @@ class RunWriter:
         self.log_steps(run_id, [(step, timestamp_ms or int(time.time() * 1000), metrics)])
 
     def log_steps(self, run_id: str, steps: list[tuple[int, int, dict[str, float]]]) -> None:
-        """Several steps' metrics, (step, timestamp ms, metrics) each, in as few batches as fit."""
+        """Several steps' metrics, (step, timestamp ms, metrics) each, in as few batches as fit.
+
+        A batch ends at a step boundary (unless one step alone is over MLflow's limit), so a
+        crash between batches never leaves a step half logged.
+        """
         from mlflow.entities import Metric
 
-        items = [Metric(k, float(v), ts, step) for step, ts, metrics in steps for k, v in metrics.items()]
-        for i in range(0, len(items), MAX_METRICS):
-            self._client.log_batch(run_id, metrics=items[i:i + MAX_METRICS])
+        batch: list[Metric] = []
+        for step, ts, metrics in steps:
+            items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+            if batch and len(batch) + len(items) > MAX_METRICS:
+                self._client.log_batch(run_id, metrics=batch)
+                batch = []
+            for i in range(0, len(items), MAX_METRICS):
+                chunk = items[i:i + MAX_METRICS]
+                if len(chunk) == MAX_METRICS:
+                    self._client.log_batch(run_id, metrics=chunk)
+                else:
+                    batch += chunk
+        if batch:
+            self._client.log_batch(run_id, metrics=batch)
 
     def log_artifact(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
         self._client.log_artifact(run_id, str(path), folder)
-
-    def log_text(self, run_id: str, text: str, name: str) -> None:
-        self._client.log_text(run_id, text, name)
 
     def end_run(self, run_id: str, status: str) -> None:
         self._client.set_terminated(run_id, status)
@@ -169,13 +186,17 @@ class Heartbeat:
 
     def _beat(self) -> None:
         while True:
-            self.writer.submit(self._stamp, check=False)  # a failure surfaces on the main thread
+            self.writer.submit_untracked(self._stamp)
             if self._stop.wait(self.every):
                 return
 
     def _stamp(self) -> None:
-        run = self.run_id.result() if isinstance(self.run_id, Future) else self.run_id
-        self.writer.client.set_tag(run, HEARTBEAT_TAG, str(int(time.time())))
+        """A missed beat is only a warning: it must not stop the run it watches."""
+        try:
+            run = self.run_id.result() if isinstance(self.run_id, Future) else self.run_id
+            self.writer.client.set_tag(run, HEARTBEAT_TAG, str(int(time.time())))
+        except Exception as err:  # noqa: BLE001 - reported, and the next beat tries again
+            warnings.warn(f"iterhead: could not record a heartbeat ({err})", RuntimeWarning, stacklevel=1)
 
     def stop(self) -> None:
         self._stop.set()

@@ -18,7 +18,7 @@ from iterhead.trainable.loop import Evaluation, Trainer
 from iterhead.trainable.summary import summary_metrics
 
 
-def progress_line(ev: Evaluation, target_task: str) -> str:
+def progress_line(ev: Evaluation) -> str:
     m = ev.metrics
     if ev.diverged:
         return (f"[{ev.stage} epoch {ev.epoch:4d}] DIVERGED: the training loss became NaN or infinite; "
@@ -47,7 +47,7 @@ def train(cur: Curriculum, *, uri: str, experiment: str, device: torch.device,
         for ev in trainer.run():
             last = ev
             writer.submit(lambda ev=ev: writer.log_metrics(run.result(), ev.metrics, ev.step))
-            print(progress_line(ev, cur.target.task), file=out, flush=True)
+            print(progress_line(ev), file=out, flush=True)
         summary = summary_metrics(cur, trainer.outcome)
         summary.update({f"final/{k}": v for k, v in last.metrics.items()
                         if k.startswith("acc/") and k.count("/") == 1} if last else {})
@@ -66,7 +66,7 @@ def train(cur: Curriculum, *, uri: str, experiment: str, device: torch.device,
         def end() -> None:  # runs after the run's creation: the writer is ordered
             if run.exception() is None:
                 writer.end_run(run.result(), status)
-        writer.submit(end)
+        writer.submit(end, check=False)  # an earlier write error must not hide the first error
         writer.close()
     reached = "reached" if summary["reached"] else ("DIVERGED before reaching" if trainer.outcome.diverged
                                                     else "did NOT reach")

@@ -158,7 +158,9 @@ def test_export_refuses_bad_targets(search, tmp_path, capsys):
     assert main(["export", "--experiment", "it-search", "--tracking-uri", uri, "-o", str(tmp_path / "x.txt")]) == 2
     assert main(["export", "--experiment", "it-search", "--tracking-uri", uri,
                  "-o", str(tmp_path / "no" / "such" / "x.yaml")]) == 2
-    assert main(["export", "--experiment", "nope", "--tracking-uri", uri, "-o", str(tmp_path / "x.yaml")]) == 1
+    assert main(["export", "--experiment", "nope", "--tracking-uri", uri, "-o", str(tmp_path / "x.yaml")]) == 2
+    assert main(["export", "--experiment", "it-search", "--tracking-uri", uri, "--run", "x' or '1'='1",
+                 "-o", str(tmp_path / "x.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all(line.startswith("error: ") for line in err)
+    assert len(err) == 4 and all(line.startswith("error: ") for line in err)
     assert list(tmp_path.iterdir()) == []

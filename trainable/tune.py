@@ -1,15 +1,15 @@
 """The Ray Tune function trainable: a thin adapter over `Trainer` (the only file importing ray).
 
 Per evaluation it reports the metrics with cumulative compute, the running
-``compute_to_target`` (the censoring penalty until the target is reached), ``target_acc``
-for the scheduler, and a checkpoint of the whole trainer state, so a trial that is paused,
-fails or is restored continues exactly where it stood. Checkpoints are written at most every
+``compute_to_target`` (the search's censoring penalty until the target is reached) and
+``target_acc`` for the scheduler. Checkpoints hold the whole trainer state, so a trial that
+fails or is restored continues exactly where it stood; they are written at most every
 `checkpoint_every_s` seconds (each one makes Tune snapshot its experiment state) and at the
-last evaluation; resuming from any of them is exact. A trial restored after it had finished (its end not yet in Tune's
-state) has nothing left to train and reports its last result again. The final report's checkpoint also
-carries the trial's artifacts (curriculum YAML, attention maps, accuracy-against-compute
-plot) for the driver to log. A trial ends when the target is reached, its compute passes
-the budget (censored), or its last stage ends.
+last evaluation. Each checkpoint also carries the trial's artifacts (curriculum YAML,
+attention maps, accuracy-against-compute plot) for the driver to log, so a trial that ASHA
+stops early keeps those of its latest checkpoint. A trial ends when the target is reached,
+its compute passes the budget (censored), or its last stage ends. A trial restored after
+it had finished (its end not yet in Tune's state) reports its last result again.
 """
 
 from __future__ import annotations
@@ -53,15 +53,24 @@ def trial_curriculum(base: dict[str, Any], config: dict[str, Any], smoke: bool):
     return parse_curriculum(shrink(data) if smoke else data, file="trial")
 
 
-def trial_metrics(ev: Evaluation, trainer: Trainer, penalty: float, node_id: str) -> dict[str, Any]:
+def reached_within(trainer: Trainer, budget: float | None) -> bool:
+    """Reached the target within the budget (the budget is checked at evaluations, so a
+    trial can pass it before it is stopped; reaching the target past it does not count)."""
+    o = trainer.outcome
+    return o.reached and (budget is None or o.compute_to_target <= budget)
+
+
+def trial_metrics(ev: Evaluation, trainer: Trainer, penalty: float, node_id: str,
+                  budget: float | None) -> dict[str, Any]:
     """What one evaluation reports: its metrics, the running outcome, where it ran."""
     out: dict[str, Any] = dict(ev.metrics)
+    reached = reached_within(trainer, budget)
     out["step"] = ev.step
     out["target_acc"] = ev.metrics.get(f"acc/{trainer.cur.target.task}", 0.0)  # none once diverged
-    out["reached"] = float(trainer.outcome.reached)
+    out["reached"] = float(reached)
     out["diverged"] = float(trainer.outcome.diverged)
-    out["compute_to_target"] = trainer.outcome.compute_to_target if trainer.outcome.reached else penalty
-    if trainer.outcome.reached:
+    out["compute_to_target"] = trainer.outcome.compute_to_target if reached else penalty
+    if reached:
         out["examples_to_target"] = float(trainer.outcome.examples_to_target)
         out["seconds_to_target"] = float(trainer.outcome.seconds_to_target)
     out["node_id"] = node_id
@@ -72,8 +81,13 @@ def trial_metrics(ev: Evaluation, trainer: Trainer, penalty: float, node_id: str
 
 
 def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float | None = None,
-                smoke: bool = False, threads: int = 1, checkpoint_every_s: float = 30.0) -> None:
-    """Train one trial of a search (module docstring)."""
+                penalty: float | None = None, smoke: bool = False, threads: int = 1,
+                checkpoint_every_s: float = 30.0) -> None:
+    """Train one trial of a search (module docstring).
+
+    `penalty` is what a censored trial reports as compute_to_target; the driver passes one
+    value for the whole search, so every censored trial ranks below every reached one.
+    """
     torch.set_num_threads(max(1, threads))
     cur = trial_curriculum(base, config, smoke)
     device = resolve_device("auto")
@@ -84,13 +98,14 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float |
             state = checkpoint.load(folder, device)
             last_report = json.loads((Path(folder) / LAST_REPORT).read_text())
     trainer = Trainer(cur, device, state)
-    penalty, node_id = censored_value(cur, budget), ray.get_runtime_context().get_node_id()
+    penalty = penalty if penalty is not None else censored_value(cur, budget)
+    node_id = ray.get_runtime_context().get_node_id()
     saved_at = time.monotonic()
     reported = False
     spent = budget is not None and trainer.compute.flops >= budget  # restored past its budget
     for ev in [] if spent else trainer.run():
         reported = True
-        metrics = trial_metrics(ev, trainer, penalty, node_id)
+        metrics = trial_metrics(ev, trainer, penalty, node_id, budget)
         over_budget = budget is not None and metrics["compute/flops"] >= budget
         last = ev.final or over_budget
         if not last and time.monotonic() - saved_at < checkpoint_every_s:
@@ -99,8 +114,7 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float |
         with tempfile.TemporaryDirectory() as folder:
             checkpoint.save(trainer.state_dict(), folder)
             (Path(folder) / LAST_REPORT).write_text(json.dumps(metrics))
-            if last:
-                write_artifacts(trainer, Path(folder) / ARTIFACTS)
+            write_artifacts(trainer, Path(folder) / ARTIFACTS)  # a trial ASHA stops keeps its latest
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
         saved_at = time.monotonic()
         if over_budget:
