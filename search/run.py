@@ -42,8 +42,12 @@ class SearchOptions:
 
 
 def settings_for(loaded: LoadedSearch, smoke: bool) -> SearchSettings:
+    """The search settings; a smoke search runs 2 samples, or 1 over grids cut to 2 values."""
     s = loaded.spec.search
-    return s.model_copy(update={"num_samples": 2, "max_concurrent": 2}) if smoke else s
+    if not smoke:
+        return s
+    grids = any(d.kind == "grid" for d in loaded.spec.space.values())
+    return s.model_copy(update={"num_samples": 1 if grids else 2, "max_concurrent": 2})
 
 
 def local_gpus() -> int:
@@ -178,7 +182,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
             callback = MlflowSearchCallback(opts.uri, experiment, parent, base, smoke, out)
             tuner = tune.Tuner(
                 trainable,
-                param_space=param_space(loaded),
+                param_space=param_space(loaded, smoke),
                 tune_config=tune.TuneConfig(search_alg=searcher(settings, bool(spec.space)),
                                             scheduler=scheduler(loaded, settings),
                                             num_samples=settings.num_samples, reuse_actors=True),

@@ -27,7 +27,10 @@ SEARCH_METRIC, SEARCH_MODE = "compute_to_target", "min"
 SCHEDULER_METRIC, SCHEDULER_MODE, TIME_ATTR = "target_acc", "max", "compute/flops"
 
 
-def tune_domain(domain: Domain) -> Any:
+SMOKE_GRID = 2  # a smoke search keeps this many values of each grid
+
+
+def tune_domain(domain: Domain, smoke: bool = False) -> Any:
     kind, args = domain.kind, domain.args
     if kind == "uniform":
         return tune.uniform(*args)
@@ -37,12 +40,12 @@ def tune_domain(domain: Domain) -> Any:
         return tune.randint(args[0], args[1] + 1)  # the spec's randint includes both ends
     if kind == "choice":
         return tune.choice(list(args))
-    return tune.grid_search(list(args))
+    return tune.grid_search(list(args)[:SMOKE_GRID] if smoke else list(args))
 
 
-def param_space(loaded: LoadedSearch) -> dict[str, Any]:
-    """Dotted curriculum key -> Tune domain."""
-    return {key: tune_domain(d) for key, d in loaded.spec.space.items()}
+def param_space(loaded: LoadedSearch, smoke: bool = False) -> dict[str, Any]:
+    """Dotted curriculum key -> Tune domain (grids cut to their first values when smoke)."""
+    return {key: tune_domain(d, smoke) for key, d in loaded.spec.space.items()}
 
 
 def searcher(settings: SearchSettings, has_space: bool) -> Searcher | BasicVariantGenerator:
