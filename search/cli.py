@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--run", dest="parent_run", help="the search's parent run id (default: the latest search)")
     e.add_argument("--top-k", type=int, default=1, help="how many trials (default 1: OUT is a .yaml file)")
     e.add_argument("-o", "--out", required=True, help="OUT.yaml for --top-k 1, else a folder")
+    h = sub.add_parser("report", help="a search's results as one self-contained HTML page")
+    h.add_argument("--experiment", required=True, help="the search's MLflow experiment (its name)")
+    h.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    h.add_argument("--run", dest="parent_run", help="the search's parent run id (default: the latest search)")
+    h.add_argument("-o", "--out", default="report", help="folder for report.html (default: ./report)")
+
     r = sub.add_parser("reconcile", help="mark runs a crash left RUNNING as KILLED (never a live search's)")
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     r.add_argument("--experiment", action="append", help="only this experiment (repeatable; default: all)")
@@ -146,6 +152,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from iterhead.search.tracking import resolve_uri
+
+    uri = resolve_uri(args.tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise ConfigError(f"no tracking store at {uri}", field="--tracking-uri")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from mlflow import MlflowClient
+
+    from iterhead.search.page import build
+
+    page = build(MlflowClient(uri), args.experiment, Path(args.out), args.parent_run)
+    print(f"wrote {page} (and its figures on the search's parent run, under report/)")
+    return EXIT_OK
+
+
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from iterhead.search.reconcile import STALE_AFTER_S, reconcile
     from iterhead.search.tracking import resolve_uri
@@ -166,7 +188,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"validate": cmd_validate, "train": cmd_train, "search": cmd_search, "export": cmd_export,
-            "reconcile": cmd_reconcile}
+            "report": cmd_report, "reconcile": cmd_reconcile}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

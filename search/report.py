@@ -74,3 +74,58 @@ def plot_fraction_reached(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
 
 def _numeric(value: Any) -> Any:
     return value if isinstance(value, (int, float)) else str(value)
+
+
+def plot_medians(path: Path, rows: Sequence[dict[str, Any]], key: str) -> Path:
+    """compute_to_target against one parameter: median and min-max over the other values
+    (seeds, mostly) at each value; censored trials drawn as crosses at their penalty."""
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(_numeric(r.get(key)), []).append(r)
+    if all(len(g) == 1 for g in groups.values()):  # no value repeats (sampled): a scatter says more
+        return plot_against_params(path, rows, [key])
+    xs = sorted(groups, key=lambda v: (isinstance(v, str), v))
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    positions = [x if isinstance(x, (int, float)) else i for i, x in enumerate(xs)]
+    med, lo, hi = [], [], []
+    for x in xs:
+        values = [float(r["compute_to_target"]) for r in groups[x]]
+        med.append(float(np.median(values)))
+        lo.append(min(values))
+        hi.append(max(values))
+    ax.plot(positions, med, marker="o", label="median over seeds")
+    ax.fill_between(positions, lo, hi, alpha=0.2, label="min to max")
+    censored = [(pos, float(r["compute_to_target"])) for pos, x in zip(positions, xs)
+                for r in groups[x] if float(r.get("reached", 0)) != 1.0]
+    if censored:
+        ax.scatter(*zip(*censored), marker="x", color="red", s=50, zorder=3, label="censored (penalty)")
+    if not all(isinstance(x, (int, float)) for x in xs):
+        ax.set_xticks(positions, [str(x) for x in xs], fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel(key, fontsize=8)
+    ax.set_ylabel("compute_to_target (FLOPs)", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_length_curves(path: Path, flops: Sequence[float], per_length: dict[int, Sequence[float]],
+                       title: str) -> Path:
+    """Accuracy at each length against training compute, for one trial."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    cmap = plt.get_cmap("viridis")
+    lengths = sorted(per_length)
+    for i, length in enumerate(lengths):
+        ax.plot(flops[:len(per_length[length])], per_length[length], color=cmap(i / max(1, len(lengths) - 1)),
+                lw=1, label=f"L={length}")
+    ax.set_xlabel("training FLOPs (cumulative)")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6, ncol=2, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -164,3 +164,19 @@ def test_export_refuses_bad_targets(search, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and all(line.startswith("error: ") for line in err)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_report_page_lists_every_trial_and_embeds_the_figures(search, tmp_path):
+    from iterhead.search.cli import main
+
+    rows, runs, client, _ = search
+    assert main(["report", "--experiment", "it-search", "--tracking-uri", client.tracking_uri,
+                 "-o", str(tmp_path / "rep")]) == 0
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert all(r["trial_id"] in page for r in rows)  # censored trials included
+    assert page.count("no (censored)") == 2 and page.count('src="data:image/png;base64,') >= 4
+    assert "iteration-head probes" in page and "probe/parity/iteration/l1h0" in page
+    parent = next(r for r in runs if r.data.tags.get("iterhead.kind") == "search")
+    names = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.html", "report/fraction_reached.png", "report/best_accuracy_by_length.png",
+            "report/attention.png"} <= names
