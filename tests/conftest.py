@@ -12,3 +12,14 @@ def _torch_threads():
 
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray for one test module: 2 CPUs, no dashboard, a small object store."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             object_store_memory=80 * 1024 * 1024)
+    yield ray
+    ray.shutdown()

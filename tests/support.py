@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +43,10 @@ PARITY_BASE: dict[str, Any] = {
     "eval": {"every_epochs": 1, "probe_per_len": 2},
 }
 """A one-task base curriculum whose trials take a few seconds (search tests vary its epochs)."""
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import shutil
 import subprocess
 import sys
@@ -22,16 +21,10 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from support import PARITY_BASE
+from support import PARITY_BASE, free_port
 
 pytestmark = pytest.mark.slow
 
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def alive(pgid: int) -> list[int]:

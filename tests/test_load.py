@@ -20,9 +20,7 @@ LRS = [1.0e-3, 2.0e-3, 3.0e-3, 4.0e-3, 5.0e-3, 6.0e-3, 1.0e10, 2.0e10]  # the la
 
 
 @pytest.fixture(scope="module")
-def eight(tmp_path_factory):
-    import ray
-
+def eight(ray_local, tmp_path_factory):
     folder = tmp_path_factory.mktemp("load")
     base = {**PARITY_BASE, "stages": [{"name": "train", "mix": {"parity": 1.0}, "epochs": 12}],
             "target": {"task": "parity", "accuracy": 0.3}}  # healthy trials reach it
@@ -33,13 +31,8 @@ def eight(tmp_path_factory):
                    "grace_fraction": 0.5},
         "resources": {"cpu": 0.25}}))
     uri = f"sqlite:///{folder}/mlflow.db"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             object_store_memory=80 * 1024 * 1024)
-    try:
-        rows = run_search(load_search(folder / "spec.yaml"),
-                          SearchOptions(uri=uri, storage_path=str(folder / "ray")), out=io.StringIO())
-    finally:
-        ray.shutdown()
+    rows = run_search(load_search(folder / "spec.yaml"),
+                      SearchOptions(uri=uri, storage_path=str(folder / "ray")), out=io.StringIO())
     return folder, uri, rows
 
 

@@ -26,16 +26,6 @@ def test_validates(spec):
     assert main(["validate", str(spec)]) == 0
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             object_store_memory=80 * 1024 * 1024)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("spec", SPECS, ids=lambda p: p.stem)
 def test_runs_at_smoke_size(spec, ray_local, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -27,16 +27,6 @@ BASE = {
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             object_store_memory=80 * 1024 * 1024)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def search(ray_local, tmp_path_factory):
     """A 4-trial ASHA search: a grid over the target accuracy makes two trials reach it at their
     first evaluation and two never (censored), two seeds each; two trials run at once."""
