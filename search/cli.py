@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--run", dest="parent_run", help="the search's parent run id (default: the latest search)")
     h.add_argument("-o", "--out", default="report", help="folder for report.html (default: ./report)")
 
+    a = sub.add_parser("ablate", help="test accuracy of a trained trial under attention interventions")
+    a.add_argument("--checkpoint", required=True, help="a trial's checkpoint folder (holding trainer.pt)")
+    a.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
+
     r = sub.add_parser("reconcile", help="mark runs a crash left RUNNING as KILLED (never a live search's)")
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     r.add_argument("--experiment", action="append", help="only this experiment (repeatable; default: all)")
@@ -168,6 +172,34 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from iterhead.trainable import checkpoint
+
+    path = Path(args.checkpoint)
+    if not (path / checkpoint.FILENAME).is_file():
+        raise ConfigError(f"no {checkpoint.FILENAME} in {path}; give a trial's checkpoint folder",
+                          field="--checkpoint")
+    from iterhead.curricula.io import parse_curriculum
+    from iterhead.trainable.ablation import INTERVENTIONS, ablate
+    from iterhead.trainable.loop import Trainer, resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(str(err), field="--device") from None
+    state = checkpoint.load(path, device)
+    cur = parse_curriculum(state["curriculum"], file=str(path / checkpoint.FILENAME))
+    if not cur.data.cot:
+        raise ConfigError("the interventions need chain-of-thought sequences (data.cot: true)",
+                          field="--checkpoint")
+    table = ablate(Trainer(cur, device, state))
+    tasks = list(table["none"])
+    print("intervention        " + "  ".join(f"{t:>16}" for t in tasks))
+    for name in ["none", *INTERVENTIONS]:
+        print(f"{name:<20}" + "  ".join(f"{table[name][t]:>16.1%}" for t in tasks))
+    return EXIT_OK
+
+
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from iterhead.search.reconcile import STALE_AFTER_S, reconcile
     from iterhead.search.tracking import resolve_uri
@@ -188,7 +220,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"validate": cmd_validate, "train": cmd_train, "search": cmd_search, "export": cmd_export,
-            "report": cmd_report, "reconcile": cmd_reconcile}
+            "report": cmd_report, "ablate": cmd_ablate, "reconcile": cmd_reconcile}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,49 @@
+"""Attention interventions rewrite exactly the entries they name, and the command reports them."""
+
+from __future__ import annotations
+
+import torch
+
+from iterhead.search.cli import main
+from iterhead.trainable import checkpoint
+from iterhead.trainable.ablation import ideal, zero_eoi, zero_iteration
+from iterhead.trainable.loop import Trainer
+
+from support import tiny
+
+L = 3  # inputs [task, x1 x2 x3, EoI, s1 s2]: 7 positions, EoI at 4
+
+
+def uniform(tq: int = 7, t: int = 7) -> torch.Tensor:
+    return torch.full((1, 1, tq, t), 1.0 / t)
+
+
+def test_zero_eoi_clears_cot_to_eoi_only():
+    out = zero_eoi(uniform())[0, 0]
+    assert out[5:, 4].eq(0).all() and out[:5, 4].gt(0).all()  # queries s1, s2 -> EoI cleared
+    assert out[:, :4].eq(1 / 7).all()
+
+
+def test_zero_iteration_clears_the_diagonal_in_a_query_window():
+    window = zero_iteration(uniform(tq=3))[0, 0]  # queries 4, 5, 6 (the last layer's window)
+    assert [window[i, i + 1].item() for i in range(3)] == [0.0, 0.0, 0.0]  # L+t -> x_t
+    assert window.sum() > 0
+
+
+def test_ideal_maps_are_one_hot_rows():
+    for layer in (0, 1):
+        p = ideal(layer)(uniform())[0, 0]
+        torch.testing.assert_close(p.sum(-1), torch.ones(7))
+    assert ideal(0)(uniform())[0, 0][6, 4] == 1.0 and ideal(1)(uniform())[0, 0][5, 2] == 1.0
+
+
+def test_ablate_command_reports_every_intervention(tmp_path, capsys):
+    trainer = Trainer(tiny())
+    for _ in trainer.run():
+        pass
+    checkpoint.save(trainer.state_dict(), tmp_path)
+    assert main(["ablate", "--checkpoint", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for name in ("none", "zero_eoi_l0", "zero_iteration_l1", "ideal_l0", "ideal_l1", "ideal_both"):
+        assert name in out
+    assert main(["ablate", "--checkpoint", str(tmp_path / "nothing")]) == 2
