@@ -37,6 +37,7 @@ from typing import Any, TextIO
 from ray import tune
 
 from iterhead.curricula.io import dump_curriculum, flatten
+from iterhead.search.report import short
 from iterhead.search.tracking import RunWriter
 from iterhead.trainable.artifacts import ARTIFACTS
 from iterhead.trainable.tune import trial_curriculum
@@ -125,7 +126,7 @@ class MlflowSearchCallback(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._run(trial)
-        values = ", ".join(f"{k}={_short(v)}" for k, v in trial.config.items())
+        values = ", ".join(f"{k}={short(v)}" for k, v in trial.config.items())
         print(f"trial {trial.trial_id} started{': ' + values if values else ''}", file=self.out, flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
@@ -219,6 +220,3 @@ class MlflowSearchCallback(tune.Callback):
             if self._tmp is not None:
                 shutil.rmtree(self._tmp, ignore_errors=True)
 
-
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -96,7 +96,7 @@ def render(experiment: str, parent: str, keys: list[str], rows: list[dict[str, A
     head = "".join(f"<th>{html.escape(h)}</th>" for h in ["trial", *keys, "reached", "compute_to_target",
                                                             "target accuracy", "status"])
     body = "\n".join(
-        "<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in [
+        "<tr>" + "".join(f"<td>{html.escape(report.short(v))}</td>" for v in [
             r["trial_id"], *(r.get(k) for k in keys),
             "diverged" if r["diverged"] == 1.0 else ("yes" if r["reached"] == 1.0 else "no (censored)"),
             f"{r['compute_to_target']:.3e}", f"{r['target_acc']:.3f}", r["status"]]) + "</tr>"
@@ -132,10 +132,6 @@ def _value(text: str | None) -> Any:
         except ValueError:
             pass
     return text
-
-
-def _cell(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _safe(key: str) -> str:

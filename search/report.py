@@ -12,11 +12,17 @@ import csv
 from pathlib import Path
 from typing import Any, Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+def _plt():
+    """pyplot on the Agg backend, imported only when a figure is drawn (it is slow to import)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 COLUMNS = ("trial_id", "status", "reached", "compute_to_target", "target_acc", "compute/flops", "run_id")
 
@@ -33,6 +39,7 @@ def write_table(path: Path, rows: Sequence[dict[str, Any]], keys: Sequence[str])
 
 def plot_against_params(path: Path, rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> Path:
     """compute_to_target against each searched parameter; censored trials as crosses."""
+    plt = _plt()
     keys = list(keys) or ["trial"]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys):
@@ -54,6 +61,7 @@ def plot_against_params(path: Path, rows: Sequence[dict[str, Any]], keys: Sequen
 
 def plot_fraction_reached(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
     """Fraction of all trials that had reached the target by each amount of compute."""
+    plt = _plt()
     n = len(rows)
     hits = np.sort([float(r["compute_to_target"]) for r in rows if float(r.get("reached", 0)) == 1.0])
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -72,6 +80,11 @@ def plot_fraction_reached(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
     return path
 
 
+def short(value: Any) -> str:
+    """A value for a table or a progress line: floats to 4 significant digits."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _numeric(value: Any) -> Any:
     return value if isinstance(value, (int, float)) else str(value)
 
@@ -79,6 +92,7 @@ def _numeric(value: Any) -> Any:
 def plot_medians(path: Path, rows: Sequence[dict[str, Any]], key: str) -> Path:
     """compute_to_target against one parameter: median and min-max over the other values
     (seeds, mostly) at each value; censored trials drawn as crosses at their penalty."""
+    plt = _plt()
     groups: dict[Any, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(_numeric(r.get(key)), []).append(r)
@@ -114,6 +128,7 @@ def plot_medians(path: Path, rows: Sequence[dict[str, Any]], key: str) -> Path:
 def plot_length_curves(path: Path, flops: Sequence[float], per_length: dict[int, Sequence[float]],
                        title: str) -> Path:
     """Accuracy at each length against training compute, for one trial."""
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     cmap = plt.get_cmap("viridis")
     lengths = sorted(per_length)

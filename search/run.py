@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from iterhead.curricula.errors import ConfigError
+from iterhead.search.report import short
 from iterhead.search.spec import LoadedSearch, SearchSettings
 from iterhead.search.tracking import Heartbeat, RunWriter, ui_hint
 from iterhead.trainable.checkpoint import write_atomic
@@ -278,10 +279,7 @@ def _print_summary(rows: list[dict[str, Any]], keys: list[str], out: TextIO) -> 
           f"({len(rows) - len(reached)} censored or failed); by compute_to_target:", file=out)
     print("  " + " | ".join(["trial", *keys, "reached", "compute_to_target"]), file=out)
     for r in sorted(rows, key=lambda r: (-(r["reached"] == 1.0), r["compute_to_target"])):
-        vals = [r["trial_id"], *(_fmt(r.get(k)) for k in keys), "yes" if r["reached"] == 1.0 else "no",
+        vals = [r["trial_id"], *(short(r.get(k)) for k in keys), "yes" if r["reached"] == 1.0 else "no",
                 f"{r['compute_to_target']:.3e}" + ("" if r["reached"] == 1.0 else " (censored)")]
         print("  " + " | ".join(vals), file=out)
 
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)

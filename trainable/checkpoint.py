@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 FILENAME = "trainer.pt"
 
@@ -38,11 +39,15 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
 
 def save(state: dict[str, Any], folder: str | Path) -> Path:
     """Write `state` to ``folder/trainer.pt`` atomically; returns the path."""
+    import torch  # here, not at import: write_atomic serves light commands too
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     return write_atomic(folder / FILENAME, lambda f: torch.save(state, f))
 
 
-def load(folder: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+def load(folder: str | Path, device: "torch.device | str" = "cpu") -> dict[str, Any]:
     """The state saved by `save` in `folder`."""
+    import torch
+
     return torch.load(Path(folder) / FILENAME, map_location=device, weights_only=True)
