@@ -36,12 +36,12 @@ def vocab_for(cur: Curriculum) -> Vocab:
     return Vocab(n_symbols=n_symbols, task_names=tuple(cur.tasks))
 
 
-def seq_len(length: int, cot: bool) -> int:
+def seq_len(length, cot: bool):
     """Tokens in a sequence of input length `length`, padding excluded."""
     return 2 * length + 2 if cot else length + 3
 
 
-def answer_len(length: int, cot: bool) -> int:
+def answer_len(length, cot: bool):
     return length if cot else 1
 
 

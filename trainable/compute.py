@@ -26,8 +26,7 @@ from iterhead.curricula.data import seq_len
 
 def input_tokens(lengths: np.ndarray, cot: bool) -> np.ndarray:
     """Input tokens per sequence of the given input lengths (padding excluded)."""
-    return np.asarray([seq_len(int(n), cot) - 1 for n in np.unique(lengths)])[
-        np.searchsorted(np.unique(lengths), lengths)]
+    return seq_len(np.asarray(lengths), cot) - 1
 
 
 def flops(lengths: np.ndarray, cot: bool, n_params: int, n_layers: int, d_model: int,

@@ -123,7 +123,7 @@ class Trainer:
         """True at the input positions that predict an answer token, per training row."""
         pos = np.arange(self.max_tokens - 1)[None, :]
         start = lengths[:, None] + 1
-        stop = start + np.array([answer_len(int(n), self.cur.data.cot) for n in lengths])[:, None]
+        stop = start + answer_len(lengths[:, None], self.cur.data.cot)
         return torch.from_numpy((pos >= start) & (pos < stop)).to(self.device)
 
     # -- stages ---------------------------------------------------------------------------
