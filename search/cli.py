@@ -129,21 +129,27 @@ def cmd_search(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_export(args: argparse.Namespace) -> int:
+def existing_store(tracking_uri: str | None):
+    """A client of a tracking store that must already exist (for commands that read one)."""
     from iterhead.search.tracking import resolve_uri
 
-    uri = resolve_uri(args.tracking_uri)
-    if args.top_k < 1:
-        raise ConfigError("must be at least 1", field="--top-k")
+    uri = resolve_uri(tracking_uri)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise ConfigError(f"no tracking store at {uri}", field="--tracking-uri")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one artifact a trial
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a few small artifacts
     from mlflow import MlflowClient
 
+    return MlflowClient(uri)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.top_k < 1:
+        raise ConfigError("must be at least 1", field="--top-k")
+    client = existing_store(args.tracking_uri)
     from iterhead.search.export import ExportError, export
 
     try:
-        paths = export(MlflowClient(uri), args.experiment, Path(args.out), top_k=args.top_k,
+        paths = export(client, args.experiment, Path(args.out), top_k=args.top_k,
                        parent_run_id=args.parent_run)
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -157,17 +163,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from iterhead.search.tracking import resolve_uri
-
-    uri = resolve_uri(args.tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise ConfigError(f"no tracking store at {uri}", field="--tracking-uri")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from mlflow import MlflowClient
-
+    client = existing_store(args.tracking_uri)
     from iterhead.search.page import build
 
-    page = build(MlflowClient(uri), args.experiment, Path(args.out), args.parent_run)
+    page = build(client, args.experiment, Path(args.out), args.parent_run)
     print(f"wrote {page} (and its figures on the search's parent run, under report/)")
     return EXIT_OK
 
@@ -202,17 +201,11 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from iterhead.search.reconcile import STALE_AFTER_S, reconcile
-    from iterhead.search.tracking import resolve_uri
 
-    uri = resolve_uri(args.tracking_uri)
     stale = STALE_AFTER_S if args.stale_after is None else args.stale_after
     if stale < 0:
         raise ConfigError("must be at least 0", field="--stale-after")
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise ConfigError(f"no tracking store at {uri}", field="--tracking-uri")
-    from mlflow import MlflowClient
-
-    marked = reconcile(MlflowClient(uri), args.experiment, stale)
+    marked = reconcile(existing_store(args.tracking_uri), args.experiment, stale)
     for m in marked:
         print(f"marked KILLED: {m.what} run {m.run_id} in {m.experiment!r} (no sign of life for {m.idle_s:.0f} s)")
     print(f"{len(marked)} run(s) marked KILLED")
