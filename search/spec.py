@@ -116,10 +116,6 @@ class LoadedSearch:
     def __init__(self, spec: SearchSpec, base: Curriculum, base_path: Path, path: Path) -> None:
         self.spec, self.base, self.base_path, self.path = spec, base, base_path, path
 
-    def curriculum(self, overrides: dict[str, Any]) -> Curriculum:
-        """The base with a trial's sampled values set."""
-        return parse_curriculum(apply(self.base.model_dump(mode="json"), overrides), file=str(self.path))
-
 
 def _check_space(spec: SearchSpec, base: Curriculum, file: str) -> None:
     data = base.model_dump(mode="json")

@@ -10,6 +10,7 @@ import pytest
 from iterhead.curricula.overrides import apply, blend
 from iterhead.search.cli import main
 from iterhead.search.spec import load_search
+from iterhead.trainable.tune import trial_curriculum
 
 from support import ROOT
 
@@ -104,8 +105,9 @@ def test_shipped_search_specs_validate():
 
 def test_overrides_address_stages_by_name_and_mix_as_share():
     loaded = load_search(ROOT / "examples" / "search_small.yaml")
-    cur = loaded.curriculum({"stages.pretrain.epochs": 0, "stages.finetune.mix.polynomial": 0.25,
-                             "optim.lr": 0.002})
+    cur = trial_curriculum(loaded.base.model_dump(mode="json"),  # what a trial trains
+                           {"stages.pretrain.epochs": 0, "stages.finetune.mix.polynomial": 0.25,
+                            "optim.lr": 0.002}, smoke=False)
     assert cur.stage("pretrain").epochs == 0 and cur.optim.lr == 0.002
     assert cur.stage("finetune").mix == pytest.approx({"parity": 0.75, "polynomial": 0.25})
     assert blend({"a": 1.0, "b": 3.0}, {"c": 0.5}) == pytest.approx({"a": 0.125, "b": 0.375, "c": 0.5})
