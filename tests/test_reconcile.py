@@ -21,7 +21,8 @@ pytestmark = pytest.mark.integration
 
 
 def start_train(tmp_path: Path, name: str, epochs: int, uri: str) -> subprocess.Popen:
-    cur = tiny(name=name, stages=[{"name": "s", "mix": {"parity": 1.0}, "epochs": epochs}])
+    # trained on polynomial only while the target is parity: it runs until killed, never stops early
+    cur = tiny(name=name, stages=[{"name": "s", "mix": {"polynomial": 1.0}, "epochs": epochs}])
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cur.model_dump(mode="json")))
     env = {**os.environ, "ITERHEAD_HEARTBEAT_S": "0.5"}
