@@ -15,18 +15,27 @@ from support import ROOT
 
 pytestmark = pytest.mark.integration
 SPECS = sorted((ROOT / "examples" / "paper").glob("[0-9]_*.yaml"))
+CPU_SPECS = sorted((ROOT / "examples" / "paper" / "cpu").glob("[0-9]_*.yaml"))
 
 
-def test_five_experiments_are_shipped():
-    assert [p.name[0] for p in SPECS] == ["1", "2", "3", "4", "5"]
+ALL = SPECS + CPU_SPECS
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda p: p.stem)
+def ident(path) -> str:
+    return f"{path.parent.name}/{path.stem}"
+
+
+@pytest.mark.parametrize("specs", [SPECS, CPU_SPECS], ids=["full", "cpu"])
+def test_five_experiments_are_shipped(specs):
+    assert [p.name[0] for p in specs] == ["1", "2", "3", "4", "5"]
+
+
+@pytest.mark.parametrize("spec", ALL, ids=ident)
 def test_validates(spec):
     assert main(["validate", str(spec)]) == 0
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("spec", ALL, ids=ident)
 def test_runs_at_smoke_size(spec, ray_local, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     loaded = load_search(spec)
