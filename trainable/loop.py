@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 from iterhead.curricula.data import answer_len, build_data, seq_len, stream
 from iterhead.curricula.io import parse_curriculum
-from iterhead.curricula.sampler import Layout, plan_epoch
-from iterhead.curricula.schema import Curriculum
+from iterhead.curricula.sampler import EpochPlan, Layout, plan_epoch
+from iterhead.curricula.schema import Curriculum, StageSpec
 from iterhead.trainable.compute import Compute, Stopwatch, flops, input_tokens
 from iterhead.trainable.evaluate import EvalTable, accuracy_metrics, correct_rows
 from iterhead.trainable.model import Transformer
@@ -48,6 +48,19 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for, but no CUDA device is available")
     return torch.device(name)
+
+
+def make_optimizer(params: list[torch.Tensor], lr: float, weight_decay: float,
+                   device: torch.device) -> torch.optim.Optimizer:
+    """Adam, fused on CUDA (the fastest path there), foreach on CPU (measured faster)."""
+    fused = device.type == "cuda"
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused,
+                            foreach=None if fused else True)
+
+
+def last_stage(cur: Curriculum) -> int:
+    """Index of the last stage that trains at all."""
+    return max(i for i, s in enumerate(cur.stages) if s.epochs > 0)
 
 
 def torch_seed(seed: int, *labels: object) -> int:
@@ -137,11 +150,22 @@ class Trainer:
                 p.requires_grad_(True)
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def _make_optimizer(self, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-        """Adam, fused on CUDA (the fastest path there), foreach on CPU (measured faster)."""
-        fused = self.device.type == "cuda"
-        return torch.optim.Adam(params, lr=lr, weight_decay=self.cur.optim.weight_decay,
-                                fused=fused, foreach=None if fused else True)
+    def epoch_plan(self, stage: StageSpec, epoch: int) -> tuple[EpochPlan, torch.Generator]:
+        """An epoch's rows and batches, and its dropout generator: both from the seed alone."""
+        cur = self.cur
+        plan = plan_epoch(self.layout, stage.mix, cur.optim.batch_size,
+                          stream(cur.seed, "sampler", stage.name, epoch))
+        g = torch.Generator(device=self.device)
+        g.manual_seed(torch_seed(cur.seed, "dropout", stage.name, epoch))
+        return plan, g
+
+    def count(self, plan: EpochPlan) -> None:
+        """Add an epoch's examples, tokens and analytic FLOPs to the compute so far."""
+        cur = self.cur
+        self.compute.examples += len(plan.rows)
+        self.compute.tokens += int(input_tokens(plan.lengths, cur.data.cot).sum())
+        self.compute.flops += flops(plan.lengths, cur.data.cot, self.n_params,
+                                    cur.model.n_layers, cur.model.d_model)
 
     def run(self) -> Iterator[Evaluation]:
         """Train stage by stage, yielding each evaluation (module docstring)."""
@@ -154,7 +178,7 @@ class Trainer:
             if index > self.position.stage:
                 self.position, self._optim_state = Position(index, 0), None
             params = self._set_trainable(stage.train_modules)
-            self.optimizer = self._make_optimizer(params, stage.lr or cur.optim.lr)
+            self.optimizer = make_optimizer(params, stage.lr or cur.optim.lr, cur.optim.weight_decay, self.device)
             if self._optim_state is not None:
                 self.optimizer.load_state_dict(self._optim_state)
                 self._optim_state = None
@@ -162,29 +186,22 @@ class Trainer:
             n_batches = 0
             watch.start()
             while self.position.epoch < stage.epochs:
-                epoch = self.position.epoch
-                plan = plan_epoch(self.layout, stage.mix, cur.optim.batch_size,
-                                  stream(cur.seed, "sampler", stage.name, epoch))
-                g = torch.Generator(device=self.device)
-                g.manual_seed(torch_seed(cur.seed, "dropout", stage.name, epoch))
+                plan, g = self.epoch_plan(stage, self.position.epoch)
                 epoch_loss = self._train_epoch(plan, g)
                 loss_sum += epoch_loss
                 n_batches += len(plan.bounds) - 1
-                self.compute.examples += len(plan.rows)
-                self.compute.tokens += int(input_tokens(plan.lengths, cur.data.cot).sum())
-                self.compute.flops += flops(plan.lengths, cur.data.cot, self.n_params,
-                                            cur.model.n_layers, cur.model.d_model)
+                self.count(plan)
                 self.position.epoch += 1
                 if not bool(torch.isfinite(epoch_loss)):  # one sync per epoch
                     self.compute.seconds += watch.stop()
-                    yield self._diverged(stage.name)
+                    yield self.diverged(stage.name)
                     return
-                if self.position.epoch % cur.eval.every_epochs and self.position.epoch < stage.epochs:
+                if not self.evaluates_after(stage):
                     continue
                 loss = float(loss_sum) / max(n_batches, 1)  # the one host sync per evaluation
                 self.compute.seconds += watch.stop()
                 last = index == self._last_stage() and self.position.epoch == stage.epochs
-                yield self._evaluate(stage.name, loss, last)
+                yield self.evaluate(stage.name, loss, last)
                 loss_sum.zero_()
                 n_batches = 0
                 if self.outcome.reached:
@@ -194,7 +211,16 @@ class Trainer:
             self.position = Position(index + 1, 0)
 
     def _last_stage(self) -> int:
-        return max(i for i, s in enumerate(self.cur.stages) if s.epochs > 0)
+        return last_stage(self.cur)
+
+    def evaluates_after(self, stage: StageSpec) -> bool:
+        """Whether the epoch just done (`position.epoch` counts it) ends with an evaluation."""
+        done = self.position.epoch
+        return done % self.cur.eval.every_epochs == 0 or done == stage.epochs
+
+    @property
+    def finished(self) -> bool:
+        return self.outcome.reached or self.outcome.diverged
 
     def _train_epoch(self, plan, generator: torch.Generator) -> torch.Tensor:
         """One epoch's optimiser steps; returns the summed batch losses (on the device)."""
@@ -218,14 +244,14 @@ class Trainer:
             total += loss.detach()
         return total
 
-    def _diverged(self, stage: str) -> Evaluation:
+    def diverged(self, stage: str) -> Evaluation:
         self.outcome.diverged = True
         step = self.outcome.evaluations
         self.outcome.evaluations += 1
         metrics = {**self.compute.metrics(), "diverged": 1.0}
         return Evaluation(step, stage, self.position.epoch, metrics, final=True, diverged=True)
 
-    def _evaluate(self, stage: str, loss: float, last: bool) -> Evaluation:
+    def evaluate(self, stage: str, loss: float, last: bool) -> Evaluation:
         watch = Stopwatch()
         watch.start()
         correct = correct_rows(self.model, self.eval_table)

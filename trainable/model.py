@@ -11,7 +11,12 @@ to the first answer position, which skips about a quarter of the work for chain-
 sequences without changing any logit that the loss or the accuracy reads.
 
 Randomness: embedding dropout (the paper's only dropout) draws from a `torch.Generator`
-passed in by the caller, never from the global RNG.
+passed in by the caller, never from the global RNG, or takes a keep mask drawn by the caller
+(batched seeds draw each seed's mask outside `torch.func.vmap`).
+
+Batched seeds: under `torch.func.vmap` the fused attention kernel has no batching rule on
+some devices (a slow per-seed loop), so `fused_attention(False)` switches every block to
+the explicit softmax path, which batches as plain matrix products.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(d, d)
         self.rotary = Rotary(self.head_dim, max_len) if spec.positional == "rotary" else None
         self.hook_pattern = HookPoint()
+        self.fused = True
         self._masks: dict[tuple[int, int, str], torch.Tensor] = {}
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +94,7 @@ class Attention(nn.Module):
         k, v = (self._split(t) for t in F.linear(x, w[d:], bias[d:]).split(d, dim=-1))
         if self.rotary is not None:
             q, k = self.rotary(q, q_start), self.rotary(k, 0)
-        if self.hook_pattern.active:
+        if self.hook_pattern.active or not self.fused:
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
             scores = scores.masked_fill(~self._mask(q_start, x.shape[1], x.device), float("-inf"))
             y = self.hook_pattern(scores.softmax(dim=-1)) @ v
@@ -153,9 +159,17 @@ class Transformer(nn.Module):
         skip = set() if embeddings else {"tok_emb.weight", "pos_emb.weight"}
         return sum(p.numel() for n, p in self.named_parameters() if n not in skip)
 
+    def fused_attention(self, on: bool) -> None:
+        """Use the fused attention kernel (default) or the explicit one (for vmap)."""
+        for block in self.blocks:
+            block.attn.fused = on
+
     def forward(self, tokens: torch.Tensor, q_start: int = 0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        """Logits [batch, T - q_start, vocab] for token ids [batch, T]."""
+                generator: torch.Generator | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [batch, T - q_start, vocab] for token ids [batch, T].
+
+        Training with dropout needs `generator` or `keep`, a boolean mask shaped like the
+        embeddings [batch, T, d_model] (True = kept)."""
         t = tokens.shape[1]
         if t > self.max_len:
             raise ValueError(f"sequence of {t} tokens exceeds the model's {self.max_len} positions")
@@ -164,9 +178,10 @@ class Transformer(nn.Module):
             x = x + self.pos_emb.weight[:t]
         p = self.spec.dropout
         if self.training and p > 0:
-            if generator is None:
-                raise ValueError("training with dropout needs an explicit torch.Generator")
-            keep = torch.rand(x.shape, generator=generator, device=x.device) >= p
+            if keep is None:
+                if generator is None:
+                    raise ValueError("training with dropout needs an explicit torch.Generator or keep mask")
+                keep = torch.rand(x.shape, generator=generator, device=x.device) >= p
             x = x * keep / (1.0 - p)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):

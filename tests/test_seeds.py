@@ -1,0 +1,114 @@
+"""Batched seeds: K seeds in one stacked model are the same trials as K separate runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from iterhead.curricula.sampler import EpochPlan
+from iterhead.trainable.loop import Trainer
+from iterhead.trainable.seeds import SeedBatch, epoch_steps
+
+from support import tiny
+
+# 40 rows a length in batches of 32: batches straddle lengths and sizes differ, so the seeds'
+# batches at one step differ in length and size and the padding path is exercised.
+DATA = {"min_len": 1, "max_len": 4, "train_per_len": 40, "test_per_len": 32, "cot": True}
+
+
+def single_runs(cur, seeds):
+    out = {}
+    for s in seeds:
+        trainer = Trainer(cur.model_copy(update={"seed": s}))
+        out[s] = ([ev.metrics for ev in trainer.run()], trainer)
+    return out
+
+
+def batched_runs(batch: SeedBatch):
+    out = {s: [] for s in batch.seeds}
+    for evaluations in batch.run():
+        for seed, ev in evaluations:
+            out[seed].append(ev.metrics)
+    return out
+
+
+def test_batched_seeds_match_separate_runs():
+    """Dropout, two stages and a frozen-module stage: same compute, accuracies and losses."""
+    cur = tiny(data=DATA, stages=[
+        {"name": "pretrain", "mix": {"polynomial": 1.0}, "epochs": 2},
+        {"name": "finetune", "mix": {"parity": 0.7, "polynomial": 0.3}, "epochs": 3,
+         "train_modules": ["blocks.1.mlp"]}])
+    seeds = [0, 1, 2]
+    single = single_runs(cur, seeds)
+    batch = SeedBatch(cur, seeds)
+    batched = batched_runs(batch)
+    for s in seeds:
+        alone, together = single[s][0], batched[s]
+        assert len(alone) == len(together) == 5
+        for a, b in zip(alone, together):
+            for key in a:
+                if key.startswith(("compute/flops", "compute/examples", "compute/tokens")):
+                    assert a[key] == b[key], key
+                elif key.startswith(("acc/", "loss/")):
+                    assert b[key] == pytest.approx(a[key], abs=1e-4), key
+        for p, q in zip(single[s][1].model.parameters(), batch.trainers[seeds.index(s)].model.parameters()):
+            assert torch.allclose(p, q, atol=1e-5)
+    frozen = [n for n, p in batch.params.items() if not p.requires_grad]
+    assert frozen and not any(n.startswith("blocks.1.mlp.") for n in frozen)
+
+
+def test_a_seed_that_reaches_the_target_leaves_the_batch():
+    cur = tiny(data=DATA, target={"task": "parity", "accuracy": 0.55},
+               stages=[{"name": "train", "mix": {"parity": 1.0}, "epochs": 30}],
+               optim={"lr": 3e-3, "batch_size": 32})
+    seeds = [0, 1, 2]
+    single = single_runs(cur, seeds)
+    batch = SeedBatch(cur, seeds)
+    sizes = []
+    for evaluations in batch.run():
+        sizes.append(len(evaluations))
+    outcomes = {s: single[s][1].outcome for s in seeds}
+    assert any(o.reached for o in outcomes.values())
+    assert len(set(o.compute_to_target for o in outcomes.values())) > 1, "seeds should finish apart"
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] < len(seeds)
+    assert batch.active == []
+    for s, trainer in zip(seeds, batch.trainers):
+        assert trainer.outcome.reached == outcomes[s].reached
+        assert trainer.outcome.compute_to_target == outcomes[s].compute_to_target
+        assert trainer.outcome.evaluations == outcomes[s].evaluations
+
+
+def test_a_diverging_seed_leaves_the_others_untouched():
+    cur = tiny(data=DATA)
+    single = single_runs(cur, [0])
+    batch = SeedBatch(cur, [0, 1])
+    with torch.no_grad():
+        batch.params["head.weight"][1].fill_(float("nan"))
+    batched = batched_runs(batch)
+    assert batched[1][-1]["diverged"] == 1.0 and len(batched[1]) == 1
+    assert batch.trainers[1].outcome.diverged
+    assert [m["loss/train"] for m in batched[0]] == pytest.approx(
+        [m["loss/train"] for m in single[0][0]], abs=1e-4)
+
+
+def test_seeds_must_be_distinct():
+    with pytest.raises(ValueError, match="distinct"):
+        SeedBatch(tiny(), [1, 1])
+    with pytest.raises(ValueError, match="distinct"):
+        SeedBatch(tiny(), [])
+
+
+def test_epoch_steps_pad_short_batches_and_mark_the_padding():
+    def plan(sizes):
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        n = int(bounds[-1])
+        return EpochPlan(np.arange(100, 100 + n), np.ones(n, dtype=np.int64), bounds)
+
+    steps, picks, valid = epoch_steps([plan([3, 1]), plan([1, 3])])
+    assert len(steps) == 2 and picks.shape == valid.shape == (2, 2, 3)
+    assert picks[0].tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert valid[0].tolist() == [[True, True, True], [True, False, False]]
+    assert picks[1].tolist() == [[3, 3, 3], [1, 2, 3]]
+    with pytest.raises(ValueError, match="same number of batches"):
+        epoch_steps([plan([2, 2]), plan([4])])
