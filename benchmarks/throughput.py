@@ -6,12 +6,20 @@ Prints a table and writes BENCHMARKS.md:
 2. per configuration and device: trained tokens per second (padding excluded), achieved
    analytic GFLOP/s (`trainable/compute.py`) and its share of that peak, and one test-set
    evaluation's time;
-3. one epoch plus one evaluation of the paper configuration as a whole process: `iterhead
+3. several trainings on one device (`benchmarks/parallel.py`), with the small
+   configuration a search trial typically trains: N concurrent trial processes against one,
+   and K seeds batched into one model (`trainable/seeds.py`) against the same seeds one
+   after another;
+4. on CUDA, one full paper-configuration run (lengths 1..32, 1000 epochs, an evaluation
+   every 100) against the obvious loop's per-epoch time, measured in the same run, times
+   the epochs;
+5. one epoch plus one evaluation of the paper configuration as a whole process: `iterhead
    train` (start-up, data, training, evaluation, MLflow and artifacts included) against
    `benchmarks/baseline.py` (padding to the longest length, DataLoader, `.item()` per step,
    a full train+test evaluation), run side by side on this machine.
 
-    python benchmarks/throughput.py [--epochs 2] [--skip-process] [--out BENCHMARKS.md]
+    python benchmarks/throughput.py [--epochs 2] [--concurrent 1,2] [--seeds 1,2,4]
+        [--full-epochs 1000] [--skip-process] [--out BENCHMARKS.md]
 """
 
 from __future__ import annotations
@@ -30,6 +38,9 @@ import yaml
 
 from iterhead.curricula.io import parse_curriculum
 from iterhead.trainable.loop import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import parallel  # noqa: E402  (beside this script)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,6 +95,65 @@ def train_rate(data: dict, epochs: int, device: torch.device) -> dict:
             "gflops": m["compute/flops"] / seconds / 1e9, "eval_s": m["compute/eval_seconds"]}
 
 
+def several(device: torch.device, counts: list[int], seeds: list[int], epochs: int, peak: float) -> list[str]:
+    """Tables for N concurrent trials and K batched seeds on one device (small configuration)."""
+    data = CONFIGS["small (L 1..8, 1024/len, d128)"]
+    cur = curriculum(data, epochs + 1)
+    cpus = os.cpu_count() or 1
+    lines = ["", f"## Several trainings on one {device.type} device (small configuration, {epochs} epochs)", "",
+             "| trial processes | threads each | aggregate tokens / s | GFLOP/s | share of matmul peak | vs one |",
+             "|---|---|---|---|---|---|"]
+    rates = {}
+    for n in counts:
+        threads = max(1, cpus // n)
+        r = parallel.concurrent(cur, device, n, epochs, threads)
+        rates[n] = r["tok_s"]
+        lines.append(f"| {n} | {threads} | {r['tok_s']:,.0f} | {r['flop_s'] / 1e9:.1f} | {r['flop_s'] / 1e9 / peak:.0%} "
+                     f"| {r['tok_s'] / rates[counts[0]]:.2f}x |")
+        print(lines[-1], flush=True)
+    best = max(rates.values())
+    enough = min(n for n, r in rates.items() if r >= 0.9 * best)
+    lines += ["", f"The fewest processes within 10% of the best aggregate rate: {enough} "
+              f"(a trial share of {1 / enough:g} of the device).", "",
+              "| batched seeds K | batched s | one after another s | tokens / s batched | speed-up |",
+              "|---|---|---|---|---|"]
+    for k in seeds:
+        r = parallel.batched(parse_curriculum(cur), device, k, epochs)
+        lines.append(f"| {k} | {r['batched_s']:.2f} | {r['sequential_s']:.2f} | {r['tok_s']:,.0f} | {r['speedup']:.2f}x |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def full_run(device: torch.device, epochs: int, baseline_epochs: int) -> list[str]:
+    """One whole paper-configuration run of `epochs` epochs against the obvious loop's epochs.
+
+    The target is put on a task the run never trains (copy), so the run cannot stop early at
+    100% parity and the time is that of every epoch and evaluation."""
+    data = CONFIGS["paper (L 1..32, 1024/len, d128)"]
+    cur = curriculum(data, epochs, "paper-full")
+    cur["tasks"]["copy"] = {"kind": "copy"}
+    cur["target"] = {"task": "copy", "accuracy": 1.0}
+    cur["eval"]["every_epochs"] = 100
+    t = time.perf_counter()
+    trainer = Trainer(parse_curriculum(cur), device)
+    evaluations = list(trainer.run())
+    ours = time.perf_counter() - t
+    parity = evaluations[-1].metrics["acc/parity"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "paper.yaml"
+        path.write_text(yaml.safe_dump(curriculum(data, baseline_epochs, "paper-baseline")))
+        out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "baseline.py"), str(path), "--epochs",
+                              str(baseline_epochs), "--device", device.type], check=True, capture_output=True,
+                             text=True).stdout.strip()
+    per_epoch = float(out.split("(")[1].split(" s/epoch")[0])
+    return ["", f"## One full paper-configuration run on {device.type} ({epochs} epochs)", "",
+            "| trainer | wall s | speed-up |", "|---|---|---|",
+            f"| obvious loop (`benchmarks/baseline.py`): {baseline_epochs} epochs measured, x {epochs} "
+            f"| {per_epoch * epochs:.0f} | 1.0x |",
+            f"| iterhead `Trainer`, {len(evaluations)} evaluations included | {ours:.0f} | {per_epoch * epochs / ours:.1f}x |",
+            "", f"Final parity accuracy of the full run: {parity:.3f}. Baseline detail: {out}."]
+
+
 def whole_process(data: dict) -> tuple[float, float, str]:
     """Wall seconds of `iterhead train` and of the baseline, 1 epoch + 1 evaluation each."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,6 +176,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=2, help="timed epochs per configuration")
     ap.add_argument("--skip-process", action="store_true", help="skip the whole-process comparison")
+    ap.add_argument("--concurrent", default=None, help="trial process counts (default: 1,2 on CPU, 1,2,4,8 on CUDA)")
+    ap.add_argument("--seeds", default=None, help="batched seed counts (default: 1,2,4 on CPU, 1,4,8 on CUDA)")
+    ap.add_argument("--several-epochs", type=int, default=3, help="timed epochs for the several-trainings tables")
+    ap.add_argument("--full-epochs", type=int, default=1000, help="epochs of the full run (CUDA only; 0 skips)")
+    ap.add_argument("--baseline-epochs", type=int, default=3, help="epochs the obvious loop is timed for")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     args = ap.parse_args()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
@@ -121,13 +196,21 @@ def main() -> None:
             print(lines[-1], flush=True)
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
     head = [f"# Benchmarks", "",
-            f"Written by `python benchmarks/throughput.py --epochs {args.epochs}` on {time.strftime('%Y-%m-%d')}: "
+            f"Written by `python {' '.join(sys.argv)}` on {time.strftime('%Y-%m-%d')}: "
             f"{os.cpu_count()} CPUs ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads.", "",
             "## Training throughput", "",
             "Analytic FLOPs (6 x non-embedding parameters x tokens + causal attention); the share is of "
             "the fp32 matmul peak measured in the same run: "
             + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()) + ".", ""]
     body = head + lines
+    for device in devices:
+        cuda = device.type == "cuda"
+        counts = [int(v) for v in (args.concurrent or ("1,2,4,8" if cuda else "1,2")).split(",")]
+        seeds = [int(v) for v in (args.seeds or ("1,4,8" if cuda else "1,2,4")).split(",")]
+        body += several(device, counts, seeds, args.several_epochs, peaks[device.type])
+        if cuda and args.full_epochs:
+            body += full_run(device, args.full_epochs, args.baseline_epochs)
+            print("\n".join(body[-6:]), flush=True)
     if not args.skip_process:
         ours, base, detail = whole_process(CONFIGS["paper (L 1..32, 1024/len, d128)"])
         body += ["", "## One epoch plus one evaluation, paper configuration, as a whole process", "",

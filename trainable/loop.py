@@ -58,6 +58,14 @@ def make_optimizer(params: list[torch.Tensor], lr: float, weight_decay: float,
                             foreach=None if fused else True)
 
 
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on the device without waiting: pinned first on CUDA, so the copy is async."""
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def last_stage(cur: Curriculum) -> int:
     """Index of the last stage that trains at all."""
     return max(i for i, s in enumerate(cur.stages) if s.epochs > 0)
@@ -150,6 +158,12 @@ class Trainer:
                 p.requires_grad_(True)
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def start_stage(self, stage: StageSpec) -> None:
+        """Freeze what the stage freezes and give it a fresh optimiser."""
+        params = self._set_trainable(stage.train_modules)
+        self.optimizer = make_optimizer(params, stage.lr or self.cur.optim.lr, self.cur.optim.weight_decay,
+                                        self.device)
+
     def epoch_plan(self, stage: StageSpec, epoch: int) -> tuple[EpochPlan, torch.Generator]:
         """An epoch's rows and batches, and its dropout generator: both from the seed alone."""
         cur = self.cur
@@ -177,8 +191,7 @@ class Trainer:
                 continue
             if index > self.position.stage:
                 self.position, self._optim_state = Position(index, 0), None
-            params = self._set_trainable(stage.train_modules)
-            self.optimizer = make_optimizer(params, stage.lr or cur.optim.lr, cur.optim.weight_decay, self.device)
+            self.start_stage(stage)
             if self._optim_state is not None:
                 self.optimizer.load_state_dict(self._optim_state)
                 self._optim_state = None
@@ -187,7 +200,7 @@ class Trainer:
             watch.start()
             while self.position.epoch < stage.epochs:
                 plan, g = self.epoch_plan(stage, self.position.epoch)
-                epoch_loss = self._train_epoch(plan, g)
+                epoch_loss = self.train_epoch(plan, g)
                 loss_sum += epoch_loss
                 n_batches += len(plan.bounds) - 1
                 self.count(plan)
@@ -222,10 +235,10 @@ class Trainer:
     def finished(self) -> bool:
         return self.outcome.reached or self.outcome.diverged
 
-    def _train_epoch(self, plan, generator: torch.Generator) -> torch.Tensor:
+    def train_epoch(self, plan, generator: torch.Generator) -> torch.Tensor:
         """One epoch's optimiser steps; returns the summed batch losses (on the device)."""
         cot = self.cur.data.cot
-        rows = torch.from_numpy(plan.rows).to(self.device, non_blocking=True)
+        rows = to_device(plan.rows, self.device)
         total = torch.zeros((), device=self.device)
         for lo, hi, short, long in plan.batches():
             start, stop = short + 1, long + 1 + answer_len(long, cot)

@@ -31,7 +31,7 @@ from iterhead.curricula.data import answer_len
 from iterhead.curricula.sampler import EpochPlan
 from iterhead.curricula.schema import Curriculum, StageSpec
 from iterhead.trainable.compute import Stopwatch
-from iterhead.trainable.loop import Evaluation, Position, Trainer, last_stage, make_optimizer
+from iterhead.trainable.loop import Evaluation, Position, Trainer, last_stage, make_optimizer, to_device
 
 
 class SeedBatch:
@@ -55,7 +55,8 @@ class SeedBatch:
 
     # -- stages ---------------------------------------------------------------------------
 
-    def _start_stage(self, stage: StageSpec) -> None:
+    def start_stage(self, stage: StageSpec) -> None:
+        """Freeze what the stage freezes and give it a fresh optimiser (as `Trainer` does)."""
         prefixes = tuple(f"{m}." for m in stage.train_modules or [])
         for name, p in self.params.items():
             p.requires_grad_(stage.train_modules is None or name.startswith(prefixes))
@@ -96,13 +97,13 @@ class SeedBatch:
                 continue
             for k in self.active:
                 self.trainers[k].position = Position(index, 0)
-            self._start_stage(stage)
+            self.start_stage(stage)
             loss_sum = torch.zeros(len(self.active), device=self.device)
             n_batches = 0
             watch.start()
             for epoch in range(stage.epochs):
                 plans = [self.trainers[k].epoch_plan(stage, epoch) for k in self.active]
-                losses = self._train_epoch(plans)
+                losses = self.train_epoch(plans)
                 loss_sum += losses
                 n_batches += len(plans[0][0].bounds) - 1
                 for k, (plan, _) in zip(self.active, plans):
@@ -149,16 +150,15 @@ class SeedBatch:
         m = mask.flatten().to(each.dtype)
         return (each * m).sum() / m.sum()
 
-    def _train_epoch(self, plans: list[tuple[EpochPlan, torch.Generator]]) -> torch.Tensor:
+    def train_epoch(self, plans: list[tuple[EpochPlan, torch.Generator]]) -> torch.Tensor:
         """One epoch's optimiser steps for the active seeds; their summed batch losses [K]."""
         cot, p = self.cur.data.cot, self.cur.model.dropout
         active = torch.tensor(self.active, device=self.device)
         tokens, masks = self.tokens.index_select(0, active), self.mask.index_select(0, active)
         seeds = torch.arange(len(self.active), device=self.device)[:, None]
         steps, picks, valid = epoch_steps([plan for plan, _ in plans])
-        picks = torch.from_numpy(picks).to(self.device, non_blocking=True)  # [S, K, B]
-        valid = torch.from_numpy(valid).to(self.device, non_blocking=True)  # [S, K, B]
-        rows = torch.stack([torch.from_numpy(plan.rows) for plan, _ in plans]).to(self.device)
+        picks, valid = to_device(picks, self.device), to_device(valid, self.device)  # [S, K, B]
+        rows = to_device(np.stack([plan.rows for plan, _ in plans]), self.device)  # [K, n]
         total = torch.zeros(len(self.active), device=self.device)
         for s, batches in enumerate(steps):
             start = min(short for _, _, short, _ in batches) + 1
