@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--experiment", help="MLflow experiment (default: the curriculum's name)")
     t.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--seeds", help="train these seeds (e.g. 0,1,2,3) together as one batched model, "
+                                   "one MLflow run each, instead of the curriculum's seed")
     s = sub.add_parser("search", help="run a curriculum search on Ray Tune, tracked in MLflow")
     s.add_argument("spec", metavar="SPEC.yaml")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
@@ -98,9 +100,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     uri = resolve_uri(args.tracking_uri)
     if args.threads is not None and args.threads < 1:
         raise ConfigError("must be at least 1", field="--threads")
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     import torch
 
-    from iterhead.search.train import train
+    from iterhead.search.train import train, train_seeds
     from iterhead.trainable.loop import resolve_device
 
     try:
@@ -109,9 +112,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(str(err), field="--device") from None
     if args.threads:
         torch.set_num_threads(args.threads)
-    train(cur, uri=uri, experiment=args.experiment or cur.name, device=device,
-          source=str(Path(args.curriculum).resolve()))
+    where = dict(uri=uri, experiment=args.experiment or cur.name, device=device,
+                 source=str(Path(args.curriculum).resolve()))
+    if seeds is None:
+        train(cur, **where)
+    else:
+        train_seeds(cur, seeds, **where)
     return EXIT_OK
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``0,1,2`` as distinct non-negative integers, or a `ConfigError` naming --seeds."""
+    try:
+        seeds = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a comma-separated list of integers; write e.g. 0,1,2,3",
+                          field="--seeds") from None
+    if len(set(seeds)) != len(seeds) or any(s < 0 or s >= 2**63 for s in seeds):
+        raise ConfigError(f"seeds must be distinct integers in [0, 2^63); got {text!r}", field="--seeds")
+    return seeds
 
 
 def cmd_search(args: argparse.Namespace) -> int:

@@ -1,10 +1,15 @@
-"""`iterhead train`: one curriculum, one MLflow run, a summary on the terminal."""
+"""`iterhead train`: one curriculum, one MLflow run per seed, a summary on the terminal.
+
+With ``--seeds`` the seeds train together as one batched model (`trainable/seeds.py`);
+each still gets its own run, the same as a single `iterhead train` of that seed would write.
+"""
 
 from __future__ import annotations
 
 import sys
 import tempfile
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TextIO
 
@@ -18,15 +23,74 @@ from iterhead.trainable.loop import Evaluation, Trainer
 from iterhead.trainable.summary import summary_metrics
 
 
-def progress_line(ev: Evaluation) -> str:
+def progress_line(ev: Evaluation, prefix: str = "") -> str:
     m = ev.metrics
+    where = f"[{prefix}{ev.stage} epoch {ev.epoch:4d}]"
     if ev.diverged:
-        return (f"[{ev.stage} epoch {ev.epoch:4d}] DIVERGED: the training loss became NaN or infinite; "
+        return (f"{where} DIVERGED: the training loss became NaN or infinite; "
                 f"stopped after {m['compute/flops']:.3e} FLOP (lower the learning rate)")
     accs = "  ".join(f"{k[4:]} {v:6.1%}" for k, v in m.items() if k.startswith("acc/") and k.count("/") == 1)
     mark = "  <- target reached" if ev.reached else ""
-    return (f"[{ev.stage} epoch {ev.epoch:4d}] {accs}  loss {m['loss/train']:.4f}  "
+    return (f"{where} {accs}  loss {m['loss/train']:.4f}  "
             f"{m['compute/flops']:.3e} FLOP  {m['compute/seconds']:7.1f} s{mark}")
+
+
+class LoggedRun:
+    """One trainer's MLflow run: created at once, then written in order through the writer."""
+
+    def __init__(self, writer: RunWriter, cur: Curriculum, experiment: str, tags: dict[str, str],
+                 name: str) -> None:
+        self.writer, self.cur = writer, cur
+        self.run: Future = writer.submit(writer.create_run, experiment, name, tags, flatten(cur))
+        self.heartbeat = Heartbeat(writer, self.run)
+        self.last: Evaluation | None = None
+        self.status = "FAILED"
+
+    def log(self, ev: Evaluation) -> None:
+        self.last = ev
+        self.writer.submit(lambda: self.writer.log_metrics(self.run.result(), ev.metrics, ev.step))
+
+    def finish(self, trainer: Trainer) -> dict[str, float]:
+        """Log the summary metrics and the artifacts; returns the summary."""
+        summary = summary_metrics(trainer.cur, trainer.outcome)
+        if self.last is not None:
+            summary.update({f"final/{k}": v for k, v in self.last.metrics.items()
+                            if k.startswith("acc/") and k.count("/") == 1})
+        self.writer.submit(lambda: self.writer.log_metrics(self.run.result(), summary, trainer.outcome.evaluations))
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in write_artifacts(trainer, Path(tmp)):
+                self.writer.submit(lambda p=path: self.writer.log_artifact(self.run.result(), p))
+            self.writer.flush()
+        self.status = "FINISHED"
+        return summary
+
+    def end(self, status: str | None = None) -> None:
+        """Stop the heartbeat and end the run (FAILED unless `finish` ran, or `status`)."""
+        self.heartbeat.stop()
+        status = status or self.status
+
+        def end() -> None:  # runs after the run's creation: the writer is ordered
+            if self.run.exception() is None:
+                self.writer.end_run(self.run.result(), status)
+        self.writer.submit(end, check=False)  # an earlier write error must not hide the first error
+
+
+def run_tags(cur: Curriculum, source: str, device: torch.device) -> dict[str, str]:
+    return {"iterhead.curriculum": cur.name, "iterhead.source": source, "iterhead.device": str(device),
+            "iterhead.torch_threads": str(torch.get_num_threads())}
+
+
+def print_summary(trainer: Trainer, summary: dict[str, float], seconds: float, run_id: str,
+                  experiment: str, uri: str, out: TextIO) -> None:
+    cur, outcome = trainer.cur, trainer.outcome
+    reached = "reached" if summary["reached"] else ("DIVERGED before reaching" if outcome.diverged
+                                                    else "did NOT reach")
+    print(f"\n{cur.name} (seed {cur.seed}): {reached} {cur.target.task} accuracy {cur.target.accuracy:g} "
+          f"after {trainer.compute.examples:,} examples, {trainer.compute.flops:.3e} training FLOP, "
+          f"{trainer.compute.seconds:.1f} s training ({seconds:.1f} s in all)", file=out)
+    print(f"compute_to_target = {summary['compute_to_target']:.4e}"
+          + ("" if summary["reached"] else " (censored: the documented penalty)"), file=out)
+    print(f"MLflow run {run_id} in experiment {experiment!r}; to look: {ui_hint(uri)}", file=out)
 
 
 def train(cur: Curriculum, *, uri: str, experiment: str, device: torch.device,
@@ -35,46 +99,55 @@ def train(cur: Curriculum, *, uri: str, experiment: str, device: torch.device,
     out = out or sys.stdout
     started = time.perf_counter()
     writer = RunWriter(uri)
-    tags = {"iterhead.curriculum": cur.name, "iterhead.source": source, "iterhead.device": str(device),
-            "iterhead.torch_threads": str(torch.get_num_threads())}
-    run = writer.submit(writer.create_run, experiment, cur.name, tags, flatten(cur))
-    heartbeat = Heartbeat(writer, run)
-    status = "FAILED"
+    logged = LoggedRun(writer, cur, experiment, run_tags(cur, source, device), cur.name)
     try:
         trainer = Trainer(cur, device)
         print(f"training {cur.name!r} on {device} ({trainer.n_params:,} non-embedding parameters)", file=out)
-        last: Evaluation | None = None
         for ev in trainer.run():
-            last = ev
-            writer.submit(lambda ev=ev: writer.log_metrics(run.result(), ev.metrics, ev.step))
+            logged.log(ev)
             print(progress_line(ev), file=out, flush=True)
-        summary = summary_metrics(cur, trainer.outcome)
-        summary.update({f"final/{k}": v for k, v in last.metrics.items()
-                        if k.startswith("acc/") and k.count("/") == 1} if last else {})
-        writer.submit(lambda: writer.log_metrics(run.result(), summary, trainer.outcome.evaluations))
-        with tempfile.TemporaryDirectory() as tmp:
-            for path in write_artifacts(trainer, Path(tmp)):
-                writer.submit(lambda p=path: writer.log_artifact(run.result(), p))
-            writer.flush()
-        status = "FINISHED"
+        summary = logged.finish(trainer)
     except KeyboardInterrupt:
-        status = "KILLED"
+        logged.status = "KILLED"
         raise
     finally:
-        heartbeat.stop()
-
-        def end() -> None:  # runs after the run's creation: the writer is ordered
-            if run.exception() is None:
-                writer.end_run(run.result(), status)
-        writer.submit(end, check=False)  # an earlier write error must not hide the first error
+        logged.end()
         writer.close()
-    reached = "reached" if summary["reached"] else ("DIVERGED before reaching" if trainer.outcome.diverged
-                                                    else "did NOT reach")
-    print(f"\n{cur.name}: {reached} {cur.target.task} accuracy {cur.target.accuracy:g} "
-          f"after {trainer.compute.examples:,} examples, {trainer.compute.flops:.3e} training FLOP, "
-          f"{trainer.compute.seconds:.1f} s training ({time.perf_counter() - started:.1f} s in all)", file=out)
-    print(f"compute_to_target = {summary['compute_to_target']:.4e}"
-          + ("" if summary["reached"] else " (censored: the documented penalty)"), file=out)
-    print(f"MLflow run {run.result()} in experiment {experiment!r}; to look: {ui_hint(uri)}", file=out)
+    print_summary(trainer, summary, time.perf_counter() - started, logged.run.result(), experiment, uri, out)
     return summary
 
+
+def train_seeds(cur: Curriculum, seeds: list[int], *, uri: str, experiment: str, device: torch.device,
+                source: str = "", out: TextIO | None = None) -> dict[int, dict[str, float]]:
+    """Train `cur` once per seed as one batched model, one run per seed; summaries by seed."""
+    from iterhead.trainable.seeds import SeedBatch
+
+    out = out or sys.stdout
+    started = time.perf_counter()
+    writer = RunWriter(uri)
+    tags = {**run_tags(cur, source, device), "iterhead.batched_seeds": ",".join(map(str, seeds))}
+    runs = {s: LoggedRun(writer, cur.model_copy(update={"seed": s}), experiment, tags, f"{cur.name}-seed{s}")
+            for s in seeds}
+    summaries: dict[int, dict[str, float]] = {}
+    try:
+        batch = SeedBatch(cur, seeds, device)
+        print(f"training {cur.name!r} with seeds {seeds} batched on {device} "
+              f"({batch.trainers[0].n_params:,} non-embedding parameters each)", file=out)
+        for evaluations in batch.run():
+            for seed, ev in evaluations:
+                runs[seed].log(ev)
+                print(progress_line(ev, f"seed {seed} "), file=out, flush=True)
+        for seed, trainer in zip(seeds, batch.trainers):
+            summaries[seed] = runs[seed].finish(trainer)
+    except KeyboardInterrupt:
+        for logged in runs.values():
+            logged.status = "KILLED"
+        raise
+    finally:
+        for logged in runs.values():
+            logged.end()
+        writer.close()
+    for seed, trainer in zip(seeds, batch.trainers):
+        print_summary(trainer, summaries[seed], time.perf_counter() - started, runs[seed].run.result(),
+                      experiment, uri, out)
+    return summaries

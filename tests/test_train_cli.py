@@ -62,6 +62,9 @@ def test_run_holds_params_history_and_artifacts(two_runs):
     (["--tracking-uri", "./mlruns"], "--tracking-uri"),
     (["--tracking-uri", "sqlite:////no/such/folder/mlflow.db"], "--tracking-uri"),
     (["--threads", "0"], "--threads"),
+    (["--seeds", "0,zero"], "--seeds"),
+    (["--seeds", "1,1"], "--seeds"),
+    (["--seeds", "-1"], "--seeds"),
 ])
 def test_bad_options_exit_2_before_anything_starts(tmp_path, capsys, monkeypatch, args, field):
     monkeypatch.chdir(tmp_path)
@@ -69,3 +72,26 @@ def test_bad_options_exit_2_before_anything_starts(tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and field in err[0]
     assert list(tmp_path.iterdir()) == []  # no store, no artifacts
+
+
+def test_batched_seeds_write_one_run_per_seed_like_single_runs(tmp_path):
+    """`--seeds 0,1` trains both seeds as one model; each seed's run matches its single run."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(SMALL.read_text().replace("epochs: 60", "epochs: 4").replace("epochs: 150", "epochs: 6"))
+    assert main(["train", str(tiny), "--tracking-uri", uri, "--experiment", "together", "--seeds", "0,1"]) == 0
+    assert main(["train", str(tiny), "--tracking-uri", uri, "--experiment", "alone"]) == 0
+    client = MlflowClient(uri)
+    runs = {r.data.params["seed"]: r for r in client.search_runs(
+        [client.get_experiment_by_name("together").experiment_id])}
+    assert sorted(runs) == ["0", "1"]
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    assert runs["0"].data.tags["iterhead.batched_seeds"] == "0,1"
+    (alone,) = client.search_runs([client.get_experiment_by_name("alone").experiment_id])
+    together = runs["0"]
+    assert {a.path for a in client.list_artifacts(together.info.run_id)} == {
+        a.path for a in client.list_artifacts(alone.info.run_id)}
+    for key in ("compute/flops", "compute/examples", "compute_to_target"):
+        assert together.data.metrics[key] == alone.data.metrics[key], key
+    assert together.data.metrics["loss/train"] == pytest.approx(alone.data.metrics["loss/train"], abs=1e-4)
+    assert runs["1"].data.metrics["loss/train"] != together.data.metrics["loss/train"]
