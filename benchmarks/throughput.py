@@ -10,16 +10,18 @@ Prints a table and writes BENCHMARKS.md:
    configuration a search trial typically trains: N concurrent trial processes against one,
    and K seeds batched into one model (`trainable/seeds.py`) against the same seeds one
    after another;
-4. on CUDA, one full paper-configuration run (lengths 1..32, 1000 epochs, an evaluation
+4. fp32 against bf16 autocast: training speed, and with ``--precision-check`` the compute
+   to 100% parity of three seeds in each precision (does bf16 change what is learnt?);
+5. on CUDA, one full paper-configuration run (lengths 1..32, 1000 epochs, an evaluation
    every 100) against the obvious loop's per-epoch time, measured in the same run, times
    the epochs;
-5. one epoch plus one evaluation of the paper configuration as a whole process: `iterhead
+6. one epoch plus one evaluation of the paper configuration as a whole process: `iterhead
    train` (start-up, data, training, evaluation, MLflow and artifacts included) against
    `benchmarks/baseline.py` (padding to the longest length, DataLoader, `.item()` per step,
    a full train+test evaluation), run side by side on this machine.
 
     python benchmarks/throughput.py [--epochs 2] [--concurrent 1,2] [--seeds 1,2,4]
-        [--full-epochs 1000] [--skip-process] [--out BENCHMARKS.md]
+        [--full-epochs 1000] [--precision-check] [--skip-process] [--out BENCHMARKS.md]
 """
 
 from __future__ import annotations
@@ -124,6 +126,38 @@ def several(device: torch.device, counts: list[int], seeds: list[int], epochs: i
     return lines
 
 
+def precision(device: torch.device, epochs: int, check: bool) -> list[str]:
+    """fp32 against bf16 autocast: training speed (small configuration) and, with `check`,
+    compute to 100% parity over three seeds of the CPU-scale transfer curriculum."""
+    cur = parse_curriculum(curriculum(CONFIGS["small (L 1..8, 1024/len, d128)"], epochs + 1))
+    lines = ["", f"## bf16 autocast against fp32 on {device.type}", "",
+             "| precision | tokens / s (small configuration) | vs fp32 |", "|---|---|---|"]
+    rates = {}
+    for p in ("fp32", "bf16"):
+        r = parallel.timed_epochs(Trainer(cur, device, precision=p), epochs)
+        rates[p] = r["tokens"] / (r["end"] - r["start"])
+        lines.append(f"| {p} | {rates[p]:,.0f} | {rates[p] / rates['fp32']:.2f}x |")
+        print(lines[-1], flush=True)
+    if check:
+        from iterhead.curricula.io import load_curriculum
+        from iterhead.trainable.summary import summary_metrics
+
+        base = load_curriculum(ROOT / "examples" / "paper" / "cpu" / "base_poly_then_parity.yaml")
+        lines += ["", "Compute to 100% parity, `examples/paper/cpu/base_poly_then_parity.yaml` "
+                  "(censored runs at the penalty):", "", "| seed | fp32 FLOP | bf16 FLOP |", "|---|---|---|"]
+        for seed in range(3):
+            row = []
+            for p in ("fp32", "bf16"):
+                trainer = Trainer(base.model_copy(update={"seed": seed}), device, precision=p)
+                for _ in trainer.run():
+                    pass
+                s = summary_metrics(trainer.cur, trainer.outcome)
+                row.append(f"{s['compute_to_target']:.3e}" + ("" if s["reached"] else " (censored)"))
+            lines.append(f"| {seed} | {row[0]} | {row[1]} |")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def full_run(device: torch.device, epochs: int, baseline_epochs: int) -> list[str]:
     """One whole paper-configuration run of `epochs` epochs against the obvious loop's epochs.
 
@@ -181,6 +215,8 @@ def main() -> None:
     ap.add_argument("--several-epochs", type=int, default=3, help="timed epochs for the several-trainings tables")
     ap.add_argument("--full-epochs", type=int, default=1000, help="epochs of the full run (CUDA only; 0 skips)")
     ap.add_argument("--baseline-epochs", type=int, default=3, help="epochs the obvious loop is timed for")
+    ap.add_argument("--precision-check", action="store_true",
+                    help="also train 3 seeds to the target in fp32 and bf16 (minutes on a CPU)")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     args = ap.parse_args()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
@@ -208,6 +244,7 @@ def main() -> None:
         counts = [int(v) for v in (args.concurrent or ("1,2,4,8" if cuda else "1,2")).split(",")]
         seeds = [int(v) for v in (args.seeds or ("1,4,8" if cuda else "1,2,4")).split(",")]
         body += several(device, counts, seeds, args.several_epochs, peaks[device.type])
+        body += precision(device, args.several_epochs, args.precision_check)
         if cuda and args.full_epochs:
             body += full_run(device, args.full_epochs, args.baseline_epochs)
             print("\n".join(body[-6:]), flush=True)

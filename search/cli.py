@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--seeds", help="train these seeds (e.g. 0,1,2,3) together as one batched model, "
                                    "one MLflow run each, instead of the curriculum's seed")
+    t.add_argument("--precision", default="fp32",
+                   help="fp32 | bf16: bf16 autocast in training steps (weights, optimiser and evaluation stay fp32)")
     s = sub.add_parser("search", help="run a curriculum search on Ray Tune, tracked in MLflow")
     s.add_argument("spec", metavar="SPEC.yaml")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
@@ -101,6 +103,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise ConfigError("must be at least 1", field="--threads")
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+    if args.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"{args.precision!r} is not a precision; use fp32 or bf16", field="--precision")
     import torch
 
     from iterhead.search.train import train, train_seeds
@@ -113,7 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     where = dict(uri=uri, experiment=args.experiment or cur.name, device=device,
-                 source=str(Path(args.curriculum).resolve()))
+                 source=str(Path(args.curriculum).resolve()), precision=args.precision)
     if seeds is None:
         train(cur, **where)
     else:

@@ -75,9 +75,9 @@ class LoggedRun:
         self.writer.submit(end, check=False)  # an earlier write error must not hide the first error
 
 
-def run_tags(cur: Curriculum, source: str, device: torch.device) -> dict[str, str]:
+def run_tags(cur: Curriculum, source: str, device: torch.device, precision: str) -> dict[str, str]:
     return {"iterhead.curriculum": cur.name, "iterhead.source": source, "iterhead.device": str(device),
-            "iterhead.torch_threads": str(torch.get_num_threads())}
+            "iterhead.torch_threads": str(torch.get_num_threads()), "iterhead.precision": precision}
 
 
 def print_summary(trainer: Trainer, summary: dict[str, float], seconds: float, run_id: str,
@@ -94,14 +94,14 @@ def print_summary(trainer: Trainer, summary: dict[str, float], seconds: float, r
 
 
 def train(cur: Curriculum, *, uri: str, experiment: str, device: torch.device,
-          source: str = "", out: TextIO | None = None) -> dict[str, float]:
+          source: str = "", precision: str = "fp32", out: TextIO | None = None) -> dict[str, float]:
     """Train `cur`, logging one run to `uri`; returns the summary metrics."""
     out = out or sys.stdout
     started = time.perf_counter()
     writer = RunWriter(uri)
-    logged = LoggedRun(writer, cur, experiment, run_tags(cur, source, device), cur.name)
+    logged = LoggedRun(writer, cur, experiment, run_tags(cur, source, device, precision), cur.name)
     try:
-        trainer = Trainer(cur, device)
+        trainer = Trainer(cur, device, precision=precision)
         print(f"training {cur.name!r} on {device} ({trainer.n_params:,} non-embedding parameters)", file=out)
         for ev in trainer.run():
             logged.log(ev)
@@ -118,19 +118,20 @@ def train(cur: Curriculum, *, uri: str, experiment: str, device: torch.device,
 
 
 def train_seeds(cur: Curriculum, seeds: list[int], *, uri: str, experiment: str, device: torch.device,
-                source: str = "", out: TextIO | None = None) -> dict[int, dict[str, float]]:
+                source: str = "", precision: str = "fp32",
+                out: TextIO | None = None) -> dict[int, dict[str, float]]:
     """Train `cur` once per seed as one batched model, one run per seed; summaries by seed."""
     from iterhead.trainable.seeds import SeedBatch
 
     out = out or sys.stdout
     started = time.perf_counter()
     writer = RunWriter(uri)
-    tags = {**run_tags(cur, source, device), "iterhead.batched_seeds": ",".join(map(str, seeds))}
+    tags = {**run_tags(cur, source, device, precision), "iterhead.batched_seeds": ",".join(map(str, seeds))}
     runs = {s: LoggedRun(writer, cur.model_copy(update={"seed": s}), experiment, tags, f"{cur.name}-seed{s}")
             for s in seeds}
     summaries: dict[int, dict[str, float]] = {}
     try:
-        batch = SeedBatch(cur, seeds, device)
+        batch = SeedBatch(cur, seeds, device, precision)
         print(f"training {cur.name!r} with seeds {seeds} batched on {device} "
               f"({batch.trainers[0].n_params:,} non-embedding parameters each)", file=out)
         for evaluations in batch.run():

@@ -142,3 +142,15 @@ def test_divergence_stops_at_once_and_is_censored():
     healthy = Trainer(tiny())
     run_all(healthy)
     assert not healthy.outcome.diverged
+
+
+def test_bf16_autocast_trains_close_to_fp32_with_the_same_compute():
+    fp32, bf16 = Trainer(tiny()), Trainer(tiny(), precision="bf16")
+    a, b = run_all(fp32), run_all(bf16)
+    assert [m["compute/flops"] for m in a] == [m["compute/flops"] for m in b]
+    losses_a, losses_b = [m["loss/train"] for m in a], [m["loss/train"] for m in b]
+    assert losses_a != losses_b  # autocast really ran in bf16
+    assert losses_b == pytest.approx(losses_a, rel=0.05)
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
+    with pytest.raises(ValueError, match="precision"):
+        Trainer(tiny(), precision="fp16")

@@ -50,6 +50,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+PRECISIONS = ("fp32", "bf16")  # bf16: autocast in training steps; weights and optimiser stay fp32
+
+
 def make_optimizer(params: list[torch.Tensor], lr: float, weight_decay: float,
                    device: torch.device) -> torch.optim.Optimizer:
     """Adam, fused on CUDA (the fastest path there), foreach on CPU (measured faster)."""
@@ -113,8 +116,11 @@ class Trainer:
     """Trains one curriculum. Build it, iterate `run()`, read `outcome` and `compute`."""
 
     def __init__(self, cur: Curriculum, device: torch.device | str = "cpu",
-                 state: dict[str, Any] | None = None) -> None:
+                 state: dict[str, Any] | None = None, precision: str = "fp32") -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.cur = cur
+        self.precision = precision
         self.device = torch.device(device) if isinstance(device, str) else device
         self.vocab, data = build_data(cur)
         d = cur.data
@@ -235,6 +241,10 @@ class Trainer:
     def finished(self) -> bool:
         return self.outcome.reached or self.outcome.diverged
 
+    def autocast(self) -> torch.autocast:
+        """bf16 autocast around training forward passes when asked for (evaluation stays fp32)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
     def train_epoch(self, plan, generator: torch.Generator) -> torch.Tensor:
         """One epoch's optimiser steps; returns the summed batch losses (on the device)."""
         cot = self.cur.data.cot
@@ -243,14 +253,15 @@ class Trainer:
         for lo, hi, short, long in plan.batches():
             start, stop = short + 1, long + 1 + answer_len(long, cot)
             batch = self.train_tokens.index_select(0, rows[lo:hi])
-            logits = self.model(batch[:, :stop], q_start=start, generator=generator)
             target = batch[:, start + 1:stop + 1]
-            if short == long:
-                loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
-            else:
-                mask = self.train_mask.index_select(0, rows[lo:hi])[:, start:stop]
-                each = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
-                loss = (each * mask.flatten()).sum() / mask.sum()
+            with self.autocast():
+                logits = self.model(batch[:, :stop], q_start=start, generator=generator)
+                if short == long:
+                    loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
+                else:
+                    mask = self.train_mask.index_select(0, rows[lo:hi])[:, start:stop]
+                    each = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+                    loss = (each * mask.flatten()).sum() / mask.sum()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

@@ -37,12 +37,14 @@ from iterhead.trainable.loop import Evaluation, Position, Trainer, last_stage, m
 class SeedBatch:
     """Trains `cur` once per seed in `seeds`, in lockstep. Iterate `run()`; read `trainers`."""
 
-    def __init__(self, cur: Curriculum, seeds: list[int], device: torch.device | str = "cpu") -> None:
+    def __init__(self, cur: Curriculum, seeds: list[int], device: torch.device | str = "cpu",
+                 precision: str = "fp32") -> None:
         if not seeds or len(set(seeds)) != len(seeds):
             raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
         self.cur = cur
         self.seeds = list(seeds)
-        self.trainers = [Trainer(cur.model_copy(update={"seed": s}), device) for s in seeds]
+        self.trainers = [Trainer(cur.model_copy(update={"seed": s}), device, precision=precision)
+                         for s in seeds]
         self.device = self.trainers[0].device
         self.skeleton = copy.deepcopy(self.trainers[0].model)  # holds no seed's weights
         self.skeleton.fused_attention(False)
@@ -175,8 +177,9 @@ class SeedBatch:
                     own = long + 1 + answer_len(long, cot)  # the shape a single run draws
                     keep[i, :hi - lo, :own] = torch.rand((hi - lo, own, keep.shape[-1]), generator=g,
                                                          device=self.device) >= p
-            losses = vmap(self._loss, in_dims=(0, 0, 0, None if keep is None else 0, None, None))(
-                self.params, batch, mask, keep, start, stop)
+            with self.trainers[0].autocast():
+                losses = vmap(self._loss, in_dims=(0, 0, 0, None if keep is None else 0, None, None))(
+                    self.params, batch, mask, keep, start, stop)
             self.optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
             self.optimizer.step()
