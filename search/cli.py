@@ -190,7 +190,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from iterhead.search.page import build
 
     page = build(client, args.experiment, Path(args.out), args.parent_run)
-    print(f"wrote {page} (and its figures on the search's parent run, under report/)")
+    print((page.parent / "medians.md").read_text())
+    print(f"wrote {page} and medians.md beside it (and the figures on the search's parent run, under report/)")
     return EXIT_OK
 
 

@@ -80,15 +80,17 @@ def build(client: Any, experiment: str, out: Path, parent_run_id: str | None = N
             best_figures, probes = best_trial_figures(client, reached[0].run_id, folder)
             figures += best_figures
         page = out / "report.html"
+        medians = report.seed_medians(rows, keys)
         page.write_text(render(experiment, parent, keys, rows, figures, probes,
-                               reached[0].trial_id if reached else None))
+                               reached[0].trial_id if reached else None, medians))
+        (out / "medians.md").write_text(report.medians_text(medians, keys) + "\n")
         client.log_artifacts(parent, str(folder), "report")
         client.log_artifact(parent, str(page), "report")
     return page
 
 
 def render(experiment: str, parent: str, keys: list[str], rows: list[dict[str, Any]], figures: list[Path],
-           probes: dict[str, float], best: str | None) -> str:
+           probes: dict[str, float], best: str | None, medians: list[dict[str, Any]]) -> str:
     n_reached = sum(1 for r in rows if r["reached"] == 1.0)
     imgs = "\n".join(f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,'
                      f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{html.escape(p.stem)}'
@@ -101,6 +103,14 @@ def render(experiment: str, parent: str, keys: list[str], rows: list[dict[str, A
             "diverged" if r["diverged"] == 1.0 else ("yes" if r["reached"] == 1.0 else "no (censored)"),
             f"{r['compute_to_target']:.3e}", f"{r['target_acc']:.3f}", r["status"]]) + "</tr>"
         for r in sorted(rows, key=lambda r: (r["reached"] != 1.0, r["compute_to_target"])))
+    others = [k for k in keys if k != "seed"]
+    med_head = "".join(f"<th>{html.escape(h)}</th>" for h in [*others, "trials", "reached",
+                                                                "median compute_to_target", "min", "max"])
+    med_body = "\n".join(
+        "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in [
+            *(report.short(g[k]) for k in others), str(g["trials"]), str(g["reached"]),
+            f"{g['median']:.3e}" + (" (censored)" if g["censored"] else ""), f"{g['min']:.3e}",
+            f"{g['max']:.3e}"]) + "</tr>" for g in medians)
     probe_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>" for k, v in sorted(probes.items()))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>iterhead: {html.escape(experiment)}</title>
@@ -110,6 +120,12 @@ img{{max-width:520px}}table{{border-collapse:collapse;font-size:12px}}td,th{{bor
 <h1>Search {html.escape(experiment)}</h1>
 <p>Parent run {html.escape(parent)}; {len(rows)} trials, {n_reached} reached the target, {len(rows) - n_reached}
 censored (drawn as crosses at their penalty, never dropped). Written {time.strftime('%Y-%m-%d %H:%M')}.</p>
+<h2>Median over seeds</h2>
+<p>One row per configuration (every searched value but the seed). Censored trials count at
+their penalty; a median is censored when at least half its trials are.</p>
+<table><tr>{med_head}</tr>
+{med_body}
+</table>
 <h2>Figures</h2>
 {imgs}
 <h2>Best trial{': ' + html.escape(best) if best else ''}: iteration-head probes</h2>

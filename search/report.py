@@ -89,6 +89,38 @@ def _numeric(value: Any) -> Any:
     return value if isinstance(value, (int, float)) else str(value)
 
 
+def seed_medians(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per configuration (every searched key but ``seed``): its trials, how many
+    reached the target, and the median and range of compute_to_target over them.
+
+    Censored trials count at their penalty, which lies above every reached value, so the
+    median is itself censored when at least half the trials are (``censored`` True)."""
+    others = [k for k in keys if k != "seed"]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(_numeric(r.get(k)) for k in others), []).append(r)
+    out = []
+    for config, group in groups.items():
+        values = [float(r["compute_to_target"]) for r in group]
+        reached = sum(1 for r in group if r.get("reached") == 1.0)
+        out.append({**dict(zip(others, config)), "trials": len(group), "reached": reached,
+                    "median": float(np.median(values)), "min": min(values), "max": max(values),
+                    "censored": reached < (len(group) + 1) / 2})
+    return sorted(out, key=lambda g: (g["censored"], g["median"]))
+
+
+def medians_text(groups: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
+    """`seed_medians` as a Markdown table (the terminal shows it; the README quotes it)."""
+    others = [k for k in keys if k != "seed"]
+    lines = ["| " + " | ".join([*others, "trials", "reached", "median compute_to_target", "min", "max"]) + " |",
+             "|" + "---|" * (len(others) + 5)]
+    for g in groups:
+        median = f"{g['median']:.3g}" + (" (censored)" if g["censored"] else "")
+        lines.append("| " + " | ".join([*(short(g[k]) for k in others), str(g["trials"]), str(g["reached"]),
+                                         median, f"{g['min']:.3g}", f"{g['max']:.3g}"]) + " |")
+    return "\n".join(lines)
+
+
 def plot_medians(path: Path, rows: Sequence[dict[str, Any]], key: str) -> Path:
     """compute_to_target against one parameter: median and min-max over the other values
     (seeds, mostly) at each value; censored trials drawn as crosses at their penalty."""
