@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from iterhead.curricula.data import stream
+from iterhead.curricula.data import answer_len, stream
 from iterhead.curricula.sampler import Layout, plan_epoch, shares
 from iterhead.trainable import checkpoint
 from iterhead.trainable.loop import Trainer
@@ -154,3 +155,25 @@ def test_bf16_autocast_trains_close_to_fp32_with_the_same_compute():
     assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
     with pytest.raises(ValueError, match="precision"):
         Trainer(tiny(), precision="fp16")
+
+
+@pytest.mark.parametrize("cot", [True, False])
+def test_single_length_fast_loss_reads_exactly_the_masked_positions(cot):
+    """A one-length batch takes the unmasked mean over its window; that window must be exactly
+    the loss mask's answer positions, or the fast path would train other tokens."""
+    cur = tiny(data={"min_len": 1, "max_len": 4, "train_per_len": 64, "test_per_len": 32, "cot": cot})
+    trainer = Trainer(cur)
+    trainer.model.eval()
+
+    for length in range(1, 5):
+        rows = torch.from_numpy(trainer.layout.rows_of("parity", length)[:8])
+        start, stop = length + 1, length + 1 + answer_len(length, cot)
+        mask = trainer.train_mask[rows]
+        assert mask[:, start:stop].all() and mask.sum() == mask[:, start:stop].sum()
+        batch = trainer.train_tokens[rows]
+        logits = trainer.model(batch[:, :stop], q_start=start)
+        fast = F.cross_entropy(logits.flatten(0, 1), batch[:, start + 1:stop + 1].flatten())
+        full = trainer.model(batch[:, :-1])
+        each = F.cross_entropy(full.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
+        masked = (each * mask.flatten()).sum() / mask.sum()
+        assert fast.item() == pytest.approx(masked.item(), rel=1e-5)
