@@ -50,6 +50,17 @@ def ui_hint(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
+def raise_first(futures: list[Future]) -> None:
+    """Wait for `futures`; raise the first error, noting how many more failed (none is lost
+    silently: each failed write after the first would otherwise vanish with it)."""
+    errors = [e for e in (f.exception() for f in futures) if e is not None]
+    if not errors:
+        return
+    if len(errors) > 1 and hasattr(errors[0], "add_note"):
+        errors[0].add_note(f"{len(errors) - 1} more tracking write(s) failed; the last: {errors[-1]!r}")
+    raise errors[0]
+
+
 class RunWriter:
     """Ordered, non-blocking writes to one tracking store (module docstring)."""
 
@@ -83,15 +94,13 @@ class RunWriter:
         with self._lock:
             done = [f for f in self._pending if f.done()]
             self._pending = [f for f in self._pending if not f.done()]
-        for f in done:
-            f.result()
+        raise_first(done)
 
     def flush(self) -> None:
         """Wait for every queued write; raise the first error. The writer stays usable."""
         with self._lock:
             pending, self._pending = self._pending, []
-        for f in pending:
-            f.result()
+        raise_first(pending)
 
     def close(self) -> None:
         """Wait for every queued write; raise the first error."""
