@@ -1,8 +1,10 @@
 """Several seeds of one curriculum trained together, as one model with stacked parameters.
 
 Why: a 2-layer d=128 model uses a sliver of a GPU, so K seeds stacked along a new leading
-dimension (`torch.func.stack_module_state`, `vmap` over `functional_call`) train in little
-more than the time of one. A search that needs medians over seeds pays for one trial, not K.
+dimension (`torch.func.stack_module_state`, `vmap` over `functional_call`) can keep it busy
+where one seed cannot. That is the aim on GPUs, not yet measured there; on a CPU, which one
+seed already keeps busy, batching is slower than running the seeds one after another
+(BENCHMARKS.md), so use it on GPUs.
 
 Each seed is the same trial `Trainer` runs with that seed: its own data, initialisation, row
 order, dropout and optimiser state (Adam is elementwise, so one Adam over stacked tensors is
