@@ -248,6 +248,10 @@ def main() -> None:
         if cuda and args.full_epochs:
             body += full_run(device, args.full_epochs, args.baseline_epochs)
             print("\n".join(body[-6:]), flush=True)
+    if not torch.cuda.is_available():
+        body += ["", "## GPU", "", "No CUDA device was present, so there are no GPU figures here: run this "
+                 "script on a GPU machine for the CUDA tables (one trial, N concurrent trials, K batched "
+                 "seeds, bf16, and one full paper-configuration run against the obvious loop)."]
     if not args.skip_process:
         ours, base, detail = whole_process(CONFIGS["paper (L 1..32, 1024/len, d128)"])
         body += ["", "## One epoch plus one evaluation, paper configuration, as a whole process", "",
