@@ -117,12 +117,17 @@ def several(device: torch.device, counts: list[int], seeds: list[int], epochs: i
     enough = min(n for n, r in rates.items() if r >= 0.9 * best)
     lines += ["", f"The fewest processes within 10% of the best aggregate rate: {enough} "
               f"(a trial share of {1 / enough:g} of the device).", "",
-              "| batched seeds K | batched s | one after another s | tokens / s batched | speed-up |",
-              "|---|---|---|---|---|"]
-    for k in seeds:
-        r = parallel.batched(parse_curriculum(cur), device, k, epochs)
-        lines.append(f"| {k} | {r['batched_s']:.2f} | {r['sequential_s']:.2f} | {r['tok_s']:,.0f} | {r['speedup']:.2f}x |")
-        print(lines[-1], flush=True)
+              "Batch order `seeded` (the default) pads each step to the longest of the seeds' "
+              "batches; `shared` (`optim.batch_order`) gives every seed the same batch shapes.", "",
+              "| batched seeds K | batch order | batched s | one after another s | tokens / s batched | speed-up |",
+              "|---|---|---|---|---|---|"]
+    for order in ("seeded", "shared"):
+        ordered = {**cur, "optim": {**cur["optim"], "batch_order": order}}
+        for k in seeds:
+            r = parallel.batched(parse_curriculum(ordered), device, k, epochs)
+            lines.append(f"| {k} | {order} | {r['batched_s']:.2f} | {r['sequential_s']:.2f} | {r['tok_s']:,.0f} "
+                         f"| {r['speedup']:.2f}x |")
+            print(lines[-1], flush=True)
     return lines
 
 

@@ -60,8 +60,11 @@ def shares(weights: dict[str, float], total: int) -> dict[str, int]:
 
 
 def plan_epoch(layout: Layout, mix: dict[str, float], batch_size: int,
-               rng: np.random.Generator) -> EpochPlan:
-    """One epoch of the mix: which rows, batched by length, in a random batch order."""
+               rng: np.random.Generator, order_rng: np.random.Generator | None = None) -> EpochPlan:
+    """One epoch of the mix: which rows, batched by length, in a random batch order.
+
+    The batch order comes from `order_rng` when given, else from `rng` after the rows: two
+    seeds with one `order_rng` get batches of the same sizes and lengths at every step."""
     mix = {k: w for k, w in mix.items() if w > 0}
     split = shares(mix, layout.per_len)
     rows, lengths = [], []
@@ -74,7 +77,7 @@ def plan_epoch(layout: Layout, mix: dict[str, float], batch_size: int,
     all_rows, all_lengths = np.concatenate(rows), np.concatenate(lengths)
     n = len(all_rows)
     starts = np.arange(0, n, batch_size)
-    order = rng.permutation(len(starts))
+    order = (rng if order_rng is None else order_rng).permutation(len(starts))
     index = np.concatenate([np.arange(starts[b], min(starts[b] + batch_size, n)) for b in order])
     sizes = np.array([min(batch_size, n - starts[b]) for b in order])
     bounds = np.concatenate([[0], np.cumsum(sizes)])

@@ -63,6 +63,9 @@ class OptimSpec(Spec):
     lr: PositiveFloat = 3.0e-4
     batch_size: PositiveInt = 256
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    # Who draws an epoch's batch order: each seed its own ("seeded"), or one stream shared by
+    # every seed ("shared"), which lets batched seeds step through equal shapes unpadded.
+    batch_order: Literal["seeded", "shared"] = "seeded"
 
 
 class StageSpec(Spec):

@@ -177,3 +177,17 @@ def test_single_length_fast_loss_reads_exactly_the_masked_positions(cot):
         each = F.cross_entropy(full.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
         masked = (each * mask.flatten()).sum() / mask.sum()
         assert fast.item() == pytest.approx(masked.item(), rel=1e-5)
+
+
+def test_shared_batch_order_is_the_same_for_every_seed_and_off_by_default():
+    def shapes(trainer):
+        plan, _ = trainer.epoch_plan(trainer.cur.stages[1], 3)
+        return [(hi - lo, short, long) for lo, hi, short, long in plan.batches()], plan.rows
+    data = {"min_len": 1, "max_len": 4, "train_per_len": 40, "test_per_len": 32, "cot": True}
+    shared = {"lr": 1e-3, "batch_size": 32, "batch_order": "shared"}
+    a, rows_a = shapes(Trainer(tiny(data=data, optim=shared)))
+    b, rows_b = shapes(Trainer(tiny(data=data, optim=shared, seed=5)))
+    assert a == b and not np.array_equal(rows_a, rows_b)
+    c, _ = shapes(Trainer(tiny(data=data)))
+    d, _ = shapes(Trainer(tiny(data=data, seed=5)))
+    assert c != d

@@ -58,6 +58,29 @@ def test_batched_seeds_match_separate_runs():
     assert frozen and not any(n.startswith("blocks.1.mlp.") for n in frozen)
 
 
+def test_shared_batch_order_needs_no_padding_and_still_matches_separate_runs():
+    cur = tiny(data=DATA, optim={"lr": 1e-3, "batch_size": 32, "batch_order": "shared"})
+    seeds = [0, 1, 2]
+    batch = SeedBatch(cur, seeds)
+    stage = cur.stages[0]
+    plans = [t.epoch_plan(stage, 0)[0] for t in batch.trainers]
+    def shapes(plans):
+        steps, _, valid = epoch_steps(plans)
+        return valid.all(), [{(hi - lo, short, long) for lo, hi, short, long in step} for step in steps]
+
+    unpadded, shared = shapes(plans)
+    assert unpadded and all(len(step) == 1 for step in shared)
+    assert not all(np.array_equal(plans[0].rows, p.rows) for p in plans[1:])  # rows stay per seed
+    _, seeded = shapes([t.epoch_plan(stage, 0)[0] for t in SeedBatch(tiny(data=DATA), seeds).trainers])
+    assert any(len(step) > 1 for step in seeded)  # the default order pads: the other tests' path
+    single = single_runs(cur, seeds)
+    batched = batched_runs(batch)
+    for s in seeds:
+        assert [m["compute/flops"] for m in batched[s]] == [m["compute/flops"] for m in single[s][0]]
+        assert [m["loss/train"] for m in batched[s]] == pytest.approx(
+            [m["loss/train"] for m in single[s][0]], abs=1e-4)
+
+
 def test_a_seed_that_reaches_the_target_leaves_the_batch():
     cur = tiny(data=DATA, target={"task": "parity", "accuracy": 0.55},
                stages=[{"name": "train", "mix": {"parity": 1.0}, "epochs": 30}],

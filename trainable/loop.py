@@ -173,8 +173,9 @@ class Trainer:
     def epoch_plan(self, stage: StageSpec, epoch: int) -> tuple[EpochPlan, torch.Generator]:
         """An epoch's rows and batches, and its dropout generator: both from the seed alone."""
         cur = self.cur
+        shared = stream(0, "batch order", stage.name, epoch) if cur.optim.batch_order == "shared" else None
         plan = plan_epoch(self.layout, stage.mix, cur.optim.batch_size,
-                          stream(cur.seed, "sampler", stage.name, epoch))
+                          stream(cur.seed, "sampler", stage.name, epoch), shared)
         g = torch.Generator(device=self.device)
         g.manual_seed(torch_seed(cur.seed, "dropout", stage.name, epoch))
         return plan, g
