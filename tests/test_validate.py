@@ -178,6 +178,8 @@ CASES = [
     Case("d-model-not-divisible-by-heads", edit(("model.n_heads", 3)), "model.d_model", "divisible"),
     Case("rotary-odd-head-size", edit(("model.positional", "rotary"), ("model.d_model", 6),
                                       ("model.n_heads", 2)), "model.positional", "even"),
+    Case("batch-order-unknown", edit(("optim.batch_order", "random")), "optim.batch_order", "seeded",
+         also=("shared",)),
     Case("target-task-undefined", edit(("target.task", "copy")), "target.task", "not defined"),
     Case("train-module-nonexistent", edit(("stages.0.train_modules", ["head", "blocks.5.mlp"])),
          "stages[0].train_modules[1]", "not a module", also=("'blocks.5.mlp'", "blocks.1.mlp")),
