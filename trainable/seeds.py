@@ -157,9 +157,7 @@ class SeedBatch:
     def train_epoch(self, plans: list[tuple[EpochPlan, torch.Generator]]) -> torch.Tensor:
         """One epoch's optimiser steps for the active seeds; their summed batch losses [K]."""
         cot, p = self.cur.data.cot, self.cur.model.dropout
-        active = torch.tensor(self.active, device=self.device)
-        tokens, masks = self.tokens.index_select(0, active), self.mask.index_select(0, active)
-        seeds = torch.arange(len(self.active), device=self.device)[:, None]
+        seeds = torch.tensor(self.active, device=self.device)[:, None]  # rows of the stacked tables
         steps, picks, valid = epoch_steps([plan for plan, _ in plans])
         picks, valid = to_device(picks, self.device), to_device(valid, self.device)  # [S, K, B]
         rows = to_device(np.stack([plan.rows for plan, _ in plans]), self.device)  # [K, n]
@@ -169,8 +167,8 @@ class SeedBatch:
             stop = max(long + 1 + answer_len(long, cot) for _, _, _, long in batches)
             size = max(hi - lo for lo, hi, _, _ in batches)
             chosen = rows.gather(1, picks[s, :, :size])  # [K, B]
-            batch = tokens[seeds, chosen]
-            mask = masks[seeds, chosen][:, :, start:stop] & valid[s, :, :size, None]
+            batch = self.tokens[seeds, chosen]
+            mask = self.mask[seeds, chosen][:, :, start:stop] & valid[s, :, :size, None]
             keep = None
             if p > 0:
                 keep = torch.ones((len(batches), size, stop, self.cur.model.d_model), dtype=torch.bool,
