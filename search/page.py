@@ -1,7 +1,8 @@
 """`iterhead report`: a search's results as one self-contained HTML page, from MLflow alone.
 
 The page (figures embedded, no external files) and its figures, also logged on the search's
-parent run under ``report/``: compute_to_target against each searched parameter (median and
+parent run under ``report/``: a table of medians over seeds per configuration (also written
+as ``medians.md`` beside the page), compute_to_target against each searched parameter (median and
 spread over seeds, censored trials marked), the fraction of trials at target against
 compute, the best trial's accuracy at each length against compute, its attention maps and
 iteration-head probe scores, and a table of every trial.

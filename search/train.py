@@ -64,10 +64,10 @@ class LoggedRun:
         self.status = "FINISHED"
         return summary
 
-    def end(self, status: str | None = None) -> None:
-        """Stop the heartbeat and end the run (FAILED unless `finish` ran, or `status`)."""
+    def end(self) -> None:
+        """Stop the heartbeat and end the run with `status` (FAILED unless `finish` ran)."""
         self.heartbeat.stop()
-        status = status or self.status
+        status = self.status
 
         def end() -> None:  # runs after the run's creation: the writer is ordered
             if self.run.exception() is None:

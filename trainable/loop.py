@@ -220,7 +220,7 @@ class Trainer:
                     continue
                 loss = float(loss_sum) / max(n_batches, 1)  # the one host sync per evaluation
                 self.compute.seconds += watch.stop()
-                last = index == self._last_stage() and self.position.epoch == stage.epochs
+                last = index == last_stage(cur) and self.position.epoch == stage.epochs
                 yield self.evaluate(stage.name, loss, last)
                 loss_sum.zero_()
                 n_batches = 0
@@ -229,9 +229,6 @@ class Trainer:
                 watch.start()
             watch.stop()
             self.position = Position(index + 1, 0)
-
-    def _last_stage(self) -> int:
-        return last_stage(self.cur)
 
     def evaluates_after(self, stage: StageSpec) -> bool:
         """Whether the epoch just done (`position.epoch` counts it) ends with an evaluation."""
