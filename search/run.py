@@ -107,15 +107,21 @@ def search_folder(loaded: LoadedSearch, opts: SearchOptions) -> tuple[Path, dict
 
 
 def start_ray(opts: SearchOptions) -> bool:
-    """Connect to `--address`, or start the embedded Ray; True if we started it."""
+    """Connect to `--address`, or start the embedded Ray; True if we started it.
+
+    The embedded Ray is always a new one (``address="local"``): a bare ``ray.init()`` would
+    join whatever `ray start` last wrote into Ray's temp folder, even a cluster long dead,
+    and then refuse our CPU count. Only an explicit address (`--address`, or `RAY_ADDRESS`
+    read by the CLI) joins another cluster.
+    """
     import ray
 
     if ray.is_initialized():
         return False
     if opts.address:
-        ray.init(address=opts.address, log_to_driver=False)
+        ray.init(address=opts.address, log_to_driver=False, configure_logging=False)
         return True
-    ray.init(num_cpus=opts.num_cpus or os.cpu_count() or 1, num_gpus=local_gpus(),
+    ray.init(address="local", num_cpus=opts.num_cpus or os.cpu_count() or 1, num_gpus=local_gpus(),
              include_dashboard=False, log_to_driver=False, configure_logging=False)
     return True
 

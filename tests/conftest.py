@@ -2,7 +2,32 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_ray_temp_folder():
+    """Ray's temp state (sessions, sockets, `ray_current_cluster`) in a folder of the tests' own.
+
+    The machine's /tmp/ray is never read or written: a cluster someone left there (or its
+    stale address) cannot leak into a test, and no test leaves state behind. The folder is
+    short because Ray's unix socket paths must fit in 107 bytes; subprocesses inherit it.
+    """
+    folder = tempfile.mkdtemp(prefix="ih-", dir="/tmp")
+    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_ADDRESS")}
+    os.environ["RAY_TMPDIR"] = folder
+    os.environ.pop("RAY_ADDRESS", None)  # tests say which Ray they use
+    yield folder
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -16,10 +41,29 @@ def _torch_threads():
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A real local Ray for one test module: 2 CPUs, no dashboard, a small object store."""
+    """A real local Ray of this module's own: 2 CPUs, no dashboard, a small object store."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             object_store_memory=80 * 1024 * 1024)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             configure_logging=False, object_store_memory=80 * 1024 * 1024)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def float64():
+    """Tensors made during the test default to float64 (restored after).
+
+    Why: batched and separate runs sum the same products in another order. In float32 that
+    rounding (about 1e-7 of a gradient's terms) is above Adam's epsilon (1e-8), so Adam
+    normalises it into a full-size step on near-zero gradients, and how the runs then drift
+    apart depends on the CPU's kernels. In float64 the rounding (about 1e-16) sits far below
+    epsilon, so each step differs by at most lr * 1e-16 / 1e-8 = 1e-11 (lr 1e-3), and a
+    comparison can hold on every CPU with a tolerance derived from that.
+    """
+    import torch
+
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(saved)
