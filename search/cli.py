@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="run a curriculum search on Ray Tune, tracked in MLflow")
     s.add_argument("spec", metavar="SPEC.yaml")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
-    s.add_argument("--address", help="an existing Ray cluster (HOST:PORT or auto); default: an embedded local Ray")
+    s.add_argument("--address", help="join an existing Ray cluster (HOST:PORT, or auto for the one `ray start` "
+                                    "last started here); default: $RAY_ADDRESS, else a new embedded local Ray")
     s.add_argument("--storage-path", help="where Tune keeps trial results and checkpoints (default: ./ray_results)")
     s.add_argument("--smoke", action="store_true", help="2 trials, tiny data, 2 epochs a stage: a quick check")
     s.add_argument("--resume", action="store_true", help="continue an interrupted search from its storage path")
@@ -105,10 +106,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     if args.precision not in ("fp32", "bf16"):
         raise ConfigError(f"{args.precision!r} is not a precision; use fp32 or bf16", field="--precision")
+    from iterhead.trainable.devices import prepare_cuda_env, resolve_device
+
+    prepare_cuda_env()  # before CUDA starts in this process
     import torch
 
     from iterhead.search.train import train, train_seeds
-    from iterhead.trainable.loop import resolve_device
 
     try:
         device = resolve_device(args.device)
@@ -147,7 +150,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise ConfigError("must be at least 1", field="--num-cpus")
     from iterhead.search.run import SearchOptions, run_search
 
-    run_search(loaded, SearchOptions(uri=uri, address=args.address, storage_path=args.storage_path,
+    address = args.address or os.environ.get("RAY_ADDRESS") or None  # never a stale temp-folder address
+    run_search(loaded, SearchOptions(uri=uri, address=address, storage_path=args.storage_path,
                                      smoke=args.smoke, resume=args.resume, num_cpus=args.num_cpus))
     return EXIT_OK
 
@@ -204,8 +208,10 @@ def cmd_ablate(args: argparse.Namespace) -> int:
                           field="--checkpoint")
     from iterhead.curricula.io import parse_curriculum
     from iterhead.trainable.ablation import INTERVENTIONS, ablate
-    from iterhead.trainable.loop import Trainer, resolve_device
+    from iterhead.trainable.devices import prepare_cuda_env, resolve_device
+    from iterhead.trainable.loop import Trainer
 
+    prepare_cuda_env()  # before CUDA starts in this process
     try:
         device = resolve_device(args.device)
     except (RuntimeError, ValueError) as err:
