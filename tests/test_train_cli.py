@@ -75,8 +75,12 @@ def test_bad_options_exit_2_before_anything_starts(tmp_path, capsys, monkeypatch
     assert list(tmp_path.iterdir()) == []  # no store, no artifacts
 
 
-def test_batched_seeds_write_one_run_per_seed_like_single_runs(tmp_path):
-    """`--seeds 0,1` trains both seeds as one model; each seed's run matches its single run."""
+def test_batched_seeds_write_one_run_per_seed_like_single_runs(tmp_path, float64):
+    """`--seeds 0,1` trains both seeds as one model; each seed's run matches its single run.
+
+    In float64, where batched and separate runs agree to about 1e-14 on any CPU (the
+    `float64` fixture says why float32 cannot promise that), so the reached epoch and the
+    losses can be compared tightly."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tiny = tmp_path / "tiny.yaml"
     tiny.write_text(SMALL.read_text().replace("epochs: 60", "epochs: 4").replace("epochs: 150", "epochs: 6"))
@@ -94,5 +98,5 @@ def test_batched_seeds_write_one_run_per_seed_like_single_runs(tmp_path):
         a.path for a in client.list_artifacts(alone.info.run_id)}
     for key in ("compute/flops", "compute/examples", "compute_to_target"):
         assert together.data.metrics[key] == alone.data.metrics[key], key
-    assert together.data.metrics["loss/train"] == pytest.approx(alone.data.metrics["loss/train"], abs=1e-4)
+    assert together.data.metrics["loss/train"] == pytest.approx(alone.data.metrics["loss/train"], abs=1e-8)
     assert runs["1"].data.metrics["loss/train"] != together.data.metrics["loss/train"]
