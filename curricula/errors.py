@@ -1,6 +1,9 @@
-"""The one exception bad input raises: it carries the file and the field path."""
+"""The one exception bad input raises, and the wording it shares: what was given, what fits."""
 
 from __future__ import annotations
+
+import difflib
+from typing import Iterable
 
 
 class ConfigError(ValueError):
@@ -27,3 +30,43 @@ class ConfigError(ValueError):
     def __str__(self) -> str:
         parts = [p for p in (self.file, self.field) if p]
         return ": ".join(parts + [self.message])
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """`value` as the user wrote it (its repr), cut short so a message stays one readable line."""
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def closest(given: object, choices: Iterable[object], cutoff: float = 0.6) -> str | None:
+    """The choice nearest to `given`, if one is near enough to be a likely typo.
+
+    Compared case-insensitively, so ``ASHA`` finds ``asha``; `cutoff` is difflib's ratio.
+    """
+    by_lower: dict[str, str] = {}
+    for choice in map(str, choices):
+        by_lower.setdefault(choice.lower(), choice)
+    found = difflib.get_close_matches(str(given).lower(), list(by_lower), n=1, cutoff=cutoff)
+    return by_lower[found[0]] if found else None
+
+
+def suggest(given: object, choices: Iterable[object], *, listing: str = "choose one of") -> str:
+    """What to write instead of `given`: ``did you mean 'x'? (choose one of a, b)``, or only
+    ``choose one of a, b`` when no choice is close. Empty when there is nothing to choose.
+
+    Every unknown-name message ends with this, so a typo is fixed from the message alone.
+    """
+    names = [str(c) for c in choices]
+    if not names:
+        return ""
+    listed = f"{listing} {', '.join(names)}"
+    best = closest(given, names)
+    return f"did you mean {best!r}? ({listed})" if best is not None else listed
+
+
+def unknown(what: str, given: object, choices: Iterable[object], *,
+            listing: str = "choose one of") -> str:
+    """``unknown WHAT 'given'; did you mean ...? (choose one of ...)``: the one wording for a
+    name that is not among the valid ones."""
+    hint = suggest(given, choices, listing=listing)
+    return f"unknown {what} {shown(given)}" + (f"; {hint}" if hint else "")

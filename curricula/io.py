@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import types
 from pathlib import Path
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from iterhead.curricula.errors import ConfigError
+from iterhead.curricula.errors import ConfigError, shown, unknown
 from iterhead.curricula.schema import Curriculum
 from iterhead.curricula.tasks import KINDS
 
@@ -102,13 +102,11 @@ def _unwrap(tp: Any) -> Any:
             return tp
 
 
-def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
-    """Field names allowed where an unknown key was found, walking `loc` through the schema.
-
-    `loc` is pydantic's, through lists (an index), dicts (a key) and tagged unions (the tag).
-    """
+def _type_at(model: type[BaseModel], loc: tuple[Any, ...]) -> Any | None:
+    """The schema type at pydantic's `loc`, walking models, lists (an index), dicts (a key) and
+    tagged unions (the tag); None where `loc` leaves the schema."""
     tp: Any = model
-    for part in loc[:-1]:
+    for part in loc:
         tp = _unwrap(tp)
         if isinstance(tp, type) and issubclass(tp, BaseModel):
             field = tp.model_fields.get(part) if isinstance(part, str) else None
@@ -128,29 +126,49 @@ def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] |
             tp = tagged[0]
         else:
             return None
-    tp = _unwrap(tp)
-    fields = getattr(tp, "model_fields", None)
-    return sorted(fields) if fields else None
+    return _unwrap(tp)
+
+
+def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names allowed where the unknown key at the end of `loc` was found."""
+    fields = getattr(_type_at(model, loc[:-1]), "model_fields", None)
+    return sorted(fields) if fields else []
+
+
+def _choices(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The values a ``Literal`` field at `loc` allows, in the schema's order."""
+    tp = _type_at(model, loc)
+    return get_args(tp) if get_origin(tp) is Literal else ()
+
+
+def _message(first: Any, model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]]:
+    """One pydantic error as (message, field loc); every message names the value given."""
+    kind = first["type"]
+    given = first.get("input")
+    if kind == "extra_forbidden":
+        return unknown("field", loc[-1], _allowed_fields(model, loc), listing="allowed here:"), loc
+    if kind == "missing":
+        return "required field is missing", loc
+    if kind in ("union_tag_invalid", "union_tag_not_found") and isinstance(given, dict):
+        if kind == "union_tag_not_found":
+            return f"required field is missing; choose one of {', '.join(KINDS)}", loc + ("kind",)
+        return unknown("task kind", given.get("kind"), KINDS), loc + ("kind",)
+    choices = _choices(model, loc) if kind == "literal_error" else ()
+    if choices:
+        return unknown(str(loc[-1]), given, choices), loc
+    message = first["msg"].removeprefix("Value error, ")
+    if "input" in first and (kind != "value_error" or not isinstance(given, (dict, list))):
+        message += f" (got {shown(given)})"
+    return message, loc
 
 
 def validation_error(err: ValidationError, model: type[BaseModel], *, file: str = "") -> ConfigError:
     """The first error of a pydantic `ValidationError` as a one-line `ConfigError`."""
-    first = err.errors()[0]
-    loc = tuple(first["loc"])
-    allowed = _allowed_fields(model, loc) if first["type"] == "extra_forbidden" else None
+    errors = err.errors()
+    message, loc = _message(errors[0], model, tuple(errors[0]["loc"]))
     if len(loc) >= 3 and loc[0] == "tasks" and loc[2] in KINDS:  # drop the union's tag
         loc = loc[:2] + loc[3:]
-    if first["type"] == "extra_forbidden":
-        message = "unknown field" + (f"; allowed here: {', '.join(allowed)}" if allowed else "")
-    elif first["type"] == "missing":
-        message = "required field is missing"
-    elif first["type"] == "union_tag_invalid":
-        message = f"unknown task kind; choose one of {', '.join(KINDS)}"
-    else:
-        message = first["msg"]
-        if "input" in first and not isinstance(first["input"], (dict, list)):
-            message += f" (got {first['input']!r})"
-    more = len(err.errors()) - 1
+    more = len(errors) - 1
     if more:
         message += f" (and {more} more error{'s' if more > 1 else ''})"
     return ConfigError(message, field=format_loc(loc), file=file)

@@ -16,38 +16,45 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from iterhead.curricula.errors import ConfigError
+from iterhead.curricula.errors import ConfigError, shown, unknown
 
 
 def _stage(data: dict[str, Any], name: str, key: str) -> dict[str, Any]:
     for stage in data.get("stages", []):
         if stage.get("name") == name:
             return stage
-    names = ", ".join(str(s.get("name")) for s in data.get("stages", []))
-    raise ConfigError(f"no stage named {name!r} (stages: {names})", field=key)
+    names = [str(s.get("name")) for s in data.get("stages", [])]
+    raise ConfigError(unknown("stage", name, names, listing="stages:"), field=key)
 
 
 def check_key(data: dict[str, Any], key: str) -> None:
     """Raise `ConfigError` unless `key` addresses a field of the curriculum mapping `data`."""
     parts = key.split(".")
     node: Any = data
+    start = 0
     if parts[0] == "stages":
         if len(parts) < 3:
             raise ConfigError("address a stage field as stages.<stage name>.<field>", field=key)
-        node, parts = _stage(data, parts[1], key), parts[2:]
-        if parts[0] == "mix":
-            if len(parts) != 2 or parts[1] not in data.get("tasks", {}):
-                tasks = ", ".join(data.get("tasks", {}))
-                raise ConfigError(f"address a mix weight as stages.<stage>.mix.<task>, a task of: {tasks}",
-                                  field=key)
+        node, start = _stage(data, parts[1], key), 2
+        if parts[2] == "mix":
+            tasks = list(data.get("tasks", {}))
+            if len(parts) != 4:
+                raise ConfigError("address a mix weight as stages.<stage>.mix.<task>, a task of: "
+                                  f"{', '.join(tasks)}", field=key)
+            if parts[3] not in tasks:
+                raise ConfigError(unknown("task", parts[3], tasks, listing="defined tasks:"), field=key)
             return
-    for i, part in enumerate(parts):
-        if not isinstance(node, dict) or part not in node:
-            where = ".".join(parts[:i]) or "the top level"
-            raise ConfigError(f"{part!r} is not a field of {where}", field=key)
+    for i in range(start, len(parts)):
+        part, where = parts[i], ".".join(parts[:i]) or "the top level"
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where} is a single value ({shown(node)}); it has no field {part!r}",
+                              field=key)
+        if part not in node:
+            raise ConfigError(unknown("field", part, node, listing=f"fields of {where}:"), field=key)
         node = node[part]
     if isinstance(node, dict) and node:
-        raise ConfigError("address a single value, not a whole section", field=key)
+        raise ConfigError(f"address a single value, not a whole section (fields: {', '.join(node)})",
+                          field=key)
 
 
 def apply(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

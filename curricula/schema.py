@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from iterhead.curricula.errors import ConfigError
+from iterhead.curricula.errors import ConfigError, shown, unknown
 from iterhead.curricula.tasks import KINDS, Task
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -114,8 +114,8 @@ class Curriculum(Spec):
                 field="model.d_model",
             )
         if self.model.positional == "rotary" and (self.model.d_model // self.model.n_heads) % 2:
-            raise ConfigError("rotary positions need an even head size (d_model / n_heads)",
-                              field="model.positional")
+            raise ConfigError("rotary positions need an even head size (got d_model / n_heads = "
+                              f"{self.model.d_model // self.model.n_heads})", field="model.positional")
         seen: set[str] = set()
         modules = module_names(self.model)
         for i, stage in enumerate(self.stages):
@@ -126,14 +126,15 @@ class Curriculum(Spec):
             seen.add(stage.name)
             for task in stage.mix:
                 if task not in self.tasks:
-                    raise ConfigError(f"task {task!r} is not defined; defined tasks: "
-                                      f"{', '.join(self.tasks)}", field=f"{where}.mix.{task}")
+                    raise ConfigError(unknown("task", task, self.tasks, listing="defined tasks:"),
+                                      field=f"{where}.mix.{task}")
             if stage.epochs > 0 and sum(stage.mix.values()) <= 0:
-                raise ConfigError("mix weights must have a positive sum", field=f"{where}.mix")
+                raise ConfigError(f"mix weights must have a positive sum (got {shown(stage.mix)})",
+                                  field=f"{where}.mix")
             for j, module in enumerate(stage.train_modules or []):
                 if module not in modules:
-                    raise ConfigError(f"{module!r} is not a module of this model; choose from "
-                                      f"{', '.join(sorted(modules))}",
+                    raise ConfigError(unknown("module", module, sorted(modules),
+                                              listing="modules of this model:"),
                                       field=f"{where}.train_modules[{j}]")
         if self.data.split == "disjoint":
             for name, spec in self.tasks.items():
@@ -141,8 +142,8 @@ class Curriculum(Spec):
                     raise ConfigError("a disjoint split needs at least two possible inputs; this task has "
                                       "one (polynomial with modulus 2): use split iid", field=f"tasks.{name}")
         if self.target.task not in self.tasks:
-            raise ConfigError(f"task {self.target.task!r} is not defined; defined tasks: "
-                              f"{', '.join(self.tasks)}", field="target.task")
+            raise ConfigError(unknown("task", self.target.task, self.tasks, listing="defined tasks:"),
+                              field="target.task")
         return self
 
     def stage(self, name: str) -> StageSpec:

@@ -45,7 +45,8 @@ class Domain(Spec):
     def _one(self) -> "Domain":
         given = [k for k in DOMAINS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one domain of {', '.join(DOMAINS)} (got {len(given)})")
+            got = ", ".join(given) if given else "none"
+            raise ValueError(f"give exactly one domain of {', '.join(DOMAINS)} (got {got})")
         kind = given[0]
         value = getattr(self, kind)
         if kind in ("uniform", "loguniform", "randint") and not value[0] < value[1]:
@@ -53,7 +54,7 @@ class Domain(Spec):
         if kind == "loguniform" and value[0] <= 0:
             raise ValueError(f"loguniform needs low > 0 (got {value[0]})")
         if kind in ("choice", "grid") and not value:
-            raise ValueError(f"{kind} needs at least one value")
+            raise ValueError(f"{kind} needs at least one value (got [])")
         return self
 
     @property
@@ -121,12 +122,13 @@ def _check_space(spec: SearchSpec, base: Curriculum, file: str) -> None:
     data = base.model_dump(mode="json")
     grids = [k for k, d in spec.space.items() if d.kind == "grid"]
     if grids and spec.search.algorithm == "optuna":
-        raise ConfigError("grid domains need algorithm random or grid (Optuna samples, it does not "
-                          f"enumerate); change search.algorithm or make {grids[0]!r} a choice",
+        raise ConfigError("grid domains need algorithm random or grid, not 'optuna' (Optuna samples, "
+                          f"it does not enumerate); change search.algorithm or make {grids[0]!r} a choice",
                           field="search.algorithm", file=file)
     if spec.search.algorithm == "grid" and any(d.kind != "grid" for d in spec.space.values()):
         key = next(k for k, d in spec.space.items() if d.kind != "grid")
-        raise ConfigError("algorithm grid enumerates grid domains only; make it a grid or use random",
+        raise ConfigError(f"algorithm grid enumerates grid domains only, not {spec.space[key].kind}; "
+                          "make it a grid or use random",
                           field=f"space.{key}", file=file)
     for key, domain in spec.space.items():
         for value in domain.probes():

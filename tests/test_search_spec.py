@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Literal, get_args, get_origin
 
 import pytest
 
 from iterhead.curricula.overrides import apply, blend
 from iterhead.search.cli import main
-from iterhead.search.spec import load_search
+from iterhead.search.spec import SearchSettings, SearchSpec, load_search
 from iterhead.trainable.tune import trial_curriculum
 
 from support import ROOT
@@ -26,35 +27,45 @@ def write_spec(tmp_path, body: str):
 
 BAD = {
     "unknown-top-key": ("spaces: {}\n", "spaces", "unknown field"),
-    "key-names-no-field": ("space:\n  optim.learning_rate: {uniform: [0.1, 0.2]}\n", "space.optim.learning_rate", "not a field"),
-    "undefined-stage": ("space:\n  stages.warmup.epochs: {randint: [0, 3]}\n", "space.stages.warmup.epochs", "no stage named"),
+    "key-names-no-field": ("space:\n  optim.learning_rate: {uniform: [0.1, 0.2]}\n", "space.optim.learning_rate",
+                           "unknown field 'learning_rate'; fields of optim: lr, batch_size, weight_decay, batch_order"),
+    "undefined-stage": ("space:\n  stages.warmup.epochs: {randint: [0, 3]}\n", "space.stages.warmup.epochs",
+                        "unknown stage 'warmup'; stages: pretrain, finetune"),
     "mix-of-undefined-task": ("space:\n  stages.pretrain.mix.copy: {uniform: [0, 1]}\n", "space.stages.pretrain.mix.copy", "task"),
     "low-not-below-high": ("space:\n  optim.lr: {uniform: [0.2, 0.1]}\n", "space.optim.lr", "low < high"),
     "loguniform-at-zero": ("space:\n  optim.lr: {loguniform: [0.0, 0.1]}\n", "space.optim.lr", "low > 0"),
-    "two-domains": ("space:\n  optim.lr: {uniform: [0.1, 0.2], loguniform: [0.1, 0.2]}\n", "space.optim.lr", "exactly one"),
+    "two-domains": ("space:\n  optim.lr: {uniform: [0.1, 0.2], loguniform: [0.1, 0.2]}\n", "space.optim.lr",
+                    "exactly one domain of uniform, loguniform, randint, choice, grid (got uniform, loguniform)"),
+    "no-domain": ("space:\n  optim.lr: {}\n", "space.optim.lr", "(got none)"),
     "empty-choice": ("space:\n  optim.batch_size: {choice: []}\n", "space.optim.batch_size", "at least one"),
     "value-breaks-curriculum": ("space:\n  optim.lr: {uniform: [-1.0, 0.1]}\n", "space.optim.lr", "greater than 0"),
-    "unknown-algorithm": ("search: {algorithm: bayes}\n", "search.algorithm", "optuna"),
-    "grid-with-optuna": ("space:\n  seed: {grid: [0, 1]}\nsearch: {algorithm: optuna}\n", "search.algorithm", "grid"),
+    "unknown-algorithm": ("search: {algorithm: bayes}\n", "search.algorithm",
+                          "unknown algorithm 'bayes'; choose one of optuna, random, grid"),
+    "grid-with-optuna": ("space:\n  seed: {grid: [0, 1]}\nsearch: {algorithm: optuna}\n", "search.algorithm",
+                         "not 'optuna'"),
     "negative-budget": ("budget: {flops: -1.0}\n", "budget.flops", "greater than 0"),
     "missing-base": ("", "base", "no curriculum file"),
     "unknown-search-key": ("search: {algo: optuna}\n", "search.algo", "unknown field"),
     "num-samples-zero": ("search: {num_samples: 0}\n", "search.num_samples", "greater than 0"),
     "max-concurrent-zero": ("search: {max_concurrent: 0}\n", "search.max_concurrent", "greater than 0"),
-    "unknown-scheduler": ("search: {scheduler: pbt}\n", "search.scheduler", "asha"),
+    "unknown-scheduler": ("search: {scheduler: pbt}\n", "search.scheduler", "unknown scheduler 'pbt'; choose one of asha, none"),
     "budget-zero": ("budget: {flops: 0}\n", "budget.flops", "greater than 0"),
     "budget-infinite": ("budget: {flops: .inf}\n", "budget.flops", "finite"),
-    "budget-text": ("budget: {flops: lots}\n", "budget.flops", "number"),
+    "budget-text": ("budget: {flops: lots}\n", "budget.flops", "(got 'lots')"),
     "negative-gpu": ("resources: {gpu: -1}\n", "resources.gpu", "greater than or equal to 0"),
     "zero-cpu": ("resources: {cpu: 0}\n", "resources.cpu", "greater than 0"),
     "unknown-resource": ("resources: {tpu: 1}\n", "resources.tpu", "unknown field"),
-    "whole-section": ("space:\n  model: {choice: [1]}\n", "space.model", "single value"),
+    "whole-section": ("space:\n  model: {choice: [1]}\n", "space.model", "single value, not a whole section (fields: d_model,"),
+    "field-of-a-value": ("space:\n  optim.lr.x: {uniform: [0.1, 0.2]}\n", "space.optim.lr.x",
+                         "optim.lr is a single value (0.001); it has no field 'x'"),
     "stage-without-field": ("space:\n  stages.pretrain: {randint: [0, 3]}\n", "space.stages.pretrain", "stages.<stage name>.<field>"),
     "randint-of-floats": ("space:\n  stages.pretrain.epochs: {randint: [0.5, 3]}\n", "space.stages.pretrain.epochs.randint[0]", "integer"),
-    "grid-algorithm-with-uniform": ("space:\n  optim.lr: {uniform: [0.1, 0.2]}\nsearch: {algorithm: grid}\n", "space.optim.lr", "grid"),
+    "grid-algorithm-with-uniform": ("space:\n  optim.lr: {uniform: [0.1, 0.2]}\nsearch: {algorithm: grid}\n", "space.optim.lr",
+                                    "grid domains only, not uniform"),
     "choice-breaks-curriculum": ("space:\n  optim.batch_size: {choice: [32, 0]}\n", "space.optim.batch_size", "greater than 0"),
-    "space-not-a-mapping": ("space: [optim.lr]\n", "space", "dictionary"),
-    "unknown-domain": ("space:\n  optim.lr: {normal: [0, 1]}\n", "space.optim.lr.normal", "unknown field"),
+    "space-not-a-mapping": ("space: [optim.lr]\n", "space", "dictionary (got ['optim.lr'])"),
+    "unknown-domain": ("space:\n  optim.lr: {gaussian: [0, 1]}\n", "space.optim.lr.gaussian",
+                       "unknown field 'gaussian'; allowed here: choice, grid, loguniform, randint, uniform"),
 }
 
 
@@ -66,6 +77,89 @@ def test_bad_spec_exits_2_with_one_line(tmp_path, capsys, body, field, words):
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{path}: {field}: " in err[0] and words in err[0], err
+
+
+# (spec body, field, the message after "FIELD: "): a near miss names the value and the nearest
+# valid one; a far one names the value and lists the choices without guessing.
+SUGGEST = {
+    "algorithm-typo": ("search: {algorithm: optuan}\n", "search.algorithm",
+                       "unknown algorithm 'optuan'; did you mean 'optuna'? (choose one of optuna, random, grid)"),
+    "scheduler-case": ("search: {scheduler: ASHA}\n", "search.scheduler",
+                       "unknown scheduler 'ASHA'; did you mean 'asha'? (choose one of asha, none)"),
+    "search-key-typo": ("search: {algo: optuna}\n", "search.algo",
+                        "unknown field 'algo'; did you mean 'algorithm'? (allowed here: algorithm, "
+                        "checkpoint_every_s, grace_fraction, max_concurrent, max_failures, num_samples, "
+                        "reduction_factor, scheduler, seed)"),
+    "top-key-typo": ("spaces: {}\n", "spaces",
+                     "unknown field 'spaces'; did you mean 'space'? (allowed here: base, budget, name, "
+                     "resources, search, space)"),
+    "resource-typo": ("resources: {cpus: 1}\n", "resources.cpus",
+                      "unknown field 'cpus'; did you mean 'cpu'? (allowed here: cpu, gpu)"),
+    "budget-typo": ("budget: {flop: 1.0e12}\n", "budget.flop",
+                    "unknown field 'flop'; did you mean 'flops'? (allowed here: flops)"),
+    "domain-typo": ("space:\n  optim.lr: {unifrom: [0.1, 0.2]}\n", "space.optim.lr.unifrom",
+                    "unknown field 'unifrom'; did you mean 'uniform'? (allowed here: choice, grid, "
+                    "loguniform, randint, uniform)"),
+    "space-field-typo": ("space:\n  optim.lrr: {uniform: [0.1, 0.2]}\n", "space.optim.lrr",
+                         "unknown field 'lrr'; did you mean 'lr'? (fields of optim: lr, batch_size, "
+                         "weight_decay, batch_order)"),
+    "space-section-typo": ("space:\n  optm.lr: {uniform: [0.1, 0.2]}\n", "space.optm.lr",
+                           "unknown field 'optm'; did you mean 'optim'? (fields of the top level: name, seed, "
+                           "model, data, tasks, optim, stages, target, eval)"),
+    "space-stage-typo": ("space:\n  stages.pretrian.epochs: {randint: [0, 3]}\n", "space.stages.pretrian.epochs",
+                         "unknown stage 'pretrian'; did you mean 'pretrain'? (stages: pretrain, finetune)"),
+    "space-stage-field-typo": ("space:\n  stages.pretrain.epoch: {randint: [0, 3]}\n",
+                               "space.stages.pretrain.epoch",
+                               "unknown field 'epoch'; did you mean 'epochs'? (fields of stages.pretrain: "
+                               "name, mix, epochs, lr, train_modules)"),
+    "space-mix-task-typo": ("space:\n  stages.pretrain.mix.parityy: {uniform: [0, 1]}\n",
+                            "space.stages.pretrain.mix.parityy",
+                            "unknown task 'parityy'; did you mean 'parity'? (defined tasks: parity, polynomial)"),
+    "space-mix-task-far-off": ("space:\n  stages.pretrain.mix.copy: {uniform: [0, 1]}\n",
+                               "space.stages.pretrain.mix.copy",
+                               "unknown task 'copy'; defined tasks: parity, polynomial"),
+    "choice-of-positional-typo": ("space:\n  model.positional: {choice: [learned, rotory]}\n",
+                                  "space.model.positional",
+                                  "unknown positional 'rotory'; did you mean 'rotary'? (choose one of learned, rotary)"),
+    "choice-of-target-task-typo": ("space:\n  target.task: {choice: [parity, polynomal]}\n", "space.target.task",
+                                   "unknown task 'polynomal'; did you mean 'polynomial'? "
+                                   "(defined tasks: parity, polynomial)"),
+    "choice-of-module-typo": ("space:\n  stages.finetune.train_modules: {choice: [[blocks.1.mlpp]]}\n",
+                              "space.stages.finetune.train_modules",
+                              "the value ['blocks.1.mlpp'] makes the curriculum invalid: stages[1].train_modules[0]: "
+                              "unknown module 'blocks.1.mlpp'; did you mean 'blocks.1.mlp'? (modules of this model: "),
+}
+
+
+@pytest.mark.parametrize("body, field, message", SUGGEST.values(), ids=SUGGEST.keys())
+def test_bad_spec_names_the_value_and_suggests(tmp_path, capsys, body, field, message):
+    path = write_spec(tmp_path, body)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {path}: {field}: {message}"), err
+    assert "did you mean" in message or "did you mean" not in err[0]
+
+
+SEARCH_CHOICES = {name: get_args(f.annotation) for name, f in SearchSettings.model_fields.items()
+                  if get_origin(f.annotation) is Literal}
+
+
+def test_every_search_choice_field_is_covered():
+    assert set(SEARCH_CHOICES) == {"algorithm", "scheduler"}
+    assert not [n for n, f in SearchSpec.model_fields.items() if get_origin(f.annotation) is Literal]
+
+
+@pytest.mark.parametrize("name", sorted(SEARCH_CHOICES))
+@pytest.mark.parametrize("how", ["typo", "far-off"])
+def test_search_choice_names_the_value_and_the_nearest_choice(tmp_path, capsys, name, how):
+    choices = SEARCH_CHOICES[name]
+    given = choices[0][:-1] + "x" + choices[0][-1] if how == "typo" else "zzzz"
+    path = write_spec(tmp_path, f"search: {{{name}: {given}}}\n")
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    listed = f"choose one of {', '.join(choices)}"
+    tail = f"did you mean {choices[0]!r}? ({listed})" if how == "typo" else listed
+    assert err == [f"error: {path}: search.{name}: unknown {name} {given!r}; {tail}"]
 
 
 @pytest.mark.parametrize("base_text, words", [

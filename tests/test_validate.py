@@ -10,11 +10,15 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal, get_args, get_origin
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
+from iterhead.curricula.errors import closest, shown, suggest, unknown
+from iterhead.curricula.schema import Curriculum
+from iterhead.curricula.tasks import KINDS
 from iterhead.search.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +100,7 @@ class Case:
     where: str | Line | None  # the field path the message must lead with, a YAML line, or none
     reason: str  # a key word of the reason, matched case-insensitively
     also: tuple[str, ...] = ()  # more text the message must contain
+    never: tuple[str, ...] = ()  # text the message must not contain
 
 
 CASES = [
@@ -128,19 +133,29 @@ CASES = [
          Line(7), "recursive"),
     Case("nesting-too-deep", text("name: " + "[" * 5000 + "]" * 5000 + "\n"), None, "deep"),
     # unknown or missing fields
-    Case("unknown-top-level-key", edit(("colour", "blue")), "colour", "unknown field",
-         also=("stages", "target")),
-    Case("unknown-nested-key", edit(("model.d_modle", 64)), "model.d_modle", "unknown field",
-         also=("allowed", "d_model", "n_heads", "positional")),
+    Case("unknown-top-level-key", edit(("colour", "blue")), "colour", "unknown field 'colour'",
+         also=("; allowed here: data, eval, model, name, optim, seed, stages, target, tasks",),
+         never=("did you mean",)),
+    Case("misspelt-top-level-key", edit(("taks", {})), "taks", "unknown field 'taks'",
+         also=("did you mean 'tasks'?", "(allowed here: ")),
+    Case("unknown-nested-key", edit(("model.d_modle", 64)), "model.d_modle", "unknown field 'd_modle'",
+         also=("did you mean 'd_model'?", "allowed", "n_heads", "positional")),
+    Case("unknown-optim-key", edit(("optim.lrr", 0.1)), "optim.lrr", "unknown field 'lrr'",
+         also=("did you mean 'lr'? (allowed here: batch_order, batch_size, lr, weight_decay)",)),
     Case("unknown-stage-key", edit(("stages.1.mix_weights", 1)), "stages[1].mix_weights",
-         "unknown field", also=("epochs", "train_modules")),
+         "unknown field 'mix_weights'", also=("epochs", "train_modules"), never=("did you mean",)),
+    Case("misspelt-stage-key", edit(("stages.1.epoch", 1)), "stages[1].epoch", "unknown field 'epoch'",
+         also=("did you mean 'epochs'?",)),
     Case("unknown-task-key", edit(("tasks.polynomial.modulo", 7)), "tasks.polynomial.modulo",
-         "unknown field", also=("kind", "modulus")),
+         "unknown field 'modulo'", also=("did you mean 'modulus'? (allowed here: kind, modulus)",)),
     Case("missing-name", edit(("name", DROP)), "name", "missing"),
     Case("missing-tasks", edit(("tasks", DROP)), "tasks", "missing"),
     Case("missing-stages", edit(("stages", DROP)), "stages", "missing"),
     Case("missing-target", edit(("target", DROP)), "target", "missing"),
-    Case("missing-task-kind", edit(("tasks.parity", {})), "tasks.parity", "kind"),
+    Case("missing-task-kind", edit(("tasks.parity", {})), "tasks.parity.kind", "missing",
+         also=("choose one of parity, polynomial, copy",)),
+    Case("task-not-a-mapping", edit(("tasks.parity", "parity")), "tasks.parity", "dictionary",
+         also=("(got 'parity')",)),
     Case("no-tasks", edit(("tasks", {})), "tasks", "at least one"),
     Case("no-stages", edit(("stages", [])), "stages", "at least one"),
     # numbers out of range or of the wrong type
@@ -158,7 +173,8 @@ CASES = [
          also=("fractional",)),
     Case("string-for-number", edit(("model.d_model", "sixty-four")), "model.d_model", "integer",
          also=("'sixty-four'",)),
-    Case("list-for-number", edit(("optim.lr", [1e-3])), "optim.lr", "valid number"),
+    Case("list-for-number", edit(("optim.lr", [1e-3])), "optim.lr", "valid number",
+         also=("(got [0.001])",)),
     Case("modulus-one", edit(("tasks.polynomial.modulus", 1)), "tasks.polynomial.modulus",
          "greater than or equal to 2"),
     Case("target-accuracy-zero", edit(("target.accuracy", 0.0)), "target.accuracy", "greater than 0"),
@@ -167,26 +183,53 @@ CASES = [
     # stages and cross-field checks
     Case("mix-weight-negative", edit(("stages.1.mix.parity", -0.5)), "stages[1].mix.parity",
          "greater than or equal to 0"),
-    Case("mix-undefined-task", edit(("stages.1.mix.foo", 1.0)), "stages[1].mix.foo", "not defined",
-         also=("parity", "polynomial")),
+    Case("mix-undefined-task", edit(("stages.1.mix.foo", 1.0)), "stages[1].mix.foo", "unknown task 'foo'",
+         also=("; defined tasks: parity, polynomial",), never=("did you mean",)),
+    Case("mix-misspelt-task", edit(("stages.1.mix.paritty", 1.0)), "stages[1].mix.paritty",
+         "unknown task 'paritty'", also=("did you mean 'parity'? (defined tasks: parity, polynomial)",)),
     Case("mix-key-not-a-string", sub("mix: {parity: 1.0}", "mix: {1: 1.0}"), "stages[1].mix.1",
          "valid string"),
     Case("mix-weights-all-zero", edit(("stages.0.mix.polynomial", 0.0)), "stages[0].mix",
-         "positive sum"),
+         "positive sum", also=("{'polynomial': 0.0}",)),
     Case("duplicate-stage-names", edit(("stages.1.name", "pretrain")), "stages[1].name", "unique"),
     Case("stage-name-with-space", edit(("stages.0.name", "pre train")), "stages[0].name", "pattern"),
     Case("d-model-not-divisible-by-heads", edit(("model.n_heads", 3)), "model.d_model", "divisible"),
     Case("rotary-odd-head-size", edit(("model.positional", "rotary"), ("model.d_model", 6),
-                                      ("model.n_heads", 2)), "model.positional", "even"),
-    Case("batch-order-unknown", edit(("optim.batch_order", "random")), "optim.batch_order", "seeded",
-         also=("shared",)),
-    Case("target-task-undefined", edit(("target.task", "copy")), "target.task", "not defined"),
+                                      ("model.n_heads", 2)), "model.positional", "even",
+         also=("= 3",)),
+    Case("batch-order-unknown", edit(("optim.batch_order", "random")), "optim.batch_order",
+         "unknown batch_order 'random'", also=("; choose one of seeded, shared",), never=("did you mean",)),
+    Case("batch-order-misspelt", edit(("optim.batch_order", "shraed")), "optim.batch_order",
+         "unknown batch_order 'shraed'", also=("did you mean 'shared'? (choose one of seeded, shared)",)),
+    Case("positional-misspelt", edit(("model.positional", "rotory")), "model.positional",
+         "unknown positional 'rotory'", also=("did you mean 'rotary'? (choose one of learned, rotary)",)),
+    Case("positional-wrong-case", edit(("model.positional", "Learned")), "model.positional",
+         "unknown positional 'Learned'", also=("did you mean 'learned'?",)),
+    Case("positional-not-a-string", edit(("model.positional", 5)), "model.positional",
+         "unknown positional 5", also=("; choose one of learned, rotary",), never=("did you mean",)),
+    Case("split-misspelt", edit(("data.split", "disjiont")), "data.split", "unknown split 'disjiont'",
+         also=("did you mean 'disjoint'? (choose one of iid, disjoint)",)),
+    Case("split-unknown", edit(("data.split", "random")), "data.split", "unknown split 'random'",
+         also=("; choose one of iid, disjoint",), never=("did you mean",)),
+    Case("target-task-undefined", edit(("target.task", "copy")), "target.task", "unknown task 'copy'",
+         also=("; defined tasks: parity, polynomial",), never=("did you mean",)),
+    Case("target-task-misspelt", edit(("target.task", "polynomal")), "target.task",
+         "unknown task 'polynomal'", also=("did you mean 'polynomial'? (defined tasks: parity, polynomial)",)),
     Case("train-module-nonexistent", edit(("stages.0.train_modules", ["head", "blocks.5.mlp"])),
-         "stages[0].train_modules[1]", "not a module", also=("'blocks.5.mlp'", "blocks.1.mlp")),
+         "stages[0].train_modules[1]", "unknown module 'blocks.5.mlp'",
+         also=("did you mean 'blocks.1.mlp'? (modules of this model: blocks, ", "tok_emb)")),
+    Case("train-module-far-off", edit(("stages.0.train_modules", ["attention"])),
+         "stages[0].train_modules[0]", "unknown module 'attention'",
+         also=("; modules of this model: blocks, ",), never=("did you mean",)),
     Case("train-modules-not-a-list", edit(("stages.0.train_modules", "head")),
          "stages[0].train_modules", "valid list"),
-    Case("unknown-task-kind", edit(("tasks.parity.kind", "sorting")), "tasks.parity",
-         "unknown task kind", also=("polynomial", "copy")),
+    Case("unknown-task-kind", edit(("tasks.parity.kind", "sorting")), "tasks.parity.kind",
+         "unknown task kind 'sorting'", also=("; choose one of parity, polynomial, copy",),
+         never=("did you mean",)),
+    Case("misspelt-task-kind", edit(("tasks.parity.kind", "parityy")), "tasks.parity.kind",
+         "unknown task kind 'parityy'", also=("did you mean 'parity'? (choose one of parity, polynomial, copy)",)),
+    Case("task-kind-not-a-string", edit(("tasks.polynomial.kind", 3)), "tasks.polynomial.kind",
+         "unknown task kind 3", also=("choose one of",), never=("did you mean",)),
     # not a readable file
     Case("file-does-not-exist", no_file, None, "cannot read", also=("No such file",)),
     Case("path-is-a-directory", directory, None, "cannot read", also=("directory",)),
@@ -230,6 +273,8 @@ def test_bad_input(case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert case.reason.lower() in message.lower(), message
     for fragment in case.also:
         assert fragment in message, (fragment, message)
+    for fragment in case.never:
+        assert fragment not in message, (fragment, message)
     assert not (tmp_path / MARKER).exists(), "a YAML tag ran code"
 
 
@@ -261,17 +306,76 @@ def test_good_and_bad_reports_only_the_bad(tmp_path: Path, capsys: pytest.Captur
     assert str(good) not in err
 
 
-def test_console_script_on_bad_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("change, expected", [
+    (("model.d_modle", 64), "model.d_modle: unknown field 'd_modle'; did you mean 'd_model'? (allowed here: "
+                            "d_model, dropout, mlp_ratio, n_heads, n_layers, positional)"),
+    (("tasks.parity.kind", "parityy"), "tasks.parity.kind: unknown task kind 'parityy'; did you mean "
+                                       "'parity'? (choose one of parity, polynomial, copy)"),
+], ids=["unknown-key", "task-kind"])
+def test_console_script_on_bad_file(tmp_path: Path, change: tuple[str, Any], expected: str) -> None:
     script = Path(sys.executable).parent / "iterhead"
     if not script.exists():
         script = Path(shutil.which("iterhead") or "iterhead")
-    bad = edit(("model.d_modle", 64))(tmp_path)
+    bad = edit(change)(tmp_path)
     proc = subprocess.run([str(script), "validate", str(bad)], capture_output=True, text=True,
                           timeout=120, cwd=tmp_path)
     assert "Traceback" not in proc.stdout + proc.stderr
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
-    assert assert_one_error(proc.stderr, bad).startswith("model.d_modle: unknown field")
+    assert assert_one_error(proc.stderr, bad) == expected
+
+
+def _literal_fields(model: type[BaseModel], prefix: str = "") -> dict[str, tuple[str, ...]]:
+    """Dotted path -> choices of every ``Literal`` field reachable through nested models."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name, field in model.model_fields.items():
+        tp = field.annotation
+        if get_origin(tp) is Literal:
+            out[prefix + name] = get_args(tp)
+        elif isinstance(tp, type) and issubclass(tp, BaseModel):
+            out.update(_literal_fields(tp, f"{prefix}{name}."))
+    return out
+
+
+CURRICULUM_CHOICES = _literal_fields(Curriculum)
+
+
+def test_every_curriculum_choice_field_is_covered() -> None:
+    """Adding a choice field to the schema adds it to the parametrised test below."""
+    assert set(CURRICULUM_CHOICES) == {"model.positional", "data.split", "optim.batch_order"}
+
+
+@pytest.mark.parametrize("path", sorted(CURRICULUM_CHOICES))
+@pytest.mark.parametrize("how", ["typo", "far-off"])
+def test_choice_field_names_the_value_and_the_nearest_choice(
+        path: str, how: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    choices = CURRICULUM_CHOICES[path]
+    given = choices[-1][:-1] + "x" + choices[-1][-1] if how == "typo" else "zzzz"
+    bad = edit((path, given))(tmp_path)
+    code, out, err = run_validate(capsys, bad)
+    assert code == 2 and out == ""
+    message = assert_one_error(err, bad)
+    listed = f"choose one of {', '.join(choices)}"
+    head = f"{path}: unknown {path.rsplit('.', 1)[-1]} {given!r}; "
+    if how == "typo":
+        assert message == f"{head}did you mean {choices[-1]!r}? ({listed})"
+    else:
+        assert message == head + listed
+
+
+def test_suggest_wording() -> None:
+    assert closest("parityy", KINDS) == "parity"
+    assert closest("ASHA", ["asha", "none"]) == "asha"
+    assert closest("sorting", KINDS) is None
+    assert closest(3, KINDS) is None
+    assert suggest("lrr", ["lr", "batch_size"], listing="allowed here:") == \
+        "did you mean 'lr'? (allowed here: lr, batch_size)"
+    assert suggest("zzz", ["lr", "batch_size"]) == "choose one of lr, batch_size"
+    assert suggest("x", []) == ""
+    assert unknown("task kind", "parityy", KINDS) == \
+        "unknown task kind 'parityy'; did you mean 'parity'? (choose one of parity, polynomial, copy)"
+    assert unknown("field", "x", []) == "unknown field 'x'"
+    assert shown("a" * 100).endswith("...") and len(shown("a" * 100)) == 60
 
 
 def test_shipped_examples_validate(capsys: pytest.CaptureFixture[str]) -> None:
