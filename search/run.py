@@ -14,6 +14,7 @@ run again, unfinished ones continue from their checkpoints, and MLflow keeps the
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -106,6 +107,28 @@ def search_folder(loaded: LoadedSearch, opts: SearchOptions) -> tuple[Path, dict
     return folder, state
 
 
+def quiet_libraries() -> None:
+    """Keep the terminal iterhead's: what runs, progress, the summary, where to look.
+
+    Off: Tune's configuration box and TensorBoard hint (results live in MLflow; the legacy
+    reporter at verbose=0 prints nothing), MLflow's schema-creation notes and Ray's notice
+    that token authentication is on; Optuna's "study created" line is silenced where the
+    searcher is made. Warnings and errors still reach the terminal.
+    """
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # A new local Ray turns token authentication on and says so as a warning; it is the
+    # secure default, nothing to act on. Its opposite (auth disabled) still shows.
+    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if _not_auth_on_notice not in auth.filters:
+        auth.addFilter(_not_auth_on_notice)
+
+
+def _not_auth_on_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled")
+
+
 def start_ray(opts: SearchOptions) -> bool:
     """Connect to `--address`, or start the embedded Ray; True if we started it.
 
@@ -129,6 +152,7 @@ def start_ray(opts: SearchOptions) -> bool:
 def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = None) -> list[dict[str, Any]]:
     """Run (or resume) the search; returns one summary row per trial."""
     out = out or sys.stdout
+    quiet_libraries()
     spec = loaded.spec
     settings = settings_for(loaded, opts.smoke)
     if not opts.address:  # checked before Ray starts

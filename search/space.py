@@ -53,6 +53,7 @@ def searcher(settings: SearchSettings, has_space: bool) -> Searcher | BasicVaria
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "study created in memory" line
         algo = OptunaSearch(metric=SEARCH_METRIC, mode=SEARCH_MODE,
                             sampler=optuna.samplers.TPESampler(seed=settings.seed))
         return ConcurrencyLimiter(algo, max_concurrent=settings.max_concurrent)
