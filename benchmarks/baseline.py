@@ -6,7 +6,10 @@ batches, the loss masked to the chain-of-thought positions, `loss.item()` every 
 Adam, and a full evaluation (train and test sets, whole sequences) after the epoch. It uses
 iterhead's data and model, so only the training method differs.
 
-    python benchmarks/baseline.py CURRICULUM.yaml [--epochs N] [--device cpu|cuda]
+    python benchmarks/baseline.py CURRICULUM.yaml [--epochs N] [--warmup-epochs W] [--device cpu|cuda[:N]]
+
+`--warmup-epochs` trains W untimed epochs first (for a per-epoch time without CUDA's
+first-launch costs); the clock reads after a device synchronise.
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ def padded(split: dict) -> TensorDataset:
     return TensorDataset(tokens, (pos >= start) & (pos < 2 * start - 1))
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def evaluate(model: torch.nn.Module, data: TensorDataset, batch_size: int, device: torch.device) -> float:
     model.eval()
     correct = 0
@@ -48,6 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("curriculum")
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--warmup-epochs", type=int, default=0, help="untimed epochs before the timed ones")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -62,7 +71,8 @@ def main() -> None:
     dropout = torch.Generator(device=device).manual_seed(cur.seed)
     loader = DataLoader(train, batch_size=bs, shuffle=True, generator=g)
     t_train = 0.0
-    for epoch in range(args.epochs):
+    for epoch in range(args.warmup_epochs + args.epochs):
+        sync(device)
         t = time.perf_counter()
         for tokens, mask in loader:
             tokens, mask = tokens.to(device), mask.to(device)
@@ -73,7 +83,9 @@ def main() -> None:
             loss.backward()
             opt.step()
             loss.item()
-        t_train += time.perf_counter() - t
+        sync(device)
+        if epoch >= args.warmup_epochs:
+            t_train += time.perf_counter() - t
     t = time.perf_counter()
     acc_train, acc_test = evaluate(model, train, bs, device), evaluate(model, test, bs, device)
     t_eval = time.perf_counter() - t

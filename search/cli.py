@@ -106,13 +106,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     if args.precision not in ("fp32", "bf16"):
         raise ConfigError(f"{args.precision!r} is not a precision; use fp32 or bf16", field="--precision")
-    from iterhead.trainable.devices import prepare_cuda_env, resolve_device
-
-    prepare_cuda_env()  # before CUDA starts in this process
     import torch
 
     from iterhead.search.train import train, train_seeds
+    from iterhead.trainable.devices import prepare_cuda_env, resolve_device
 
+    prepare_cuda_env()  # before CUDA starts in this process
     try:
         device = resolve_device(args.device)
     except (RuntimeError, ValueError) as err:

@@ -19,7 +19,12 @@ weights has none worth measuring). It is an outcome, not an error.
 Determinism: everything random derives from the curriculum seed: model init, each epoch's
 rows and order (stream "sampler", stage, epoch), and each epoch's dropout (stream "dropout",
 stage, epoch). Because every epoch re-derives its streams, resuming from a checkpoint taken
-at an evaluation continues exactly as an uninterrupted run would.
+at an evaluation continues exactly as an uninterrupted run would, on the same kind of
+device: on a CPU with the same torch version and thread count; on CUDA, where a `Trainer`
+turns on torch's deterministic algorithms (`devices.deterministic_cuda`), on the same GPU
+model with the same torch and CUDA versions. Across GPU models, or between CPU and GPU,
+the numbers differ (CUDA dropout masks follow the GPU's launch configuration, kernels sum
+in other orders); a checkpoint still loads and trains there, but not bit for bit.
 """
 
 from __future__ import annotations
@@ -36,18 +41,10 @@ from iterhead.curricula.io import parse_curriculum
 from iterhead.curricula.sampler import EpochPlan, Layout, plan_epoch
 from iterhead.curricula.schema import Curriculum, StageSpec
 from iterhead.trainable.compute import Compute, Stopwatch, flops, input_tokens
+from iterhead.trainable.devices import deterministic_cuda
 from iterhead.trainable.evaluate import EvalTable, accuracy_metrics, correct_rows
 from iterhead.trainable.model import Transformer
 from iterhead.trainable.probes import probe_metrics
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without it is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but no CUDA device is available")
-    return torch.device(name)
 
 
 PRECISIONS = ("fp32", "bf16")  # bf16: autocast in training steps; weights and optimiser stay fp32
@@ -122,6 +119,7 @@ class Trainer:
         self.cur = cur
         self.precision = precision
         self.device = torch.device(device) if isinstance(device, str) else device
+        deterministic_cuda(self.device)
         self.vocab, data = build_data(cur)
         d = cur.data
         self.max_tokens = seq_len(d.max_len, d.cot)

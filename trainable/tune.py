@@ -10,6 +10,9 @@ attention maps, accuracy-against-compute plot) for the driver to log, so a trial
 stops early keeps those of its latest checkpoint. A trial ends when the target is reached,
 its compute passes the budget (censored), or its last stage ends. A trial restored after
 it had finished (its end not yet in Tune's state) reports its last result again.
+
+Device: the GPU Ray assigned the trial (``ray.get_gpu_ids()``), else the CPU, never a GPU
+outside Ray's accounting (`devices.trial_device`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from iterhead.curricula.io import parse_curriculum
 from iterhead.curricula.overrides import apply
 from iterhead.trainable import checkpoint
 from iterhead.trainable.artifacts import ARTIFACTS, write_artifacts
-from iterhead.trainable.loop import Evaluation, Trainer, resolve_device
+from iterhead.trainable.devices import prepare_cuda_env, trial_device
+from iterhead.trainable.loop import Evaluation, Trainer
 from iterhead.trainable.summary import censored_value
 
 LAST_REPORT = "last_report.json"  # in each checkpoint: what was reported with it
@@ -88,9 +92,10 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float |
     `penalty` is what a censored trial reports as compute_to_target; the driver passes one
     value for the whole search, so every censored trial ranks below every reached one.
     """
+    prepare_cuda_env()  # before CUDA starts in this worker
     torch.set_num_threads(max(1, threads))
     cur = trial_curriculum(base, config, smoke)
-    device = resolve_device("auto")
+    device = trial_device(ray.get_gpu_ids(), torch.cuda.is_available(), torch.cuda.device_count())
     saved = tune.get_checkpoint()
     state, last_report = None, None
     if saved is not None:

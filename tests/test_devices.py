@@ -1,0 +1,165 @@
+"""Device choice on CPU: every branch with CUDA's answers faked, never a GPU needed."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from iterhead.search.cli import main
+from iterhead.trainable import devices
+from iterhead.trainable.devices import pick_device, resolve_device, trial_device
+
+from support import ROOT
+
+SMALL = ROOT / "examples" / "poly_then_parity_small.yaml"
+
+
+@pytest.mark.parametrize("name, available, count, expected", [
+    ("auto", False, 0, "cpu"),
+    ("auto", True, 2, "cuda"),
+    ("cpu", True, 2, "cpu"),
+    ("cuda", True, 1, "cuda"),
+    ("cuda:0", True, 1, "cuda:0"),
+    ("cuda:1", True, 2, "cuda:1"),
+])
+def test_pick_device_names_what_exists(name, available, count, expected):
+    assert pick_device(name, available, count) == torch.device(expected)
+
+
+@pytest.mark.parametrize("name, count", [("cuda:1", 1), ("cuda:3", 2), ("cuda:2", 2)])
+def test_a_cuda_index_past_the_visible_devices_fails_at_once(name, count):
+    with pytest.raises(ValueError, match=rf"{name} does not exist: {count} CUDA device\(s\) are visible"):
+        pick_device(name, True, count)
+
+
+@pytest.mark.parametrize("name", ["cuda", "cuda:0", "cuda:3"])
+def test_cuda_without_cuda_is_an_error(name):
+    with pytest.raises(RuntimeError, match="no CUDA device is available"):
+        pick_device(name, False, 0)
+
+
+@pytest.mark.parametrize("name", ["nonsense", "gpu", "cuda:-1", "meta", ""])
+def test_a_name_that_is_no_device_is_an_error(name):
+    with pytest.raises(ValueError, match="auto, cpu, cuda or cuda:N"):
+        pick_device(name, True, 1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_resolve_device_here_refuses_cuda_3():
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="cuda:3 was asked for, but no CUDA device is available"):
+        resolve_device("cuda:3")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda:3", "cuda"])
+def test_cli_train_turns_a_missing_cuda_device_into_exit_2(tmp_path, capsys, monkeypatch, no_workspace, device):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(SMALL), "--device", device]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --device: ") and device in err[0]
+    assert list(tmp_path.iterdir()) == []  # nothing started
+
+
+def test_a_trial_without_gpus_trains_on_the_cpu_even_where_cuda_sees_gpus():
+    assert trial_device([], True, 8) == torch.device("cpu")
+    assert trial_device([], False, 0) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("ids, count", [([0], 1), (["3"], 1), ([2], 1), ([0, 1], 2),
+                                        (["GPU-5f0c8f3e-uuid"], 1)])
+def test_a_trial_with_a_gpu_trains_on_its_gpu_as_cuda_0(ids, count):
+    """Ray narrows CUDA_VISIBLE_DEVICES to the assigned ids, a fractional share included."""
+    assert trial_device(ids, True, count) == torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("available, count", [(False, 0), (True, 0)])
+def test_a_trial_given_a_gpu_that_torch_cannot_use_fails_loudly(available, count):
+    with pytest.raises(RuntimeError, match=r"assigned this trial GPU 1.*sees no CUDA device.*resources\.gpu"):
+        trial_device([1], available, count)
+
+
+def test_a_trial_that_sees_gpus_it_was_not_given_fails_loudly():
+    with pytest.raises(RuntimeError, match="sees 4 CUDA devices.*CUDA_VISIBLE_DEVICES"):
+        trial_device([2], True, 4)
+
+
+def test_cpu_runs_leave_torchs_deterministic_mode_alone():
+    before = torch.are_deterministic_algorithms_enabled()
+    devices.deterministic_cuda(torch.device("cpu"))
+    assert torch.are_deterministic_algorithms_enabled() == before
+
+
+@pytest.fixture
+def no_workspace(monkeypatch):
+    """CUBLAS_WORKSPACE_CONFIG unset during the test, and as it was afterwards."""
+    monkeypatch.setenv(devices.CUBLAS_WORKSPACE_ENV, "")  # records the value to restore
+    monkeypatch.delenv(devices.CUBLAS_WORKSPACE_ENV)
+
+
+@pytest.fixture
+def restore_determinism():
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def test_cuda_runs_get_strict_deterministic_kernels_and_a_cublas_workspace(no_workspace, restore_determinism):
+    """Strict: with warn_only the fused attention backward keeps its non-deterministic default."""
+    torch.use_deterministic_algorithms(False)
+    devices.deterministic_cuda(torch.device("cuda", 0))  # sets flags only; nothing runs on a GPU
+    assert os.environ[devices.CUBLAS_WORKSPACE_ENV] == ":4096:8"
+    assert torch.are_deterministic_algorithms_enabled()
+    assert not torch.is_deterministic_algorithms_warn_only_enabled()
+
+
+def test_prepare_cuda_env_keeps_a_workspace_the_user_chose(monkeypatch):
+    monkeypatch.setenv(devices.CUBLAS_WORKSPACE_ENV, ":16:8")
+    devices.prepare_cuda_env()
+    assert os.environ[devices.CUBLAS_WORKSPACE_ENV] == ":16:8"
+
+
+def test_a_non_deterministic_cublas_workspace_is_refused(monkeypatch, restore_determinism):
+    monkeypatch.setenv(devices.CUBLAS_WORKSPACE_ENV, ":0:0")
+    with pytest.raises(RuntimeError, match="CUBLAS_WORKSPACE_CONFIG=:0:0 makes cuBLAS non-deterministic"):
+        devices.deterministic_cuda(torch.device("cuda"))
+
+
+
+class Built(Exception):
+    """Raised by a stand-in Trainer: the trial got as far as building it, on this device."""
+
+
+def test_a_trial_asks_ray_which_gpu_it_was_given(monkeypatch, no_workspace):
+    """The trainable's wiring, without Ray: no GPU assigned trains on the CPU however many GPUs
+    CUDA shows; a GPU assigned where torch has no CUDA fails the trial before it trains."""
+    import copy
+
+    from iterhead.trainable import tune as trainable
+
+    from support import PARITY_BASE
+
+    def trainer(cur, device, state=None):
+        raise Built(str(device))
+
+    monkeypatch.setattr(trainable.tune, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(trainable, "Trainer", trainer)
+    monkeypatch.setattr(trainable.ray, "get_gpu_ids", lambda: [])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    with pytest.raises(Built, match="^cpu$"):
+        trainable.train_trial({}, base=copy.deepcopy(PARITY_BASE), smoke=True)
+
+    monkeypatch.setattr(trainable.ray, "get_gpu_ids", lambda: [0])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(RuntimeError, match="Ray assigned this trial GPU 0"):
+        trainable.train_trial({}, base=copy.deepcopy(PARITY_BASE), smoke=True)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(Built, match="^cuda:0$"):
+        trainable.train_trial({}, base=copy.deepcopy(PARITY_BASE), smoke=True)

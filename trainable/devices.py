@@ -1,0 +1,113 @@
+"""Which device a run trains on, and what a CUDA run needs to repeat itself.
+
+The choices are pure functions of what CUDA reports (`pick_device`, `trial_device`), so
+every branch is tested on a machine without a GPU; `resolve_device` feeds them torch's
+answers.
+
+A Tune trial trains where Ray put it: on the GPU Ray assigned it, else on the CPU, never
+on a GPU it was not given (Ray 2.60 leaves ``CUDA_VISIBLE_DEVICES`` untouched for a task
+or actor without GPUs, so CUDA there sees every GPU of the node).
+
+Determinism on CUDA: `deterministic_cuda` makes torch use deterministic kernels only (an
+op without one raises instead of running), and cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG``
+(`prepare_cuda_env`, called by the entry points before CUDA starts). With them, a CUDA
+run repeats bit for bit, and resumes exactly, on the same GPU model with the same torch
+and CUDA versions. Across GPU models, or between a GPU and the CPU, the numbers differ:
+CUDA's random numbers (dropout masks) are laid out by launch configurations that follow
+the GPU's multiprocessor count, and kernels sum in other orders.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+CUBLAS_WORKSPACE_ENV = "CUBLAS_WORKSPACE_CONFIG"
+CUBLAS_WORKSPACE = ":4096:8"
+DETERMINISTIC_WORKSPACES = (":4096:8", ":16:8")  # the values torch's deterministic mode accepts
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def pick_device(name: str, cuda_available: bool, device_count: int) -> torch.device:
+    """The device `name` (auto, cpu, cuda, cuda:N) means where CUDA reports these values.
+
+    ``auto`` is CUDA when there is a device, else the CPU. Asking for CUDA without it raises
+    `RuntimeError`; a name that is no device, or a CUDA index past the visible devices,
+    raises `ValueError` (at once, not at the first tensor moved there).
+    """
+    if name == "auto":
+        return torch.device("cuda" if cuda_available and device_count > 0 else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{name!r} is not a device; use {DEVICE_CHOICES}") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"{name!r} is not a device iterhead trains on; use {DEVICE_CHOICES}")
+    if not cuda_available or device_count < 1:
+        build = " (this torch is a CPU build)" if torch.version.cuda is None else ""
+        raise RuntimeError(f"{name} was asked for, but no CUDA device is available{build}")
+    if device.index is not None and device.index >= device_count:
+        raise ValueError(f"{name} does not exist: {device_count} CUDA device(s) are visible, "
+                         f"cuda:0 to cuda:{device_count - 1} (CUDA_VISIBLE_DEVICES sets which)")
+    return device
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`pick_device` with what this process's torch reports."""
+    available = torch.cuda.is_available()
+    return pick_device(name, available, torch.cuda.device_count() if available else 0)
+
+
+def trial_device(gpu_ids: Sequence[int | str], cuda_available: bool, device_count: int) -> torch.device:
+    """The device of a Tune trial given ``ray.get_gpu_ids()``: its assigned GPU, else the CPU.
+
+    Ray restricts ``CUDA_VISIBLE_DEVICES`` of a trial with GPUs to the ones it assigned (a
+    fractional share gets the shared GPU's id), so the assigned GPU is ``cuda:0`` inside the
+    trial. A trial assigned a GPU that torch cannot use (a CPU build, a driver that does
+    not match) raises rather than training on the CPU; so does a trial that sees more GPUs
+    than it was assigned (``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES`` set), where
+    ``cuda:0`` need not be its GPU.
+    """
+    if not gpu_ids:
+        return torch.device("cpu")
+    ids = ", ".join(map(str, gpu_ids))
+    if not cuda_available or device_count < 1:
+        build = "a CPU build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise RuntimeError(f"Ray assigned this trial GPU {ids}, but torch {torch.__version__} ({build}) "
+                           "sees no CUDA device: install a CUDA build of torch that matches the "
+                           "node's driver, or set resources.gpu to 0 to train on CPUs")
+    if device_count > len(gpu_ids):
+        raise RuntimeError(f"Ray assigned this trial GPU {ids}, but torch sees {device_count} CUDA "
+                           "devices: Ray did not restrict CUDA_VISIBLE_DEVICES (is "
+                           "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES set?), so the trial "
+                           "cannot tell which device is its own")
+    return torch.device("cuda", 0)
+
+
+def prepare_cuda_env() -> None:
+    """Set cuBLAS's workspace for deterministic products unless set; call before CUDA starts.
+
+    cuBLAS reads it when a process first uses it; torch's deterministic mode refuses cuBLAS
+    calls without one of `DETERMINISTIC_WORKSPACES`. A no-op for CPU runs.
+    """
+    os.environ.setdefault(CUBLAS_WORKSPACE_ENV, CUBLAS_WORKSPACE)
+
+
+def deterministic_cuda(device: torch.device) -> None:
+    """On CUDA, deterministic kernels only for this process (module docstring); else nothing.
+
+    Strict, not ``warn_only``: with ``warn_only`` the fused attention backward kernels keep
+    their non-deterministic defaults and only warn, so a run would not repeat.
+    """
+    if device.type != "cuda":
+        return
+    prepare_cuda_env()
+    workspace = os.environ[CUBLAS_WORKSPACE_ENV]
+    if workspace not in DETERMINISTIC_WORKSPACES:
+        raise RuntimeError(f"{CUBLAS_WORKSPACE_ENV}={workspace} makes cuBLAS non-deterministic; unset it "
+                           f"or set it to {' or '.join(DETERMINISTIC_WORKSPACES)}")
+    torch.use_deterministic_algorithms(True)
