@@ -6,7 +6,7 @@ counts tokens and FLOPs with the trainers' own analytic counters (padding never 
 - `concurrent`: N processes, each one `Trainer` on the device (as N Tune trials sharing a
   GPU would be), released together at a barrier; the aggregate rate is all their tokens
   over the span from the first start to the last end.
-- `batched`: one `SeedBatch` of K seeds, against the same K seeds trained one after another
+- `batched`: K seeds stacked in one model (`Seeds`, engine `stacked`), against the same K seeds trained one after another
   by `Trainer`, in this process.
 """
 
@@ -21,7 +21,7 @@ import torch
 from iterhead.curricula.io import parse_curriculum
 from iterhead.curricula.schema import Curriculum
 from iterhead.trainable.loop import Trainer
-from iterhead.trainable.seeds import SeedBatch
+from iterhead.trainable.seeds import Seeds
 
 
 def sync(device: torch.device) -> None:
@@ -75,15 +75,15 @@ def concurrent(cur: dict, device: torch.device, n: int, epochs: int, threads: in
 def batched(cur: Curriculum, device: torch.device, k: int, epochs: int) -> dict[str, float]:
     """Seconds for `epochs` epochs of `k` seeds: batched in one model, and one after another."""
     seeds = list(range(k))
-    batch = SeedBatch(cur, seeds, device)
-    stage = cur.stages[0]
-    batch.start_stage(stage)
-    batch.train_epoch([t.epoch_plan(stage, 0) for t in batch.trainers])
+    batch = Seeds(cur, seeds, device, engine="stacked")
+    stage, engine, runs = cur.stages[0], batch.engine, batch.trainers
+    engine.start_stage(stage, runs)
+    engine.train_epoch(runs, [t.epoch_plan(stage, 0) for t in runs])
     sync(device)
     t0 = time.perf_counter()
     for epoch in range(1, epochs + 1):
-        plans = [t.epoch_plan(stage, epoch) for t in batch.trainers]
-        batch.train_epoch(plans)
+        plans = [t.epoch_plan(stage, epoch) for t in runs]
+        engine.train_epoch(runs, plans)
         for t, (plan, _) in zip(batch.trainers, plans):
             t.count(plan)
     sync(device)

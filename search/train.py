@@ -1,7 +1,8 @@
 """`iterhead train`: one curriculum, one MLflow run per seed, a summary on the terminal.
 
-With ``--seeds`` the seeds train together as one batched model (`trainable/seeds.py`);
-each still gets its own run, the same as a single `iterhead train` of that seed would write.
+With ``--seeds`` the seeds train together in one schedule (`trainable/seeds.py`: lockstep on
+CPUs, stacked on CUDA); each still gets its own run, the same as a single `iterhead train`
+of that seed would write.
 """
 
 from __future__ import annotations
@@ -120,19 +121,20 @@ def train(cur: Curriculum, *, uri: str, experiment: str, device: torch.device,
 def train_seeds(cur: Curriculum, seeds: list[int], *, uri: str, experiment: str, device: torch.device,
                 source: str = "", precision: str = "fp32",
                 out: TextIO | None = None) -> dict[int, dict[str, float]]:
-    """Train `cur` once per seed as one batched model, one run per seed; summaries by seed."""
-    from iterhead.trainable.seeds import SeedBatch
+    """Train `cur` once per seed in one schedule, one run per seed; summaries by seed."""
+    from iterhead.trainable.seeds import Seeds, choose_engine
 
     out = out or sys.stdout
     started = time.perf_counter()
     writer = RunWriter(uri)
-    tags = {**run_tags(cur, source, device, precision), "iterhead.batched_seeds": ",".join(map(str, seeds))}
+    tags = {**run_tags(cur, source, device, precision), "iterhead.batched_seeds": ",".join(map(str, seeds)),
+            "iterhead.engine": choose_engine("auto", device, len(seeds))}
     runs = {s: LoggedRun(writer, cur.model_copy(update={"seed": s}), experiment, tags, f"{cur.name}-seed{s}")
             for s in seeds}
     summaries: dict[int, dict[str, float]] = {}
     try:
-        batch = SeedBatch(cur, seeds, device, precision)
-        print(f"training {cur.name!r} with seeds {seeds} batched on {device} "
+        batch = Seeds(cur, seeds, device, precision)
+        print(f"training {cur.name!r} with seeds {seeds} ({batch.engine_name}) on {device} "
               f"({batch.trainers[0].n_params:,} non-embedding parameters each)", file=out)
         for evaluations in batch.run():
             for seed, ev in evaluations:

@@ -12,7 +12,7 @@ import torch
 
 from iterhead.trainable import checkpoint
 from iterhead.trainable.loop import Trainer
-from iterhead.trainable.seeds import SeedBatch
+from iterhead.trainable.seeds import Seeds
 
 from support import tiny
 
@@ -96,7 +96,7 @@ def test_batched_seeds_on_cuda_match_separate_runs():
     """Both sides on the same device, so dropout masks are the same draws; rounding differs
     (batched products, explicit attention), hence `FP32_REL`; compute counted exactly."""
     seeds = [0, 1, 2, 3]
-    batch = SeedBatch(tiny(data=DATA), seeds, "cuda")
+    batch = Seeds(tiny(data=DATA), seeds, "cuda", engine="stacked")
     together = {s: [] for s in seeds}
     for evaluations in batch.run():
         for s, ev in evaluations:

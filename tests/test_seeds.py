@@ -1,6 +1,8 @@
-"""Batched seeds: K seeds in one stacked model are the same trials as K separate runs.
+"""Several seeds in one schedule are the same trials as K separate runs.
 
-Batched and separate runs sum the same products in another order, so their numbers agree
+With the lockstep engine (each seed's own model) the numbers are exactly those of separate
+runs, in float32, on any CPU: the same operations on the same tensors. Stacked (batched)
+and separate runs sum the same products in another order, so their numbers agree
 up to rounding, not bit for bit. The comparisons run in float64 (the `float64` fixture says
 why float32 cannot promise a CPU-independent bound after Adam steps): there each Adam step
 differs by at most about lr * 1e-16 / eps = 1e-11, so after the tests' few dozen steps
@@ -16,7 +18,7 @@ import torch
 
 from iterhead.curricula.sampler import EpochPlan
 from iterhead.trainable.loop import Trainer
-from iterhead.trainable.seeds import SeedBatch, epoch_steps
+from iterhead.trainable.seeds import Seeds, choose_engine, epoch_steps
 
 from support import tiny
 
@@ -34,7 +36,7 @@ def single_runs(cur, seeds):
     return out
 
 
-def batched_runs(batch: SeedBatch):
+def batched_runs(batch: Seeds):
     out = {s: [] for s in batch.seeds}
     for evaluations in batch.run():
         for seed, ev in evaluations:
@@ -50,7 +52,7 @@ def test_batched_seeds_match_separate_runs(float64):
          "train_modules": ["blocks.1.mlp"]}])
     seeds = [0, 1, 2]
     single = single_runs(cur, seeds)
-    batch = SeedBatch(cur, seeds)
+    batch = Seeds(cur, seeds, engine="stacked")
     batched = batched_runs(batch)
     for s in seeds:
         alone, together = single[s][0], batched[s]
@@ -64,14 +66,14 @@ def test_batched_seeds_match_separate_runs(float64):
         for p, q in zip(single[s][1].model.parameters(), batch.trainers[seeds.index(s)].model.parameters()):
             assert p.dtype == torch.float64
             torch.testing.assert_close(p, q, rtol=0, atol=TOL)
-    frozen = [n for n, p in batch.params.items() if not p.requires_grad]
+    frozen = [n for n, p in batch.engine.params.items() if not p.requires_grad]
     assert frozen and not any(n.startswith("blocks.1.mlp.") for n in frozen)
 
 
 def test_shared_batch_order_needs_no_padding_and_still_matches_separate_runs(float64):
     cur = tiny(data=DATA, optim={"lr": 1e-3, "batch_size": 32, "batch_order": "shared"})
     seeds = [0, 1, 2]
-    batch = SeedBatch(cur, seeds)
+    batch = Seeds(cur, seeds, engine="stacked")
     stage = cur.stages[0]
     plans = [t.epoch_plan(stage, 0)[0] for t in batch.trainers]
     def shapes(plans):
@@ -81,7 +83,7 @@ def test_shared_batch_order_needs_no_padding_and_still_matches_separate_runs(flo
     unpadded, shared = shapes(plans)
     assert unpadded and all(len(step) == 1 for step in shared)
     assert not all(np.array_equal(plans[0].rows, p.rows) for p in plans[1:])  # rows stay per seed
-    _, seeded = shapes([t.epoch_plan(stage, 0)[0] for t in SeedBatch(tiny(data=DATA), seeds).trainers])
+    _, seeded = shapes([t.epoch_plan(stage, 0)[0] for t in Seeds(tiny(data=DATA), seeds, engine="stacked").trainers])
     assert any(len(step) > 1 for step in seeded)  # the default order pads: the other tests' path
     single = single_runs(cur, seeds)
     batched = batched_runs(batch)
@@ -97,7 +99,7 @@ def test_a_seed_that_reaches_the_target_leaves_the_batch(float64):
                optim={"lr": 3e-3, "batch_size": 32})
     seeds = [0, 1, 2]
     single = single_runs(cur, seeds)
-    batch = SeedBatch(cur, seeds)
+    batch = Seeds(cur, seeds, engine="stacked")
     sizes = []
     for evaluations in batch.run():
         sizes.append(len(evaluations))
@@ -105,7 +107,7 @@ def test_a_seed_that_reaches_the_target_leaves_the_batch(float64):
     assert any(o.reached for o in outcomes.values())
     assert len(set(o.compute_to_target for o in outcomes.values())) > 1, "seeds should finish apart"
     assert sizes == sorted(sizes, reverse=True) and sizes[-1] < len(seeds)
-    assert batch.active == []
+    assert batch.finished
     for s, trainer in zip(seeds, batch.trainers):
         assert trainer.outcome.reached == outcomes[s].reached
         assert trainer.outcome.compute_to_target == outcomes[s].compute_to_target
@@ -115,9 +117,9 @@ def test_a_seed_that_reaches_the_target_leaves_the_batch(float64):
 def test_a_diverging_seed_leaves_the_others_untouched(float64):
     cur = tiny(data=DATA)
     single = single_runs(cur, [0])
-    batch = SeedBatch(cur, [0, 1])
+    batch = Seeds(cur, [0, 1], engine="stacked")
     with torch.no_grad():
-        batch.params["head.weight"][1].fill_(float("nan"))
+        batch.trainers[1].model.head.weight.fill_(float("nan"))  # stacked from the models at the start
     batched = batched_runs(batch)
     assert batched[1][-1]["diverged"] == 1.0 and len(batched[1]) == 1
     assert batch.trainers[1].outcome.diverged
@@ -127,9 +129,9 @@ def test_a_diverging_seed_leaves_the_others_untouched(float64):
 
 def test_seeds_must_be_distinct():
     with pytest.raises(ValueError, match="distinct"):
-        SeedBatch(tiny(), [1, 1])
+        Seeds(tiny(), [1, 1])
     with pytest.raises(ValueError, match="distinct"):
-        SeedBatch(tiny(), [])
+        Seeds(tiny(), [])
 
 
 def test_epoch_steps_pad_short_batches_and_mark_the_padding():
@@ -145,3 +147,58 @@ def test_epoch_steps_pad_short_batches_and_mark_the_padding():
     assert picks[1].tolist() == [[3, 3, 3], [1, 2, 3]]
     with pytest.raises(ValueError, match="same number of batches"):
         epoch_steps([plan([2, 2]), plan([4])])
+
+
+def without_time(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if "seconds" not in k}
+
+
+def test_lockstep_seeds_equal_separate_runs_exactly():
+    """Each seed's own model, stepped in turn: bit for bit the separate runs, in float32,
+    including a seed that reaches the target early and leaves while the others go on."""
+    cur = tiny(data=DATA, target={"task": "parity", "accuracy": 0.55},
+               stages=[{"name": "pretrain", "mix": {"polynomial": 1.0}, "epochs": 1, "train_modules": ["blocks.1"]},
+                       {"name": "train", "mix": {"parity": 1.0}, "epochs": 30}],
+               optim={"lr": 3e-3, "batch_size": 32})
+    seeds = [0, 1, 2]
+    single = single_runs(cur, seeds)
+    together = Seeds(cur, seeds, engine="lockstep")
+    batched = batched_runs(together)
+    assert len({single[s][1].outcome.evaluations for s in seeds}) > 1, "seeds should finish apart"
+    for s, trainer in zip(seeds, together.trainers):
+        assert [without_time(m) for m in batched[s]] == [without_time(m) for m in single[s][0]]
+        for p, q in zip(single[s][1].model.parameters(), trainer.model.parameters()):
+            assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("engine", ["lockstep", "stacked"])
+def test_seeds_resume_exactly_from_a_checkpoint_inside_a_stage(engine):
+    """A checkpoint taken at an evaluation in the middle of a stage, loaded into new
+    trainers, continues every seed exactly as the uninterrupted run (same engine)."""
+    cur = tiny(data=DATA, stages=[{"name": "pretrain", "mix": {"polynomial": 1.0}, "epochs": 2},
+                                  {"name": "finetune", "mix": {"parity": 0.7, "polynomial": 0.3}, "epochs": 4}])
+    seeds = [0, 1, 2]
+    straight = batched_runs(Seeds(cur, seeds, engine=engine))
+    first = Seeds(cur, seeds, engine=engine)
+    head = {s: [] for s in seeds}
+    for evaluations in first.run():
+        for seed, ev in evaluations:
+            head[seed].append(ev.metrics)
+        if evaluations[0][1].stage == "finetune" and evaluations[0][1].epoch == 2:
+            state = first.state_dict()
+            break
+    resumed = Seeds(cur, seeds, engine=engine, state=state)
+    tail = batched_runs(resumed)
+    for s, trainer in zip(seeds, resumed.trainers):
+        assert [without_time(m) for m in head[s] + tail[s]] == [without_time(m) for m in straight[s]]
+    with pytest.raises(ValueError, match="other seeds"):
+        Seeds(cur, [0, 1, 5], engine=engine, state=state)
+
+
+def test_engine_choice_follows_the_device():
+    assert choose_engine("auto", torch.device("cpu"), 4) == "lockstep"  # measured faster on CPUs
+    assert choose_engine("auto", torch.device("cuda"), 4) == "stacked"
+    assert choose_engine("auto", torch.device("cuda"), 1) == "lockstep"
+    assert choose_engine("stacked", torch.device("cpu"), 2) == "stacked"
+    with pytest.raises(ValueError, match="engine"):
+        choose_engine("vmap", torch.device("cpu"), 2)

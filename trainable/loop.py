@@ -1,10 +1,15 @@
 """One training loop over a curriculum's stages; `iterhead train`, Ray Tune and tests share it.
 
-`Trainer.run()` is a generator: it yields an `Evaluation` every `eval.every_epochs` epochs
-of a stage and at each stage's last epoch, and stops once the target accuracy is reached
-(or the last stage ends). The caller decides what to do with each evaluation (log it,
-report it to Tune, checkpoint with `state_dict()`), so variants are stages of this loop,
-never copies of it.
+`Schedule` is the loop, written once: stages, epochs, evaluation cadence, target,
+divergence and compute, for K >= 1 seeds of one curriculum. A `Trainer` is one seed's state
+(data, model, optimiser, compute, outcome, checkpoint); an engine says how the seeds take
+their steps: `Lockstep` (each seed's own model in turn; K = 1 is a plain run) or the stacked
+engine of `trainable/seeds.py`. `Trainer.run()` is the schedule over that one seed: a
+generator that yields an `Evaluation` every `eval.every_epochs` epochs of a stage and at
+each stage's last epoch, and stops once the target accuracy is reached (or the last stage
+ends). The caller decides what to do with each evaluation (log it, report it to Tune,
+checkpoint with `state_dict()`), so variants are stages or engines of this loop, never
+copies of it.
 
 Speed: all data lives on the device as one token table; an epoch's row order goes to the
 device in one copy; batches hold one length (two at a boundary) so padding is small; the
@@ -30,7 +35,7 @@ in other orders); a checkpoint still loads and trains there, but not bit for bit
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -163,10 +168,19 @@ class Trainer:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def start_stage(self, stage: StageSpec) -> None:
-        """Freeze what the stage freezes and give it a fresh optimiser."""
+        """Freeze what the stage freezes and give it a fresh optimiser (or the one a checkpoint
+        saved in the middle of this stage)."""
         params = self._set_trainable(stage.train_modules)
         self.optimizer = make_optimizer(params, stage.lr or self.cur.optim.lr, self.cur.optim.weight_decay,
                                         self.device)
+        if self._optim_state is not None:
+            self.optimizer.load_state_dict(self._optim_state)
+            self._optim_state = None
+
+    def enter_stage(self, index: int) -> None:
+        """Stand at the start of stage `index` unless a checkpoint put us inside it already."""
+        if index > self.position.stage:
+            self.position, self._optim_state = Position(index, 0), None
 
     def epoch_plan(self, stage: StageSpec, epoch: int) -> tuple[EpochPlan, torch.Generator]:
         """An epoch's rows and batches, and its dropout generator: both from the seed alone."""
@@ -187,46 +201,9 @@ class Trainer:
                                     cur.model.n_layers, cur.model.d_model)
 
     def run(self) -> Iterator[Evaluation]:
-        """Train stage by stage, yielding each evaluation (module docstring)."""
-        cur = self.cur
-        self.model.train()
-        watch = Stopwatch()
-        for index, stage in enumerate(cur.stages):
-            if index < self.position.stage or stage.epochs == 0 or self.outcome.reached or self.outcome.diverged:
-                continue
-            if index > self.position.stage:
-                self.position, self._optim_state = Position(index, 0), None
-            self.start_stage(stage)
-            if self._optim_state is not None:
-                self.optimizer.load_state_dict(self._optim_state)
-                self._optim_state = None
-            loss_sum = torch.zeros((), device=self.device)
-            n_batches = 0
-            watch.start()
-            while self.position.epoch < stage.epochs:
-                plan, g = self.epoch_plan(stage, self.position.epoch)
-                epoch_loss = self.train_epoch(plan, g)
-                loss_sum += epoch_loss
-                n_batches += len(plan.bounds) - 1
-                self.count(plan)
-                self.position.epoch += 1
-                if not bool(torch.isfinite(epoch_loss)):  # one sync per epoch
-                    self.compute.seconds += watch.stop()
-                    yield self.diverged(stage.name)
-                    return
-                if not self.evaluates_after(stage):
-                    continue
-                loss = float(loss_sum) / max(n_batches, 1)  # the one host sync per evaluation
-                self.compute.seconds += watch.stop()
-                last = index == last_stage(cur) and self.position.epoch == stage.epochs
-                yield self.evaluate(stage.name, loss, last)
-                loss_sum.zero_()
-                n_batches = 0
-                if self.outcome.reached:
-                    return
-                watch.start()
-            watch.stop()
-            self.position = Position(index + 1, 0)
+        """Train stage by stage, yielding each evaluation: the `Schedule` over this one seed."""
+        for [(_, ev)] in Schedule([self], Lockstep()).run():
+            yield ev
 
     def evaluates_after(self, stage: StageSpec) -> bool:
         """Whether the epoch just done (`position.epoch` counts it) ends with an evaluation."""
@@ -323,3 +300,125 @@ class Trainer:
         stage = self.cur.stages[self.position.stage] if self.position.stage < len(self.cur.stages) else None
         if stage is not None and self.position.epoch >= stage.epochs:
             self.position, self._optim_state = Position(self.position.stage + 1, 0), None
+
+
+class Engine(Protocol):
+    """How the seeds of one schedule take their optimiser steps; the schedule does the rest.
+
+    `Lockstep` steps each seed's own model in turn (K = 1 is one plain run); the stacked
+    engine (`trainable/seeds.py`) steps K seeds as one vmapped model. Both leave every
+    seed's `Trainer` holding its weights (after `sync`) and its compute, outcome and history.
+    """
+
+    def start_stage(self, stage: StageSpec, runs: list[Trainer]) -> None: ...
+
+    def train_epoch(self, runs: list[Trainer], plans: list[tuple[EpochPlan, torch.Generator]]) -> torch.Tensor:
+        """One epoch's steps for `runs`; their summed batch losses, shape [len(runs)], on the device."""
+
+    def leave(self, runs: list[Trainer], keep: list[Trainer]) -> None:
+        """The seeds not in `keep` are done (reached or diverged): stop training them."""
+
+    def sync(self, run: Trainer) -> None:
+        """Make `run.model` hold the seed's current weights (before evaluating or saving it)."""
+
+    def seed_state(self, run: Trainer) -> dict[str, Any]:
+        """The seed's whole state, as `Trainer.state_dict` gives it for a single run."""
+
+
+class Lockstep:
+    """Each seed's own model and optimiser, stepped through the epoch one seed after another.
+
+    The numbers are exactly those of K separate runs (the same operations on the same
+    tensors); on a CPU, which one seed keeps busy, it is also the fastest way (BENCHMARKS.md).
+    """
+
+    def start_stage(self, stage: StageSpec, runs: list[Trainer]) -> None:
+        for run in runs:
+            run.start_stage(stage)
+
+    def train_epoch(self, runs: list[Trainer], plans: list[tuple[EpochPlan, torch.Generator]]) -> torch.Tensor:
+        return torch.stack([run.train_epoch(plan, g) for run, (plan, g) in zip(runs, plans)])
+
+    def leave(self, runs: list[Trainer], keep: list[Trainer]) -> None:
+        """Nothing to do: a seed that left is simply not stepped again."""
+
+    def sync(self, run: Trainer) -> None:
+        """Nothing to do: each seed trains its own model."""
+
+    def seed_state(self, run: Trainer) -> dict[str, Any]:
+        return run.state_dict()
+
+
+class Schedule:
+    """The one training loop: stages, epochs, evaluation cadence, target, divergence, compute.
+
+    It trains K >= 1 seeds of one curriculum in lockstep, epoch by epoch, through `engine`,
+    and yields at each evaluation point the (seed, `Evaluation`) of every seed evaluated
+    (or diverged) there. A seed that reaches the target or diverges leaves; the others go
+    on. Seeds resumed from checkpoints stand at the same position (they were saved together).
+    Time is shared: each seed's ``compute/seconds`` is the wall time of the epochs it was in.
+    """
+
+    def __init__(self, runs: list[Trainer], engine: Engine) -> None:
+        shared = runs[0].cur.model_copy(update={"seed": 0})
+        if any(r.cur.model_copy(update={"seed": 0}) != shared for r in runs):
+            raise ValueError("the seeds of one schedule must share one curriculum")
+        if len({r.cur.seed for r in runs}) != len(runs):
+            raise ValueError(f"seeds must be distinct, got {[r.cur.seed for r in runs]}")
+        self.runs, self.engine = runs, engine
+
+    def run(self) -> Iterator[list[tuple[int, Evaluation]]]:
+        runs = [r for r in self.runs if not r.finished]
+        if not runs:
+            return
+        cur, device = runs[0].cur, runs[0].device
+        for r in runs:
+            r.model.train()
+        watch = Stopwatch()
+        for index, stage in enumerate(cur.stages):
+            if index < runs[0].position.stage or stage.epochs == 0:
+                continue
+            for r in runs:
+                r.enter_stage(index)
+            self.engine.start_stage(stage, runs)
+            loss_sum = torch.zeros(len(runs), device=device)
+            n_batches = [0] * len(runs)
+            watch.start()
+            while runs[0].position.epoch < stage.epochs:
+                plans = [r.epoch_plan(stage, r.position.epoch) for r in runs]
+                losses = self.engine.train_epoch(runs, plans)
+                loss_sum += losses
+                for i, (r, (plan, _)) in enumerate(zip(runs, plans)):
+                    n_batches[i] += len(plan.bounds) - 1
+                    r.count(plan)
+                    r.position.epoch += 1
+                finite = torch.isfinite(losses).tolist()  # the one host sync per epoch
+                ends = runs[0].evaluates_after(stage)
+                if all(finite) and not ends:
+                    continue
+                seconds = watch.stop()
+                sums = loss_sum.tolist()  # the one host sync per evaluation
+                last = index == last_stage(cur) and runs[0].position.epoch == stage.epochs
+                out = []
+                for i, r in enumerate(runs):
+                    r.compute.seconds += seconds
+                    if not finite[i]:
+                        out.append((r.cur.seed, r.diverged(stage.name)))
+                    elif ends:
+                        self.engine.sync(r)
+                        out.append((r.cur.seed, r.evaluate(stage.name, sums[i] / max(n_batches[i], 1), last)))
+                yield out
+                keep = [i for i, r in enumerate(runs) if not r.finished]
+                if not keep:
+                    return
+                if len(keep) < len(runs):
+                    self.engine.leave(runs, [runs[i] for i in keep])
+                    runs, loss_sum = [runs[i] for i in keep], loss_sum[keep]
+                    n_batches = [n_batches[i] for i in keep]
+                if ends:
+                    loss_sum.zero_()
+                    n_batches = [0] * len(runs)
+                watch.start()
+            watch.stop()
+            for r in runs:
+                r.position = Position(index + 1, 0)

@@ -1,28 +1,29 @@
-"""Several seeds of one curriculum trained together, as one model with stacked parameters.
+"""Several seeds of one curriculum in one schedule: `Seeds`, and the stacked engine.
 
-Why: a 2-layer d=128 model uses a sliver of a GPU, so K seeds stacked along a new leading
-dimension (`torch.func.stack_module_state`, `vmap` over `functional_call`) can keep it busy
-where one seed cannot. That is the aim on GPUs, not yet measured there; on a CPU, which one
-seed already keeps busy, batching is slower than running the seeds one after another
-(BENCHMARKS.md), so use it on GPUs.
+`Seeds` trains K seeds of a curriculum through the one loop (`loop.Schedule`), each seed
+the same trial a single `Trainer` with that seed runs: its own data, initialisation, row
+order, dropout, optimiser state, compute count and outcome. A seed that reaches the target
+or diverges leaves; the others go on. `state_dict()` holds every seed, and a `Seeds` built
+from it resumes all of them exactly.
 
-Each seed is the same trial `Trainer` runs with that seed: its own data, initialisation, row
-order, dropout and optimiser state (Adam is elementwise, so one Adam over stacked tensors is
-K Adams), its own compute count and outcome. At a step the K seeds' batches may differ in
-size and length: they are padded to the largest and masked, so each seed's loss is its own;
-the padding costs time, never counted compute. Numbers agree with separate runs up to float
-rounding (batched products sum in another order), not bit for bit; a batched run is itself
-deterministic. Time is shared: each seed's ``compute/seconds`` is the batch's wall time.
-
-A seed that reaches the target or diverges leaves the batch after that epoch, so a slow
-seed does not make the others pay. Evaluation, probes and artifacts run per seed on that
-seed's own `Trainer` (parameters copied back first), exactly as in a single run.
+Two engines take the steps. `Lockstep` (loop.py) steps each seed's own model in turn: the
+numbers are exactly those of separate runs, and on a CPU, which one seed already keeps
+busy, it is the faster one (BENCHMARKS.md). `Stacked` stacks the K seeds' parameters along
+a new leading dimension (`torch.func.stack_module_state`, `vmap` over `functional_call`),
+so one kernel launch serves K seeds: the aim on GPUs, where one tiny model leaves the chip
+idle (not yet measured on one). Adam is elementwise, so one Adam over stacked tensors is K
+Adams. At a step the seeds' batches may differ in size and length: they are padded to the
+largest and masked, so each seed's loss is its own; the padding costs time, never counted
+compute (`optim.batch_order: shared` makes the shapes equal). Stacked numbers agree with
+separate runs up to float rounding (batched products sum in another order), not bit for
+bit; a stacked run is itself deterministic. `engine="auto"` takes `Stacked` on CUDA and
+`Lockstep` elsewhere.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -32,116 +33,122 @@ from torch.func import functional_call, stack_module_state, vmap
 from iterhead.curricula.data import answer_len
 from iterhead.curricula.sampler import EpochPlan
 from iterhead.curricula.schema import Curriculum, StageSpec
-from iterhead.trainable.compute import Stopwatch
-from iterhead.trainable.loop import Evaluation, Position, Trainer, last_stage, make_optimizer, to_device
+from iterhead.trainable.loop import Engine, Evaluation, Lockstep, Schedule, Trainer, make_optimizer, to_device
 
 
-class SeedBatch:
-    """Trains `cur` once per seed in `seeds`, in lockstep. Iterate `run()`; read `trainers`."""
+ENGINES = ("auto", "lockstep", "stacked")
+
+
+def choose_engine(name: str, device: torch.device, k: int) -> str:
+    """`auto`: stacked on CUDA for K > 1 (by design, unmeasured), lockstep on CPUs (measured)."""
+    if name not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {name!r}")
+    if name != "auto":
+        return name
+    return "stacked" if device.type == "cuda" and k > 1 else "lockstep"
+
+
+class Seeds:
+    """Trains `cur` once per seed in `seeds`, in one schedule. Iterate `run()`; read `trainers`."""
 
     def __init__(self, cur: Curriculum, seeds: list[int], device: torch.device | str = "cpu",
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", engine: str = "auto", state: dict[str, Any] | None = None) -> None:
         if not seeds or len(set(seeds)) != len(seeds):
             raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
+        if state is not None and [s["curriculum"]["seed"] for s in state["seeds"]] != list(seeds):
+            raise ValueError("the checkpoint holds other seeds than the ones asked for")
         self.cur = cur
         self.seeds = list(seeds)
-        self.trainers = [Trainer(cur.model_copy(update={"seed": s}), device, precision=precision)
-                         for s in seeds]
+        self.trainers = [Trainer(cur.model_copy(update={"seed": s}), device, precision=precision,
+                                 state=state["seeds"][i] if state is not None else None)
+                         for i, s in enumerate(seeds)]
         self.device = self.trainers[0].device
-        self.skeleton = copy.deepcopy(self.trainers[0].model)  # holds no seed's weights
+        self.engine_name = choose_engine(engine, self.device, len(seeds))
+        self.engine: Engine = Stacked(self.trainers) if self.engine_name == "stacked" else Lockstep()
+
+    def run(self) -> Iterator[list[tuple[int, Evaluation]]]:
+        """At each evaluation point, (seed, evaluation) for every seed evaluated there."""
+        return Schedule(self.trainers, self.engine).run()
+
+    @property
+    def finished(self) -> bool:
+        return all(t.finished for t in self.trainers)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every seed's state, each as a single run's checkpoint holds it."""
+        return {"seeds": [self.engine.seed_state(t) for t in self.trainers]}
+
+
+class Stacked:
+    """K seeds as one model with stacked parameters, stepped together (module docstring)."""
+
+    def __init__(self, trainers: list[Trainer]) -> None:
+        self.row = {id(t): i for i, t in enumerate(trainers)}  # each seed's index in the stacked tables
+        self.skeleton = copy.deepcopy(trainers[0].model)  # holds no seed's weights
         self.skeleton.fused_attention(False)
         self.skeleton.train()
-        self.tokens = torch.stack([t.train_tokens for t in self.trainers])  # [K, N, T]
-        self.mask = torch.stack([t.train_mask for t in self.trainers])  # [K, N, T-1]
-        self.active = list(range(len(seeds)))  # trainer indices still in the batch
-        self.params, _ = stack_module_state([t.model for t in self.trainers])
+        self.tokens = torch.stack([t.train_tokens for t in trainers])  # [K, N, T]
+        self.mask = torch.stack([t.train_mask for t in trainers])  # [K, N, T-1]
+        self.active: list[Trainer] = []  # the seeds in `params`, in order
+        self.params: dict[str, torch.Tensor] = {}
         self.optimizer: torch.optim.Optimizer | None = None
 
-    # -- stages ---------------------------------------------------------------------------
-
-    def start_stage(self, stage: StageSpec) -> None:
-        """Freeze what the stage freezes and give it a fresh optimiser (as `Trainer` does)."""
+    def start_stage(self, stage: StageSpec, runs: list[Trainer]) -> None:
+        """Stack the seeds' weights, freeze what the stage freezes, and give it an optimiser:
+        fresh, or the seeds' saved ones stacked (a resume inside this stage)."""
+        for t in self.active:
+            self.sync(t)
+        self.active = list(runs)
+        self.params, _ = stack_module_state([t.model for t in runs])
         prefixes = tuple(f"{m}." for m in stage.train_modules or [])
         for name, p in self.params.items():
             p.requires_grad_(stage.train_modules is None or name.startswith(prefixes))
         trainable = [p for p in self.params.values() if p.requires_grad]
-        self.optimizer = make_optimizer(trainable, stage.lr or self.cur.optim.lr,
-                                        self.cur.optim.weight_decay, self.device)
+        cur = runs[0].cur
+        self.optimizer = make_optimizer(trainable, stage.lr or cur.optim.lr, cur.optim.weight_decay, runs[0].device)
+        saved = [t._optim_state for t in runs]
+        if any(s is not None for s in saved):
+            self.optimizer.load_state_dict(stack_optimizer_states(saved))
+        for t in runs:
+            t._optim_state = None
 
-    def _keep(self, keep: list[int]) -> None:
-        """Drop finished seeds from the stacked parameters and the optimiser state."""
-        where = [self.active.index(k) for k in keep]
-        index = torch.tensor(where, device=self.device)
+    def leave(self, runs: list[Trainer], keep: list[Trainer]) -> None:
+        """Drop the seeds that left from the stacked parameters and the optimiser state."""
+        for t in runs:
+            if t not in keep:
+                self.sync(t)
+        index = torch.tensor([self.active.index(t) for t in keep], device=keep[0].device)
         old = self.optimizer
-        state = old.state_dict()
-        for entry in state["state"].values():
-            for key in ("exp_avg", "exp_avg_sq"):
-                entry[key] = entry[key].index_select(0, index)
+        state = slice_optimizer_state(old.state_dict(), index)
         self.params = {n: p.detach().index_select(0, index).requires_grad_(p.requires_grad)
                        for n, p in self.params.items()}
         group = old.param_groups[0]
         trainable = [p for p in self.params.values() if p.requires_grad]
-        self.optimizer = make_optimizer(trainable, group["lr"], group["weight_decay"], self.device)
+        self.optimizer = make_optimizer(trainable, group["lr"], group["weight_decay"], keep[0].device)
         self.optimizer.load_state_dict(state)
-        self.active = keep
+        self.active = list(keep)
 
-    def _sync(self, k: int) -> None:
-        """Copy seed `k`'s slice of the stacked parameters into its own trainer's model."""
-        i = self.active.index(k)
+    def sync(self, run: Trainer) -> None:
+        """Copy the seed's slice of the stacked parameters into its own model."""
+        if run not in self.active:
+            return
+        i = self.active.index(run)
         with torch.no_grad():
-            for name, p in self.trainers[k].model.named_parameters():
+            for name, p in run.model.named_parameters():
                 p.copy_(self.params[name][i])
 
-    def run(self) -> Iterator[list[tuple[int, Evaluation]]]:
-        """Train stage by stage; yield, at each evaluation, (seed, evaluation) per seed evaluated."""
-        watch = Stopwatch()
-        last = last_stage(self.cur)
-        for index, stage in enumerate(self.cur.stages):
-            if stage.epochs == 0 or not self.active:
-                continue
-            for k in self.active:
-                self.trainers[k].position = Position(index, 0)
-            self.start_stage(stage)
-            loss_sum = torch.zeros(len(self.active), device=self.device)
-            n_batches = 0
-            watch.start()
-            for epoch in range(stage.epochs):
-                plans = [self.trainers[k].epoch_plan(stage, epoch) for k in self.active]
-                losses = self.train_epoch(plans)
-                loss_sum += losses
-                n_batches += len(plans[0][0].bounds) - 1
-                for k, (plan, _) in zip(self.active, plans):
-                    self.trainers[k].count(plan)
-                    self.trainers[k].position.epoch += 1
-                finite = torch.isfinite(losses).tolist()  # one sync per epoch
-                ends = self.trainers[self.active[0]].evaluates_after(stage)
-                if all(finite) and not ends:
-                    continue
-                seconds = watch.stop()
-                means = (loss_sum / max(n_batches, 1)).tolist()
-                out = []
-                for i, k in enumerate(self.active):
-                    t = self.trainers[k]
-                    t.compute.seconds += seconds
-                    if not finite[i]:
-                        out.append((self.seeds[k], t.diverged(stage.name)))
-                    elif ends:
-                        self._sync(k)
-                        final = index == last and epoch + 1 == stage.epochs
-                        out.append((self.seeds[k], t.evaluate(stage.name, means[i], final)))
-                yield out
-                keep = [k for k in self.active if not self.trainers[k].finished]
-                if not keep:
-                    self.active = []
-                    return
-                if keep != self.active:
-                    loss_sum = loss_sum[[self.active.index(k) for k in keep]]
-                    self._keep(keep)
-                if ends:
-                    loss_sum.zero_()
-                    n_batches = 0
-                watch.start()
-            watch.stop()
+    def seed_state(self, run: Trainer) -> dict[str, Any]:
+        """The seed's state with its slice of the stacked optimiser, as a single run saves it."""
+        self.sync(run)
+        state = run.state_dict()
+        if run in self.active and self.optimizer is not None:
+            index = torch.tensor([self.active.index(run)], device=run.device)
+            one = slice_optimizer_state(self.optimizer.state_dict(), index)
+            for entry in one["state"].values():
+                for key in ("exp_avg", "exp_avg_sq"):
+                    entry[key] = entry[key][0]
+            state["optimizer"] = one
+        return state
 
     # -- one epoch ------------------------------------------------------------------------
 
@@ -154,14 +161,15 @@ class SeedBatch:
         m = mask.flatten().to(each.dtype)
         return (each * m).sum() / m.sum()
 
-    def train_epoch(self, plans: list[tuple[EpochPlan, torch.Generator]]) -> torch.Tensor:
-        """One epoch's optimiser steps for the active seeds; their summed batch losses [K]."""
-        cot, p = self.cur.data.cot, self.cur.model.dropout
-        seeds = torch.tensor(self.active, device=self.device)[:, None]  # rows of the stacked tables
+    def train_epoch(self, runs: list[Trainer], plans: list[tuple[EpochPlan, torch.Generator]]) -> torch.Tensor:
+        """One epoch's optimiser steps for the seeds; their summed batch losses [K]."""
+        cur, device = runs[0].cur, runs[0].device
+        cot, p = cur.data.cot, cur.model.dropout
+        seeds = torch.tensor([self.row[id(t)] for t in runs], device=device)[:, None]  # rows of the tables
         steps, picks, valid = epoch_steps([plan for plan, _ in plans])
-        picks, valid = to_device(picks, self.device), to_device(valid, self.device)  # [S, K, B]
-        rows = to_device(np.stack([plan.rows for plan, _ in plans]), self.device)  # [K, n]
-        total = torch.zeros(len(self.active), device=self.device)
+        picks, valid = to_device(picks, device), to_device(valid, device)  # [S, K, B]
+        rows = to_device(np.stack([plan.rows for plan, _ in plans]), device)  # [K, n]
+        total = torch.zeros(len(runs), device=device)
         for s, batches in enumerate(steps):
             start = min(short for _, _, short, _ in batches) + 1
             stop = max(long + 1 + answer_len(long, cot) for _, _, _, long in batches)
@@ -171,13 +179,12 @@ class SeedBatch:
             mask = self.mask[seeds, chosen][:, :, start:stop] & valid[s, :, :size, None]
             keep = None
             if p > 0:
-                keep = torch.ones((len(batches), size, stop, self.cur.model.d_model), dtype=torch.bool,
-                                  device=self.device)
+                keep = torch.ones((len(batches), size, stop, cur.model.d_model), dtype=torch.bool, device=device)
                 for i, ((lo, hi, _, long), (_, g)) in enumerate(zip(batches, plans)):
                     own = long + 1 + answer_len(long, cot)  # the shape a single run draws
                     keep[i, :hi - lo, :own] = torch.rand((hi - lo, own, keep.shape[-1]), generator=g,
-                                                         device=self.device) >= p
-            with self.trainers[0].autocast():
+                                                         device=device) >= p
+            with runs[0].autocast():
                 losses = vmap(self._loss, in_dims=(0, 0, 0, None if keep is None else 0, None, None))(
                     self.params, batch, mask, keep, start, stop)
             self.optimizer.zero_grad(set_to_none=True)
@@ -185,6 +192,26 @@ class SeedBatch:
             self.optimizer.step()
             total += losses.detach()
         return total
+
+
+def slice_optimizer_state(state: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
+    """A stacked Adam state keeping only the seeds at `index` (Adam's state is elementwise)."""
+    out = copy.copy(state)
+    out["state"] = {k: {**entry, **{key: entry[key].index_select(0, index) for key in ("exp_avg", "exp_avg_sq")}}
+                    for k, entry in state["state"].items()}
+    return out
+
+
+def stack_optimizer_states(states: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """K single-model Adam states (saved in one stage, so the same steps) as one stacked state."""
+    if any(s is None for s in states):
+        raise ValueError("a resumed stage needs every seed's optimiser state")
+    first = states[0]
+    out = copy.copy(first)
+    out["state"] = {k: {**entry, **{key: torch.stack([s["state"][k][key] for s in states])
+                                   for key in ("exp_avg", "exp_avg_sq")}}
+                    for k, entry in first["state"].items()}
+    return out
 
 
 def epoch_steps(plans: list[EpochPlan]) -> tuple[list[tuple[tuple[int, int, int, int], ...]], np.ndarray, np.ndarray]:
