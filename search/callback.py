@@ -39,37 +39,49 @@ from ray import tune
 from iterhead.curricula.io import dump_curriculum, flatten
 from iterhead.search.report import short
 from iterhead.search.tracking import RunWriter
+from iterhead.trainable import results as r
 from iterhead.trainable.artifacts import ARTIFACTS
-from iterhead.trainable.tune import trial_curriculum
-
-PREFIXES = ("acc/", "loss/", "compute/", "probe/")
-RESULT_TAGS = {"node_id": "ray.node_id", "torch_threads": "iterhead.torch_threads", "device": "iterhead.device"}
-SUMMARY = ("reached", "diverged", "compute_to_target", "examples_to_target", "seconds_to_target", "target_acc")
+from iterhead.curricula.trial import trial_curriculum
 
 
 def metric_items(result: dict[str, Any]) -> dict[str, float]:
     """The reported values that belong in MLflow (not Tune's own bookkeeping)."""
-    return {k: float(v) for k, v in result.items()
-            if (k.startswith(PREFIXES) or k in SUMMARY) and isinstance(v, (int, float))}
+    return {k: float(v) for k, v in result.items() if r.is_metric(k) and isinstance(v, (int, float))}
+
+
+def seed_items(result: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """A replicate trial's report split by seed: each seed's own report, keys unprefixed."""
+    out: dict[int, dict[str, Any]] = {}
+    for key, value in result.items():
+        split = r.split_seed(key)
+        if split is not None:
+            out.setdefault(split[0], {})[split[1]] = value
+    return out
+
+
+def seed_target(trial_id: str, seed: int) -> str:
+    """The key under which a seed's run is kept beside its configuration's (the trial id)."""
+    return f"{trial_id}/seed_{seed}"
 
 
 class MlflowSearchCallback(tune.Callback):
-    SETTINGS = ("uri", "experiment", "parent", "base", "smoke", "status_every", "flush_every")
+    SETTINGS = ("uri", "experiment", "parent", "base", "smoke", "status_every", "flush_every", "seeds")
 
     def __init__(self, uri: str, experiment: str, parent_run_id: str, base: dict[str, Any],
                  smoke: bool, out: TextIO | None = None, status_every: float = 10.0,
-                 flush_every: float = 2.0) -> None:
+                 flush_every: float = 2.0, seeds: list[int] | None = None) -> None:
         self.uri, self.experiment, self.parent = uri, experiment, parent_run_id
         self.base, self.smoke, self.status_every, self.flush_every = base, smoke, status_every, flush_every
+        self.seeds = seeds  # replicates: a trial is a configuration run with one run per seed under it
         self._live(out)
 
     def _live(self, out: TextIO | None) -> None:
         """The parts that are not pickled: writer, run map, output stream, scratch folder."""
         self.out = out or sys.stdout
         self._writer: RunWriter | None = None
-        self.runs: dict[str, Future] = {}
+        self.runs: dict[str, Future] = {}  # trial id (or `seed_target`) -> its run id
         self.tagged: dict[str, dict[str, str]] = {}
-        self.logged: dict[str, int] = {}  # trial id -> last step already in MLflow
+        self.logged: dict[str, int] = {}  # trial id (or `seed_target`) -> last step already in MLflow
         self._last_status = 0.0
         self._buffer: dict[str, list[tuple[int, int, dict[str, float]]]] = {}
         self._last_flush = time.monotonic()
@@ -100,27 +112,49 @@ class MlflowSearchCallback(tune.Callback):
     def run_id(self, trial_id: str) -> str:
         return self.runs[trial_id].result()
 
-    def _find_or_create(self, trial_id: str, config: dict[str, Any]) -> str:
+    def _find_or_create(self, target: str, name: str, tags: dict[str, str], params: dict[str, Any],
+                        parent: str, yaml_text: str) -> str:
+        """The run of a trial (or of one seed of it): found again by its tags, else made."""
         client = self.writer.client
         exp = self.writer.experiment_id(self.experiment)
-        found = client.search_runs([exp], filter_string=(
-            f"tags.`iterhead.trial_id` = '{trial_id}' and tags.`mlflow.parentRunId` = '{self.parent}'"))
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in {**tags, r.PARENT_RUN: parent}.items())
+        found = client.search_runs([exp], filter_string=query)
         if found:
             run_id = found[0].info.run_id
             client.update_run(run_id, status="RUNNING")
-            steps = [m.step for m in client.get_metric_history(run_id, "compute/flops")]
-            self.logged[trial_id] = max(steps, default=-1)
+            steps = [m.step for m in client.get_metric_history(run_id, r.FLOPS)]
+            self.logged[target] = max(steps, default=-1)
             return run_id
-        cur = trial_curriculum(self.base, config, self.smoke)
-        tags = {"iterhead.trial_id": trial_id, "iterhead.search": self.experiment}
-        run_id = self.writer.create_run(self.experiment, f"{trial_id}", tags, flatten(cur), self.parent)
-        client.log_text(run_id, dump_curriculum(cur), "curriculum.yaml")
+        run_id = self.writer.create_run(self.experiment, name, tags, params, parent)
+        client.log_text(run_id, yaml_text, "curriculum.yaml")
         return run_id
 
     def _run(self, trial) -> Future:
-        if trial.trial_id not in self.runs:
-            self.runs[trial.trial_id] = self.writer.submit(self._find_or_create, trial.trial_id, dict(trial.config))
-        return self.runs[trial.trial_id]
+        """The trial's run: a trial run, or with seeds a configuration run and one run per seed
+        under it (the seeds' runs hold exactly what an `iterhead train` run of that seed holds)."""
+        tid = trial.trial_id
+        if tid not in self.runs:
+            cur = trial_curriculum(self.base, dict(trial.config), self.smoke)
+            tags = {r.TRIAL_ID: tid, r.SEARCH: self.experiment,
+                    r.KIND: r.KIND_CONFIGURATION if self.seeds else r.KIND_TRIAL}
+            params = flatten(cur)
+            if self.seeds:
+                params.pop("seed", None)
+                params["seeds"] = ",".join(map(str, self.seeds))
+            run = self.writer.submit(self._find_or_create, tid, tid, tags, params, self.parent, dump_curriculum(cur))
+            self.runs[tid] = run
+            for seed in self.seeds or []:
+                one = cur.model_copy(update={"seed": seed})
+                self.runs[seed_target(tid, seed)] = self.writer.submit(
+                    lambda one=one, seed=seed: self._find_or_create(
+                        seed_target(tid, seed), f"{tid}-seed{seed}",
+                        {r.TRIAL_ID: tid, r.SEARCH: self.experiment, r.KIND: r.KIND_SEED, r.SEED: str(seed)},
+                        flatten(one), run.result(), dump_curriculum(one)))
+        return self.runs[tid]
+
+    def _targets(self, trial) -> list[str]:
+        """The keys of every run a trial owns: its own, then its seeds'."""
+        return [trial.trial_id] + [seed_target(trial.trial_id, s) for s in self.seeds or []]
 
     # -- Tune hooks -------------------------------------------------------------------------
 
@@ -130,46 +164,59 @@ class MlflowSearchCallback(tune.Callback):
         print(f"trial {trial.trial_id} started{': ' + values if values else ''}", file=self.out, flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        run = self._run(trial)
-        step = int(result.get("step", result.get("training_iteration", 0)))
-        run.result()  # the run (and, for a resumed one, its last logged step) is known first
-        if step <= self.logged.get(trial.trial_id, -1):
-            return
-        self.logged[trial.trial_id] = step
-        self._buffer.setdefault(trial.trial_id, []).append((step, int(time.time() * 1000), metric_items(result)))
+        self._run(trial)
+        step = int(result.get(r.STEP, result.get("training_iteration", 0)))
+        writes = [(trial.trial_id, step, metric_items(result))]
+        for seed, own in seed_items(result).items():
+            writes.append((seed_target(trial.trial_id, seed), int(own[r.STEP]), metric_items(own)))
+        for target, at, metrics in writes:
+            self.runs[target].result()  # the run (and, for a resumed one, its last logged step) is known first
+            if at <= self.logged.get(target, -1):
+                continue
+            self.logged[target] = at
+            self._buffer.setdefault(target, []).append((at, int(time.time() * 1000), metrics))
         if time.monotonic() - self._last_flush >= self.flush_every:
             self._flush()
-        tags = {tag: str(result[key]) for key, tag in RESULT_TAGS.items() if key in result}
+        tags = {tag: str(result[key]) for key, tag in r.RESULT_TAGS.items() if key in result}
         if tags and self.tagged.get(trial.trial_id) != tags:  # once, and again if a resume moved it
             self.tagged[trial.trial_id] = tags
-            self.writer.submit(lambda: [self.writer.client.set_tag(run.result(), k, v) for k, v in tags.items()])
+            runs = [self.runs[t] for t in self._targets(trial)]
+            self.writer.submit(lambda: [self.writer.client.set_tag(run.result(), k, v)
+                                        for run in runs for k, v in tags.items()])
         now = time.monotonic()
         if now - self._last_status >= self.status_every:
             self._last_status = now
             self._status(trials)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
-        self._flush(trial.trial_id)
+        self._run(trial)
+        for target in self._targets(trial):
+            self._flush(target)
         self.writer.flush()  # every step up to this checkpoint is stored before it counts
         with checkpoint.as_directory() as folder:
-            src = Path(folder) / ARTIFACTS
-            if not src.is_dir():
-                return
-            dst = self.tmp / trial.trial_id
-            shutil.rmtree(dst, ignore_errors=True)
-            shutil.copytree(src, dst)
-        run = self._run(trial)
-        self.writer.submit(lambda: self.writer.client.log_artifacts(run.result(), str(dst)))
+            for target in self._targets(trial):
+                split = target.rsplit("/", 1)
+                src = Path(folder) / ARTIFACTS / (split[1] if len(split) == 2 else "")
+                if not (src / "curriculum.yaml").is_file():
+                    continue
+                dst = self.tmp / target.replace("/", "-")
+                shutil.rmtree(dst, ignore_errors=True)
+                shutil.copytree(src, dst)
+                run = self.runs[target]
+                self.writer.submit(lambda run=run, dst=dst: self.writer.client.log_artifacts(run.result(), str(dst)))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._end(trial, "FINISHED")
-        r = trial.last_result or {}
-        if r.get("diverged"):
+        last = trial.last_result or {}
+        if last.get(r.DIVERGED):
             how = "diverged (the loss became NaN or infinite; censored)"
-        elif r.get("reached"):
-            how = f"reached the target at {r['compute_to_target']:.3e} FLOP"
+        elif last.get(r.REACHED):
+            how = f"reached the target at {last[r.COMPUTE_TO_TARGET]:.3e} FLOP"
         else:
-            how = f"censored (did not reach the target; {r.get('compute/flops', 0):.3e} FLOP spent)"
+            how = f"censored (did not reach the target; {last.get(r.FLOPS, 0):.3e} FLOP spent)"
+        if self.seeds:
+            how = (f"{int(last.get(r.SEEDS_REACHED, 0))} of {len(self.seeds)} seeds reached the target; "
+                   f"median {how}")
         print(f"trial {trial.trial_id} finished: {how}", file=self.out, flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
@@ -187,18 +234,20 @@ class MlflowSearchCallback(tune.Callback):
             self._last_flush = time.monotonic()
 
     def _end(self, trial, status: str) -> None:
-        self._flush(trial.trial_id)
-        run = self._run(trial)
+        self._run(trial)
         self.finished[trial.trial_id] = status
-        self.writer.submit(lambda: self.writer.end_run(run.result(), status))
+        for target in reversed(self._targets(trial)):  # the seeds' runs, then their configuration's
+            self._flush(target)
+            run = self.runs[target]
+            self.writer.submit(lambda run=run: self.writer.end_run(run.result(), status))
 
     def _status(self, trials) -> None:
         states: dict[str, int] = {}
         for t in trials:
             states[t.status] = states.get(t.status, 0) + 1
-        reached = sum(1 for t in trials if (t.last_result or {}).get("reached"))
+        reached = sum(1 for t in trials if (t.last_result or {}).get(r.REACHED))
         running = [t for t in trials if t.status == "RUNNING" and t.last_result]
-        best = max((t.last_result.get("target_acc", 0.0) for t in running), default=None)
+        best = max((t.last_result.get(r.TARGET_ACC, 0.0) for t in running), default=None)
         line = ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items()))
         extra = f"; best running target accuracy {best:.1%}" if best is not None else ""
         print(f"[status] {line}; {reached} reached the target{extra}", file=self.out, flush=True)

@@ -6,6 +6,16 @@ schema, read back from its MLflow artifact and validated, under a comment header
 where it came from and how to reproduce it exactly (CPU results depend on the torch thread
 count, which the header names).
 
+A search with ``seeds:`` (replicates) has configuration runs under its parent, not trial
+runs, so the same ranking picks configurations by their median over seeds (their own
+compute_to_target, `trainable.results.over_seeds`). The header then gives the command that
+re-runs every seed (``iterhead train FILE --seeds 0,1,2 --threads N``) and each seed's
+compute_to_target, read from the seed runs under the configuration run, to compare with.
+
+Only `trainable.results` (names) and `trainable.checkpoint` (atomic writes) come from the
+trainable side, neither importing torch: export starts in a fraction of a second, with no
+torch or ray.
+
 Writes are confined and atomic: one file for ``--top-k 1`` (OUT is that file), otherwise a
 folder OUT of files named after rank and trial, with every name sanitised and checked to
 stay inside OUT; each file goes to a temporary name in its folder and is renamed into place
@@ -17,14 +27,25 @@ from __future__ import annotations
 import re
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from iterhead.curricula.errors import ConfigError
 from iterhead.curricula.io import dump_curriculum, parse_curriculum, parse_yaml_mapping
+from iterhead.trainable import results as r
 from iterhead.trainable.checkpoint import write_atomic
+
+
+@dataclass
+class SeedRun:
+    """One seed's run under a configuration run (a search with ``seeds:``)."""
+
+    seed: int
+    run_id: str
+    reached: bool
+    compute_to_target: float  # the search's penalty when censored
 
 
 @dataclass
@@ -33,49 +54,100 @@ class Candidate:
     trial_id: str
     metrics: dict[str, float]
     tags: dict[str, str]
+    seeds: list[SeedRun] = field(default_factory=list)  # a configuration's seed runs, by seed
+
+    @property
+    def is_configuration(self) -> bool:
+        """A configuration of a replicate search, scored over `seeds`, rather than one trial."""
+        return self.tags.get(r.KIND) == r.KIND_CONFIGURATION
 
 
 class ExportError(RuntimeError):
     """Nothing to export (no trial reached the target); exit code 1."""
 
 
+def child_runs(client: Any, experiment_id: str, parent_run_id: str) -> list[Any]:
+    """The runs directly under one run: a search's trials or configurations, a configuration's seeds."""
+    return client.search_runs([experiment_id], filter_string=f"tags.`{r.PARENT_RUN}` = '{parent_run_id}'",
+                              max_results=50_000)
+
+
+def seed_runs(client: Any, experiment_id: str, configuration_run_ids: set[str]) -> dict[str, list[SeedRun]]:
+    """The seed runs under each of these configuration runs, by seed (one query for them all)."""
+    out: dict[str, list[SeedRun]] = {run_id: [] for run_id in configuration_run_ids}
+    if not configuration_run_ids:
+        return out
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{r.KIND}` = '{r.KIND_SEED}'",
+                              max_results=50_000)
+    for run in runs:
+        parent = run.data.tags.get(r.PARENT_RUN)
+        if parent in out:
+            m = run.data.metrics
+            out[parent].append(SeedRun(int(run.data.tags[r.SEED]), run.info.run_id, m.get(r.REACHED) == 1.0,
+                                       m.get(r.COMPUTE_TO_TARGET, float("nan"))))
+    for seeds in out.values():
+        seeds.sort(key=lambda s: s.seed)
+    return out
+
+
 def find_candidates(client: Any, experiment: str, parent_run_id: str | None) -> tuple[str, list[Candidate]]:
-    """The parent run id and its child runs that reached the target, best first."""
+    """The parent run id and its child runs that reached the target, best first.
+
+    The children are trial runs, or for a replicate search configuration runs (whose seed runs
+    sit one level further down, so they are never candidates themselves); a configuration
+    comes with its seed runs."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ConfigError(f"no experiment named {experiment!r} in the tracking store", field="--experiment")
     if parent_run_id is not None and not re.fullmatch(r"[0-9a-f]{32}", parent_run_id):
         raise ConfigError(f"{parent_run_id!r} is not an MLflow run id (32 hex digits)", field="--run")
     if parent_run_id is None:
-        parents = client.search_runs([exp.experiment_id], filter_string="tags.`iterhead.kind` = 'search'",
+        parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`{r.KIND}` = '{r.KIND_SEARCH}'",
                                      order_by=["attributes.start_time DESC"], max_results=1)
         if not parents:
             raise ExportError(f"experiment {experiment!r} holds no search (no parent run); give --run")
         parent_run_id = parents[0].info.run_id
-    children = client.search_runs([exp.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-                                  max_results=50_000)
+    children = child_runs(client, exp.experiment_id, parent_run_id)
     if not children:
         raise ConfigError(f"run {parent_run_id} of {experiment!r} has no trial runs; give a search's "
                           "parent run", field="--run")
-    reached = [Candidate(r.info.run_id, r.data.tags.get("iterhead.trial_id", r.info.run_id),
-                         dict(r.data.metrics), dict(r.data.tags))
-               for r in children if r.data.metrics.get("reached") == 1.0 and not r.data.metrics.get("diverged")]
-    reached.sort(key=lambda c: (c.metrics["compute_to_target"], -c.metrics.get("target_acc", 0.0), c.trial_id))
+    reached = [Candidate(run.info.run_id, run.data.tags.get(r.TRIAL_ID, run.info.run_id),
+                         dict(run.data.metrics), dict(run.data.tags))
+               for run in children if run.data.metrics.get(r.REACHED) == 1.0 and not run.data.metrics.get(r.DIVERGED)]
+    reached.sort(key=lambda c: (c.metrics[r.COMPUTE_TO_TARGET], -c.metrics.get(r.TARGET_ACC, 0.0), c.trial_id))
+    seeds = seed_runs(client, exp.experiment_id, {c.run_id for c in reached if c.is_configuration})
+    for c in reached:
+        c.seeds = seeds.get(c.run_id, [])
     return parent_run_id, reached
 
 
 def header(c: Candidate, experiment: str, parent: str, rank: int, file: str) -> str:
-    threads = c.tags.get("iterhead.torch_threads", "1")
+    """Where the file came from, what it scored, and the command that reproduces it exactly."""
+    threads = c.tags.get(r.THREADS_TAG, "1")
     m = c.metrics
-    lines = [
-        f"exported by iterhead {version('iterhead')} on {time.strftime('%Y-%m-%d %H:%M:%S')}",
-        f"search {experiment!r}, parent run {parent}, rank {rank} by compute_to_target",
-        f"trial {c.trial_id}, MLflow run {c.run_id}",
-        f"compute_to_target {m['compute_to_target']:.6e} FLOP, examples_to_target "
-        f"{m.get('examples_to_target', float('nan')):.0f}, target accuracy {m.get('target_acc', float('nan')):.4f}",
-        f"reproduce exactly on CPU: iterhead train {file} --threads {threads}",
-    ]
+    lines = [f"exported by iterhead {version('iterhead')} on {time.strftime('%Y-%m-%d %H:%M:%S')}"]
+    if c.is_configuration:
+        seeds = ",".join(str(s.seed) for s in c.seeds)
+        by_seed = ", ".join(f"seed {s.seed} " + (f"{s.compute_to_target:.6e}" if s.reached else "censored")
+                            for s in c.seeds)
+        lines += [
+            f"search {experiment!r}, parent run {parent}, rank {rank} by median compute_to_target over seeds",
+            f"configuration {c.trial_id}, MLflow run {c.run_id}",
+            f"median compute_to_target {m[r.COMPUTE_TO_TARGET]:.6e} FLOP, "
+            f"{m.get(r.SEEDS_REACHED, float('nan')):.0f} of {len(c.seeds)} seeds reached, "
+            f"median target accuracy {m.get(r.TARGET_ACC, float('nan')):.4f}",
+            f"compute_to_target by seed: {by_seed}",
+            f"reproduce every seed exactly on CPU: iterhead train {file} --seeds {seeds} --threads {threads}",
+        ]
+    else:
+        lines += [
+            f"search {experiment!r}, parent run {parent}, rank {rank} by compute_to_target",
+            f"trial {c.trial_id}, MLflow run {c.run_id}",
+            f"compute_to_target {m[r.COMPUTE_TO_TARGET]:.6e} FLOP, examples_to_target "
+            f"{m.get(r.EXAMPLES_TO_TARGET, float('nan')):.0f}, "
+            f"target accuracy {m.get(r.TARGET_ACC, float('nan')):.4f}",
+            f"reproduce exactly on CPU: iterhead train {file} --threads {threads}",
+        ]
     return "".join(f"# {line}\n" for line in lines)
 
 

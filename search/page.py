@@ -6,6 +6,12 @@ as ``medians.md`` beside the page), compute_to_target against each searched para
 spread over seeds, censored trials marked), the fraction of trials at target against
 compute, the best trial's accuracy at each length against compute, its attention maps and
 iteration-head probe scores, and a table of every trial.
+
+A search with ``seeds:`` has configuration runs where others have trial runs: each row is
+then a configuration with its own score over its seeds, the median table takes the range
+from its seed runs, and the "best trial" is the best configuration's median seed (the seed
+whose run holds that median: the lower median is always one seed's value), since only seed
+runs hold accuracy curves and attention maps.
 """
 
 from __future__ import annotations
@@ -19,36 +25,53 @@ from typing import Any
 
 from iterhead.curricula.errors import ConfigError
 from iterhead.search import report
-from iterhead.search.export import ExportError, find_candidates
+from iterhead.search.export import Candidate, ExportError, child_runs, find_candidates, seed_runs
+from iterhead.trainable import results as r
 
 
 def trial_rows(client: Any, experiment: str, parent: str) -> tuple[list[str], list[dict[str, Any]]]:
-    """The searched keys and one row per trial run of the search."""
+    """The searched keys and one row per trial run of the search (per configuration run with
+    ``seeds:``, each with its seeds' ``(reached, compute_to_target)`` as ``seed_outcomes``)."""
     exp = client.get_experiment_by_name(experiment)
     parent_run = client.get_run(parent)
     keys = [k[len("space."):] for k in parent_run.data.params if k.startswith("space.")]
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
-                              max_results=50_000)
+    runs = child_runs(client, exp.experiment_id, parent)
+    seeds = seed_runs(client, exp.experiment_id,
+                      {run.info.run_id for run in runs if run.data.tags.get(r.KIND) == r.KIND_CONFIGURATION})
     rows = []
-    for r in runs:
-        m = r.data.metrics
-        row = {"trial_id": r.data.tags.get("iterhead.trial_id", r.info.run_id), "run_id": r.info.run_id,
-               "status": r.info.status, "reached": m.get("reached", 0.0), "diverged": m.get("diverged", 0.0),
-               "compute_to_target": m.get("compute_to_target", float("nan")),
-               "target_acc": m.get("target_acc", float("nan")), "compute/flops": m.get("compute/flops", float("nan"))}
-        row.update({k: _value(r.data.params.get(k)) for k in keys})
+    for run in runs:
+        m = run.data.metrics
+        row = {"trial_id": run.data.tags.get(r.TRIAL_ID, run.info.run_id), "run_id": run.info.run_id,
+               "kind": run.data.tags.get(r.KIND, r.KIND_TRIAL), "status": run.info.status,
+               r.REACHED: m.get(r.REACHED, 0.0), r.DIVERGED: m.get(r.DIVERGED, 0.0),
+               r.COMPUTE_TO_TARGET: m.get(r.COMPUTE_TO_TARGET, float("nan")),
+               r.TARGET_ACC: m.get(r.TARGET_ACC, float("nan")), r.FLOPS: m.get(r.FLOPS, float("nan"))}
+        if run.info.run_id in seeds:
+            own = seeds[run.info.run_id]
+            row["seed_outcomes"] = [(s.reached, s.compute_to_target) for s in own]
+            row[r.SEEDS_REACHED] = m.get(r.SEEDS_REACHED, sum(s.reached for s in own))
+        row.update({k: _value(run.data.params.get(k)) for k in keys})
         rows.append(row)
     return keys, rows
+
+
+def best_run(best: Candidate) -> tuple[str, str]:
+    """The run to draw for the best trial, and its name: the trial's own run, or for a
+    configuration its median seed's (the first seed whose run holds the median)."""
+    median = [s for s in best.seeds if s.reached and s.compute_to_target == best.metrics[r.COMPUTE_TO_TARGET]]
+    if not best.is_configuration or not median:
+        return best.run_id, best.trial_id
+    return median[0].run_id, f"{best.trial_id} seed {median[0].seed} (the median seed)"
 
 
 def best_trial_figures(client: Any, run_id: str, folder: Path) -> tuple[list[Path], dict[str, float]]:
     """Length curves and attention maps of one trial, and its final probe scores."""
     run = client.get_run(run_id)
     target = run.data.params.get("target.task", "")
-    flops = [m.value for m in sorted(client.get_metric_history(run_id, "compute/flops"), key=lambda m: m.step)]
+    flops = [m.value for m in sorted(client.get_metric_history(run_id, r.FLOPS), key=lambda m: m.step)]
     per_length: dict[int, list[float]] = {}
     for key in run.data.metrics:
-        if key.startswith(f"acc/{target}/len_"):
+        if key.startswith(f"{r.acc(target)}/len_"):
             history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
             per_length[int(key.rsplit("_", 1)[1])] = [m.value for m in history]
     figures = [report.plot_length_curves(folder / "best_accuracy_by_length.png", flops, per_length,
@@ -70,21 +93,21 @@ def build(client: Any, experiment: str, out: Path, parent_run_id: str | None = N
     if not rows:
         raise ConfigError(f"the search {experiment!r} has no trial runs yet", field="--experiment")
     out.mkdir(parents=True, exist_ok=True)
-    scored = [r for r in rows if r["compute_to_target"] == r["compute_to_target"]]
+    scored = [row for row in rows if row[r.COMPUTE_TO_TARGET] == row[r.COMPUTE_TO_TARGET]]  # not NaN: reported
     with tempfile.TemporaryDirectory(prefix="iterhead-report-") as tmp:
         folder = Path(tmp)
         figures = [report.plot_medians(folder / f"compute_to_target_vs_{_safe(k)}.png", scored, k)
                    for k in keys if k != "seed"]
         figures.append(report.plot_fraction_reached(folder / "fraction_reached.png", scored))
         probes: dict[str, float] = {}
-        if reached:
-            best_figures, probes = best_trial_figures(client, reached[0].run_id, folder)
+        best = best_run(reached[0]) if reached else None
+        if best:
+            best_figures, probes = best_trial_figures(client, best[0], folder)
             figures += best_figures
         page = out / "report.html"
-        medians = report.seed_medians(rows, keys)
-        page.write_text(render(experiment, parent, keys, rows, figures, probes,
-                               reached[0].trial_id if reached else None, medians))
-        (out / "medians.md").write_text(report.medians_text(medians, keys) + "\n")
+        medians = report.seed_medians(scored, keys)
+        page.write_text(render(experiment, parent, keys, rows, figures, probes, best[1] if best else None, medians))
+        (out / "medians.md").write_text(report.medians_text(medians, keys, report.is_replicate(rows)) + "\n")
         client.log_artifacts(parent, str(folder), "report")
         client.log_artifact(parent, str(page), "report")
     return page
@@ -92,26 +115,32 @@ def build(client: Any, experiment: str, out: Path, parent_run_id: str | None = N
 
 def render(experiment: str, parent: str, keys: list[str], rows: list[dict[str, Any]], figures: list[Path],
            probes: dict[str, float], best: str | None, medians: list[dict[str, Any]]) -> str:
-    n_reached = sum(1 for r in rows if r["reached"] == 1.0)
+    replicates = report.is_replicate(rows)
+    one, what = ("configuration", "configurations") if replicates else ("trial", "trials")
+    n_reached = sum(1 for row in rows if row[r.REACHED] == 1.0)
     imgs = "\n".join(f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,'
                      f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{html.escape(p.stem)}'
                      "</figcaption></figure>" for p in figures)
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in ["trial", *keys, "reached", "compute_to_target",
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in [one, *keys, "reached", "compute_to_target",
                                                             "target accuracy", "status"])
     body = "\n".join(
         "<tr>" + "".join(f"<td>{html.escape(report.short(v))}</td>" for v in [
-            r["trial_id"], *(r.get(k) for k in keys),
-            "diverged" if r["diverged"] == 1.0 else ("yes" if r["reached"] == 1.0 else "no (censored)"),
-            f"{r['compute_to_target']:.3e}", f"{r['target_acc']:.3f}", r["status"]]) + "</tr>"
-        for r in sorted(rows, key=lambda r: (r["reached"] != 1.0, r["compute_to_target"])))
-    others = [k for k in keys if k != "seed"]
-    med_head = "".join(f"<th>{html.escape(h)}</th>" for h in [*others, "trials", "reached",
-                                                                "median compute_to_target", "min", "max"])
-    med_body = "\n".join(
-        "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in [
-            *(report.short(g[k]) for k in others), str(g["trials"]), str(g["reached"]),
-            f"{g['median']:.3e}" + (" (censored)" if g["censored"] else ""), f"{g['min']:.3e}",
-            f"{g['max']:.3e}"]) + "</tr>" for g in medians)
+            row["trial_id"], *(row.get(k) for k in keys), _outcome(row),
+            f"{row[r.COMPUTE_TO_TARGET]:.3e}", f"{row[r.TARGET_ACC]:.3f}", row["status"]]) + "</tr>"
+        for row in sorted(rows, key=lambda row: (row[r.REACHED] != 1.0, row[r.COMPUTE_TO_TARGET])))
+    med_head = "".join(f"<th>{html.escape(h)}</th>" for h in report.median_columns(keys, replicates))
+    med_body = "\n".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in report.median_cells(g, keys, ".3e"))
+                         + "</tr>" for g in medians)
+    if replicates:
+        rule = ("One row per configuration, over its seeds (the spec's <code>seeds:</code>): its median is the "
+                "lower median of its seeds' compute_to_target, censored seeds at their penalty, so it is "
+                "always one seed's value, and it is censored when fewer than half the seeds reached the "
+                "target; min and max over its seed runs.")
+    else:
+        rule = ("One row per configuration (every searched value but the seed). Censored trials count at "
+                "their penalty; the median is the lower median (with an even count, the lower of the two "
+                "middle values, so always one trial's), and it is censored when fewer than half its trials "
+                "reached the target.")
     probe_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>" for k, v in sorted(probes.items()))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>iterhead: {html.escape(experiment)}</title>
@@ -119,11 +148,10 @@ def render(experiment: str, parent: str, keys: list[str], rows: list[dict[str, A
 img{{max-width:520px}}table{{border-collapse:collapse;font-size:12px}}td,th{{border:1px solid #ccc;padding:2px 6px}}
 </style></head><body>
 <h1>Search {html.escape(experiment)}</h1>
-<p>Parent run {html.escape(parent)}; {len(rows)} trials, {n_reached} reached the target, {len(rows) - n_reached}
+<p>Parent run {html.escape(parent)}; {len(rows)} {what}, {n_reached} reached the target, {len(rows) - n_reached}
 censored (drawn as crosses at their penalty, never dropped). Written {time.strftime('%Y-%m-%d %H:%M')}.</p>
 <h2>Median over seeds</h2>
-<p>One row per configuration (every searched value but the seed). Censored trials count at
-their penalty; a median is censored when at least half its trials are.</p>
+<p>{rule}</p>
 <table><tr>{med_head}</tr>
 {med_body}
 </table>
@@ -133,11 +161,19 @@ their penalty; a median is censored when at least half its trials are.</p>
 <p>Mean attention from chain-of-thought positions to EoI (cot_to_eoi) and from the position
 predicting s_t to x_t (iteration), per layer and head, at the last evaluation.</p>
 <table><tr><th>probe</th><th>score</th></tr>{probe_rows or '<tr><td colspan=2>no trial reached the target</td></tr>'}</table>
-<h2>Every trial</h2>
+<h2>Every {one}</h2>
 <table><tr>{head}</tr>
 {body}
 </table></body></html>
 """
+
+
+def _outcome(row: dict[str, Any]) -> str:
+    """A row's outcome in words; a configuration's with how many of its seeds reached."""
+    word = "diverged" if row[r.DIVERGED] == 1.0 else ("yes" if row[r.REACHED] == 1.0 else "no (censored)")
+    if "seed_outcomes" in row:
+        word += f" ({row[r.SEEDS_REACHED]:.0f} of {len(row['seed_outcomes'])} seeds)"
+    return word
 
 
 def _value(text: str | None) -> Any:

@@ -9,10 +9,13 @@ the target against training compute.
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from iterhead.trainable import results as r
 
 
 def _plt():
@@ -89,35 +92,69 @@ def _numeric(value: Any) -> Any:
     return value if isinstance(value, (int, float)) else str(value)
 
 
+def is_replicate(rows: Sequence[dict[str, Any]]) -> bool:
+    """Whether the rows are configurations of a search with ``seeds:`` (each scored over its seeds)."""
+    return any(row.get("kind") == r.KIND_CONFIGURATION for row in rows)
+
+
 def seed_medians(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per configuration (every searched key but ``seed``): its trials, how many
-    reached the target, and the median and range of compute_to_target over them.
+    """One row per configuration: its seeds, how many reached the target, and the median and
+    range of compute_to_target over them; censored medians last.
 
-    Censored trials count at their penalty, which lies above every reached value, so the
-    median is itself censored when at least half the trials are (``censored`` True)."""
-    others = [k for k in keys if k != "seed"]
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault(tuple(_numeric(r.get(k)) for k in others), []).append(r)
-    out = []
-    for config, group in groups.items():
-        values = [float(r["compute_to_target"]) for r in group]
-        reached = sum(1 for r in group if r.get("reached") == 1.0)
-        out.append({**dict(zip(others, config)), "trials": len(group), "reached": reached,
-                    "median": float(np.median(values)), "min": min(values), "max": max(values),
-                    "censored": reached < (len(group) + 1) / 2})
-    return sorted(out, key=lambda g: (g["censored"], g["median"]))
+    One rule for both kinds of search, `trainable.results.over_seeds`: the lower median with
+    censored seeds at their penalty (with an even count still one seed's value, never a mean
+    of a compute and the penalty), censored exactly when fewer than half the seeds reached.
+    A replicate search's configuration runs already hold that score, and their ``seed_outcomes``
+    (``(reached, compute_to_target)`` of each seed run) give the range; without ``seeds:``
+    the trials are grouped by every searched key but ``seed`` and scored here."""
+    if is_replicate(rows):
+        groups = [_configuration(row, keys) for row in rows]
+    else:
+        others = [k for k in keys if k != "seed"]
+        by_config: dict[tuple, list[dict[str, Any]]] = {}
+        for row in rows:
+            by_config.setdefault(tuple(_numeric(row.get(k)) for k in others), []).append(row)
+        groups = [_over_trials(dict(zip(others, config)), trials) for config, trials in by_config.items()]
+    return sorted(groups, key=lambda g: (g["censored"], g["median"]))
 
 
-def medians_text(groups: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
+def _configuration(row: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """A replicate configuration's row: its own score, the range over its seed runs."""
+    outcomes = row.get("seed_outcomes", [])
+    values = [c for _, c in outcomes if c == c] or [row[r.COMPUTE_TO_TARGET]]
+    return {**{k: row.get(k) for k in keys}, "count": len(outcomes), "reached": int(row[r.SEEDS_REACHED]),
+            "median": float(row[r.COMPUTE_TO_TARGET]), "min": min(values), "max": max(values),
+            "censored": row.get(r.REACHED) != 1.0}
+
+
+def _over_trials(config: dict[str, Any], trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """A configuration of a search without ``seeds:``, scored over its trials (one per seed)."""
+    outcomes = [(t.get(r.REACHED) == 1.0, float(t[r.COMPUTE_TO_TARGET])) for t in trials]
+    penalty = max((c for ok, c in outcomes if not ok), default=math.inf)  # one penalty per search
+    score = r.over_seeds(outcomes, [float(t.get(r.TARGET_ACC, math.nan)) for t in trials], penalty)
+    values = [c for _, c in outcomes]
+    return {**config, "count": len(trials), "reached": score.seeds_reached, "median": score.compute_to_target,
+            "min": min(values), "max": max(values), "censored": not score.reached}
+
+
+def median_columns(keys: Sequence[str], replicates: bool) -> list[str]:
+    """The median table's header: the configuration, then its counts and compute."""
+    counts = ["seeds", "seeds reached"] if replicates else ["trials", "reached"]
+    return [*(k for k in keys if k != "seed"), *counts, "median compute_to_target", "min", "max"]
+
+
+def median_cells(group: dict[str, Any], keys: Sequence[str], number: str) -> list[str]:
+    """One row of the median table, compute written with the format spec `number`."""
+    median = format(group["median"], number) + (" (censored)" if group["censored"] else "")
+    return [*(short(group[k]) for k in keys if k != "seed"), str(group["count"]), str(group["reached"]),
+            median, format(group["min"], number), format(group["max"], number)]
+
+
+def medians_text(groups: Sequence[dict[str, Any]], keys: Sequence[str], replicates: bool = False) -> str:
     """`seed_medians` as a Markdown table (the terminal shows it; the README quotes it)."""
-    others = [k for k in keys if k != "seed"]
-    lines = ["| " + " | ".join([*others, "trials", "reached", "median compute_to_target", "min", "max"]) + " |",
-             "|" + "---|" * (len(others) + 5)]
-    for g in groups:
-        median = f"{g['median']:.3g}" + (" (censored)" if g["censored"] else "")
-        lines.append("| " + " | ".join([*(short(g[k]) for k in others), str(g["trials"]), str(g["reached"]),
-                                         median, f"{g['min']:.3g}", f"{g['max']:.3g}"]) + " |")
+    columns = median_columns(keys, replicates)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(median_cells(g, keys, ".3g")) + " |" for g in groups]
     return "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ from iterhead.curricula.errors import ConfigError
 from iterhead.search.report import short
 from iterhead.search.spec import LoadedSearch, SearchSettings
 from iterhead.search.tracking import Heartbeat, RunWriter, ui_hint
+from iterhead.trainable import results
 from iterhead.trainable.checkpoint import write_atomic
 
 STATE_FILE = "iterhead-search.json"
@@ -187,9 +188,10 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
         base = state["base"] if state else loaded.base.model_dump(mode="json")
         budget = state["budget"] if state else spec.budget.flops
         smoke = state["smoke"] if state else opts.smoke
-        penalty = state["penalty"] if state else CENSOR_FACTOR * horizon(loaded)
+        penalty = state["penalty"] if state else CENSOR_FACTOR * horizon(loaded, smoke)
+        seeds = state.get("seeds") if state else spec.seeds
         trainable = tune.with_resources(
-            tune.with_parameters(train_trial, base=base, budget=budget, smoke=smoke, penalty=penalty,
+            tune.with_parameters(train_trial, base=base, budget=budget, smoke=smoke, penalty=penalty, seeds=seeds,
                                  threads=max(1, int(resources["cpu"])),
                                  checkpoint_every_s=settings.checkpoint_every_s), resources)
         if state:
@@ -206,16 +208,16 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
             folder.mkdir(parents=True)
             _save_state(folder, {"parent_run_id": parent, "uri": opts.uri, "spec": str(loaded.path.resolve()),
                                  "state": "running", "base": base, "budget": budget, "smoke": smoke,
-                                 "penalty": penalty})
+                                 "penalty": penalty, "seeds": seeds})
             print(f"search {spec.name!r}: {settings.num_samples} sample(s), at most {settings.max_concurrent} at "
                   f"once, {settings.algorithm} + {settings.scheduler}; MLflow parent run {parent}; Tune state in "
                   f"{folder}", file=out, flush=True)
-            callback = MlflowSearchCallback(opts.uri, experiment, parent, base, smoke, out)
+            callback = MlflowSearchCallback(opts.uri, experiment, parent, base, smoke, out, seeds=seeds)
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space(loaded, smoke),
                 tune_config=tune.TuneConfig(search_alg=searcher(settings, bool(spec.space)),
-                                            scheduler=scheduler(loaded, settings),
+                                            scheduler=scheduler(loaded, settings, smoke),
                                             num_samples=settings.num_samples, reuse_actors=True),
                 run_config=tune.RunConfig(name=folder.name, storage_path=str(folder.parent), callbacks=[callback],
                                           verbose=0, checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
@@ -246,7 +248,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
     if status != "FINISHED":
         print(f"\nsearch interrupted; continue it with: iterhead search {loaded.path} --resume"
               + (f" --storage-path {opts.storage_path}" if opts.storage_path else ""), file=out)
-    _print_summary(rows, list(spec.space), out)
+    _print_summary(rows, list(spec.space), out, state.get("seeds") if state else spec.seeds)
     print(f"MLflow experiment {experiment!r}; to look: {ui_hint(opts.uri)}", file=out)
     return rows
 
@@ -258,7 +260,8 @@ def _save_state(folder: Path, state: dict[str, Any]) -> None:
 def _spec_params(loaded: LoadedSearch, settings: SearchSettings, opts: SearchOptions) -> dict[str, Any]:
     params: dict[str, Any] = {f"space.{k}": f"{d.kind} {d.args}" for k, d in loaded.spec.space.items()}
     params.update({f"search.{k}": v for k, v in settings.model_dump().items()})
-    params.update({"budget.flops": loaded.spec.budget.flops, "base": str(loaded.base_path), "smoke": opts.smoke})
+    params.update({"budget.flops": loaded.spec.budget.flops, "base": str(loaded.base_path), "smoke": opts.smoke,
+                   "seeds": ",".join(map(str, loaded.spec.seeds)) if loaded.spec.seeds else ""})
     params.update({f"resources.{k}": v for k, v in loaded.spec.resources.model_dump().items()})
     return params
 
@@ -279,7 +282,8 @@ def _rows(grid, writer: RunWriter, experiment: str, parent: str, keys: list[str]
         row = {"trial_id": trial_id, "status": "ERROR" if result.error else "TERMINATED",
                "run_id": run_ids.get(trial_id, "")}
         row.update({k: result.config.get(k) for k in keys})
-        for k in ("reached", "compute_to_target", "target_acc", "compute/flops"):
+        for k in (results.REACHED, results.COMPUTE_TO_TARGET, results.TARGET_ACC, results.FLOPS,
+                  results.SEEDS_REACHED):
             row[k] = m.get(k, float("nan"))
         row["reports"] = m.get("training_iteration", 0)
         rows.append(row)
@@ -301,15 +305,22 @@ def _log_summary(writer: RunWriter, parent: str, rows: list[dict[str, Any]], key
         writer.flush()
 
 
-def _print_summary(rows: list[dict[str, Any]], keys: list[str], out: TextIO) -> None:
+def _print_summary(rows: list[dict[str, Any]], keys: list[str], out: TextIO,
+                   seeds: list[int] | None = None) -> None:
     if not rows:
         return
     reached = [r for r in rows if r["reached"] == 1.0]
-    print(f"\n{len(reached)} of {len(rows)} trials reached the target "
+    seeds = seeds or []
+    what = "configurations (median over their seeds)" if seeds else "trials"
+    print(f"\n{len(reached)} of {len(rows)} {what} reached the target "
           f"({len(rows) - len(reached)} censored or failed); by compute_to_target:", file=out)
-    print("  " + " | ".join(["trial", *keys, "reached", "compute_to_target"]), file=out)
+    print("  " + " | ".join(["trial", *keys, *(["seeds reached"] if seeds else []), "reached", "compute_to_target"]),
+          file=out)
     for r in sorted(rows, key=lambda r: (-(r["reached"] == 1.0), r["compute_to_target"])):
-        vals = [r["trial_id"], *(short(r.get(k)) for k in keys), "yes" if r["reached"] == 1.0 else "no",
+        n = r.get(results.SEEDS_REACHED, float("nan"))
+        vals = [r["trial_id"], *(short(r.get(k)) for k in keys),
+                *([f"{int(n)} of {len(seeds)}" if n == n else "?"] if seeds else []),
+                "yes" if r["reached"] == 1.0 else "no",
                 f"{r['compute_to_target']:.3e}" + ("" if r["reached"] == 1.0 else " (censored)")]
         print("  " + " | ".join(vals), file=out)
 

@@ -18,8 +18,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
 
 from iterhead.curricula.errors import ConfigError
-from iterhead.curricula.io import parse_curriculum
-from iterhead.curricula.overrides import apply
+from iterhead.curricula.trial import trial_curriculum
 from iterhead.search.spec import Domain, LoadedSearch, SearchSettings
 from iterhead.trainable.summary import planned_flops
 
@@ -60,33 +59,34 @@ def searcher(settings: SearchSettings, has_space: bool) -> Searcher | BasicVaria
     return BasicVariantGenerator(max_concurrent=settings.max_concurrent, random_state=settings.seed)
 
 
-def horizon(loaded: LoadedSearch) -> float:
+def horizon(loaded: LoadedSearch, smoke: bool = False) -> float:
     """The most training compute a trial can spend: ASHA's max_t, and half the censoring penalty.
 
     The budget when there is one. Without one, the larger of the base's planned compute and
     that of the curriculum with each searched key at the probe value (ends, choices) that
     plans the most compute: the penalty then sits above what a reached trial can report
-    for the usual keys (epochs, lengths, sizes), which grow compute monotonically.
+    for the usual keys (epochs, lengths, sizes), which grow compute monotonically. A smoke
+    search plans at smoke size, as its trials train.
     """
     if loaded.spec.budget.flops:
         return loaded.spec.budget.flops
     base = loaded.base.model_dump(mode="json")
 
     def planned(overrides: dict[str, Any]) -> float:
-        return planned_flops(parse_curriculum(apply(base, overrides)))
+        return planned_flops(trial_curriculum(base, overrides, smoke))
 
     worst = {key: max(d.probes(), key=lambda v, key=key: planned({key: v})) for key, d in loaded.spec.space.items()}
     try:
         combined = planned(worst)
     except ConfigError:  # the per-key maxima do not fit together; take the largest alone
         combined = max((planned({k: v}) for k, v in worst.items()), default=0.0)
-    return max(planned_flops(loaded.base), combined)
+    return max(planned({}), combined)
 
 
-def scheduler(loaded: LoadedSearch, settings: SearchSettings):
+def scheduler(loaded: LoadedSearch, settings: SearchSettings, smoke: bool = False):
     if settings.scheduler == "none":
         return FIFOScheduler()
-    max_t = horizon(loaded)
+    max_t = horizon(loaded, smoke)
     return AsyncHyperBandScheduler(time_attr=TIME_ATTR, metric=SCHEDULER_METRIC, mode=SCHEDULER_MODE,
                                    max_t=max_t, grace_period=max_t * settings.grace_fraction,
                                    reduction_factor=settings.reduction_factor)

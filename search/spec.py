@@ -2,11 +2,11 @@
 
     name: poly-parity-transfer
     base: poly_then_parity.yaml          # relative to this file
+    seeds: [0, 1, 2]                     # each configuration trains on every one, scored over them
     space:
       stages.pretrain.epochs: {randint: [0, 60]}         # both ends included
       stages.finetune.mix.polynomial: {uniform: [0.0, 0.5]}   # a share of the mix
       optim.lr: {loguniform: [1.0e-4, 3.0e-3]}
-      seed: {grid: [0, 1, 2]}
     search: {algorithm: optuna, num_samples: 32, max_concurrent: 4, scheduler: asha, seed: 0}
     budget: {flops: 2.0e14}              # a trial is censored past this compute
     resources: {cpu: 1, gpu: 0.25}       # gpu is ignored where no CUDA device exists
@@ -102,9 +102,14 @@ class Resources(Spec):
     gpu: Annotated[float, Field(ge=0, le=64)] = 0.0
 
 
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
+
+
 class SearchSpec(Spec):
     name: Name
     base: str
+    # Replicates: every configuration trains on each of these seeds, and is scored over them.
+    seeds: Annotated[list[Seed], Field(min_length=1, max_length=64)] | None = None
     space: dict[str, Domain] = {}
     search: SearchSettings = SearchSettings()
     budget: Budget = Budget()
@@ -120,6 +125,14 @@ class LoadedSearch:
 
 def _check_space(spec: SearchSpec, base: Curriculum, file: str) -> None:
     data = base.model_dump(mode="json")
+    if spec.seeds is not None:
+        if len(set(spec.seeds)) != len(spec.seeds):
+            twice = next(s for s in spec.seeds if spec.seeds.count(s) > 1)
+            raise ConfigError(f"seed {twice} is listed twice; list each seed once", field="seeds", file=file)
+        if "seed" in spec.space:
+            raise ConfigError("the seeds are listed in `seeds:`, so seed cannot also be searched; "
+                              "remove space.seed (or drop `seeds:` to search seeds as a key)",
+                              field="space.seed", file=file)
     grids = [k for k, d in spec.space.items() if d.kind == "grid"]
     if grids and spec.search.algorithm == "optuna":
         raise ConfigError("grid domains need algorithm random or grid, not 'optuna' (Optuna samples, "

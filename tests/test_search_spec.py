@@ -11,7 +11,7 @@ import pytest
 from iterhead.curricula.overrides import apply, blend
 from iterhead.search.cli import main
 from iterhead.search.spec import SearchSettings, SearchSpec, load_search
-from iterhead.trainable.tune import trial_curriculum
+from iterhead.curricula.trial import trial_curriculum
 
 from support import ROOT
 
@@ -66,6 +66,11 @@ BAD = {
     "space-not-a-mapping": ("space: [optim.lr]\n", "space", "dictionary (got ['optim.lr'])"),
     "unknown-domain": ("space:\n  optim.lr: {gaussian: [0, 1]}\n", "space.optim.lr.gaussian",
                        "unknown field 'gaussian'; allowed here: choice, grid, loguniform, randint, uniform"),
+    "seed-searched-and-listed": ("seeds: [0, 1]\nspace:\n  seed: {choice: [0, 1]}\n", "space.seed",
+                                 "cannot also be searched; remove space.seed"),
+    "seed-listed-twice": ("seeds: [0, 1, 0]\n", "seeds", "seed 0 is listed twice"),
+    "no-seeds-listed": ("seeds: []\n", "seeds", "at least 1 item"),
+    "negative-seed": ("seeds: [-1]\n", "seeds[0]", "greater than or equal to 0"),
 }
 
 
@@ -92,7 +97,7 @@ SUGGEST = {
                         "reduction_factor, scheduler, seed)"),
     "top-key-typo": ("spaces: {}\n", "spaces",
                      "unknown field 'spaces'; did you mean 'space'? (allowed here: base, budget, name, "
-                     "resources, search, space)"),
+                     "resources, search, seeds, space)"),
     "resource-typo": ("resources: {cpus: 1}\n", "resources.cpus",
                       "unknown field 'cpus'; did you mean 'cpu'? (allowed here: cpu, gpu)"),
     "budget-typo": ("budget: {flop: 1.0e12}\n", "budget.flop",

@@ -48,3 +48,4 @@ censored the same way and also carries ``diverged = 1``.
     return {"reached": 1.0, "diverged": 0.0, "compute_to_target": float(outcome.compute_to_target),
             "examples_to_target": float(outcome.examples_to_target),
             "seconds_to_target": float(outcome.seconds_to_target)}
+

@@ -11,6 +11,14 @@ stops early keeps those of its latest checkpoint. A trial ends when the target i
 its compute passes the budget (censored), or its last stage ends. A trial restored after
 it had finished (its end not yet in Tune's state) reports its last result again.
 
+Replicates (a search with ``seeds:``): the trial is one configuration trained on every seed
+in one schedule (`trainable.seeds.Seeds`). Each report carries the configuration's scores
+over the seeds (`results.over_seeds`: the median ``compute_to_target`` with censored seeds
+at the penalty, the median ``target_acc``, ``seeds_reached``, ``reached``) and each seed's
+own report under ``seed_<s>/``; its checkpoint holds every seed. A seed that reaches the
+target stops training; the trial ends when every seed has reached, been censored or
+diverged, or when ASHA stops the configuration, which stops all its seeds at once.
+
 Device: the GPU Ray assigned the trial (``ray.get_gpu_ids()``), else the CPU, never a GPU
 outside Ray's accounting (`devices.trial_device`).
 """
@@ -27,36 +35,17 @@ import ray
 import torch
 from ray import tune
 
-from iterhead.curricula.io import parse_curriculum
-from iterhead.curricula.overrides import apply
-from iterhead.trainable import checkpoint
+from iterhead.curricula.trial import trial_curriculum
+from iterhead.trainable import checkpoint, results
 from iterhead.trainable.artifacts import ARTIFACTS, write_artifacts
 from iterhead.trainable.devices import prepare_cuda_env, trial_device
 from iterhead.trainable.loop import Evaluation, Trainer
+from iterhead.trainable.results import Report
+from iterhead.trainable.seeds import Seeds
 from iterhead.trainable.summary import censored_value
+from iterhead.trainable.results import over_seeds
 
 LAST_REPORT = "last_report.json"  # in each checkpoint: what was reported with it
-SMOKE = {"max_len": 4, "train_per_len": 64, "test_per_len": 32, "epochs": 2}
-
-
-def shrink(data: dict[str, Any]) -> dict[str, Any]:
-    """A smoke-size copy of a curriculum mapping: short lengths, few rows, two epochs a stage."""
-    d = data["data"]
-    d["max_len"] = min(d["max_len"], max(d["min_len"], SMOKE["max_len"]))
-    d["train_per_len"] = min(d["train_per_len"], SMOKE["train_per_len"])
-    d["test_per_len"] = min(d["test_per_len"], SMOKE["test_per_len"])
-    for stage in data["stages"]:
-        stage["epochs"] = min(stage["epochs"], SMOKE["epochs"])
-    data["eval"]["every_epochs"] = 1
-    return data
-
-
-def trial_curriculum(base: dict[str, Any], config: dict[str, Any], smoke: bool):
-    """The curriculum one trial trains: the base with the sampled values (and smoke size)."""
-    data = apply(base, config)
-    return parse_curriculum(shrink(data) if smoke else data, file="trial")
-
-
 def reached_within(trainer: Trainer, budget: float | None) -> bool:
     """Reached the target within the budget (the budget is checked at evaluations, so a
     trial can pass it before it is stopped; reaching the target past it does not count)."""
@@ -64,33 +53,38 @@ def reached_within(trainer: Trainer, budget: float | None) -> bool:
     return o.reached and (budget is None or o.compute_to_target <= budget)
 
 
-def trial_metrics(ev: Evaluation, trainer: Trainer, penalty: float, node_id: str,
-                  budget: float | None) -> dict[str, Any]:
-    """What one evaluation reports: its metrics, the running outcome, where it ran."""
-    out: dict[str, Any] = dict(ev.metrics)
-    reached = reached_within(trainer, budget)
-    out["step"] = ev.step
-    out["target_acc"] = ev.metrics.get(f"acc/{trainer.cur.target.task}", 0.0)  # none once diverged
-    out["reached"] = float(reached)
-    out["diverged"] = float(trainer.outcome.diverged)
-    out["compute_to_target"] = trainer.outcome.compute_to_target if reached else penalty
-    if reached:
-        out["examples_to_target"] = float(trainer.outcome.examples_to_target)
-        out["seconds_to_target"] = float(trainer.outcome.seconds_to_target)
-    out["node_id"] = node_id
-    out["torch_threads"] = torch.get_num_threads()
-    out["device"] = str(trainer.device)
-    out["stage"] = ev.stage
-    return out
+def seed_report(ev: Evaluation, trainer: Trainer, penalty: float, budget: float | None) -> Report:
+    """One seed's evaluation and its running outcome: what a single-seed trial reports."""
+    o, reached = trainer.outcome, reached_within(trainer, budget)
+    return Report(step=ev.step, stage=ev.stage, reached=reached, diverged=o.diverged,
+                  compute_to_target=o.compute_to_target if reached else penalty,
+                  target_acc=ev.metrics.get(results.acc(trainer.cur.target.task), 0.0),  # none once diverged
+                  metrics=dict(ev.metrics),
+                  examples_to_target=float(o.examples_to_target) if reached else None,
+                  seconds_to_target=float(o.seconds_to_target) if reached else None)
+
+
+def configuration_report(step: int, stage: str, trainers: list[Trainer], penalty: float,
+                         budget: float | None) -> Report:
+    """A replicate trial's scores over its seeds (`trainable.results.over_seeds`)."""
+    outcomes = [(reached_within(t, budget), t.outcome.compute_to_target) for t in trainers]
+    target = results.acc(trainers[0].cur.target.task)
+    accs = [t.history[-1].get(target, 0.0) if t.history and not t.outcome.diverged else 0.0 for t in trainers]
+    score = over_seeds(outcomes, accs, penalty)
+    metrics = {results.FLOPS: max(t.compute.flops for t in trainers)}  # ASHA's clock: it only grows
+    return Report(step=step, stage=stage, reached=score.reached, diverged=all(t.outcome.diverged for t in trainers),
+                  compute_to_target=score.compute_to_target, target_acc=score.target_acc, metrics=metrics,
+                  seeds_reached=score.seeds_reached)
 
 
 def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float | None = None,
                 penalty: float | None = None, smoke: bool = False, threads: int = 1,
-                checkpoint_every_s: float = 30.0) -> None:
+                checkpoint_every_s: float = 30.0, seeds: list[int] | None = None) -> None:
     """Train one trial of a search (module docstring).
 
     `penalty` is what a censored trial reports as compute_to_target; the driver passes one
     value for the whole search, so every censored trial ranks below every reached one.
+    With `seeds`, the trial is one configuration trained on each seed (`trainable.seeds`).
     """
     prepare_cuda_env()  # before CUDA starts in this worker
     torch.set_num_threads(max(1, threads))
@@ -102,24 +96,42 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float |
         with saved.as_directory() as folder:
             state = checkpoint.load(folder, device)
             last_report = json.loads((Path(folder) / LAST_REPORT).read_text())
-    trainer = Trainer(cur, device, state)
+    if seeds is None:
+        trainer = Trainer(cur, device, state)
+        trainers, rounds, state_dict = [trainer], ([(cur.seed, ev)] for ev in trainer.run()), trainer.state_dict
+    else:
+        group = Seeds(cur, seeds, device, state=state)
+        trainers, rounds, state_dict = group.trainers, group.run(), group.state_dict
     penalty = penalty if penalty is not None else censored_value(cur, budget)
-    node_id = ray.get_runtime_context().get_node_id()
+    where = {results.NODE_ID: ray.get_runtime_context().get_node_id(),
+             results.TORCH_THREADS: torch.get_num_threads(), results.DEVICE: str(device)}
+    by_seed = {t.cur.seed: t for t in trainers}
+    step = last_report[results.STEP] + 1 if last_report else 0  # a replicate trial counts its reports
     saved_at = time.monotonic()
     reported = False
-    spent = budget is not None and trainer.compute.flops >= budget  # restored past its budget
-    for ev in [] if spent else trainer.run():
+    spent = budget is not None and max(t.compute.flops for t in trainers) >= budget  # restored past its budget
+    for evaluations in [] if spent else rounds:
         reported = True
-        metrics = trial_metrics(ev, trainer, penalty, node_id, budget)
-        over_budget = budget is not None and metrics["compute/flops"] >= budget
-        last = ev.final or over_budget
+        if seeds is None:
+            (_, ev), = evaluations
+            report = seed_report(ev, trainer, penalty, budget)
+        else:
+            report = configuration_report(step, evaluations[0][1].stage, trainers, penalty, budget)
+            for seed, ev in evaluations:
+                own = seed_report(ev, by_seed[seed], penalty, budget).to_dict()
+                report.metrics.update({results.per_seed(seed, k): v for k, v in own.items()})
+        step += 1
+        metrics = {**report.to_dict(), **where}
+        over_budget = budget is not None and metrics[results.FLOPS] >= budget
+        last = all(t.finished for t in trainers) or any(ev.final for _, ev in evaluations) or over_budget
         if not last and time.monotonic() - saved_at < checkpoint_every_s:
             tune.report(metrics)
             continue
         with tempfile.TemporaryDirectory() as folder:
-            checkpoint.save(trainer.state_dict(), folder)
+            checkpoint.save(state_dict(), folder)
             (Path(folder) / LAST_REPORT).write_text(json.dumps(metrics))
-            write_artifacts(trainer, Path(folder) / ARTIFACTS)  # a trial ASHA stops keeps its latest
+            for t in trainers:  # a trial ASHA stops keeps those of its latest checkpoint
+                write_artifacts(t, Path(folder) / ARTIFACTS / (f"seed_{t.cur.seed}" if seeds else ""))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
         saved_at = time.monotonic()
         if over_budget:

@@ -1,0 +1,36 @@
+"""The curriculum one trial trains: a search's base, the trial's sampled values, and in a
+smoke search a tiny size.
+
+Smoke size is applied after the sampled values, so a sampled epoch count or length is cut
+too. The driver (`search/run.py`) decides once whether a search is a smoke search; this
+function is the one place that says what smoke means, for the trials, for the driver's
+MLflow runs and for the scheduler's horizon alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from iterhead.curricula.io import parse_curriculum
+from iterhead.curricula.overrides import apply
+from iterhead.curricula.schema import Curriculum
+
+SMOKE = {"max_len": 4, "train_per_len": 64, "test_per_len": 32, "epochs": 2}
+
+
+def shrink(data: dict[str, Any]) -> dict[str, Any]:
+    """A smoke-size copy of a curriculum mapping: short lengths, few rows, two epochs a stage."""
+    d = data["data"]
+    d["max_len"] = min(d["max_len"], max(d["min_len"], SMOKE["max_len"]))
+    d["train_per_len"] = min(d["train_per_len"], SMOKE["train_per_len"])
+    d["test_per_len"] = min(d["test_per_len"], SMOKE["test_per_len"])
+    for stage in data["stages"]:
+        stage["epochs"] = min(stage["epochs"], SMOKE["epochs"])
+    data["eval"]["every_epochs"] = 1
+    return data
+
+
+def trial_curriculum(base: dict[str, Any], config: dict[str, Any], smoke: bool) -> Curriculum:
+    """The curriculum one trial trains: the base with the sampled values (and smoke size)."""
+    data = apply(base, config)
+    return parse_curriculum(shrink(data) if smoke else data, file="trial")

@@ -1,0 +1,46 @@
+"""The median table of `iterhead report`: one rule, `trainable.results.over_seeds`, for both kinds of search."""
+
+from __future__ import annotations
+
+from iterhead.search.report import medians_text, seed_medians
+from iterhead.trainable import results as r
+
+PENALTY = 1.0e12
+KEYS = ["optim.lr", "seed"]
+
+
+def trial(lr: float, seed: int, compute: float | None) -> dict:
+    """A trial row of a search without ``seeds:``; None = censored at the penalty."""
+    return {"optim.lr": lr, "seed": seed, r.REACHED: float(compute is not None),
+            r.COMPUTE_TO_TARGET: PENALTY if compute is None else compute, r.TARGET_ACC: 0.5}
+
+
+def test_an_even_number_of_seeds_takes_the_lower_median_and_half_reached_counts():
+    """Two of four seeds reached: the median is the larger reached value (not the mean of it and
+    the penalty), and it is not censored; one of two is the reached one; none of two is censored."""
+    rows = [trial(1e-3, 0, 1e9), trial(1e-3, 1, None), trial(1e-3, 2, 3e9), trial(1e-3, 3, None),
+            trial(3e-3, 0, None), trial(3e-3, 1, 5e8),
+            trial(1e-2, 0, None), trial(1e-2, 1, None)]
+    groups = seed_medians(rows, KEYS)
+    assert [(g["optim.lr"], g["count"], g["reached"], g["median"], g["censored"]) for g in groups] == [
+        (3e-3, 2, 1, 5e8, False), (1e-3, 4, 2, 3e9, False), (1e-2, 2, 0, PENALTY, True)]
+    assert (groups[1]["min"], groups[1]["max"]) == (1e9, PENALTY)
+    assert medians_text(groups, KEYS).splitlines() == [
+        "| optim.lr | trials | reached | median compute_to_target | min | max |",
+        "|---|---|---|---|---|---|",
+        "| 0.003 | 2 | 1 | 5e+08 | 5e+08 | 1e+12 |",
+        "| 0.001 | 4 | 2 | 3e+09 | 1e+09 | 1e+12 |",
+        "| 0.01 | 2 | 0 | 1e+12 (censored) | 1e+12 | 1e+12 |"]
+
+
+def test_a_replicate_search_reads_each_configurations_own_score():
+    """With ``seeds:``, a row is a configuration run: its median as logged, the range over its seeds."""
+    rows = [{"optim.lr": 1e-3, "kind": r.KIND_CONFIGURATION, r.REACHED: 1.0, r.SEEDS_REACHED: 2.0,
+             r.COMPUTE_TO_TARGET: 3e9, "seed_outcomes": [(True, 1e9), (True, 3e9), (False, PENALTY)]},
+            {"optim.lr": 3e-3, "kind": r.KIND_CONFIGURATION, r.REACHED: 0.0, r.SEEDS_REACHED: 1.0,
+             r.COMPUTE_TO_TARGET: PENALTY, "seed_outcomes": [(True, 2e9), (False, PENALTY), (False, PENALTY)]}]
+    text = medians_text(seed_medians(rows, ["optim.lr"]), ["optim.lr"], replicates=True).splitlines()
+    assert text == ["| optim.lr | seeds | seeds reached | median compute_to_target | min | max |",
+                    "|---|---|---|---|---|---|",
+                    "| 0.001 | 3 | 2 | 3e+09 | 1e+09 | 1e+12 |",
+                    "| 0.003 | 3 | 1 | 1e+12 (censored) | 2e+09 | 1e+12 |"]

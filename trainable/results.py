@@ -1,0 +1,133 @@
+"""What a trial reports and what MLflow stores: every metric and tag name, defined once.
+
+The trainable (`trainable/tune.py`), the driver's MLflow callback, `iterhead train`,
+export, report and reconcile all import these names, so a key added on one side cannot
+silently vanish on the other. A trial's report is a typed `Report` before it becomes the
+flat dict Tune carries; `Report.from_dict` reads it back on the driver side.
+
+A replicate trial (a search with ``seeds:``) reports one configuration: its scores over the
+seeds, plus each seed's own metrics under ``seed_<s>/`` (`per_seed`), which the driver
+routes to that seed's run. `over_seeds` is the one rule that scores a configuration over
+its seeds, for the trials, `iterhead report` and `iterhead export` alike.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# -- metrics of every evaluation (``acc/<task>``, ``acc/<task>/len_<L>``, ...) --------------
+PREFIXES = ("acc/", "loss/", "compute/", "probe/")
+FLOPS = "compute/flops"
+LOSS = "loss/train"
+
+
+def acc(task: str) -> str:
+    """The headline accuracy of a task: the mean over lengths."""
+    return f"acc/{task}"
+
+
+# -- a trial's outcome, reported with every evaluation ---------------------------------------
+STEP = "step"
+STAGE = "stage"
+REACHED = "reached"
+DIVERGED = "diverged"
+COMPUTE_TO_TARGET = "compute_to_target"
+EXAMPLES_TO_TARGET = "examples_to_target"
+SECONDS_TO_TARGET = "seconds_to_target"
+TARGET_ACC = "target_acc"
+SEEDS_REACHED = "seeds_reached"  # replicate trials: how many seeds reached the target
+SUMMARY = (REACHED, DIVERGED, COMPUTE_TO_TARGET, EXAMPLES_TO_TARGET, SECONDS_TO_TARGET, TARGET_ACC,
+           SEEDS_REACHED)
+
+# -- where a trial ran: reported keys that become tags -------------------------------------
+NODE_ID, TORCH_THREADS, DEVICE = "node_id", "torch_threads", "device"
+
+# -- MLflow tags ---------------------------------------------------------------------------
+PARENT_RUN = "mlflow.parentRunId"
+KIND = "iterhead.kind"  # one of the kinds below
+KIND_SEARCH, KIND_TRIAL, KIND_CONFIGURATION, KIND_SEED = "search", "trial", "configuration", "seed"
+TRIAL_ID = "iterhead.trial_id"
+SEARCH = "iterhead.search"
+SEED = "iterhead.seed"
+NODE_TAG = "ray.node_id"
+THREADS_TAG = "iterhead.torch_threads"
+DEVICE_TAG = "iterhead.device"
+RESULT_TAGS = {NODE_ID: NODE_TAG, TORCH_THREADS: THREADS_TAG, DEVICE: DEVICE_TAG}
+
+_SEED_KEY = re.compile(r"^seed_(\d+)/(.+)$")
+
+
+def per_seed(seed: int, key: str) -> str:
+    """The key of one seed's metric inside a replicate trial's report."""
+    return f"seed_{seed}/{key}"
+
+
+def split_seed(key: str) -> tuple[int, str] | None:
+    """``seed_3/acc/parity`` -> (3, ``acc/parity``); None for a configuration's own key."""
+    m = _SEED_KEY.match(key)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def is_metric(key: str) -> bool:
+    """Whether a reported key belongs in MLflow (not Tune's own bookkeeping)."""
+    return key.startswith(PREFIXES) or key in SUMMARY
+
+
+@dataclass
+class Report:
+    """One report of a trial: an evaluation's metrics and the running outcome.
+
+    `compute_to_target` is the search's penalty while the target is not reached (censored),
+    so the searcher always sees a finite value; `examples_to_target` and
+    `seconds_to_target` exist only once it is reached.
+    """
+
+    step: int
+    stage: str
+    reached: bool
+    diverged: bool
+    compute_to_target: float
+    target_acc: float
+    metrics: dict[str, float] = field(default_factory=dict)  # acc/, loss/, compute/, probe/
+    examples_to_target: float | None = None
+    seconds_to_target: float | None = None
+    seeds_reached: int | None = None  # replicate trials only
+    node_id: str = ""
+    torch_threads: int = 0
+    device: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat dict Tune carries: evaluation metrics and the outcome side by side."""
+        out: dict[str, Any] = dict(self.metrics)
+        for key, value in asdict(self).items():
+            if key == "metrics" or value is None:
+                continue
+            out[key] = float(value) if isinstance(value, bool) else value
+        return out
+
+
+@dataclass
+class SeedScore:
+    """A configuration scored over its seeds."""
+
+    compute_to_target: float  # the median, censored seeds at the penalty
+    target_acc: float  # the median of the seeds' latest target accuracies
+    seeds_reached: int
+    reached: bool  # at least half the seeds reached: the median is a real seed's compute
+
+
+def over_seeds(outcomes: list[tuple[bool, float | None]], target_accs: list[float], penalty: float) -> SeedScore:
+    """Score a configuration from its seeds' (reached, compute_to_target) and accuracies.
+
+    The median is the lower median: with an even number of seeds it is still one seed's
+    value, so it is censored exactly when fewer than half the seeds reached the target (a
+    mean of a compute and the penalty would be neither).
+    """
+    values = [float(c) if reached else penalty for reached, c in outcomes]
+    n_reached = sum(1 for reached, _ in outcomes if reached)
+    return SeedScore(compute_to_target=float(statistics.median_low(values)),
+                     target_acc=float(statistics.median(target_accs)), seeds_reached=n_reached,
+                     reached=2 * n_reached >= len(outcomes))
