@@ -53,6 +53,15 @@ def settings_for(loaded: LoadedSearch, smoke: bool) -> SearchSettings:
     return s.model_copy(update={"num_samples": 1 if grids else 2, "max_concurrent": 2})
 
 
+SMOKE_SEEDS = 2  # a smoke search trains each configuration on its first seeds only
+
+
+def seeds_for(loaded: LoadedSearch, smoke: bool) -> list[int] | None:
+    """The replicate seeds every configuration trains on (None: one seed per trial)."""
+    seeds = loaded.spec.seeds
+    return seeds[:SMOKE_SEEDS] if seeds and smoke else seeds
+
+
 def local_gpus() -> int:
     """NVIDIA GPUs this process may use, without importing torch (a bad spec must fail fast)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -189,7 +198,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
         budget = state["budget"] if state else spec.budget.flops
         smoke = state["smoke"] if state else opts.smoke
         penalty = state["penalty"] if state else CENSOR_FACTOR * horizon(loaded, smoke)
-        seeds = state.get("seeds") if state else spec.seeds
+        seeds = state.get("seeds") if state else seeds_for(loaded, opts.smoke)
         trainable = tune.with_resources(
             tune.with_parameters(train_trial, base=base, budget=budget, smoke=smoke, penalty=penalty, seeds=seeds,
                                  threads=max(1, int(resources["cpu"])),
@@ -248,7 +257,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
     if status != "FINISHED":
         print(f"\nsearch interrupted; continue it with: iterhead search {loaded.path} --resume"
               + (f" --storage-path {opts.storage_path}" if opts.storage_path else ""), file=out)
-    _print_summary(rows, list(spec.space), out, state.get("seeds") if state else spec.seeds)
+    _print_summary(rows, list(spec.space), out, state.get("seeds") if state else seeds_for(loaded, opts.smoke))
     print(f"MLflow experiment {experiment!r}; to look: {ui_hint(opts.uri)}", file=out)
     return rows
 

@@ -46,5 +46,7 @@ def test_runs_at_smoke_size(spec, ray_local, tmp_path):
     assert len(rows) == expected and all(r["status"] == "TERMINATED" for r in rows)
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name(loaded.spec.name).experiment_id])
-    assert sum(1 for r in runs if r.data.tags.get("mlflow.parentRunId")) == expected
+    kinds = [r.data.tags.get("iterhead.kind") for r in runs]
+    assert loaded.spec.seeds == [0, 1, 2]  # the shipped experiments score configurations over seeds
+    assert kinds.count("configuration") == expected and kinds.count("seed") == 2 * expected  # smoke: 2 seeds
     assert all(r.info.status == "FINISHED" for r in runs)
