@@ -38,10 +38,11 @@ def trial_workers() -> list[int]:
     return pids
 
 
-def test_killed_trial_resumes_to_the_uninterrupted_result(tmp_path):
+def kill_mid_training(tmp_path, spec: dict) -> tuple[str, list[int], str]:
+    """Run the search, SIGKILL its trial worker once checkpoints exist, let Tune retry it."""
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
-        "name": "fault", "base": "base.yaml",
+        "name": "fault", "base": "base.yaml", **spec,
         "search": {"algorithm": "random", "num_samples": 1, "max_concurrent": 1, "scheduler": "none",
                    "checkpoint_every_s": 0, "max_failures": 2},
         "resources": {"cpu": 1}}))
@@ -67,18 +68,45 @@ def test_killed_trial_resumes_to_the_uninterrupted_result(tmp_path):
     assert killed, "the trial ended before it could be killed"
     assert driver.returncode == 0, out[-3000:]
     assert list(tmp_path.glob("runs/*/*/error.txt"))  # Tune saw the failure and retried
+    return uri, killed, out
 
-    straight = Trainer(parse_curriculum(BASE))
+
+def assert_same_run(client: MlflowClient, run, straight: Trainer, keys: tuple[str, ...]) -> None:
+    """The run's logged history is the uninterrupted trainer's, each step once, exactly."""
     history = [ev.metrics for ev in straight.run()]
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("fault")
-    (run,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mlflow.parentRunId")]
     assert run.info.status == "FINISHED"
-    for key in ("acc/parity", "loss/train", "compute/flops", "probe/parity/iteration/l1h0"):
+    for key in keys:
         logged = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
         assert [m.step for m in logged] == list(range(len(history)))  # each step once, none missing
         assert [m.value for m in logged] == [h[key] for h in history]  # the same numbers, exactly
+
+
+def test_killed_trial_resumes_to_the_uninterrupted_result(tmp_path):
+    uri, _, _ = kill_mid_training(tmp_path, {})
+    straight = Trainer(parse_curriculum(BASE))
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("fault")
+    (run,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mlflow.parentRunId")]
+    assert_same_run(client, run, straight, ("acc/parity", "loss/train", "compute/flops",
+                                            "probe/parity/iteration/l1h0"))
     final = sorted(tmp_path.glob("runs/*/*/checkpoint_*"))[-1]
     weights = checkpoint.load(final)["model"]
     for name, value in straight.model.state_dict().items():
         assert torch.equal(weights[name], value), name
+
+
+def test_killed_replicate_trial_resumes_every_seed_exactly(tmp_path):
+    """A trial of two seeds killed mid-way: both seeds' runs and weights are the uninterrupted ones."""
+    seeds = [0, 1]
+    uri, _, _ = kill_mid_training(tmp_path, {"seeds": seeds})
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("fault")
+    runs = client.search_runs([exp.experiment_id])
+    by_seed = {int(r.data.tags["iterhead.seed"]): r for r in runs if r.data.tags.get("iterhead.kind") == "seed"}
+    assert sorted(by_seed) == seeds
+    final = checkpoint.load(sorted(tmp_path.glob("runs/*/*/checkpoint_*"))[-1])
+    for i, seed in enumerate(seeds):
+        straight = Trainer(parse_curriculum({**BASE, "seed": seed}))
+        assert_same_run(client, by_seed[seed], straight, ("acc/parity", "loss/train", "compute/flops"))
+        for name, value in straight.model.state_dict().items():
+            assert torch.equal(final["seeds"][i]["model"][name], value), (seed, name)
