@@ -175,3 +175,34 @@ def test_report_has_one_median_row_per_configuration(search, tmp_path):
     page = (tmp_path / "rep" / "report.html").read_text()
     assert "Every configuration" in page and "seeds)" in page
     assert f"{best_configuration(runs).data.tags[r.TRIAL_ID]} seed" in page  # its median seed's curves
+
+
+def test_asha_stops_whole_configurations_never_one_of_their_seeds(ray_local, tmp_path):
+    """Trials run one at a time, so ASHA's rung comparisons are deterministic: the second
+    configuration (an lr too small to learn) falls below the first at a rung and is stopped,
+    all its seeds with it; each seed's run ends at the configuration's last report."""
+    from iterhead.trainable.summary import planned_flops
+
+    base = {**PARITY_BASE, "stages": [{"name": "train", "mix": {"parity": 1.0}, "epochs": 18}]}
+    budget = planned_flops(parse_curriculum(base))  # the whole schedule: ASHA's horizon
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "asha-seeds", "base": "base.yaml", "seeds": [0, 1],
+        "space": {"optim.lr": {"grid": [3.0e-3, 1.0e-6]}},
+        "search": {"algorithm": "grid", "num_samples": 1, "max_concurrent": 1, "scheduler": "asha"},
+        "budget": {"flops": budget * 1.01}}))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    rows = run_search(load_search(tmp_path / "spec.yaml"),
+                      SearchOptions(uri=uri, storage_path=str(tmp_path / "ray")), out=io.StringIO())
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("asha-seeds").experiment_id])
+    reports = {row["optim.lr"]: row["reports"] for row in rows}
+    assert reports[1.0e-6] < reports[3.0e-3], "ASHA should have stopped the configuration that cannot learn"
+    for c in kind(runs, r.KIND_CONFIGURATION):
+        steps = len(client.get_metric_history(c.info.run_id, r.COMPUTE_TO_TARGET))
+        mine = [s for s in kind(runs, r.KIND_SEED) if s.data.tags[r.PARENT_RUN] == c.info.run_id]
+        assert len(mine) == 2 and all(s.info.status == "FINISHED" for s in mine)
+        if c.data.params["optim.lr"] == "1e-06":
+            assert steps == reports[1.0e-6]
+            for s in mine:  # stopped with it, at the same report: no seed ran on alone
+                assert len(client.get_metric_history(s.info.run_id, r.FLOPS)) == steps
