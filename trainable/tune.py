@@ -40,12 +40,13 @@ from iterhead.trainable import checkpoint, results
 from iterhead.trainable.artifacts import ARTIFACTS, write_artifacts
 from iterhead.trainable.devices import prepare_cuda_env, trial_device
 from iterhead.trainable.loop import Evaluation, Trainer
-from iterhead.trainable.results import Report
+from iterhead.trainable.results import Report, over_seeds
 from iterhead.trainable.seeds import Seeds
 from iterhead.trainable.summary import censored_value
-from iterhead.trainable.results import over_seeds
 
 LAST_REPORT = "last_report.json"  # in each checkpoint: what was reported with it
+
+
 def reached_within(trainer: Trainer, budget: float | None) -> bool:
     """Reached the target within the budget (the budget is checked at evaluations, so a
     trial can pass it before it is stopped; reaching the target past it does not count)."""
