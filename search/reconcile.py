@@ -3,8 +3,9 @@
 A run is live while its heartbeat (the ``iterhead.heartbeat`` tag, refreshed every 30 s by
 `iterhead train` and by a search's driver on its parent run) is fresh. A RUNNING run of
 iterhead's whose heartbeat (or, without one, whose start) is older than `stale_after`
-seconds is marked KILLED, and so are the RUNNING trial runs of such a search. Trial runs
-of a live search are never touched. A later `--resume` sets a search's runs RUNNING again.
+seconds is marked KILLED, and so are the RUNNING trial runs of such a search (and the
+configuration and seed runs of a search with ``seeds:``, whose heartbeat is the search's).
+Runs of a live search are never touched. A later `--resume` sets a search's runs RUNNING again.
 Each new search reconciles its own experiment before it starts.
 """
 
@@ -16,9 +17,10 @@ from typing import Any
 
 from iterhead.curricula.errors import ConfigError
 from iterhead.search.tracking import HEARTBEAT_TAG
+from iterhead.trainable import results as r
 
 STALE_AFTER_S = 300.0
-MARKS = ("iterhead.kind", "iterhead.curriculum", "iterhead.trial_id")
+MARKS = (r.KIND, "iterhead.curriculum", r.TRIAL_ID)
 
 
 @dataclass
@@ -53,9 +55,8 @@ def reconcile(client: Any, experiments: list[str] | None = None, stale_after: fl
         ours = [r for r in running if any(k in r.data.tags for k in MARKS)]
         by_id = {r.info.run_id: r for r in running}
         for run in ours:
-            parent_id = run.data.tags.get("mlflow.parentRunId")
-            owner = by_id.get(parent_id) if parent_id else run
-            if owner is None:  # the search run already ended: its trial run is an orphan
+            owner = heartbeat_owner(run, by_id)
+            if owner is None:  # the search run already ended: its trial (or seed) run is an orphan
                 idle = now - last_sign_of_life(run)
                 stale = True
             else:
@@ -63,7 +64,19 @@ def reconcile(client: Any, experiments: list[str] | None = None, stale_after: fl
                 stale = idle > stale_after
             if stale:
                 client.set_terminated(run.info.run_id, "KILLED")
-                what = ("search" if run.data.tags.get("iterhead.kind") == "search"
-                        else "trial" if parent_id else "train")
+                parent_id = run.data.tags.get(r.PARENT_RUN)
+                what = run.data.tags.get(r.KIND) or ("trial" if parent_id else "train")
                 marked.append(Marked(run.info.run_id, exp.name, what, idle))
     return marked
+
+
+def heartbeat_owner(run: Any, running: dict[str, Any]) -> Any | None:
+    """The run whose heartbeat speaks for `run`: its topmost ancestor (a search's parent run,
+    above configuration and seed runs), or None when an ancestor is no longer RUNNING."""
+    while True:
+        parent_id = run.data.tags.get(r.PARENT_RUN)
+        if not parent_id:
+            return run
+        run = running.get(parent_id)
+        if run is None:
+            return None

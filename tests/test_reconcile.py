@@ -86,3 +86,22 @@ def test_a_stale_search_takes_its_trial_runs_with_it_a_live_one_keeps_them(tmp_p
     assert [status[r] for r in runs["stale"]] == ["KILLED", "KILLED"]
     assert [status[r] for r in runs["live"]] == ["RUNNING", "RUNNING"]
     assert status[other] == "RUNNING"
+
+
+def test_seed_runs_of_a_live_search_are_kept_and_of_a_dead_one_killed(tmp_path):
+    """Seed runs sit two levels below the search run whose heartbeat speaks for them."""
+    from iterhead.search.reconcile import reconcile
+    from iterhead.search.tracking import HEARTBEAT_TAG
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("nested")
+    later = time.time() + 1000  # every run started long before `now`; only the heartbeat is fresh
+    search = client.create_run(exp, tags={"iterhead.kind": "search", HEARTBEAT_TAG: str(later)}).info.run_id
+    config = client.create_run(exp, tags={"iterhead.kind": "configuration", "iterhead.trial_id": "t",
+                                          "mlflow.parentRunId": search}).info.run_id
+    seed = client.create_run(exp, tags={"iterhead.kind": "seed", "iterhead.trial_id": "t",
+                                        "mlflow.parentRunId": config}).info.run_id
+    assert reconcile(client, ["nested"], now=later) == []
+    marked = reconcile(client, ["nested"], now=later + 1000)  # the search's heartbeat went stale
+    assert {(m.run_id, m.what) for m in marked} == {(search, "search"), (config, "configuration"), (seed, "seed")}
+    assert all(client.get_run(x).info.status == "KILLED" for x in (search, config, seed))
