@@ -1,17 +1,21 @@
 """The MLflow side of a search: a Ray Tune callback that runs in the driver.
 
-One parent run per search (made by the driver before trials start), one child run per trial
-(``mlflow.parentRunId``, tags ``iterhead.trial_id`` and ``ray.node_id``, params = the trial's
-flattened curriculum). Each reported evaluation becomes one batched write at its own step;
-the final checkpoint's artifacts are copied out and logged. Reported metrics are buffered
-per trial and written every `flush_every` seconds (and when a trial ends) as one batch of
-several steps: on a small machine the driver shares the cores with the trials, and one
-store transaction per report costs them measurable time. A child run is found again by
-its trial-id tag, so a restored search continues the same runs instead of making new ones.
-All writes go through an ordered background `RunWriter`; Tune's loop waits on the store
-only for a trial's first result (until its run exists) and at checkpoints (below). Tune pickles callbacks into its experiment state, so the pickled state is only the
-settings (tracking URI, experiment, parent run, base curriculum); the writer and the run
-map are rebuilt on first use, which is also what a restored search needs.
+One parent run per search (made by the driver before trials start), one child run per
+trial (``mlflow.parentRunId``, tags ``iterhead.trial_id`` and ``ray.node_id``, params = the
+trial's flattened curriculum). With replicates (``seeds:``) a trial's run is a
+configuration run (params without the seed) and each seed gets a run under it, fed from
+the ``seed_<s>/`` part of the trial's reports (`trainable/results.py`), with that seed's
+artifacts. Each reported evaluation becomes one batched write at its own step; the final
+checkpoint's artifacts are copied out and logged. Reported metrics are buffered per run
+and written every `flush_every` seconds (and when a trial ends) as one batch of several
+steps: on a small machine the driver shares the cores with the trials, and one store
+transaction per report costs them measurable time. A child run is found again by its
+tags, so a restored search continues the same runs instead of making new ones. All writes
+go through an ordered background `RunWriter`; Tune's loop waits on the store only for a
+trial's first result (until its runs exist) and at checkpoints (below). Tune pickles
+callbacks into its experiment state, so the pickled state is only the settings (tracking
+URI, experiment, parent run, base curriculum, seeds); the writer and the run map are
+rebuilt on first use, which is also what a restored search needs.
 
 Resuming never logs a step twice: a run found again remembers the last step it holds and
 skips reports up to it (a trial restored from a checkpoint repeats the evaluations after
@@ -20,8 +24,8 @@ metrics, so every step up to a checkpoint is in MLflow before the checkpoint can
 from. When the experiment ends, the writer is closed here (Tune restores this callback
 from its state, so the driver may hold no reference to it) and the runs of trials left
 unfinished by an interruption are marked KILLED: no run stays RUNNING once a search ends,
-and a resume sets them RUNNING again. Progress goes to the terminal: trial starts and ends, and a status line at most
-every `status_every` seconds.
+and a resume sets them RUNNING again. Progress goes to the terminal: trial starts and
+ends, and a status line at most every `status_every` seconds.
 """
 
 from __future__ import annotations
