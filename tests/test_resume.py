@@ -23,10 +23,11 @@ def iterhead(*args: str) -> list[str]:
     return [str(Path(sys.executable).parent / "iterhead"), *args]
 
 
-def test_sigkilled_search_resumes_into_the_same_runs(tmp_path):
+@pytest.mark.parametrize("seeds", [None, [0, 1]], ids=["one-seed-trials", "replicates"])
+def test_sigkilled_search_resumes_into_the_same_runs(tmp_path, seeds):
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(PARITY_BASE))
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
-        "name": "resumable", "base": "base.yaml",
+        "name": "resumable", "base": "base.yaml", **({"seeds": seeds} if seeds else {}),
         "space": {"stages.train.epochs": {"grid": EPOCHS}},
         "search": {"algorithm": "grid", "num_samples": 1, "max_concurrent": 2, "scheduler": "none"},
         "resources": {"cpu": 1}}))
@@ -52,15 +53,22 @@ def test_sigkilled_search_resumes_into_the_same_runs(tmp_path):
 
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("iterhead.kind") == "search"]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(children) == len(EPOCHS) and all(c.info.status == "FINISHED" for c in children)
-    assert not [r for r in runs if r.info.status == "RUNNING"]
-    for child in children:
-        epochs = int(child.data.params["stages.train.epochs"])
-        for key in ("compute/flops", "acc/parity", "loss/train"):
-            steps = [m.step for m in client.get_metric_history(child.info.run_id, key)]
-            assert sorted(steps) == list(range(epochs)), (key, epochs, sorted(steps))  # each step once
+    assert len(children) == len(EPOCHS) and all(r.info.status == "FINISHED" for r in runs)
+    if not seeds:
+        for child in children:
+            epochs = int(child.data.params["stages.train.epochs"])
+            for key in ("compute/flops", "acc/parity", "loss/train"):
+                steps = [m.step for m in client.get_metric_history(child.info.run_id, key)]
+                assert sorted(steps) == list(range(epochs)), (key, epochs, sorted(steps))  # each step once
+    else:  # a configuration run per trial, a run per seed under each: each step once at both levels
+        seed_runs = [r for r in runs if r.data.tags.get("iterhead.kind") == "seed"]
+        assert len(seed_runs) == len(EPOCHS) * len(seeds) and len(runs) == 1 + len(children) + len(seed_runs)
+        for run in children + seed_runs:
+            for key in ("compute/flops", "reached") + (("acc/parity",) if run in seed_runs else ()):
+                steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+                assert steps == list(range(len(steps))) and steps, (key, steps)
     parent = parents[0]
     assert parent.data.metrics["trials"] == len(EPOCHS)
     again = subprocess.run(iterhead(*args, "--resume"), cwd=tmp_path, capture_output=True, text=True)
