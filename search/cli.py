@@ -28,8 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--seeds", help="train these seeds (e.g. 0,1,2,3) together as one batched model, "
                                    "one MLflow run each, instead of the curriculum's seed")
-    t.add_argument("--precision", default="fp32",
-                   help="fp32 | bf16: bf16 autocast in training steps (weights, optimiser and evaluation stay fp32)")
+    t.add_argument("--precision", default="auto",
+                   help="auto | fp32 | bf16: bf16 autocast in training steps (weights, optimiser and evaluation "
+                        "stay fp32); auto is bf16 where the device has native bf16, else fp32 (default: auto)")
     s = sub.add_parser("search", help="run a curriculum search on Ray Tune, tracked in MLflow")
     s.add_argument("spec", metavar="SPEC.yaml")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
@@ -39,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--smoke", action="store_true", help="2 trials, tiny data, 2 epochs a stage: a quick check")
     s.add_argument("--resume", action="store_true", help="continue an interrupted search from its storage path")
     s.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all)")
+    s.add_argument("--precision", default="auto",
+                   help="auto | fp32 | bf16 for every trial; auto is bf16 where a trial's device has native "
+                        "bf16, else fp32 (each trial run records what it used)")
     e = sub.add_parser("export", help="write the best trials of a search as curriculum YAML")
     e.add_argument("--experiment", required=True, help="the search's MLflow experiment (its name)")
     e.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
@@ -104,12 +108,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise ConfigError("must be at least 1", field="--threads")
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
-    if args.precision not in ("fp32", "bf16"):
-        raise ConfigError(f"{args.precision!r} is not a precision; use fp32 or bf16", field="--precision")
+    check_precision(args.precision)
     import torch
 
     from iterhead.search.train import train, train_seeds
-    from iterhead.trainable.devices import prepare_cuda_env, resolve_device
+    from iterhead.trainable.devices import prepare_cuda_env, resolve_device, resolve_precision
 
     prepare_cuda_env()  # before CUDA starts in this process
     try:
@@ -119,12 +122,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     where = dict(uri=uri, experiment=args.experiment or cur.name, device=device,
-                 source=str(Path(args.curriculum).resolve()), precision=args.precision)
+                 source=str(Path(args.curriculum).resolve()), precision=resolve_precision(args.precision, device))
     if seeds is None:
         train(cur, **where)
     else:
         train_seeds(cur, seeds, **where)
     return EXIT_OK
+
+
+def check_precision(name: str) -> None:
+    from iterhead.trainable.results import PRECISIONS  # light: no torch before bad input is rejected
+
+    if name not in PRECISIONS:
+        raise ConfigError(f"{name!r} is not a precision; use {', '.join(PRECISIONS)}", field="--precision")
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -149,9 +159,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise ConfigError("must be at least 1", field="--num-cpus")
     from iterhead.search.run import SearchOptions, run_search
 
+    check_precision(args.precision)
     address = args.address or os.environ.get("RAY_ADDRESS") or None  # never a stale temp-folder address
     run_search(loaded, SearchOptions(uri=uri, address=address, storage_path=args.storage_path,
-                                     smoke=args.smoke, resume=args.resume, num_cpus=args.num_cpus))
+                                     smoke=args.smoke, resume=args.resume, num_cpus=args.num_cpus,
+                                     precision=args.precision))
     return EXIT_OK
 
 

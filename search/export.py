@@ -1,15 +1,16 @@
 """`iterhead export`: the best trials of a search as curriculum YAML that re-runs to the same result.
 
 Best = lowest compute_to_target among the trials that reached the target, ties broken by
-the higher final target accuracy, then by trial id (so the choice is always the same). Each file is the trial's resolved curriculum in the input
-schema, read back from its MLflow artifact and validated, under a comment header saying
-where it came from and how to reproduce it exactly (CPU results depend on the torch thread
-count, which the header names).
+the higher final target accuracy, then by trial id (so the choice is always the same).
+Each file is the trial's resolved curriculum in the input schema, read back from its
+MLflow artifact and validated, under a comment header saying where it came from and how
+to reproduce it exactly (CPU results depend on the torch thread count and the training
+precision, which the header names).
 
 A search with ``seeds:`` (replicates) has configuration runs under its parent, not trial
 runs, so the same ranking picks configurations by their median over seeds (their own
 compute_to_target, `trainable.results.over_seeds`). The header then gives the command that
-re-runs every seed (``iterhead train FILE --seeds 0,1,2 --threads N``) and each seed's
+re-runs every seed (``iterhead train FILE --seeds 0,1,2 --threads N --precision P``) and each seed's
 compute_to_target, read from the seed runs under the configuration run, to compare with.
 
 Only `trainable.results` (names) and `trainable.checkpoint` (atomic writes) come from the
@@ -124,6 +125,7 @@ def find_candidates(client: Any, experiment: str, parent_run_id: str | None) -> 
 def header(c: Candidate, experiment: str, parent: str, rank: int, file: str) -> str:
     """Where the file came from, what it scored, and the command that reproduces it exactly."""
     threads = c.tags.get(r.THREADS_TAG, "1")
+    precision = c.tags.get(r.PRECISION_TAG, "fp32")  # runs from before precision was tagged trained in fp32
     m = c.metrics
     lines = [f"exported by iterhead {version('iterhead')} on {time.strftime('%Y-%m-%d %H:%M:%S')}"]
     if c.is_configuration:
@@ -137,7 +139,8 @@ def header(c: Candidate, experiment: str, parent: str, rank: int, file: str) -> 
             f"{m.get(r.SEEDS_REACHED, float('nan')):.0f} of {len(c.seeds)} seeds reached, "
             f"median target accuracy {m.get(r.TARGET_ACC, float('nan')):.4f}",
             f"compute_to_target by seed: {by_seed}",
-            f"reproduce every seed exactly on CPU: iterhead train {file} --seeds {seeds} --threads {threads}",
+            f"reproduce every seed exactly on CPU: iterhead train {file} --seeds {seeds} --threads {threads} "
+            f"--precision {precision}",
         ]
     else:
         lines += [
@@ -146,7 +149,7 @@ def header(c: Candidate, experiment: str, parent: str, rank: int, file: str) -> 
             f"compute_to_target {m[r.COMPUTE_TO_TARGET]:.6e} FLOP, examples_to_target "
             f"{m.get(r.EXAMPLES_TO_TARGET, float('nan')):.0f}, "
             f"target accuracy {m.get(r.TARGET_ACC, float('nan')):.4f}",
-            f"reproduce exactly on CPU: iterhead train {file} --threads {threads}",
+            f"reproduce exactly on CPU: iterhead train {file} --threads {threads} --precision {precision}",
         ]
     return "".join(f"# {line}\n" for line in lines)
 

@@ -42,6 +42,7 @@ class SearchOptions:
     smoke: bool = False
     resume: bool = False
     num_cpus: int | None = None  # the embedded Ray's CPUs (default: this machine's)
+    precision: str = "auto"  # each trial resolves auto on its own device (`devices.resolve_precision`)
 
 
 def settings_for(loaded: LoadedSearch, smoke: bool) -> SearchSettings:
@@ -199,9 +200,10 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
         smoke = state["smoke"] if state else opts.smoke
         penalty = state["penalty"] if state else CENSOR_FACTOR * horizon(loaded, smoke)
         seeds = state.get("seeds") if state else seeds_for(loaded, opts.smoke)
+        precision = state.get("precision", "fp32") if state else opts.precision
         trainable = tune.with_resources(
             tune.with_parameters(train_trial, base=base, budget=budget, smoke=smoke, penalty=penalty, seeds=seeds,
-                                 threads=max(1, int(resources["cpu"])),
+                                 precision=precision, threads=max(1, int(resources["cpu"])),
                                  checkpoint_every_s=settings.checkpoint_every_s), resources)
         if state:
             writer.submit(lambda: writer.client.update_run(parent, status="RUNNING")).result()
@@ -217,7 +219,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
             folder.mkdir(parents=True)
             _save_state(folder, {"parent_run_id": parent, "uri": opts.uri, "spec": str(loaded.path.resolve()),
                                  "state": "running", "base": base, "budget": budget, "smoke": smoke,
-                                 "penalty": penalty, "seeds": seeds})
+                                 "penalty": penalty, "seeds": seeds, "precision": precision})
             print(f"search {spec.name!r}: {settings.num_samples} sample(s), at most {settings.max_concurrent} at "
                   f"once, {settings.algorithm} + {settings.scheduler}; MLflow parent run {parent}; Tune state in "
                   f"{folder}", file=out, flush=True)
@@ -270,7 +272,8 @@ def _spec_params(loaded: LoadedSearch, settings: SearchSettings, opts: SearchOpt
     params: dict[str, Any] = {f"space.{k}": f"{d.kind} {d.args}" for k, d in loaded.spec.space.items()}
     params.update({f"search.{k}": v for k, v in settings.model_dump().items()})
     params.update({"budget.flops": loaded.spec.budget.flops, "base": str(loaded.base_path), "smoke": opts.smoke,
-                   "seeds": ",".join(map(str, loaded.spec.seeds)) if loaded.spec.seeds else ""})
+                   "seeds": ",".join(map(str, loaded.spec.seeds)) if loaded.spec.seeds else "",
+                   "precision": opts.precision})
     params.update({f"resources.{k}": v for k, v in loaded.spec.resources.model_dump().items()})
     return params
 

@@ -103,7 +103,8 @@ def train(cur: Curriculum, *, uri: str, experiment: str, device: torch.device,
     logged = LoggedRun(writer, cur, experiment, run_tags(cur, source, device, precision), cur.name)
     try:
         trainer = Trainer(cur, device, precision=precision)
-        print(f"training {cur.name!r} on {device} ({trainer.n_params:,} non-embedding parameters)", file=out)
+        print(f"training {cur.name!r} on {device} in {precision} ({trainer.n_params:,} non-embedding parameters)",
+              file=out)
         for ev in trainer.run():
             logged.log(ev)
             print(progress_line(ev), file=out, flush=True)
@@ -134,7 +135,7 @@ def train_seeds(cur: Curriculum, seeds: list[int], *, uri: str, experiment: str,
     summaries: dict[int, dict[str, float]] = {}
     try:
         batch = Seeds(cur, seeds, device, precision)
-        print(f"training {cur.name!r} with seeds {seeds} ({batch.engine_name}) on {device} "
+        print(f"training {cur.name!r} with seeds {seeds} ({batch.engine_name}) on {device} in {precision} "
               f"({batch.trainers[0].n_params:,} non-embedding parameters each)", file=out)
         for evaluations in batch.run():
             for seed, ev in evaluations:

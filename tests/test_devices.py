@@ -142,7 +142,7 @@ def test_a_trial_asks_ray_which_gpu_it_was_given(monkeypatch, no_workspace):
 
     from support import PARITY_BASE
 
-    def trainer(cur, device, state=None):
+    def trainer(cur, device, state=None, precision="fp32"):
         raise Built(str(device))
 
     monkeypatch.setattr(trainable.tune, "get_checkpoint", lambda: None)
@@ -151,15 +151,26 @@ def test_a_trial_asks_ray_which_gpu_it_was_given(monkeypatch, no_workspace):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     with pytest.raises(Built, match="^cpu$"):
-        trainable.train_trial({}, base=copy.deepcopy(PARITY_BASE), smoke=True)
+        trainable.train_trial({}, base=copy.deepcopy(PARITY_BASE), smoke=True, precision="fp32")
 
     monkeypatch.setattr(trainable.ray, "get_gpu_ids", lambda: [0])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     with pytest.raises(RuntimeError, match="Ray assigned this trial GPU 0"):
-        trainable.train_trial({}, base=copy.deepcopy(PARITY_BASE), smoke=True)
+        trainable.train_trial({}, base=copy.deepcopy(PARITY_BASE), smoke=True, precision="fp32")
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(Built, match="^cuda:0$"):
-        trainable.train_trial({}, base=copy.deepcopy(PARITY_BASE), smoke=True)
+        trainable.train_trial({}, base=copy.deepcopy(PARITY_BASE), smoke=True, precision="fp32")
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it():
+    from iterhead.trainable.devices import pick_precision
+
+    assert pick_precision("auto", native=True) == "bf16"
+    assert pick_precision("auto", native=False) == "fp32"
+    assert pick_precision("fp32", native=True) == "fp32"  # one setting away: the exact old behaviour
+    assert pick_precision("bf16", native=False) == "bf16"
+    with pytest.raises(ValueError, match="'fp16' is not a precision; use auto, fp32, bf16"):
+        pick_precision("fp16", native=True)

@@ -91,7 +91,7 @@ def test_each_seed_run_is_the_separate_single_seed_run(search):
     for s in kind(runs, r.KIND_SEED):
         lr = float(configurations[s.data.tags[r.PARENT_RUN]].data.params["optim.lr"])
         cur = parse_curriculum({**BASE, "seed": int(s.data.tags[r.SEED]), "optim": {**BASE["optim"], "lr": lr}})
-        alone = [ev.metrics for ev in Trainer(cur).run()]
+        alone = [ev.metrics for ev in Trainer(cur, precision=s.data.tags[r.PRECISION_TAG]).run()]
         for key in ("acc/parity", "loss/train", "compute/flops"):
             history = sorted(client.get_metric_history(s.info.run_id, key), key=lambda h: h.step)
             assert [h.step for h in history] == list(range(len(alone)))
@@ -135,7 +135,9 @@ def test_export_writes_the_command_that_retrains_every_seed_to_its_result(search
     text = out.read_text()
     assert f"configuration {best.data.tags[r.TRIAL_ID]}, MLflow run {best.info.run_id}" in text
     assert threads == "1"  # resources.cpu = 1
-    assert f"# reproduce every seed exactly on CPU: iterhead train best.yaml --seeds 0,1,2 --threads {threads}\n" in text
+    precision = best.data.tags[r.PRECISION_TAG]  # auto, resolved on this machine: what a re-run here resolves
+    assert f"# reproduce every seed exactly on CPU: iterhead train best.yaml --seeds 0,1,2 --threads {threads} " \
+           f"--precision {precision}\n" in text
     by_seed = ", ".join(f"seed {s} " + (f"{m[r.COMPUTE_TO_TARGET]:.6e}" if m[r.REACHED] == 1.0 else "censored")
                         for s, m in sorted(mine.items()))
     assert f"# compute_to_target by seed: {by_seed}\n" in text

@@ -83,10 +83,10 @@ def assert_same_run(client: MlflowClient, run, straight: Trainer, keys: tuple[st
 
 def test_killed_trial_resumes_to_the_uninterrupted_result(tmp_path):
     uri, _, _ = kill_mid_training(tmp_path, {})
-    straight = Trainer(parse_curriculum(BASE))
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("fault")
     (run,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mlflow.parentRunId")]
+    straight = Trainer(parse_curriculum(BASE), precision=run.data.tags["iterhead.precision"])
     assert_same_run(client, run, straight, ("acc/parity", "loss/train", "compute/flops",
                                             "probe/parity/iteration/l1h0"))
     final = sorted(tmp_path.glob("runs/*/*/checkpoint_*"))[-1]
@@ -106,7 +106,8 @@ def test_killed_replicate_trial_resumes_every_seed_exactly(tmp_path):
     assert sorted(by_seed) == seeds
     final = checkpoint.load(sorted(tmp_path.glob("runs/*/*/checkpoint_*"))[-1])
     for i, seed in enumerate(seeds):
-        straight = Trainer(parse_curriculum({**BASE, "seed": seed}))
+        precision = by_seed[seed].data.tags["iterhead.precision"]
+        straight = Trainer(parse_curriculum({**BASE, "seed": seed}), precision=precision)
         assert_same_run(client, by_seed[seed], straight, ("acc/parity", "loss/train", "compute/flops"))
         for name, value in straight.model.state_dict().items():
             assert torch.equal(final["seeds"][i]["model"][name], value), (seed, name)

@@ -24,6 +24,8 @@ from typing import Sequence
 
 import torch
 
+from iterhead.trainable.results import PRECISIONS
+
 CUBLAS_WORKSPACE_ENV = "CUBLAS_WORKSPACE_CONFIG"
 CUBLAS_WORKSPACE = ":4096:8"
 DETERMINISTIC_WORKSPACES = (":4096:8", ":16:8")  # the values torch's deterministic mode accepts
@@ -111,3 +113,27 @@ def deterministic_cuda(device: torch.device) -> None:
         raise RuntimeError(f"{CUBLAS_WORKSPACE_ENV}={workspace} makes cuBLAS non-deterministic; unset it "
                            f"or set it to {' or '.join(DETERMINISTIC_WORKSPACES)}")
     torch.use_deterministic_algorithms(True)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 in hardware: a CUDA GPU that supports it, or a CPU
+    with AVX-512 bf16 or AMX tiles (where oneDNN runs bf16 matmuls natively)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def pick_precision(name: str, native: bool) -> str:
+    """``auto`` is bf16 training (fp32 weights, optimiser and evaluation) where the hardware
+    has native bf16 and fp32 elsewhere; fp32 and bf16 force one. BENCHMARKS.md holds the
+    evidence that bf16 training reaches the target as fp32 does."""
+    if name not in PRECISIONS:
+        raise ValueError(f"{name!r} is not a precision; use {', '.join(PRECISIONS)}")
+    if name != "auto":
+        return name
+    return "bf16" if native else "fp32"
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`pick_precision` with what `device` reports."""
+    return pick_precision(name, native_bf16(device) if name == "auto" else False)

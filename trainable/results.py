@@ -42,8 +42,9 @@ SEEDS_REACHED = "seeds_reached"  # replicate trials: how many seeds reached the 
 SUMMARY = (REACHED, DIVERGED, COMPUTE_TO_TARGET, EXAMPLES_TO_TARGET, SECONDS_TO_TARGET, TARGET_ACC,
            SEEDS_REACHED)
 
-# -- where a trial ran: reported keys that become tags -------------------------------------
-NODE_ID, TORCH_THREADS, DEVICE = "node_id", "torch_threads", "device"
+# -- where and how a trial ran: reported keys that become tags ----------------------------
+NODE_ID, TORCH_THREADS, DEVICE, PRECISION = "node_id", "torch_threads", "device", "precision"
+PRECISIONS = ("auto", "fp32", "bf16")  # what a user may ask for; a run records fp32 or bf16
 
 # -- MLflow tags ---------------------------------------------------------------------------
 PARENT_RUN = "mlflow.parentRunId"
@@ -55,7 +56,8 @@ SEED = "iterhead.seed"
 NODE_TAG = "ray.node_id"
 THREADS_TAG = "iterhead.torch_threads"
 DEVICE_TAG = "iterhead.device"
-RESULT_TAGS = {NODE_ID: NODE_TAG, TORCH_THREADS: THREADS_TAG, DEVICE: DEVICE_TAG}
+PRECISION_TAG = "iterhead.precision"
+RESULT_TAGS = {NODE_ID: NODE_TAG, TORCH_THREADS: THREADS_TAG, DEVICE: DEVICE_TAG, PRECISION: PRECISION_TAG}
 
 _SEED_KEY = re.compile(r"^seed_(\d+)/(.+)$")
 

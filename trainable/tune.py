@@ -38,7 +38,7 @@ from ray import tune
 from iterhead.curricula.trial import trial_curriculum
 from iterhead.trainable import checkpoint, results
 from iterhead.trainable.artifacts import ARTIFACTS, write_artifacts
-from iterhead.trainable.devices import prepare_cuda_env, trial_device
+from iterhead.trainable.devices import prepare_cuda_env, resolve_precision, trial_device
 from iterhead.trainable.loop import Evaluation, Trainer
 from iterhead.trainable.results import Report, over_seeds
 from iterhead.trainable.seeds import Seeds
@@ -80,7 +80,7 @@ def configuration_report(step: int, stage: str, trainers: list[Trainer], penalty
 
 def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float | None = None,
                 penalty: float | None = None, smoke: bool = False, threads: int = 1,
-                checkpoint_every_s: float = 30.0, seeds: list[int] | None = None) -> None:
+                checkpoint_every_s: float = 30.0, seeds: list[int] | None = None, precision: str = "auto") -> None:
     """Train one trial of a search (module docstring).
 
     `penalty` is what a censored trial reports as compute_to_target; the driver passes one
@@ -91,6 +91,7 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float |
     torch.set_num_threads(max(1, threads))
     cur = trial_curriculum(base, config, smoke)
     device = trial_device(ray.get_gpu_ids(), torch.cuda.is_available(), torch.cuda.device_count())
+    precision = resolve_precision(precision, device)
     saved = tune.get_checkpoint()
     state, last_report = None, None
     if saved is not None:
@@ -98,14 +99,14 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float |
             state = checkpoint.load(folder, device)
             last_report = json.loads((Path(folder) / LAST_REPORT).read_text())
     if seeds is None:
-        trainer = Trainer(cur, device, state)
+        trainer = Trainer(cur, device, state, precision)
         trainers, rounds, state_dict = [trainer], ([(cur.seed, ev)] for ev in trainer.run()), trainer.state_dict
     else:
-        group = Seeds(cur, seeds, device, state=state)
+        group = Seeds(cur, seeds, device, precision, state=state)
         trainers, rounds, state_dict = group.trainers, group.run(), group.state_dict
     penalty = penalty if penalty is not None else censored_value(cur, budget)
     where = {results.NODE_ID: ray.get_runtime_context().get_node_id(),
-             results.TORCH_THREADS: torch.get_num_threads(), results.DEVICE: str(device)}
+             results.TORCH_THREADS: torch.get_num_threads(), results.DEVICE: str(device), results.PRECISION: precision}
     by_seed = {t.cur.seed: t for t in trainers}
     step = last_report[results.STEP] + 1 if last_report else 0  # a replicate trial counts its reports
     saved_at = time.monotonic()
