@@ -79,7 +79,7 @@ def best_trial_figures(client: Any, run_id: str, folder: Path) -> tuple[list[Pat
     names = {a.path for a in client.list_artifacts(run_id)}
     if "attention.png" in names:
         figures.append(Path(client.download_artifacts(run_id, "attention.png", str(folder))))
-    probes = {k: v for k, v in run.data.metrics.items() if k.startswith("probe/")}
+    probes = {k: v for k, v in run.data.metrics.items() if k.startswith(r.PROBE_PREFIX)}
     return figures, probes
 
 

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from iterhead.curricula.errors import ConfigError
-from iterhead.search.tracking import HEARTBEAT_TAG
 from iterhead.trainable import results as r
 
 STALE_AFTER_S = 300.0
-MARKS = (r.KIND, "iterhead.curriculum", r.TRIAL_ID)
+MARKS = (r.KIND, r.CURRICULUM_TAG, r.TRIAL_ID)
 
 
 @dataclass
@@ -33,7 +32,7 @@ class Marked:
 
 def last_sign_of_life(run: Any) -> float:
     """Unix seconds of the run's last heartbeat, or of its start."""
-    beat = run.data.tags.get(HEARTBEAT_TAG)
+    beat = run.data.tags.get(r.HEARTBEAT_TAG)
     return float(beat) if beat else run.info.start_time / 1000.0
 
 
@@ -52,8 +51,8 @@ def reconcile(client: Any, experiments: list[str] | None = None, stale_after: fl
     for exp in exps:
         running = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'",
                                      max_results=50_000)
-        ours = [r for r in running if any(k in r.data.tags for k in MARKS)]
-        by_id = {r.info.run_id: r for r in running}
+        ours = [run for run in running if any(k in run.data.tags for k in MARKS)]
+        by_id = {run.info.run_id: run for run in running}
         for run in ours:
             owner = heartbeat_owner(run, by_id)
             if owner is None:  # the search run already ended: its trial (or seed) run is an orphan
@@ -65,7 +64,7 @@ def reconcile(client: Any, experiments: list[str] | None = None, stale_after: fl
             if stale:
                 client.set_terminated(run.info.run_id, "KILLED")
                 parent_id = run.data.tags.get(r.PARENT_RUN)
-                what = run.data.tags.get(r.KIND) or ("trial" if parent_id else "train")
+                what = run.data.tags.get(r.KIND) or (r.KIND_TRIAL if parent_id else "train")
                 marked.append(Marked(run.info.run_id, exp.name, what, idle))
     return marked
 

@@ -27,7 +27,7 @@ def _plt():
 
     return plt
 
-COLUMNS = ("trial_id", "status", "reached", "compute_to_target", "target_acc", "compute/flops", "run_id")
+COLUMNS = ("trial_id", "status", r.REACHED, r.COMPUTE_TO_TARGET, r.TARGET_ACC, r.FLOPS, "run_id")
 
 
 def write_table(path: Path, rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> Path:
@@ -47,9 +47,9 @@ def plot_against_params(path: Path, rows: Sequence[dict[str, Any]], keys: Sequen
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for reached, marker, label in ((1.0, "o", "reached"), (0.0, "x", "censored (penalty)")):
-            sel = [r for r in rows if float(r.get("reached", 0)) == reached]
-            xs = [_numeric(r.get(key, i)) for i, r in enumerate(sel)]
-            ys = [float(r["compute_to_target"]) for r in sel]
+            sel = [row for row in rows if float(row.get(r.REACHED, 0)) == reached]
+            xs = [_numeric(row.get(key, i)) for i, row in enumerate(sel)]
+            ys = [float(row[r.COMPUTE_TO_TARGET]) for row in sel]
             if sel:
                 ax.scatter(xs, ys, marker=marker, label=f"{label} ({len(sel)})")
         ax.set_xlabel(key, fontsize=8)
@@ -66,7 +66,7 @@ def plot_fraction_reached(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
     """Fraction of all trials that had reached the target by each amount of compute."""
     plt = _plt()
     n = len(rows)
-    hits = np.sort([float(r["compute_to_target"]) for r in rows if float(r.get("reached", 0)) == 1.0])
+    hits = np.sort([float(row[r.COMPUTE_TO_TARGET]) for row in rows if float(row.get(r.REACHED, 0)) == 1.0])
     fig, ax = plt.subplots(figsize=(6, 3.6))
     if len(hits):
         xs = np.concatenate([[hits[0]], hits])
@@ -163,8 +163,8 @@ def plot_medians(path: Path, rows: Sequence[dict[str, Any]], key: str) -> Path:
     (seeds, mostly) at each value; censored trials drawn as crosses at their penalty."""
     plt = _plt()
     groups: dict[Any, list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault(_numeric(r.get(key)), []).append(r)
+    for row in rows:
+        groups.setdefault(_numeric(row.get(key)), []).append(row)
     if all(len(g) == 1 for g in groups.values()):  # no value repeats (sampled): a scatter says more
         return plot_against_params(path, rows, [key])
     xs = sorted(groups, key=lambda v: (isinstance(v, str), v))
@@ -172,14 +172,14 @@ def plot_medians(path: Path, rows: Sequence[dict[str, Any]], key: str) -> Path:
     positions = [x if isinstance(x, (int, float)) else i for i, x in enumerate(xs)]
     med, lo, hi = [], [], []
     for x in xs:
-        values = [float(r["compute_to_target"]) for r in groups[x]]
+        values = [float(row[r.COMPUTE_TO_TARGET]) for row in groups[x]]
         med.append(float(np.median(values)))
         lo.append(min(values))
         hi.append(max(values))
     ax.plot(positions, med, marker="o", label="median over seeds")
     ax.fill_between(positions, lo, hi, alpha=0.2, label="min to max")
-    censored = [(pos, float(r["compute_to_target"])) for pos, x in zip(positions, xs)
-                for r in groups[x] if float(r.get("reached", 0)) != 1.0]
+    censored = [(pos, float(row[r.COMPUTE_TO_TARGET])) for pos, x in zip(positions, xs)
+                for row in groups[x] if float(row.get(r.REACHED, 0)) != 1.0]
     if censored:
         ax.scatter(*zip(*censored), marker="x", color="red", s=50, zorder=3, label="censored (penalty)")
     if not all(isinstance(x, (int, float)) for x in xs):

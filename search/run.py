@@ -212,8 +212,8 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
             tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True)
         else:
             parent = writer.submit(writer.create_run, experiment, f"search:{spec.name}",
-                                   {"iterhead.kind": "search", "iterhead.spec": str(loaded.path.resolve()),
-                                    "iterhead.storage": str(folder)},
+                                   {results.KIND: results.KIND_SEARCH, results.SPEC_TAG: str(loaded.path.resolve()),
+                                    results.STORAGE_TAG: str(folder)},
                                    _spec_params(loaded, settings, opts)).result()
             heartbeat = Heartbeat(writer, parent)
             folder.mkdir(parents=True)
@@ -282,9 +282,9 @@ def _rows(grid, writer: RunWriter, experiment: str, parent: str, keys: list[str]
     """One row per trial: its searched values, outcome and MLflow run."""
     def children() -> dict[str, str]:
         exp = writer.experiment_id(experiment)
-        runs = writer.client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
+        runs = writer.client.search_runs([exp], filter_string=f"tags.`{results.PARENT_RUN}` = '{parent}'",
                                          max_results=50_000)
-        return {r.data.tags.get("iterhead.trial_id", ""): r.info.run_id for r in runs}
+        return {run.data.tags.get(results.TRIAL_ID, ""): run.info.run_id for run in runs}
 
     run_ids = writer.submit(children).result()
     rows = []
@@ -305,14 +305,14 @@ def _rows(grid, writer: RunWriter, experiment: str, parent: str, keys: list[str]
 def _log_summary(writer: RunWriter, parent: str, rows: list[dict[str, Any]], keys: list[str]) -> None:
     from iterhead.search import report
 
-    scored = [r for r in rows if r["compute_to_target"] == r["compute_to_target"]]  # drop NaN (errors)
+    scored = [row for row in rows if row[results.COMPUTE_TO_TARGET] == row[results.COMPUTE_TO_TARGET]]  # drop NaN
     with tempfile.TemporaryDirectory(prefix="iterhead-summary-") as tmp:
         folder = Path(tmp)
         report.write_table(folder / "trials.csv", rows, keys)
         report.plot_against_params(folder / "compute_to_target.png", scored, keys)
         report.plot_fraction_reached(folder / "fraction_reached.png", scored)
-        n_reached = sum(1 for r in scored if r["reached"] == 1.0)
-        writer.submit(writer.log_metrics, parent, {"trials": len(rows), "trials_reached": n_reached}, 0)
+        n_reached = sum(1 for row in scored if row[results.REACHED] == 1.0)
+        writer.submit(writer.log_metrics, parent, {results.TRIALS: len(rows), results.TRIALS_REACHED: n_reached}, 0)
         writer.submit(lambda: writer.client.log_artifacts(parent, str(folder)))
         writer.flush()
 
@@ -321,18 +321,18 @@ def _print_summary(rows: list[dict[str, Any]], keys: list[str], out: TextIO,
                    seeds: list[int] | None = None) -> None:
     if not rows:
         return
-    reached = [r for r in rows if r["reached"] == 1.0]
+    reached = [row for row in rows if row[results.REACHED] == 1.0]
     seeds = seeds or []
     what = "configurations (median over their seeds)" if seeds else "trials"
     print(f"\n{len(reached)} of {len(rows)} {what} reached the target "
           f"({len(rows) - len(reached)} censored or failed); by compute_to_target:", file=out)
     print("  " + " | ".join(["trial", *keys, *(["seeds reached"] if seeds else []), "reached", "compute_to_target"]),
           file=out)
-    for r in sorted(rows, key=lambda r: (-(r["reached"] == 1.0), r["compute_to_target"])):
-        n = r.get(results.SEEDS_REACHED, float("nan"))
-        vals = [r["trial_id"], *(short(r.get(k)) for k in keys),
+    for row in sorted(rows, key=lambda row: (-(row[results.REACHED] == 1.0), row[results.COMPUTE_TO_TARGET])):
+        n = row.get(results.SEEDS_REACHED, float("nan"))
+        ok = row[results.REACHED] == 1.0
+        vals = [row["trial_id"], *(short(row.get(k)) for k in keys),
                 *([f"{int(n)} of {len(seeds)}" if n == n else "?"] if seeds else []),
-                "yes" if r["reached"] == 1.0 else "no",
-                f"{r['compute_to_target']:.3e}" + ("" if r["reached"] == 1.0 else " (censored)")]
+                "yes" if ok else "no", f"{row[results.COMPUTE_TO_TARGET]:.3e}" + ("" if ok else " (censored)")]
         print("  " + " | ".join(vals), file=out)
 

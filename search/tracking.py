@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from iterhead.curricula.errors import ConfigError
+from iterhead.trainable import results as r
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")  # MLflow 3's stores
@@ -130,7 +131,7 @@ class RunWriter:
         """A new run with its params; a child of `parent_run_id` when given."""
         tags = dict(tags)
         if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
+            tags[r.PARENT_RUN] = parent_run_id
         run = self._client.create_run(self.experiment_id(experiment), run_name=run_name, tags=tags)
         self.log_params(run.info.run_id, params)
         return run.info.run_id
@@ -176,7 +177,7 @@ class RunWriter:
         self._client.set_terminated(run_id, status)
 
 
-HEARTBEAT_TAG = "iterhead.heartbeat"
+HEARTBEAT_TAG = r.HEARTBEAT_TAG  # defined in `trainable.results`; importable here as before
 
 
 class Heartbeat:
@@ -203,7 +204,7 @@ class Heartbeat:
         """A missed beat is only a warning: it must not stop the run it watches."""
         try:
             run = self.run_id.result() if isinstance(self.run_id, Future) else self.run_id
-            self.writer.client.set_tag(run, HEARTBEAT_TAG, str(int(time.time())))
+            self.writer.client.set_tag(run, r.HEARTBEAT_TAG, str(int(time.time())))
         except Exception as err:  # noqa: BLE001 - reported, and the next beat tries again
             warnings.warn(f"iterhead: could not record a heartbeat ({err})", RuntimeWarning, stacklevel=1)
 

@@ -19,6 +19,7 @@ import torch
 from iterhead.curricula.io import flatten
 from iterhead.curricula.schema import Curriculum
 from iterhead.search.tracking import Heartbeat, RunWriter, ui_hint
+from iterhead.trainable import results as r
 from iterhead.trainable.artifacts import write_artifacts
 from iterhead.trainable.loop import Evaluation, Trainer
 from iterhead.trainable.summary import summary_metrics
@@ -29,11 +30,12 @@ def progress_line(ev: Evaluation, prefix: str = "") -> str:
     where = f"[{prefix}{ev.stage} epoch {ev.epoch:4d}]"
     if ev.diverged:
         return (f"{where} DIVERGED: the training loss became NaN or infinite; "
-                f"stopped after {m['compute/flops']:.3e} FLOP (lower the learning rate)")
-    accs = "  ".join(f"{k[4:]} {v:6.1%}" for k, v in m.items() if k.startswith("acc/") and k.count("/") == 1)
+                f"stopped after {m[r.FLOPS]:.3e} FLOP (lower the learning rate)")
+    accs = "  ".join(f"{k[len(r.ACC_PREFIX):]} {v:6.1%}" for k, v in m.items()
+                     if k.startswith(r.ACC_PREFIX) and k.count("/") == 1)
     mark = "  <- target reached" if ev.reached else ""
-    return (f"{where} {accs}  loss {m['loss/train']:.4f}  "
-            f"{m['compute/flops']:.3e} FLOP  {m['compute/seconds']:7.1f} s{mark}")
+    return (f"{where} {accs}  loss {m[r.LOSS]:.4f}  "
+            f"{m[r.FLOPS]:.3e} FLOP  {m[r.SECONDS]:7.1f} s{mark}")
 
 
 class LoggedRun:
@@ -55,8 +57,8 @@ class LoggedRun:
         """Log the summary metrics and the artifacts; returns the summary."""
         summary = summary_metrics(trainer.cur, trainer.outcome)
         if self.last is not None:
-            summary.update({f"final/{k}": v for k, v in self.last.metrics.items()
-                            if k.startswith("acc/") and k.count("/") == 1})
+            summary.update({r.FINAL_PREFIX + k: v for k, v in self.last.metrics.items()
+                            if k.startswith(r.ACC_PREFIX) and k.count("/") == 1})
         self.writer.submit(lambda: self.writer.log_metrics(self.run.result(), summary, trainer.outcome.evaluations))
         with tempfile.TemporaryDirectory() as tmp:
             for path in write_artifacts(trainer, Path(tmp)):
@@ -77,20 +79,20 @@ class LoggedRun:
 
 
 def run_tags(cur: Curriculum, source: str, device: torch.device, precision: str) -> dict[str, str]:
-    return {"iterhead.curriculum": cur.name, "iterhead.source": source, "iterhead.device": str(device),
-            "iterhead.torch_threads": str(torch.get_num_threads()), "iterhead.precision": precision}
+    return {r.CURRICULUM_TAG: cur.name, r.SOURCE_TAG: source, r.DEVICE_TAG: str(device),
+            r.THREADS_TAG: str(torch.get_num_threads()), r.PRECISION_TAG: precision}
 
 
 def print_summary(trainer: Trainer, summary: dict[str, float], seconds: float, run_id: str,
                   experiment: str, uri: str, out: TextIO) -> None:
     cur, outcome = trainer.cur, trainer.outcome
-    reached = "reached" if summary["reached"] else ("DIVERGED before reaching" if outcome.diverged
+    reached = "reached" if summary[r.REACHED] else ("DIVERGED before reaching" if outcome.diverged
                                                     else "did NOT reach")
     print(f"\n{cur.name} (seed {cur.seed}): {reached} {cur.target.task} accuracy {cur.target.accuracy:g} "
           f"after {trainer.compute.examples:,} examples, {trainer.compute.flops:.3e} training FLOP, "
           f"{trainer.compute.seconds:.1f} s training ({seconds:.1f} s in all)", file=out)
-    print(f"compute_to_target = {summary['compute_to_target']:.4e}"
-          + ("" if summary["reached"] else " (censored: the documented penalty)"), file=out)
+    print(f"compute_to_target = {summary[r.COMPUTE_TO_TARGET]:.4e}"
+          + ("" if summary[r.REACHED] else " (censored: the documented penalty)"), file=out)
     print(f"MLflow run {run_id} in experiment {experiment!r}; to look: {ui_hint(uri)}", file=out)
 
 
@@ -128,8 +130,8 @@ def train_seeds(cur: Curriculum, seeds: list[int], *, uri: str, experiment: str,
     out = out or sys.stdout
     started = time.perf_counter()
     writer = RunWriter(uri)
-    tags = {**run_tags(cur, source, device, precision), "iterhead.batched_seeds": ",".join(map(str, seeds)),
-            "iterhead.engine": choose_engine("auto", device, len(seeds))}
+    tags = {**run_tags(cur, source, device, precision), r.BATCHED_SEEDS_TAG: ",".join(map(str, seeds)),
+            r.ENGINE_TAG: choose_engine("auto", device, len(seeds))}
     runs = {s: LoggedRun(writer, cur.model_copy(update={"seed": s}), experiment, tags, f"{cur.name}-seed{s}")
             for s in seeds}
     summaries: dict[int, dict[str, float]] = {}

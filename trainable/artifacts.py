@@ -6,6 +6,7 @@ from pathlib import Path
 
 from iterhead.curricula.io import dump_curriculum
 from iterhead.trainable import plots
+from iterhead.trainable import results as r
 from iterhead.trainable.loop import Trainer
 from iterhead.trainable.probes import example_maps
 
@@ -23,10 +24,10 @@ def write_artifacts(trainer: Trainer, folder: Path) -> list[Path]:
     starts: dict[str, float] = {}
     previous = 0.0
     for ev in trainer.history:  # a stage starts where the evaluation before its first one stood
-        starts.setdefault(ev["stage"], previous)
-        previous = ev["compute/flops"]
-    flops = [ev["compute/flops"] for ev in trainer.history]
-    accuracy = {t: [ev[f"acc/{t}"] for ev in trainer.history] for t in cur.tasks}
+        starts.setdefault(ev[r.STAGE], previous)
+        previous = ev[r.FLOPS]
+    flops = [ev[r.FLOPS] for ev in trainer.history]
+    accuracy = {t: [ev[r.acc(t)] for ev in trainer.history] for t in cur.tasks}
     curve = plots.accuracy_vs_compute(folder / "compute_to_accuracy.png", flops, accuracy,
                                       cur.target.task, cur.target.accuracy, starts)
     return [yaml_path, attention, curve]

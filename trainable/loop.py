@@ -45,6 +45,7 @@ from iterhead.curricula.data import answer_len, build_data, seq_len, stream
 from iterhead.curricula.io import parse_curriculum
 from iterhead.curricula.sampler import EpochPlan, Layout, plan_epoch
 from iterhead.curricula.schema import Curriculum, StageSpec
+from iterhead.trainable import results
 from iterhead.trainable.compute import Compute, Stopwatch, flops, input_tokens
 from iterhead.trainable.devices import deterministic_cuda
 from iterhead.trainable.evaluate import EvalTable, accuracy_metrics, correct_rows
@@ -245,7 +246,7 @@ class Trainer:
         self.outcome.diverged = True
         step = self.outcome.evaluations
         self.outcome.evaluations += 1
-        metrics = {**self.compute.metrics(), "diverged": 1.0}
+        metrics = {**self.compute.metrics(), results.DIVERGED: 1.0}
         return Evaluation(step, stage, self.position.epoch, metrics, final=True, diverged=True)
 
     def evaluate(self, stage: str, loss: float, last: bool) -> Evaluation:
@@ -258,10 +259,10 @@ class Trainer:
         self.compute.eval_flops += flops(self.eval_table.lengths, self.cur.data.cot, self.n_params,
                                          self.cur.model.n_layers, self.cur.model.d_model, training=False)
         self.compute.eval_seconds += watch.stop()
-        metrics["loss/train"] = loss
+        metrics[results.LOSS] = loss
         metrics.update(self.compute.metrics())
         target = self.cur.target
-        reached = metrics[f"acc/{target.task}"] >= target.accuracy
+        reached = metrics[results.acc(target.task)] >= target.accuracy
         if reached and not self.outcome.reached:
             self.outcome.reached = True
             self.outcome.compute_to_target = self.compute.flops
@@ -269,8 +270,9 @@ class Trainer:
             self.outcome.seconds_to_target = self.compute.seconds
         step = self.outcome.evaluations
         self.outcome.evaluations += 1
-        self.history.append({"stage": stage, "step": step, **{k: v for k, v in metrics.items()
-                                                              if k.count("/") == 1 and k.startswith(("acc/", "compute/"))}})
+        self.history.append({results.STAGE: stage, results.STEP: step, **{
+            k: v for k, v in metrics.items()
+            if k.count("/") == 1 and k.startswith((results.ACC_PREFIX, results.COMPUTE_PREFIX))}})
         return Evaluation(step, stage, self.position.epoch, metrics, reached, final=reached or last)
 
     # -- checkpoints ----------------------------------------------------------------------

@@ -19,14 +19,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 # -- metrics of every evaluation (``acc/<task>``, ``acc/<task>/len_<L>``, ...) --------------
-PREFIXES = ("acc/", "loss/", "compute/", "probe/")
+ACC_PREFIX, LOSS_PREFIX, COMPUTE_PREFIX, PROBE_PREFIX = "acc/", "loss/", "compute/", "probe/"
+PREFIXES = (ACC_PREFIX, LOSS_PREFIX, COMPUTE_PREFIX, PROBE_PREFIX)
 FLOPS = "compute/flops"
+SECONDS = "compute/seconds"  # training wall time so far
 LOSS = "loss/train"
+FINAL_PREFIX = "final/"  # `iterhead train`'s summary: the last evaluation's accuracies, final/acc/<task>
 
 
 def acc(task: str) -> str:
     """The headline accuracy of a task: the mean over lengths."""
-    return f"acc/{task}"
+    return f"{ACC_PREFIX}{task}"
 
 
 # -- a trial's outcome, reported with every evaluation ---------------------------------------
@@ -41,6 +44,10 @@ TARGET_ACC = "target_acc"
 SEEDS_REACHED = "seeds_reached"  # replicate trials: how many seeds reached the target
 SUMMARY = (REACHED, DIVERGED, COMPUTE_TO_TARGET, EXAMPLES_TO_TARGET, SECONDS_TO_TARGET, TARGET_ACC,
            SEEDS_REACHED)
+
+# -- a search's own metrics, on its parent run ------------------------------------------
+TRIALS = "trials"  # how many trials (configurations, with seeds:) the search ran
+TRIALS_REACHED = "trials_reached"  # how many of them reached the target
 
 # -- where and how a trial ran: reported keys that become tags ----------------------------
 NODE_ID, TORCH_THREADS, DEVICE, PRECISION = "node_id", "torch_threads", "device", "precision"
@@ -58,6 +65,13 @@ THREADS_TAG = "iterhead.torch_threads"
 DEVICE_TAG = "iterhead.device"
 PRECISION_TAG = "iterhead.precision"
 RESULT_TAGS = {NODE_ID: NODE_TAG, TORCH_THREADS: THREADS_TAG, DEVICE: DEVICE_TAG, PRECISION: PRECISION_TAG}
+CURRICULUM_TAG = "iterhead.curriculum"  # the curriculum's name, on an `iterhead train` run
+SOURCE_TAG = "iterhead.source"  # the curriculum file an `iterhead train` run was given
+SPEC_TAG = "iterhead.spec"  # the search spec file, on a search's parent run
+STORAGE_TAG = "iterhead.storage"  # the folder of the search's Tune state, on its parent run
+HEARTBEAT_TAG = "iterhead.heartbeat"  # Unix seconds of a live run's last beat (`search.tracking.Heartbeat`)
+BATCHED_SEEDS_TAG = "iterhead.batched_seeds"  # `iterhead train --seeds`: the seeds trained together
+ENGINE_TAG = "iterhead.engine"  # `iterhead train --seeds`: how they stepped (`trainable.seeds.choose_engine`)
 
 _SEED_KEY = re.compile(r"^seed_(\d+)/(.+)$")
 

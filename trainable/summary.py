@@ -15,6 +15,7 @@ import numpy as np
 
 from iterhead.curricula.data import vocab_for
 from iterhead.curricula.schema import Curriculum
+from iterhead.trainable import results as r
 from iterhead.trainable.compute import count_params, flops
 from iterhead.trainable.loop import Outcome
 
@@ -43,9 +44,9 @@ def summary_metrics(cur: Curriculum, outcome: Outcome, budget_flops: float | Non
 censored the same way and also carries ``diverged = 1``.
     """
     if not outcome.reached:
-        return {"reached": 0.0, "compute_to_target": censored_value(cur, budget_flops),
-                "diverged": float(outcome.diverged)}
-    return {"reached": 1.0, "diverged": 0.0, "compute_to_target": float(outcome.compute_to_target),
-            "examples_to_target": float(outcome.examples_to_target),
-            "seconds_to_target": float(outcome.seconds_to_target)}
+        return {r.REACHED: 0.0, r.COMPUTE_TO_TARGET: censored_value(cur, budget_flops),
+                r.DIVERGED: float(outcome.diverged)}
+    return {r.REACHED: 1.0, r.DIVERGED: 0.0, r.COMPUTE_TO_TARGET: float(outcome.compute_to_target),
+            r.EXAMPLES_TO_TARGET: float(outcome.examples_to_target),
+            r.SECONDS_TO_TARGET: float(outcome.seconds_to_target)}
 
