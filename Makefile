@@ -28,6 +28,8 @@ bench: $(STAMP)  ## rewrites BENCHMARKS.md: throughput first, then the sections 
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/search_overhead.py
 	$(BIN)/python benchmarks/store_stress.py
+	$(BIN)/python benchmarks/seeds.py --threads 1
+	$(BIN)/python benchmarks/precision.py --seeds 8
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -8,19 +8,27 @@ counts tokens and FLOPs with the trainers' own analytic counters (padding never 
   over the span from the first start to the last end.
 - `batched`: K seeds stacked in one model (`Seeds`, engine `stacked`), against the same K seeds trained one after another
   by `Trainer`, in this process.
+
+The timing is written once, in `Epochs`: a training (one `Trainer`, or a `Seeds` object
+through its engine, as `loop.Schedule` drives either) warmed up by an untimed epoch 0, then
+timed one epoch at a time, the clock read after a device synchronise (the real loop syncs
+once an epoch too). `timed_epochs` and `timed_seeds` time consecutive epochs of one training;
+a caller on a machine whose load moves can instead interleave several `Epochs` epoch by epoch
+and take medians (`benchmarks/seeds.py`).
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from iterhead.curricula.io import parse_curriculum
 from iterhead.curricula.schema import Curriculum
-from iterhead.trainable.loop import Trainer
+from iterhead.trainable.loop import Engine, Lockstep, Trainer
 from iterhead.trainable.seeds import Seeds
 
 
@@ -29,23 +37,69 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_epochs(trainer: Trainer, epochs: int, barrier: Any = None) -> dict[str, float]:
-    """Train the first stage's epochs 1..`epochs` after a warm-up epoch 0; tokens, FLOPs, times."""
-    stage = trainer.cur.stages[0]
-    trainer.start_stage(stage)
-    trainer.train_epoch(*trainer.epoch_plan(stage, 0))
-    sync(trainer.device)
+@dataclass
+class Lap:
+    """One timed epoch: wall seconds, this process's CPU seconds (all threads; without the time
+    spent waiting for a core another process holds), and the tokens and analytic FLOPs it trained."""
+
+    seconds: float
+    cpu_seconds: float
+    tokens: int
+    flops: float
+
+
+class Epochs:
+    """The first stage of a training, warmed up by epoch 0 (untimed), then timed epoch by epoch.
+
+    A `Trainer` is stepped through `Lockstep` with itself alone, exactly as its `run()` does;
+    a `Seeds` object through its own engine, as `loop.Schedule` calls it."""
+
+    def __init__(self, run: Trainer | Seeds) -> None:
+        self.runs = run.trainers if isinstance(run, Seeds) else [run]
+        self.engine: Engine = run.engine if isinstance(run, Seeds) else Lockstep()
+        self.device = self.runs[0].device
+        self.stage = self.runs[0].cur.stages[0]
+        self.epoch = 0
+        self.engine.start_stage(self.stage, self.runs)
+        self._step()
+        sync(self.device)
+
+    def _step(self) -> None:
+        plans = [t.epoch_plan(self.stage, self.epoch) for t in self.runs]
+        self.engine.train_epoch(self.runs, plans)
+        for t, (plan, _) in zip(self.runs, plans):
+            t.count(plan)
+        self.epoch += 1
+
+    def lap(self) -> Lap:
+        """Train the next epoch and time it."""
+        tokens, flops = sum(t.compute.tokens for t in self.runs), sum(t.compute.flops for t in self.runs)
+        t0, c0 = time.perf_counter(), time.process_time()
+        self._step()
+        sync(self.device)
+        return Lap(time.perf_counter() - t0, time.process_time() - c0,
+                   sum(t.compute.tokens for t in self.runs) - tokens, sum(t.compute.flops for t in self.runs) - flops)
+
+
+def timed(clock: Epochs, epochs: int, barrier: Any = None) -> dict[str, Any]:
+    """`epochs` consecutive timed epochs: tokens, FLOPs, start and end (wall clock, comparable
+    across processes) and each epoch's seconds (`laps`)."""
     if barrier is not None:
         barrier.wait()
-    tokens, flops = trainer.compute.tokens, trainer.compute.flops
     t0 = time.time()
-    for epoch in range(1, epochs + 1):
-        plan, g = trainer.epoch_plan(stage, epoch)
-        trainer.train_epoch(plan, g)
-        trainer.count(plan)
-    sync(trainer.device)
-    return {"tokens": trainer.compute.tokens - tokens, "flops": trainer.compute.flops - flops,
-            "start": t0, "end": time.time()}
+    laps = [clock.lap() for _ in range(epochs)]
+    return {"tokens": sum(l.tokens for l in laps), "flops": sum(l.flops for l in laps), "start": t0,
+            "end": time.time(), "laps": [l.seconds for l in laps]}
+
+
+def timed_epochs(trainer: Trainer, epochs: int, barrier: Any = None) -> dict[str, Any]:
+    """Train the first stage's epochs 1..`epochs` after a warm-up epoch 0; tokens, FLOPs, times."""
+    return timed(Epochs(trainer), epochs, barrier)
+
+
+def timed_seeds(batch: Seeds, epochs: int) -> dict[str, Any]:
+    """`timed_epochs` for K seeds in one schedule, through the object's engine (lockstep or stacked)."""
+    return timed(Epochs(batch), epochs)
 
 
 def _trial(cur: dict, device: str, epochs: int, threads: int, barrier: Any, results: Any) -> None:
@@ -75,23 +129,11 @@ def concurrent(cur: dict, device: torch.device, n: int, epochs: int, threads: in
 def batched(cur: Curriculum, device: torch.device, k: int, epochs: int) -> dict[str, float]:
     """Seconds for `epochs` epochs of `k` seeds: batched in one model, and one after another."""
     seeds = list(range(k))
-    batch = Seeds(cur, seeds, device, engine="stacked")
-    stage, engine, runs = cur.stages[0], batch.engine, batch.trainers
-    engine.start_stage(stage, runs)
-    engine.train_epoch(runs, [t.epoch_plan(stage, 0) for t in runs])
-    sync(device)
-    t0 = time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        plans = [t.epoch_plan(stage, epoch) for t in runs]
-        engine.train_epoch(runs, plans)
-        for t, (plan, _) in zip(batch.trainers, plans):
-            t.count(plan)
-    sync(device)
-    together = time.perf_counter() - t0
-    tokens = sum(t.compute.tokens for t in batch.trainers)
+    r = timed_seeds(Seeds(cur, seeds, device, engine="stacked"), epochs)
+    together = r["end"] - r["start"]
     apart = 0.0
     for seed in seeds:
-        r = timed_epochs(Trainer(cur.model_copy(update={"seed": seed}), device), epochs)
-        apart += r["end"] - r["start"]
-    return {"batched_s": together, "sequential_s": apart, "tok_s": tokens / together,
+        one = timed_epochs(Trainer(cur.model_copy(update={"seed": seed}), device), epochs)
+        apart += one["end"] - one["start"]
+    return {"batched_s": together, "sequential_s": apart, "tok_s": r["tokens"] / together,
             "speedup": apart / together}

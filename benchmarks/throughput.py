@@ -4,8 +4,9 @@ Prints a table and writes BENCHMARKS.md:
 
 1. the machine's measured fp32 matmul peak (the best of square 1024 and 2048 products);
 2. per configuration and device: trained tokens per second (padding excluded), achieved
-   analytic GFLOP/s (`trainable/compute.py`) and its share of that peak, and one test-set
-   evaluation's time (timed epochs and evaluation follow an untimed warm-up one, so CUDA's
+   analytic GFLOP/s (`trainable/compute.py`) and its share of that peak, and one whole
+   evaluation's time, as `Trainer.evaluate` runs it: accuracy on every test row and the
+   attention probes (timed epochs and evaluation follow an untimed warm-up one, so CUDA's
    first-launch costs are not counted, and the clock reads after a device synchronise);
 3. several trainings on one device (`benchmarks/parallel.py`), with the small
    configuration a search trial typically trains: N concurrent trial processes against one,
@@ -63,13 +64,11 @@ def curriculum(data: dict, epochs: int, name: str = "bench") -> dict:
         "optim": {"lr": 3.0e-4, "batch_size": 256},
         "stages": [{"name": "train", "mix": {"parity": 1.0}, "epochs": epochs}],
         "target": {"task": "parity", "accuracy": 1.0},
-        "eval": {"every_epochs": epochs, "probe_per_len": 0},
+        "eval": {"every_epochs": epochs},  # probes at their default: an evaluation as a real run does it
     }
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+sync = parallel.sync  # one copy of the timing helpers
 
 
 def matmul_peak(device: torch.device) -> float:
