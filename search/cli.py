@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--seeds", help="train these seeds (e.g. 0,1,2,3) together as one batched model, "
                                    "one MLflow run each, instead of the curriculum's seed")
+    t.add_argument("--budget", type=float, default=None,
+                   help="stop at this many training FLOPs and censor the run past it, as a search trial "
+                        "with this budget (exported search results name it)")
     t.add_argument("--precision", default="auto",
                    help="auto | fp32 | bf16: bf16 autocast in training steps (weights, optimiser and evaluation "
                         "stay fp32); auto is bf16 where the device has native bf16, else fp32 (default: auto)")
@@ -109,6 +112,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError("must be at least 1", field="--threads")
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     check_precision(args.precision)
+    if args.budget is not None and not (0 < args.budget < float("inf")):
+        raise ConfigError(f"must be a positive number of FLOPs (got {args.budget:g})", field="--budget")
     import torch
 
     from iterhead.search.train import train, train_seeds
@@ -122,7 +127,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     where = dict(uri=uri, experiment=args.experiment or cur.name, device=device,
-                 source=str(Path(args.curriculum).resolve()), precision=resolve_precision(args.precision, device))
+                 source=str(Path(args.curriculum).resolve()), precision=resolve_precision(args.precision, device),
+                 budget=args.budget)
     if seeds is None:
         train(cur, **where)
     else:

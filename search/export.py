@@ -122,10 +122,12 @@ def find_candidates(client: Any, experiment: str, parent_run_id: str | None) -> 
     return parent_run_id, reached
 
 
-def header(c: Candidate, experiment: str, parent: str, rank: int, file: str) -> str:
-    """Where the file came from, what it scored, and the command that reproduces it exactly."""
+def header(c: Candidate, experiment: str, parent: str, rank: int, file: str, budget: str | None = None) -> str:
+    """Where the file came from, what it scored, and the command that reproduces it exactly
+    (with the search's budget, where it had one: past it a trial stops and is censored)."""
     threads = c.tags.get(r.THREADS_TAG, "1")
     precision = c.tags.get(r.PRECISION_TAG, "fp32")  # runs from before precision was tagged trained in fp32
+    options = f"--threads {threads} --precision {precision}" + (f" --budget {budget}" if budget else "")
     m = c.metrics
     lines = [f"exported by iterhead {version('iterhead')} on {time.strftime('%Y-%m-%d %H:%M:%S')}"]
     if c.is_configuration:
@@ -139,8 +141,7 @@ def header(c: Candidate, experiment: str, parent: str, rank: int, file: str) -> 
             f"{m.get(r.SEEDS_REACHED, float('nan')):.0f} of {len(c.seeds)} seeds reached, "
             f"median target accuracy {m.get(r.TARGET_ACC, float('nan')):.4f}",
             f"compute_to_target by seed: {by_seed}",
-            f"reproduce every seed exactly on CPU: iterhead train {file} --seeds {seeds} --threads {threads} "
-            f"--precision {precision}",
+            f"reproduce every seed exactly on CPU: iterhead train {file} --seeds {seeds} {options}",
         ]
     else:
         lines += [
@@ -149,7 +150,7 @@ def header(c: Candidate, experiment: str, parent: str, rank: int, file: str) -> 
             f"compute_to_target {m[r.COMPUTE_TO_TARGET]:.6e} FLOP, examples_to_target "
             f"{m.get(r.EXAMPLES_TO_TARGET, float('nan')):.0f}, "
             f"target accuracy {m.get(r.TARGET_ACC, float('nan')):.4f}",
-            f"reproduce exactly on CPU: iterhead train {file} --threads {threads} --precision {precision}",
+            f"reproduce exactly on CPU: iterhead train {file} {options}",
         ]
     return "".join(f"# {line}\n" for line in lines)
 
@@ -183,6 +184,8 @@ def export(client: Any, experiment: str, out: Path, *, top_k: int = 1,
     if not out.parent.is_dir():
         raise ConfigError(f"the folder {str(out.parent)!r} does not exist", field="-o")
     parent, reached = find_candidates(client, experiment, parent_run_id)
+    budget = client.get_run(parent).data.params.get("budget.flops")
+    budget = budget if budget not in (None, "", "None") else None
     if not reached:
         raise ExportError(f"no trial of {experiment!r} reached its target; nothing to export")
     chosen = reached[:top_k]
@@ -192,7 +195,7 @@ def export(client: Any, experiment: str, out: Path, *, top_k: int = 1,
         with tempfile.TemporaryDirectory(prefix="iterhead-export-") as tmp:
             local = client.download_artifacts(c.run_id, "curriculum.yaml", tmp)
             cur = parse_curriculum(parse_yaml_mapping(Path(local).read_text(), file=local), file=local)
-        texts.append(header(c, experiment, parent, rank, path.name) + dump_curriculum(cur))
+        texts.append(header(c, experiment, parent, rank, path.name, budget) + dump_curriculum(cur))
     if len(paths) > 1 or paths[0] != out:
         out.mkdir(exist_ok=True)
     for path, text in zip(paths, texts):

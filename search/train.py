@@ -53,9 +53,9 @@ class LoggedRun:
         self.last = ev
         self.writer.submit(lambda: self.writer.log_metrics(self.run.result(), ev.metrics, ev.step))
 
-    def finish(self, trainer: Trainer) -> dict[str, float]:
+    def finish(self, trainer: Trainer, budget: float | None = None) -> dict[str, float]:
         """Log the summary metrics and the artifacts; returns the summary."""
-        summary = summary_metrics(trainer.cur, trainer.outcome)
+        summary = summary_metrics(trainer.cur, trainer.outcome, budget)
         if self.last is not None:
             summary.update({r.FINAL_PREFIX + k: v for k, v in self.last.metrics.items()
                             if k.startswith(r.ACC_PREFIX) and k.count("/") == 1})
@@ -96,9 +96,19 @@ def print_summary(trainer: Trainer, summary: dict[str, float], seconds: float, r
     print(f"MLflow run {run_id} in experiment {experiment!r}; to look: {ui_hint(uri)}", file=out)
 
 
+def spent(budget: float | None, trainers: list[Trainer]) -> bool:
+    """Whether training has reached the budget: a search trial stops there too."""
+    return budget is not None and max(t.compute.flops for t in trainers) >= budget
+
+
 def train(cur: Curriculum, *, uri: str, experiment: str, device: torch.device,
-          source: str = "", precision: str = "fp32", out: TextIO | None = None) -> dict[str, float]:
-    """Train `cur`, logging one run to `uri`; returns the summary metrics."""
+          source: str = "", precision: str = "fp32", budget: float | None = None,
+          out: TextIO | None = None) -> dict[str, float]:
+    """Train `cur`, logging one run to `uri`; returns the summary metrics.
+
+    With a `budget` (FLOPs) training stops at the first evaluation at or past it and the run
+    is censored as a search trial with that budget is, so a search's result re-trains
+    exactly (`iterhead export` writes the budget into its command)."""
     out = out or sys.stdout
     started = time.perf_counter()
     writer = RunWriter(uri)
@@ -110,7 +120,9 @@ def train(cur: Curriculum, *, uri: str, experiment: str, device: torch.device,
         for ev in trainer.run():
             logged.log(ev)
             print(progress_line(ev), file=out, flush=True)
-        summary = logged.finish(trainer)
+            if spent(budget, [trainer]):
+                break
+        summary = logged.finish(trainer, budget)
     except KeyboardInterrupt:
         logged.status = "KILLED"
         raise
@@ -122,7 +134,7 @@ def train(cur: Curriculum, *, uri: str, experiment: str, device: torch.device,
 
 
 def train_seeds(cur: Curriculum, seeds: list[int], *, uri: str, experiment: str, device: torch.device,
-                source: str = "", precision: str = "fp32",
+                source: str = "", precision: str = "fp32", budget: float | None = None,
                 out: TextIO | None = None) -> dict[int, dict[str, float]]:
     """Train `cur` once per seed in one schedule, one run per seed; summaries by seed."""
     from iterhead.trainable.seeds import Seeds, choose_engine
@@ -143,8 +155,10 @@ def train_seeds(cur: Curriculum, seeds: list[int], *, uri: str, experiment: str,
             for seed, ev in evaluations:
                 runs[seed].log(ev)
                 print(progress_line(ev, f"seed {seed} "), file=out, flush=True)
+            if spent(budget, batch.trainers):
+                break
         for seed, trainer in zip(seeds, batch.trainers):
-            summaries[seed] = runs[seed].finish(trainer)
+            summaries[seed] = runs[seed].finish(trainer, budget)
     except KeyboardInterrupt:
         for logged in runs.values():
             logged.status = "KILLED"

@@ -66,6 +66,8 @@ def test_run_holds_params_history_and_artifacts(two_runs):
     (["--seeds", "1,1"], "--seeds"),
     (["--seeds", "-1"], "--seeds"),
     (["--precision", "fp8"], "--precision"),
+    (["--budget", "0"], "--budget"),
+    (["--budget", "inf"], "--budget"),
 ])
 def test_bad_options_exit_2_before_anything_starts(tmp_path, capsys, monkeypatch, args, field):
     monkeypatch.chdir(tmp_path)

@@ -39,11 +39,12 @@ def censored_value(cur: Curriculum, budget_flops: float | None = None) -> float:
 def summary_metrics(cur: Curriculum, outcome: Outcome, budget_flops: float | None = None) -> dict[str, float]:
     """``reached`` and ``compute_to_target``; examples and seconds to target when reached.
 
-    A censored trial has no examples or seconds to target: they are left out rather than
+    With a budget, a target reached past it counts as censored, as in a search (the budget is
+    checked at evaluations). A censored trial has no examples or seconds to target: they are left out rather than
     invented, and ``reached = 0`` says why. A trial whose loss became NaN or infinite is
 censored the same way and also carries ``diverged = 1``.
     """
-    if not outcome.reached:
+    if not (outcome.reached and (budget_flops is None or outcome.compute_to_target <= budget_flops)):
         return {r.REACHED: 0.0, r.COMPUTE_TO_TARGET: censored_value(cur, budget_flops),
                 r.DIVERGED: float(outcome.diverged)}
     return {r.REACHED: 1.0, r.DIVERGED: 0.0, r.COMPUTE_TO_TARGET: float(outcome.compute_to_target),
