@@ -87,3 +87,73 @@ def test_init_is_seeded_and_dropout_needs_a_generator():
 def test_too_long_input_is_refused():
     with pytest.raises(ValueError, match="positions"):
         build()(torch.zeros(1, 21, dtype=torch.long))
+
+
+@pytest.mark.parametrize("positional", ["learned", "rotary"])
+@pytest.mark.parametrize("n_heads", [1, 2])
+@pytest.mark.parametrize("n_layers", [1, 2])
+@pytest.mark.parametrize("q_start", [0, 4])
+@pytest.mark.parametrize("fused", [True, False])
+def test_first_table_forward_matches_forward(positional, n_heads, n_layers, q_start, fused):
+    """Gathering the first block's attention inputs only reorders float32 sums (the output
+    projection goes before the attention-weighted sum instead of after, products of length
+    d_model = 32): differences stay near 32 x 2^-24 relative, far inside 1e-5."""
+    spec = ModelSpec(d_model=32, n_layers=n_layers, n_heads=n_heads, positional=positional)
+    model = Transformer(spec, vocab_size=15, max_len=20, generator=torch.Generator().manual_seed(0)).eval()
+    model.fused_attention(fused)
+    tokens = torch.randint(0, 15, (3, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, q_start=q_start, first=model.first_table()),
+                                   model(tokens, q_start=q_start), rtol=1e-5, atol=1e-5)
+
+
+def test_first_table_keeps_the_attention_hooks():
+    """Interventions rewrite patterns through hooks; the table path must show and use them."""
+    model = build(n_heads=1)
+    tokens = torch.randint(0, 15, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        plain, want = model.run_with_cache(tokens, pattern_hooks(2))
+        with model.hooks(pattern_hooks(2)) as got:
+            tabled = model(tokens, first=model.first_table())
+        torch.testing.assert_close(tabled, plain, rtol=1e-5, atol=1e-5)
+        for name in pattern_hooks(2):
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5)
+        handle = model.blocks[0].attn.hook_pattern.register_forward_hook(lambda _m, _i, out: torch.zeros_like(out))
+        try:
+            zeroed_plain, zeroed_tabled = model(tokens), model(tokens, first=model.first_table())
+        finally:
+            handle.remove()
+    torch.testing.assert_close(zeroed_tabled, zeroed_plain, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(zeroed_plain, plain)
+
+
+def test_first_table_is_refused_where_dropout_applies():
+    model = build(dropout=0.1).train()
+    with pytest.raises(ValueError, match="dropout"):
+        model(torch.zeros(1, 5, dtype=torch.long), generator=torch.Generator().manual_seed(0),
+              first=model.first_table())
+
+
+@pytest.mark.parametrize("positional", ["learned", "rotary"])
+@pytest.mark.parametrize("n_heads", [1, 2])
+@pytest.mark.parametrize("n_layers", [1, 2, 3])
+@pytest.mark.parametrize("prefix,q_start", [(1, 1), (3, 5), (6, 6)])
+def test_shared_prefix_forward_matches_forward(positional, n_heads, n_layers, prefix, q_start):
+    """Rows run from a cached prefix give the full forward's logits, up to the same float32
+    reordering as the first-block table (1e-5 relative, see above)."""
+    spec = ModelSpec(d_model=32, n_layers=n_layers, n_heads=n_heads, positional=positional)
+    model = Transformer(spec, vocab_size=15, max_len=20, generator=torch.Generator().manual_seed(0)).eval()
+    tokens = torch.randint(0, 15, (4, 11), generator=torch.Generator().manual_seed(1))
+    tokens[:, :prefix] = tokens[0, :prefix]  # every row shares the first `prefix` tokens
+    with torch.no_grad():
+        first = model.first_table()
+        past = model.prefix_past(tokens[:1, :prefix], first)
+        rows = [(k.expand(4, -1, -1, -1), v.expand(4, -1, -1, -1)) for k, v in past]
+        torch.testing.assert_close(model(tokens, q_start=q_start, first=first, past=rows),
+                                   model(tokens, q_start=q_start), rtol=1e-5, atol=1e-5)
+
+
+def test_past_needs_the_first_block_table():
+    model = build()
+    with pytest.raises(ValueError, match="first"):
+        model(torch.zeros(1, 5, dtype=torch.long), past=[])

@@ -1,0 +1,142 @@
+"""Evaluation scores exactly the rows a plain full forward scores.
+
+The reference runs every test row at the table's full padded width (causal attention: the
+padding after a row's end cannot reach its answer positions), takes the argmax at every
+answer position and compares the whole answer. The evaluation groups rows by length, runs
+each distinct row once, gathers the first block's attention inputs from a table, runs the
+shared prefixes of the later blocks once, only the answer window through the last block,
+in chunks.
+
+Tolerance: both sides compute the same fp32 logits with sums grouped or ordered differently
+(chunks, the first-block table, shared prefixes), so they may differ by rounding. A logit is
+a chain of about 2 layers x 4 matrix products of length at most 4 x d_model = 128 (d_model
+is 32 here), so the relative error of either side is at most about
+2 x 4 x 128 x 2^-24 (under 1e-4 of the row's largest |logit|) with room to spare. Only a row
+whose reference margin (target logit minus the best other, minimum over answer positions)
+lies within that band of 0 could flip; such rows are left out of the comparison and there
+must be few of them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from iterhead.curricula.data import answer_len, seq_len
+from iterhead.trainable.evaluate import EvalTable, accuracy_metrics, correct_rows
+from iterhead.trainable.loop import Trainer
+
+from support import tiny
+
+REL_TOL = 1e-4  # module docstring
+
+
+def curriculum(cot: bool, epochs: int):
+    return tiny(
+        model={"d_model": 32, "n_layers": 2, "n_heads": 1, "dropout": 0.0},
+        data={"min_len": 1, "max_len": 6, "train_per_len": 128, "test_per_len": 64, "cot": cot},
+        optim={"lr": 3.0e-3, "batch_size": 32},
+        stages=[{"name": "train", "mix": {"parity": 0.5, "polynomial": 0.5}, "epochs": max(epochs, 1)}],
+        eval={"every_epochs": max(epochs, 1), "probe_per_len": 0},
+    )
+
+
+@pytest.fixture(scope="module", params=[(True, 0), (True, 12), (False, 0), (False, 12)],
+                ids=["cot-random", "cot-trained", "nocot-random", "nocot-trained"])
+def trainer(request) -> Trainer:
+    """A model at initialisation, or trained briefly (some rows right, some wrong)."""
+    torch.set_num_threads(1)
+    cot, epochs = request.param
+    t = Trainer(curriculum(cot, epochs))
+    if epochs:
+        for _ in t.run():
+            pass
+    return t
+
+
+def reference(model: torch.nn.Module, table: EvalTable) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: exact match from one full forward at full width, and the margin / scale."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(table.tokens[:, :-1])  # [n, width - 1, vocab]
+    correct, margin = [], []
+    for i, length in enumerate(table.lengths.tolist()):
+        start, n = length + 1, answer_len(length, table.cot)
+        row = logits[i, start:start + n]
+        target = table.tokens[i, start + 1:start + 1 + n]
+        correct.append(bool((row.argmax(-1) == target).all()))
+        others = row.clone()
+        others[torch.arange(n), target] = float("-inf")
+        m = (row[torch.arange(n), target] - others.amax(-1)).min()
+        margin.append(float(m / row.abs().max()))
+    return np.array(correct), np.array(margin)
+
+
+def compare(got: np.ndarray, want: np.ndarray, margin: np.ndarray) -> None:
+    clear = np.abs(margin) > REL_TOL
+    assert clear.mean() > 0.99, "too many near-ties to say anything"
+    assert np.array_equal(got[clear], want[clear])
+
+
+def test_fast_path_scores_the_reference_rows(trainer):
+    want, margin = reference(trainer.model, trainer.eval_table)
+    got = correct_rows(trainer.model, trainer.eval_table)
+    compare(got, want, margin)
+    if trainer.outcome.evaluations:  # the trained model gets some rows right and some wrong
+        assert 0 < want.mean() < 1
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 50, 2**20])
+def test_chunk_size_does_not_change_the_verdicts(trainer, chunk_tokens):
+    want, margin = reference(trainer.model, trainer.eval_table)
+    compare(correct_rows(trainer.model, trainer.eval_table, chunk_tokens=chunk_tokens), want, margin)
+
+
+def test_every_row_counts_and_duplicates_share_a_verdict(trainer):
+    table = trainer.eval_table
+    assert sum(g.hi - g.lo for g in table.groups) == len(table.lengths)
+    assert sum(len(g.inputs) for g in table.groups) < len(table.lengths)  # short lengths repeat
+    for g in table.groups:
+        width = seq_len(g.length, table.cot)
+        rows = table.tokens[g.lo:g.hi, :width - 1]
+        assert torch.equal(g.inputs[g.inverse], rows)
+
+
+def test_rows_with_a_shared_prefix_point_at_it(trainer):
+    """The fast path above ran with shared prefixes: check they are the rows' real first tokens."""
+    table = trainer.eval_table
+    assert table.prefixes is not None
+    shared = [g for g in table.groups if g.prefix is not None]
+    assert shared and len(table.prefixes) < sum(len(g.inputs) for g in shared)
+    for g in shared:
+        assert torch.equal(table.prefixes[g.prefix], g.inputs[:, :table.prefixes.shape[1]])
+
+
+def test_hooked_attention_scores_the_reference_rows(trainer):
+    """With a hook attached (interventions), rows run whole and still score as the reference."""
+    want, margin = reference(trainer.model, trainer.eval_table)
+    handles = [b.attn.hook_pattern.register_forward_hook(lambda _m, _i, out: out) for b in trainer.model.blocks]
+    try:
+        got = correct_rows(trainer.model, trainer.eval_table)
+    finally:
+        for h in handles:
+            h.remove()
+    compare(got, want, margin)
+
+
+def test_accuracy_is_the_mean_over_lengths(trainer):
+    correct = correct_rows(trainer.model, trainer.eval_table)
+    metrics = accuracy_metrics(trainer.eval_table, correct)
+    table = trainer.eval_table
+    for t, name in enumerate(table.task_names):
+        per_len = [correct[(table.tasks == t) & (table.lengths == n)].mean() for n in range(1, 7)]
+        assert metrics[f"acc/{name}/len_3"] == pytest.approx(per_len[2])
+        assert metrics[f"acc/{name}"] == pytest.approx(np.mean(per_len))
+
+
+def test_training_mode_is_restored(trainer):
+    trainer.model.train()
+    correct_rows(trainer.model, trainer.eval_table)
+    assert trainer.model.training
+    trainer.model.eval()
