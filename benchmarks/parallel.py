@@ -10,7 +10,7 @@ counts tokens and FLOPs with the trainers' own analytic counters (padding never 
   by `Trainer`, in this process.
 
 The timing is written once, in `Epochs`: a training (one `Trainer`, or a `Seeds` object
-through its engine, as `loop.Schedule` drives either) warmed up by an untimed epoch 0, then
+through its engine, as `schedule.Schedule` drives either) warmed up by an untimed epoch 0, then
 timed one epoch at a time, the clock read after a device synchronise (the real loop syncs
 once an epoch too). `timed_epochs` and `timed_seeds` time consecutive epochs of one training;
 a caller on a machine whose load moves can instead interleave several `Epochs` epoch by epoch
@@ -28,7 +28,8 @@ import torch
 
 from iterhead.curricula.io import parse_curriculum
 from iterhead.curricula.schema import Curriculum
-from iterhead.trainable.loop import Engine, Lockstep, Trainer
+from iterhead.trainable.loop import Trainer
+from iterhead.trainable.schedule import Engine, Lockstep
 from iterhead.trainable.seeds import Seeds
 
 
@@ -52,7 +53,7 @@ class Epochs:
     """The first stage of a training, warmed up by epoch 0 (untimed), then timed epoch by epoch.
 
     A `Trainer` is stepped through `Lockstep` with itself alone, exactly as its `run()` does;
-    a `Seeds` object through its own engine, as `loop.Schedule` calls it."""
+    a `Seeds` object through its own engine, as `schedule.Schedule` calls it."""
 
     def __init__(self, run: Trainer | Seeds) -> None:
         self.runs = run.trainers if isinstance(run, Seeds) else [run]

@@ -1,6 +1,6 @@
-"""One training loop over a curriculum's stages; `iterhead train`, Ray Tune and tests share it.
+"""One seed's training state, driven by the one loop; `iterhead train`, Ray Tune and tests share it.
 
-`Schedule` is the loop, written once: stages, epochs, evaluation cadence, target,
+`schedule.Schedule` is the loop, written once: stages, epochs, evaluation cadence, target,
 divergence and compute, for K >= 1 seeds of one curriculum. A `Trainer` is one seed's state
 (data, model, optimiser, compute, outcome, checkpoint); an engine says how the seeds take
 their steps: `Lockstep` (each seed's own model in turn; K = 1 is a plain run) or the stacked
@@ -35,7 +35,7 @@ in other orders); a checkpoint still loads and trains there, but not bit for bit
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -51,6 +51,7 @@ from iterhead.trainable.devices import deterministic_cuda
 from iterhead.trainable.evaluate import EvalTable, accuracy_metrics, correct_rows
 from iterhead.trainable.model import Transformer
 from iterhead.trainable.probes import probe_metrics
+from iterhead.trainable.schedule import Lockstep, Position, Schedule
 
 
 PRECISIONS = ("fp32", "bf16")  # bf16: autocast in training steps; weights and optimiser stay fp32
@@ -72,22 +73,9 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor.to(device, non_blocking=True)
 
 
-def last_stage(cur: Curriculum) -> int:
-    """Index of the last stage that trains at all."""
-    return max(i for i, s in enumerate(cur.stages) if s.epochs > 0)
-
-
 def torch_seed(seed: int, *labels: object) -> int:
     """A 63-bit seed for a torch.Generator from the root seed and labels."""
     return int(stream(seed, *labels).integers(0, 2**63 - 1))
-
-
-@dataclass
-class Position:
-    """Where training stands: the stage index and the epochs done in it."""
-
-    stage: int = 0
-    epoch: int = 0
 
 
 @dataclass
@@ -302,125 +290,3 @@ class Trainer:
         stage = self.cur.stages[self.position.stage] if self.position.stage < len(self.cur.stages) else None
         if stage is not None and self.position.epoch >= stage.epochs:
             self.position, self._optim_state = Position(self.position.stage + 1, 0), None
-
-
-class Engine(Protocol):
-    """How the seeds of one schedule take their optimiser steps; the schedule does the rest.
-
-    `Lockstep` steps each seed's own model in turn (K = 1 is one plain run); the stacked
-    engine (`trainable/seeds.py`) steps K seeds as one vmapped model. Both leave every
-    seed's `Trainer` holding its weights (after `sync`) and its compute, outcome and history.
-    """
-
-    def start_stage(self, stage: StageSpec, runs: list[Trainer]) -> None: ...
-
-    def train_epoch(self, runs: list[Trainer], plans: list[tuple[EpochPlan, torch.Generator]]) -> torch.Tensor:
-        """One epoch's steps for `runs`; their summed batch losses, shape [len(runs)], on the device."""
-
-    def leave(self, runs: list[Trainer], keep: list[Trainer]) -> None:
-        """The seeds not in `keep` are done (reached or diverged): stop training them."""
-
-    def sync(self, run: Trainer) -> None:
-        """Make `run.model` hold the seed's current weights (before evaluating or saving it)."""
-
-    def seed_state(self, run: Trainer) -> dict[str, Any]:
-        """The seed's whole state, as `Trainer.state_dict` gives it for a single run."""
-
-
-class Lockstep:
-    """Each seed's own model and optimiser, stepped through the epoch one seed after another.
-
-    The numbers are exactly those of K separate runs (the same operations on the same
-    tensors); on a CPU, which one seed keeps busy, it is also the fastest way (BENCHMARKS.md).
-    """
-
-    def start_stage(self, stage: StageSpec, runs: list[Trainer]) -> None:
-        for run in runs:
-            run.start_stage(stage)
-
-    def train_epoch(self, runs: list[Trainer], plans: list[tuple[EpochPlan, torch.Generator]]) -> torch.Tensor:
-        return torch.stack([run.train_epoch(plan, g) for run, (plan, g) in zip(runs, plans)])
-
-    def leave(self, runs: list[Trainer], keep: list[Trainer]) -> None:
-        """Nothing to do: a seed that left is simply not stepped again."""
-
-    def sync(self, run: Trainer) -> None:
-        """Nothing to do: each seed trains its own model."""
-
-    def seed_state(self, run: Trainer) -> dict[str, Any]:
-        return run.state_dict()
-
-
-class Schedule:
-    """The one training loop: stages, epochs, evaluation cadence, target, divergence, compute.
-
-    It trains K >= 1 seeds of one curriculum in lockstep, epoch by epoch, through `engine`,
-    and yields at each evaluation point the (seed, `Evaluation`) of every seed evaluated
-    (or diverged) there. A seed that reaches the target or diverges leaves; the others go
-    on. Seeds resumed from checkpoints stand at the same position (they were saved together).
-    Time is shared: each seed's ``compute/seconds`` is the wall time of the epochs it was in.
-    """
-
-    def __init__(self, runs: list[Trainer], engine: Engine) -> None:
-        shared = runs[0].cur.model_copy(update={"seed": 0})
-        if any(r.cur.model_copy(update={"seed": 0}) != shared for r in runs):
-            raise ValueError("the seeds of one schedule must share one curriculum")
-        if len({r.cur.seed for r in runs}) != len(runs):
-            raise ValueError(f"seeds must be distinct, got {[r.cur.seed for r in runs]}")
-        self.runs, self.engine = runs, engine
-
-    def run(self) -> Iterator[list[tuple[int, Evaluation]]]:
-        runs = [r for r in self.runs if not r.finished]
-        if not runs:
-            return
-        cur, device = runs[0].cur, runs[0].device
-        for r in runs:
-            r.model.train()
-        watch = Stopwatch()
-        for index, stage in enumerate(cur.stages):
-            if index < runs[0].position.stage or stage.epochs == 0:
-                continue
-            for r in runs:
-                r.enter_stage(index)
-            self.engine.start_stage(stage, runs)
-            loss_sum = torch.zeros(len(runs), device=device)
-            n_batches = [0] * len(runs)
-            watch.start()
-            while runs[0].position.epoch < stage.epochs:
-                plans = [r.epoch_plan(stage, r.position.epoch) for r in runs]
-                losses = self.engine.train_epoch(runs, plans)
-                loss_sum += losses
-                for i, (r, (plan, _)) in enumerate(zip(runs, plans)):
-                    n_batches[i] += len(plan.bounds) - 1
-                    r.count(plan)
-                    r.position.epoch += 1
-                finite = torch.isfinite(losses).tolist()  # the one host sync per epoch
-                ends = runs[0].evaluates_after(stage)
-                if all(finite) and not ends:
-                    continue
-                seconds = watch.stop()
-                sums = loss_sum.tolist()  # the one host sync per evaluation
-                last = index == last_stage(cur) and runs[0].position.epoch == stage.epochs
-                out = []
-                for i, r in enumerate(runs):
-                    r.compute.seconds += seconds
-                    if not finite[i]:
-                        out.append((r.cur.seed, r.diverged(stage.name)))
-                    elif ends:
-                        self.engine.sync(r)
-                        out.append((r.cur.seed, r.evaluate(stage.name, sums[i] / max(n_batches[i], 1), last)))
-                yield out
-                keep = [i for i, r in enumerate(runs) if not r.finished]
-                if not keep:
-                    return
-                if len(keep) < len(runs):
-                    self.engine.leave(runs, [runs[i] for i in keep])
-                    runs, loss_sum = [runs[i] for i in keep], loss_sum[keep]
-                    n_batches = [n_batches[i] for i in keep]
-                if ends:
-                    loss_sum.zero_()
-                    n_batches = [0] * len(runs)
-                watch.start()
-            watch.stop()
-            for r in runs:
-                r.position = Position(index + 1, 0)

@@ -1,12 +1,12 @@
 """Several seeds of one curriculum in one schedule: `Seeds`, and the stacked engine.
 
-`Seeds` trains K seeds of a curriculum through the one loop (`loop.Schedule`), each seed
+`Seeds` trains K seeds of a curriculum through the one loop (`schedule.Schedule`), each seed
 the same trial a single `Trainer` with that seed runs: its own data, initialisation, row
 order, dropout, optimiser state, compute count and outcome. A seed that reaches the target
 or diverges leaves; the others go on. `state_dict()` holds every seed, and a `Seeds` built
 from it resumes all of them exactly.
 
-Two engines take the steps. `Lockstep` (loop.py) steps each seed's own model in turn: the
+Two engines take the steps. `Lockstep` (schedule.py) steps each seed's own model in turn: the
 numbers are exactly those of separate runs, and on a CPU, which one seed already keeps
 busy, it is the faster one (BENCHMARKS.md). `Stacked` stacks the K seeds' parameters along
 a new leading dimension (`torch.func.stack_module_state`, `vmap` over `functional_call`),
@@ -33,7 +33,8 @@ from torch.func import functional_call, stack_module_state, vmap
 from iterhead.curricula.data import answer_len
 from iterhead.curricula.sampler import EpochPlan
 from iterhead.curricula.schema import Curriculum, StageSpec
-from iterhead.trainable.loop import Engine, Evaluation, Lockstep, Schedule, Trainer, make_optimizer, to_device
+from iterhead.trainable.loop import Evaluation, Trainer, make_optimizer, to_device
+from iterhead.trainable.schedule import Engine, Lockstep, Schedule
 
 
 ENGINES = ("auto", "lockstep", "stacked")
