@@ -16,6 +16,7 @@ from iterhead.curricula.overrides import apply
 from iterhead.curricula.schema import Curriculum
 
 SMOKE = {"max_len": 4, "train_per_len": 64, "test_per_len": 32, "epochs": 2}
+SMOKE_GRID = 2  # a smoke search keeps this many values of each grid
 
 
 def shrink(data: dict[str, Any]) -> dict[str, Any]:

@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", default="auto",
                    help="auto | fp32 | bf16 for every trial; auto is bf16 where a trial's device has native "
                         "bf16, else fp32 (each trial run records what it used)")
+    s.add_argument("--no-share", dest="share", action="store_false",
+                   help="train every trial from scratch, even where another trial already trained the same "
+                        "curriculum prefix (default: share it, exactly)")
     e = sub.add_parser("export", help="write the best trials of a search as curriculum YAML")
     e.add_argument("--experiment", required=True, help="the search's MLflow experiment (its name)")
     e.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
@@ -169,7 +172,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS") or None  # never a stale temp-folder address
     run_search(loaded, SearchOptions(uri=uri, address=address, storage_path=args.storage_path,
                                      smoke=args.smoke, resume=args.resume, num_cpus=args.num_cpus,
-                                     precision=args.precision))
+                                     precision=args.precision, share=args.share))
     return EXIT_OK
 
 

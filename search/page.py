@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from iterhead.curricula.errors import ConfigError
-from iterhead.search import report
+from iterhead.search import report, sharing
 from iterhead.search.export import Candidate, ExportError, child_runs, find_candidates, seed_runs
 from iterhead.trainable import results as r
 
@@ -45,7 +45,8 @@ def trial_rows(client: Any, experiment: str, parent: str) -> tuple[list[str], li
                "kind": run.data.tags.get(r.KIND, r.KIND_TRIAL), "status": run.info.status,
                r.REACHED: m.get(r.REACHED, 0.0), r.DIVERGED: m.get(r.DIVERGED, 0.0),
                r.COMPUTE_TO_TARGET: m.get(r.COMPUTE_TO_TARGET, float("nan")),
-               r.TARGET_ACC: m.get(r.TARGET_ACC, float("nan")), r.FLOPS: m.get(r.FLOPS, float("nan"))}
+               r.TARGET_ACC: m.get(r.TARGET_ACC, float("nan")), r.FLOPS: m.get(r.FLOPS, float("nan")),
+               "forked_from": run.data.tags.get(r.PREFIX_TAG, "")}
         if run.info.run_id in seeds:
             own = seeds[run.info.run_id]
             row["seed_outcomes"] = [(s.reached, s.compute_to_target) for s in own]
@@ -106,7 +107,9 @@ def build(client: Any, experiment: str, out: Path, parent_run_id: str | None = N
             figures += best_figures
         page = out / "report.html"
         medians = report.seed_medians(scored, keys)
-        page.write_text(render(experiment, parent, keys, rows, figures, probes, best[1] if best else None, medians))
+        shared = _sharing(client.get_run(parent).data.metrics, rows)
+        page.write_text(render(experiment, parent, keys, rows, figures, probes, best[1] if best else None, medians,
+                               shared))
         (out / "medians.md").write_text(report.medians_text(medians, keys, report.is_replicate(rows)) + "\n")
         client.log_artifacts(parent, str(folder), "report")
         client.log_artifact(parent, str(page), "report")
@@ -114,7 +117,7 @@ def build(client: Any, experiment: str, out: Path, parent_run_id: str | None = N
 
 
 def render(experiment: str, parent: str, keys: list[str], rows: list[dict[str, Any]], figures: list[Path],
-           probes: dict[str, float], best: str | None, medians: list[dict[str, Any]]) -> str:
+           probes: dict[str, float], best: str | None, medians: list[dict[str, Any]], shared: str = "") -> str:
     replicates = report.is_replicate(rows)
     one, what = ("configuration", "configurations") if replicates else ("trial", "trials")
     n_reached = sum(1 for row in rows if row[r.REACHED] == 1.0)
@@ -150,6 +153,7 @@ img{{max-width:520px}}table{{border-collapse:collapse;font-size:12px}}td,th{{bor
 <h1>Search {html.escape(experiment)}</h1>
 <p>Parent run {html.escape(parent)}; {len(rows)} {what}, {n_reached} reached the target, {len(rows) - n_reached}
 censored (drawn as crosses at their penalty, never dropped). Written {time.strftime('%Y-%m-%d %H:%M')}.</p>
+<p>{html.escape(shared)}</p>
 <h2>Median over seeds</h2>
 <p>{rule}</p>
 <table><tr>{med_head}</tr>
@@ -166,6 +170,14 @@ predicting s_t to x_t (iteration), per layer and head, at the last evaluation.</
 {body}
 </table></body></html>
 """
+
+
+def _sharing(metrics: dict[str, float], rows: list[dict[str, Any]]) -> str:
+    """What shared prefixes saved, from the parent run's ``search/flops_*`` (a search that ended)."""
+    if r.FLOPS_TRAINED not in metrics:
+        return ""
+    flops = {k: metrics[k] for k in (r.FLOPS_TRAINED, r.FLOPS_CURRICULA)}
+    return "Shared prefixes: " + sharing.summary_line(flops, sum(1 for row in rows if row["forked_from"])) + "."
 
 
 def _outcome(row: dict[str, Any]) -> str:

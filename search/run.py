@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from iterhead.curricula.errors import ConfigError
+from iterhead.search import sharing
 from iterhead.search.report import short
 from iterhead.search.spec import LoadedSearch, SearchSettings
 from iterhead.search.tracking import Heartbeat, RunWriter, ui_hint
@@ -43,6 +45,7 @@ class SearchOptions:
     resume: bool = False
     num_cpus: int | None = None  # the embedded Ray's CPUs (default: this machine's)
     precision: str = "auto"  # each trial resolves auto on its own device (`devices.resolve_precision`)
+    share: bool = True  # trials start from each other's shared prefixes (`search.sharing`)
 
 
 def settings_for(loaded: LoadedSearch, smoke: bool) -> SearchSettings:
@@ -201,9 +204,12 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
         penalty = state["penalty"] if state else CENSOR_FACTOR * horizon(loaded, smoke)
         seeds = state.get("seeds") if state else seeds_for(loaded, opts.smoke)
         precision = state.get("precision", "fp32") if state else opts.precision
+        share = state.get("share", False) if state else opts.share
+        plan = state.get("plan") if state else (sharing.plan(loaded, base, smoke) if share else None)
         trainable = tune.with_resources(
             tune.with_parameters(train_trial, base=base, budget=budget, smoke=smoke, penalty=penalty, seeds=seeds,
                                  precision=precision, threads=max(1, int(resources["cpu"])),
+                                 share={"folder": str(folder / sharing.PREFIXES), "planned": plan} if share else None,
                                  checkpoint_every_s=settings.checkpoint_every_s), resources)
         if state:
             writer.submit(lambda: writer.client.update_run(parent, status="RUNNING")).result()
@@ -219,7 +225,8 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
             folder.mkdir(parents=True)
             _save_state(folder, {"parent_run_id": parent, "uri": opts.uri, "spec": str(loaded.path.resolve()),
                                  "state": "running", "base": base, "budget": budget, "smoke": smoke,
-                                 "penalty": penalty, "seeds": seeds, "precision": precision})
+                                 "penalty": penalty, "seeds": seeds, "precision": precision,
+                                 "share": share, "plan": plan})
             print(f"search {spec.name!r}: {settings.num_samples} sample(s), at most {settings.max_concurrent} at "
                   f"once, {settings.algorithm} + {settings.scheduler}; MLflow parent run {parent}; Tune state in "
                   f"{folder}", file=out, flush=True)
@@ -238,8 +245,9 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
         rows = _rows(grid, writer, experiment, parent, list(spec.space))
         complete = grid.num_terminated + grid.num_errors == len(grid)
         if complete:
-            _log_summary(writer, parent, rows, list(spec.space))
+            _log_summary(writer, parent, rows, list(spec.space), sharing.accounting(rows))
             _save_state(folder, {**json.loads((folder / STATE_FILE).read_text()), "state": "finished"})
+            shutil.rmtree(folder / sharing.PREFIXES, ignore_errors=True)  # only this search's trials start there
         status = "FINISHED" if complete else "KILLED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -260,6 +268,8 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
         print(f"\nsearch interrupted; continue it with: iterhead search {loaded.path} --resume"
               + (f" --storage-path {opts.storage_path}" if opts.storage_path else ""), file=out)
     _print_summary(rows, list(spec.space), out, state.get("seeds") if state else seeds_for(loaded, opts.smoke))
+    if rows:
+        print(sharing.summary_line(sharing.accounting(rows), sum(1 for row in rows if row["forked_from"])), file=out)
     print(f"MLflow experiment {experiment!r}; to look: {ui_hint(opts.uri)}", file=out)
     return rows
 
@@ -297,12 +307,16 @@ def _rows(grid, writer: RunWriter, experiment: str, parent: str, keys: list[str]
         for k in (results.REACHED, results.COMPUTE_TO_TARGET, results.TARGET_ACC, results.FLOPS,
                   results.SEEDS_REACHED):
             row[k] = m.get(k, float("nan"))
+        for k in (results.FLOPS_SEEDS, results.FLOPS_FORKED):  # what it trained, for the search's accounting
+            row[k] = m.get(k, 0.0)
+        row["forked_from"] = m.get(results.PREFIX_SOURCE, "")
         row["reports"] = m.get("training_iteration", 0)
         rows.append(row)
     return rows
 
 
-def _log_summary(writer: RunWriter, parent: str, rows: list[dict[str, Any]], keys: list[str]) -> None:
+def _log_summary(writer: RunWriter, parent: str, rows: list[dict[str, Any]], keys: list[str],
+                 flops: dict[str, float]) -> None:
     from iterhead.search import report
 
     scored = [row for row in rows if row[results.COMPUTE_TO_TARGET] == row[results.COMPUTE_TO_TARGET]]  # drop NaN
@@ -312,7 +326,8 @@ def _log_summary(writer: RunWriter, parent: str, rows: list[dict[str, Any]], key
         report.plot_against_params(folder / "compute_to_target.png", scored, keys)
         report.plot_fraction_reached(folder / "fraction_reached.png", scored)
         n_reached = sum(1 for row in scored if row[results.REACHED] == 1.0)
-        writer.submit(writer.log_metrics, parent, {results.TRIALS: len(rows), results.TRIALS_REACHED: n_reached}, 0)
+        writer.submit(writer.log_metrics, parent, {results.TRIALS: len(rows), results.TRIALS_REACHED: n_reached,
+                                                   **flops}, 0)
         writer.submit(lambda: writer.client.log_artifacts(parent, str(folder)))
         writer.flush()
 

@@ -18,16 +18,13 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
 
 from iterhead.curricula.errors import ConfigError
-from iterhead.curricula.trial import trial_curriculum
+from iterhead.curricula.trial import SMOKE_GRID, trial_curriculum
 from iterhead.search.spec import Domain, LoadedSearch, SearchSettings
 from iterhead.trainable import results as r
 from iterhead.trainable.summary import planned_flops
 
 SEARCH_METRIC, SEARCH_MODE = r.COMPUTE_TO_TARGET, "min"
 SCHEDULER_METRIC, SCHEDULER_MODE, TIME_ATTR = r.TARGET_ACC, "max", r.FLOPS
-
-
-SMOKE_GRID = 2  # a smoke search keeps this many values of each grid
 
 
 def tune_domain(domain: Domain, smoke: bool = False) -> Any:

@@ -1,4 +1,5 @@
-"""`iterhead search --address` on a two-node Ray cluster started here with `ray start`.
+"""`iterhead search --address` on a two-node Ray cluster started here with `ray start`: trials
+run on both nodes, and one starts from a shared prefix that the other node trained.
 
 Slow (a minute): run with `make test-slow` or `pytest -m slow tests/test_cluster.py`.
 It stops only the processes it started: each `ray start --block` runs in a process group
@@ -20,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow import MlflowClient
+
+from iterhead.trainable import results as r
 
 from support import PARITY_BASE, free_port
 
@@ -100,6 +103,12 @@ def test_search_spreads_trials_over_both_nodes(tmp_path):
         children = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mlflow.parentRunId")]
         assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
         assert len({c.data.tags["ray.node_id"] for c in children}) == 2  # trials ran on both nodes
+        # Sharing is on: the trials' curricula nest (20 epochs are the start of 21, ...), so the
+        # two that start together on the two nodes share, and one starts from a prefix the other
+        # node trained (the store is in the storage folder both nodes reach).
+        forked = [(c.data.tags[r.PREFIX_TAG], c.data.tags[r.NODE_TAG]) for c in children if r.PREFIX_TAG in c.data.tags]
+        assert forked, search.stdout[-2000:]
+        assert any(f" on node {node}," not in source for source, node in forked), forked
     finally:
         for group in reversed(groups):
             stop(group)

@@ -24,6 +24,10 @@ PREFIXES = (ACC_PREFIX, LOSS_PREFIX, COMPUTE_PREFIX, PROBE_PREFIX)
 FLOPS = "compute/flops"
 SECONDS = "compute/seconds"  # training wall time so far
 LOSS = "loss/train"
+# Prefix sharing (`trainable/prefix_store.py`): FLOPs over all of a trial's seeds, of its
+# curriculum so far, and of the prefix it started from that another trial trained.
+FLOPS_SEEDS = "compute/flops_seeds"
+FLOPS_FORKED = "compute/flops_forked"
 FINAL_PREFIX = "final/"  # `iterhead train`'s summary: the last evaluation's accuracies, final/acc/<task>
 
 
@@ -48,9 +52,12 @@ SUMMARY = (REACHED, DIVERGED, COMPUTE_TO_TARGET, EXAMPLES_TO_TARGET, SECONDS_TO_
 # -- a search's own metrics, on its parent run ------------------------------------------
 TRIALS = "trials"  # how many trials (configurations, with seeds:) the search ran
 TRIALS_REACHED = "trials_reached"  # how many of them reached the target
+FLOPS_TRAINED = "search/flops_trained"  # training FLOPs the search really spent (shared prefixes once)
+FLOPS_CURRICULA = "search/flops_curricula"  # the sum of its trials' curriculum FLOPs, as if unshared
 
 # -- where and how a trial ran: reported keys that become tags ----------------------------
 NODE_ID, TORCH_THREADS, DEVICE, PRECISION = "node_id", "torch_threads", "device", "precision"
+PREFIX_SOURCE = "prefix_source"  # a forked trial: the trial, node and point its prefix came from
 PRECISIONS = ("auto", "fp32", "bf16")  # what a user may ask for; a run records fp32 or bf16
 
 # -- MLflow tags ---------------------------------------------------------------------------
@@ -64,7 +71,9 @@ NODE_TAG = "ray.node_id"
 THREADS_TAG = "iterhead.torch_threads"
 DEVICE_TAG = "iterhead.device"
 PRECISION_TAG = "iterhead.precision"
-RESULT_TAGS = {NODE_ID: NODE_TAG, TORCH_THREADS: THREADS_TAG, DEVICE: DEVICE_TAG, PRECISION: PRECISION_TAG}
+PREFIX_TAG = "iterhead.prefix_source"
+RESULT_TAGS = {NODE_ID: NODE_TAG, TORCH_THREADS: THREADS_TAG, DEVICE: DEVICE_TAG, PRECISION: PRECISION_TAG,
+               PREFIX_SOURCE: PREFIX_TAG}
 CURRICULUM_TAG = "iterhead.curriculum"  # the curriculum's name, on an `iterhead train` run
 SOURCE_TAG = "iterhead.source"  # the curriculum file an `iterhead train` run was given
 SPEC_TAG = "iterhead.spec"  # the search spec file, on a search's parent run

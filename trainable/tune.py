@@ -19,6 +19,15 @@ own report under ``seed_<s>/``; its checkpoint holds every seed. A seed that rea
 target stops training; the trial ends when every seed has reached, been censored or
 diverged, or when ASHA stops the configuration, which stops all its seeds at once.
 
+Shared prefixes (a search's ``share``, on by default): a trial starts from the deepest
+stored state of its own curriculum that another trial of the search trained
+(`trainable.prefix`, `trainable.prefix_store`), reports that trial's reports up to there
+as its own, as if it had trained them, and goes on; it stores its own states where others
+start. Its numbers are exactly those of the unshared run (same device kind and thread
+count). Every report also carries ``compute/flops_seeds`` (the curriculum's FLOPs so far,
+all seeds) and ``compute/flops_forked`` (those of the prefix it did not train itself), and
+a forked trial names the prefix's source in ``prefix_source``.
+
 Device: the GPU Ray assigned the trial (``ray.get_gpu_ids()``), else the CPU, never a GPU
 outside Ray's accounting (`devices.trial_device`).
 """
@@ -39,12 +48,17 @@ from iterhead.curricula.trial import trial_curriculum
 from iterhead.trainable import checkpoint, results
 from iterhead.trainable.artifacts import ARTIFACTS, write_artifacts
 from iterhead.trainable.devices import prepare_cuda_env, resolve_precision, trial_device
+from iterhead.curricula.schema import Curriculum
 from iterhead.trainable.loop import Evaluation, Trainer
+from iterhead.trainable.prefix import adopt, environment, points, worth_storing
+from iterhead.trainable.prefix_store import LEASE_S, PrefixStore, Sharing
 from iterhead.trainable.results import Report, over_seeds
-from iterhead.trainable.seeds import Seeds
+from iterhead.trainable.schedule import last_stage
+from iterhead.trainable.seeds import Seeds, choose_engine
 from iterhead.trainable.summary import censored_value
 
-LAST_REPORT = "last_report.json"  # in each checkpoint: what was reported with it
+REPORTS = "reports.json"  # in each checkpoint: every report up to it, the last with it
+LAST_REPORT = "last_report.json"  # what checkpoints of searches begun before `REPORTS` hold instead
 
 
 def reached_within(trainer: Trainer, budget: float | None) -> bool:
@@ -80,40 +94,115 @@ def configuration_report(step: int, stage: str, trainers: list[Trainer], penalty
 
 def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float | None = None,
                 penalty: float | None = None, smoke: bool = False, threads: int = 1,
-                checkpoint_every_s: float = 30.0, seeds: list[int] | None = None, precision: str = "auto") -> None:
+                checkpoint_every_s: float = 30.0, seeds: list[int] | None = None, precision: str = "auto",
+                share: dict[str, Any] | None = None) -> None:
     """Train one trial of a search (module docstring).
 
     `penalty` is what a censored trial reports as compute_to_target; the driver passes one
     value for the whole search, so every censored trial ranks below every reached one.
     With `seeds`, the trial is one configuration trained on each seed (`trainable.seeds`).
+    With `share` (``folder``, ``planned``: the point keys other trials start from, or None,
+    ``lease_s``), the trial starts from the deepest stored prefix of its curriculum and
+    stores its own states where others can start (`trainable.prefix_store`).
     """
     prepare_cuda_env()  # before CUDA starts in this worker
     torch.set_num_threads(max(1, threads))
     cur = trial_curriculum(base, config, smoke)
     device = trial_device(ray.get_gpu_ids(), torch.cuda.is_available(), torch.cuda.device_count())
     precision = resolve_precision(precision, device)
+    penalty = penalty if penalty is not None else censored_value(cur, budget)
+    group = list(seeds) if seeds is not None else [cur.seed]
+    engine = choose_engine("auto", device, len(group)) if seeds is not None else "lockstep"
     saved = tune.get_checkpoint()
-    state, last_report = None, None
+    state, history, replay, forked = None, [], [], {results.FLOPS_FORKED: 0.0}
     if saved is not None:
         with saved.as_directory() as folder:
             state = checkpoint.load(folder, device)
-            last_report = json.loads((Path(folder) / LAST_REPORT).read_text())
+            reports, last = Path(folder) / REPORTS, Path(folder) / LAST_REPORT
+            history = json.loads(reports.read_text()) if reports.exists() else [json.loads(last.read_text())]
+        forked = {k: history[-1][k] for k in (results.FLOPS_FORKED, results.PREFIX_SOURCE) if k in history[-1]}
+        history = [strip(h) for h in history]
+    sharing, source = None, {}
+    if share is not None:
+        source = {"trial": tune.get_context().get_trial_id() or "trial",
+                  "node": ray.get_runtime_context().get_node_id()}
+        env = environment(group, device, precision, engine, torch.get_num_threads(), budget, penalty)
+        store = PrefixStore(share["folder"], share.get("lease_s", LEASE_S))
+        planned = set(share["planned"]) if share.get("planned") is not None else None
+        sharing = Sharing(store, env, points(cur), worth_storing(cur, planned), owner=source["trial"])
+    try:
+        if sharing is not None and state is None:
+            point, entry = sharing.start(device)
+            if entry is not None:
+                state, replay = adopt(entry["state"], cur, seeds), list(entry["reports"])
+                src = entry["source"]
+                forked = {results.FLOPS_FORKED: float(replay[-1][results.FLOPS_SEEDS]),
+                          results.PREFIX_SOURCE: f"{src['trial']} on node {src['node']}, "
+                                                 f"stage {cur.stages[point.stage].name} epoch {point.epoch}"}
+        elif sharing is not None:
+            sharing.resume()
+        _train(cur, device, precision, seeds, state, history, replay, forked, penalty, budget, checkpoint_every_s,
+               sharing, source)
+    finally:
+        if sharing is not None:
+            sharing.close()
+
+
+def strip(report: dict[str, Any]) -> dict[str, Any]:
+    """A report without what belongs to the trial that made it (where it ran, what it forked)."""
+    own = (results.NODE_ID, results.TORCH_THREADS, results.DEVICE, results.PRECISION, results.PREFIX_SOURCE,
+           results.FLOPS_FORKED)
+    return {k: v for k, v in report.items() if k not in own}
+
+
+def _train(cur: Curriculum, device: torch.device, precision: str, seeds: list[int] | None,
+           state: dict[str, Any] | None, history: list[dict[str, Any]], replay: list[dict[str, Any]],
+           forked: dict[str, Any], penalty: float, budget: float | None, checkpoint_every_s: float,
+           sharing: Sharing | None, source: dict[str, str]) -> None:
+    """The trial's reports: first those of a forked prefix, as made, then its own evaluations.
+
+    `history` holds the reports made so far (a restored trial's, from its checkpoint); each
+    stored prefix carries it, so a trial forked from it reports the same history.
+    """
     if seeds is None:
         trainer = Trainer(cur, device, state, precision)
         trainers, rounds, state_dict = [trainer], ([(cur.seed, ev)] for ev in trainer.run()), trainer.state_dict
     else:
         group = Seeds(cur, seeds, device, precision, state=state)
         trainers, rounds, state_dict = group.trainers, group.run(), group.state_dict
-    penalty = penalty if penalty is not None else censored_value(cur, budget)
+    by_seed = {t.cur.seed: t for t in trainers}
+    history = history + replay
     where = {results.NODE_ID: ray.get_runtime_context().get_node_id(),
              results.TORCH_THREADS: torch.get_num_threads(), results.DEVICE: str(device), results.PRECISION: precision}
-    by_seed = {t.cur.seed: t for t in trainers}
-    step = last_report[results.STEP] + 1 if last_report else 0  # a replicate trial counts its reports
+
+    def over_budget(metrics: dict[str, Any]) -> bool:
+        return budget is not None and metrics[results.FLOPS] >= budget
+
+    def send(metrics: dict[str, Any], save: bool, before: list[dict[str, Any]]) -> None:
+        """Report `metrics`; with `save`, with a checkpoint holding the state and the reports so far."""
+        if not save:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint.save(state_dict(), folder)
+            (Path(folder) / REPORTS).write_text(json.dumps(before + [metrics]))
+            for t in trainers:  # a trial ASHA stops keeps those of its latest checkpoint
+                write_artifacts(t, Path(folder) / ARTIFACTS / (f"seed_{t.cur.seed}" if seeds else ""))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    done = all(t.finished for t in trainers) or trainers[0].position.stage > last_stage(cur)
+    for i, report in enumerate(replay):  # the prefix's reports, as its trial made them
+        metrics = {**report, **where, **forked}
+        final = i == len(replay) - 1 and (done or over_budget(metrics))
+        send(metrics, final, replay[:i])
+        if final:
+            return
+    if history and (done or over_budget(history[-1])):  # restored after it had finished
+        tune.report({**history[-1], **where, **forked})
+        return
+    step = int(history[-1][results.STEP]) + 1 if history else 0  # a replicate trial counts its reports
     saved_at = time.monotonic()
-    reported = False
-    spent = budget is not None and max(t.compute.flops for t in trainers) >= budget  # restored past its budget
-    for evaluations in [] if spent else rounds:
-        reported = True
+    for evaluations in rounds:
         if seeds is None:
             (_, ev), = evaluations
             report = seed_report(ev, trainer, penalty, budget)
@@ -122,21 +211,17 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float |
             for seed, ev in evaluations:
                 own = seed_report(ev, by_seed[seed], penalty, budget).to_dict()
                 report.metrics.update({results.per_seed(seed, k): v for k, v in own.items()})
+        report.metrics[results.FLOPS_SEEDS] = float(sum(t.compute.flops for t in trainers))
         step += 1
-        metrics = {**report.to_dict(), **where}
-        over_budget = budget is not None and metrics[results.FLOPS] >= budget
-        last = all(t.finished for t in trainers) or any(ev.final for _, ev in evaluations) or over_budget
-        if not last and time.monotonic() - saved_at < checkpoint_every_s:
-            tune.report(metrics)
-            continue
-        with tempfile.TemporaryDirectory() as folder:
-            checkpoint.save(state_dict(), folder)
-            (Path(folder) / LAST_REPORT).write_text(json.dumps(metrics))
-            for t in trainers:  # a trial ASHA stops keeps those of its latest checkpoint
-                write_artifacts(t, Path(folder) / ARTIFACTS / (f"seed_{t.cur.seed}" if seeds else ""))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-        saved_at = time.monotonic()
-        if over_budget:
+        history.append(report.to_dict())
+        metrics = {**history[-1], **where, **forked}
+        ends = all(t.finished for t in trainers) or over_budget(metrics)
+        if sharing is not None:
+            at = by_seed[evaluations[0][0]].position
+            sharing.write(at.stage, at.epoch, state_dict, history, source, ends=ends)
+        save = ends or any(ev.final for _, ev in evaluations) or time.monotonic() - saved_at >= checkpoint_every_s
+        send(metrics, save, history[:-1])
+        if save:
+            saved_at = time.monotonic()
+        if ends:
             return
-    if not reported and last_report is not None:
-        tune.report(last_report)
