@@ -17,10 +17,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import multiprocessing as mp
-import platform
 import statistics
 import time
 from pathlib import Path
+
+from markdown import cpu_model, replace_section  # beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## bf16 against fp32: compute to target over seeds"
@@ -79,17 +80,6 @@ def mann_whitney_exact(a: list[float], b: list[float]) -> tuple[float, float]:
     return u, hits / total
 
 
-def cpu_model() -> str:
-    """The CPU's model name (what `lscpu` shows), for the record."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def table(results: dict[str, list[dict]], curriculum: str, command: str) -> list[str]:
     fp32, bf16 = results["fp32"], results["bf16"]
     u, p = mann_whitney_exact([r["ctt"] for r in fp32], [r["ctt"] for r in bf16])
@@ -113,17 +103,6 @@ def table(results: dict[str, list[dict]], curriculum: str, command: str) -> list
     return lines
 
 
-def write_section(lines: list[str]) -> None:
-    """Replace (or append) this benchmark's section of BENCHMARKS.md."""
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(HEADING)
-    if start >= 0:
-        end = text.find("\n## ", start + len(HEADING))
-        text = text[:start].rstrip("\n") + ("\n" + text[end:] if end >= 0 else "\n")
-    path.write_text(text.rstrip("\n") + "\n" + "\n".join(lines) + "\n")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=8)
@@ -135,7 +114,7 @@ def main() -> None:
         results = {p: job.get() for p, job in jobs.items()}
     lines = table(results, args.curriculum, f"python benchmarks/precision.py --seeds {args.seeds}")
     print("\n".join(lines))
-    write_section(lines)
+    replace_section(ROOT / "BENCHMARKS.md", HEADING, lines)
 
 
 if __name__ == "__main__":

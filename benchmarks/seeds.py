@@ -48,6 +48,7 @@ from iterhead.trainable.seeds import Seeds, choose_engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import parallel  # noqa: E402  (beside this script)
+from markdown import replace_section  # noqa: E402
 import throughput  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,19 +129,6 @@ def verdict(device: torch.device, k: int, rows: dict[tuple[str, str], dict[str, 
             f"{shared:.2f}x lockstep's speed.")
 
 
-def replace_section(path: Path, lines: list[str]) -> None:
-    """Put this script's section (from `HEADING` to the next `## `) in place, or append it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    new = "\n".join(lines).strip("\n") + "\n"
-    start = text.find(HEADING + "\n")
-    if start < 0:
-        path.write_text(text.rstrip("\n") + "\n\n\n" + new)
-        return
-    end = text.find("\n## ", start + len(HEADING))
-    rest = "" if end < 0 else "\n\n" + text[end + 1:]
-    path.write_text(text[:start] + new + rest)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="1,3,8", help="seed counts K per trial")
@@ -193,7 +181,7 @@ def main() -> None:
              "longest of the K batches; `shared` gives every seed the same shapes (and so other batches than a "
              "separate run's)."]
     lines += body + ["", "`choose_engine(\"auto\", device, K)` against these numbers:", ""] + verdicts
-    replace_section(Path(args.out), lines)
+    replace_section(Path(args.out), HEADING, lines)
     print("\n".join(lines[:4] + lines[-len(verdicts) - 2:]))
     print(f"wrote {args.out}")
 

@@ -1,0 +1,30 @@
+"""What every benchmark script shares: the CPU it ran on, and its own section of BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    """The CPU's model name (what `lscpu` shows), for the record."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def replace_section(path: Path, heading: str, lines: list[str]) -> None:
+    """Put a script's section (from `heading` to the next `## `) in place, or append it."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    new = "\n".join(lines).strip("\n") + "\n"
+    start = text.find(heading + "\n")
+    if start < 0:
+        path.write_text(text.rstrip("\n") + "\n\n\n" + new)
+        return
+    end = text.find("\n## ", start + len(heading))
+    rest = "" if end < 0 else "\n\n" + text[end + 1:]
+    path.write_text(text[:start] + new + rest)
