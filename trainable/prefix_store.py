@@ -7,7 +7,8 @@ cluster that shares that folder reaches it. Two kinds of file:
   trial made up to it, and where it came from. Written atomically (`checkpoint.write_atomic`:
   a temporary file, synced, renamed), so a writer killed mid-write leaves no readable
   entry. An entry that does not load, or that carries another format or key, is ignored
-  with a warning, never trusted.
+  with a warning, never trusted, and set aside (renamed ``*.bad-<pid>``) so that the next
+  trial to reach that point writes a good one.
 - ``claims/<owner>.json``: a live trial's promise of the entries it is on its way to
   writing, with a lease: the file's modification time, renewed by a daemon thread while
   the trial's thread runs. A claimant that dies stops renewing and loses its claims after
@@ -86,18 +87,25 @@ class PrefixStore:
         try:
             entry = torch.load(path, map_location=device, weights_only=True)
         except Exception as e:  # a torn or foreign file: ignore it, loudly
-            warnings.warn(f"prefix store: ignoring unreadable entry {path} ({type(e).__name__}: {e})", stacklevel=2)
-            return None
+            return self._set_aside(path, f"unreadable ({type(e).__name__}: {e})")
         if not isinstance(entry, dict) or entry.get("format") != FORMAT or entry.get("key") != key:
-            warnings.warn(f"prefix store: ignoring entry {path}: not an {FORMAT} entry for this key", stacklevel=2)
-            return None
+            return self._set_aside(path, f"not an {FORMAT} entry for this key")
         return entry
+
+    def _set_aside(self, path: Path, why: str) -> None:
+        """Warn, and move a bad entry out of the way, so the next trial to get there writes a good one."""
+        warnings.warn(f"prefix store: ignoring entry {path}: {why}", stacklevel=3)
+        try:
+            os.replace(path, path.with_name(f"{path.name}.bad-{os.getpid()}"))
+        except OSError:  # another reader moved it first
+            pass
+        return None
 
     # -- claims -----------------------------------------------------------------------------
 
     def claim(self, owner: str, promises: set[str], created_ns: int | None = None) -> Claim:
         """Publish (or update) `owner`'s claim on the entries it will write; renews its lease."""
-        claim = Claim(owner, created_ns or time.time_ns(), frozenset(promises))
+        claim = Claim(owner, time.time_ns() if created_ns is None else created_ns, frozenset(promises))
         text = json.dumps({"owner": owner, "created_ns": claim.created_ns, "promises": sorted(promises)})
         write_atomic(self.claims / f"{owner}.json", lambda f: f.write(text.encode()))
         return claim
