@@ -44,11 +44,11 @@ import ray
 import torch
 from ray import tune
 
+from iterhead.curricula.schema import Curriculum
 from iterhead.curricula.trial import trial_curriculum
 from iterhead.trainable import checkpoint, results
 from iterhead.trainable.artifacts import ARTIFACTS, write_artifacts
 from iterhead.trainable.devices import prepare_cuda_env, resolve_precision, trial_device
-from iterhead.curricula.schema import Curriculum
 from iterhead.trainable.loop import Evaluation, Trainer
 from iterhead.trainable.prefix import adopt, environment, points, worth_storing
 from iterhead.trainable.prefix_store import LEASE_S, PrefixStore, Sharing

@@ -1,0 +1,54 @@
+"""Where a grid search's trials store states for each other, and what the search accounts.
+
+No training here: the plan is a pure function of the spec, so it is checked on the shipped
+paper specs, whose shared prefixes are known by reading them.
+"""
+
+from __future__ import annotations
+
+from iterhead.curricula.trial import trial_curriculum
+from iterhead.search.sharing import accounting, grid_configs, plan
+from iterhead.search.spec import load_search
+from iterhead.trainable import results as r
+from iterhead.trainable.prefix import points
+
+from support import ROOT
+
+CPU = ROOT / "examples" / "paper" / "cpu"
+
+
+def planned_points(spec: str, smoke: bool = False) -> set[tuple[str, int, int]]:
+    """The planned keys as (stage name, epoch, epochs of earlier stages), over the spec's trials."""
+    loaded = load_search(CPU / spec)
+    base = loaded.base.model_dump(mode="json")
+    keys = set(plan(loaded, base, smoke) or [])
+    out = set()
+    for config in grid_configs(loaded, smoke):
+        cur = trial_curriculum(base, config, smoke)
+        out |= {(cur.stages[p.stage].name, p.epoch, p.epochs_before) for p in points(cur) if p.key in keys}
+    return out
+
+
+def test_experiment_1_stores_where_shorter_pretrainings_end():
+    # pretraining 0, 10, 20 or 40 epochs: 10 is the start of 20 and 40, 20 the start of 40
+    assert planned_points("1_transfer.yaml") == {("pretrain", 10, 0), ("pretrain", 20, 0)}
+
+
+def test_experiment_3_stores_both_pretraining_ends():
+    # pretraining 20 or 80 epochs, each finetuned two ways: both ends are shared
+    assert planned_points("3_finetune_mlp.yaml") == {("pretrain", 20, 0), ("pretrain", 80, 0)}
+
+
+def test_finetuning_settings_share_their_one_pretraining():
+    assert planned_points("finetune_settings.yaml") == {("pretrain", 40, 0)}
+
+
+def test_searches_that_propose_as_they_go_have_no_plan():
+    loaded = load_search(ROOT / "examples" / "search_small.yaml")
+    assert plan(loaded, loaded.base.model_dump(mode="json"), False) is None
+
+
+def test_accounting_counts_forked_prefixes_once():
+    rows = [{r.FLOPS_SEEDS: 10.0, r.FLOPS_FORKED: 0.0}, {r.FLOPS_SEEDS: 12.0, r.FLOPS_FORKED: 8.0},
+            {r.FLOPS_SEEDS: 5.0}]  # a trial that reported nothing of it (an old checkpoint)
+    assert accounting(rows) == {r.FLOPS_CURRICULA: 27.0, r.FLOPS_TRAINED: 19.0}
