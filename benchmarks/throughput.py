@@ -1,28 +1,37 @@
 """Training throughput of iterhead's loop, and a whole `iterhead train` against the obvious loop.
 
-Prints a table and writes BENCHMARKS.md:
+Prints a table and writes (or replaces) its own sections of BENCHMARKS.md, leaving the other
+scripts' sections in place:
 
-1. the machine's measured fp32 matmul peak (the best of square 1024 and 2048 products);
-2. per configuration and device: trained tokens per second (padding excluded), achieved
-   analytic GFLOP/s (`trainable/compute.py`) and its share of that peak, and one whole
-   evaluation's time, as `Trainer.evaluate` runs it: accuracy on every test row and the
-   attention probes (timed epochs and evaluation follow an untimed warm-up one, so CUDA's
-   first-launch costs are not counted, and the clock reads after a device synchronise);
+1. the machine's measured matmul peak per dtype (the best of square 1024 and 2048 products,
+   the same thread count): fp32 always, bf16 where the device multiplies bf16 in hardware
+   (`devices.native_bf16`), since a bf16 row is only comparable with a bf16 peak;
+2. per configuration (`--configs`), device and precision (fp32, and bf16 autocast where
+   native): seconds per epoch, trained tokens per second (padding excluded), achieved
+   analytic GFLOP/s (`trainable/compute.py`) and its share of the peak of that precision's
+   dtype, tokens / s against the fp32 row, and one whole evaluation's time, as
+   `Trainer.evaluate` runs it (fp32 in both precisions: accuracy on every test row and the
+   attention probes), also as a fraction of that row's epoch (timed epochs and evaluation
+   follow an untimed warm-up one, so CUDA's first-launch costs are not counted, and the
+   clock reads after a device synchronise); the text says which precision `iterhead train`
+   picks by default there (`devices.pick_precision("auto", ...)`);
 3. several trainings on one device (`benchmarks/parallel.py`), with the small
-   configuration a search trial typically trains: N concurrent trial processes against one,
-   and K seeds batched into one model (`trainable/seeds.py`) against the same seeds one
-   after another;
-4. fp32 against bf16 autocast: training speed, and with ``--precision-check`` the compute
-   to 100% parity of three seeds in each precision (does bf16 change what is learnt?);
+   configuration a search trial typically trains, in fp32: N concurrent trial processes
+   against one, and K seeds batched into one model (`trainable/seeds.py`) against the same
+   seeds one after another;
+4. with ``--precision-check``, where bf16 is native: the compute to 100% parity of three
+   seeds in each precision (does bf16 change what is learnt? `benchmarks/precision.py`
+   asks the same over more seeds, with a test);
 5. on CUDA, one full paper-configuration run (lengths 1..32, 1000 epochs, an evaluation
-   every 100) against the obvious loop's per-epoch time on the same device, measured in the
-   same run after a warm-up epoch, times the epochs;
+   every 100, fp32 as the baseline) against the obvious loop's per-epoch time on the same
+   device, measured in the same run after a warm-up epoch, times the epochs;
 6. per device, one epoch plus one evaluation of the paper configuration as a whole
-   process: `iterhead train --device D` (start-up, data, training, evaluation, MLflow and
-   artifacts included) against `benchmarks/baseline.py --device D` (padding to the longest
-   length, DataLoader, `.item()` per step, a full train+test evaluation), both on device D.
+   process: `iterhead train --device D` at its default settings (precision auto; start-up,
+   data, training, evaluation, MLflow and artifacts included) against
+   `benchmarks/baseline.py --device D` (fp32, padding to the longest length, DataLoader,
+   `.item()` per step, a full train+test evaluation), both on device D.
 
-    python benchmarks/throughput.py [--epochs 2] [--concurrent 1,2] [--seeds 1,2,4]
+    python benchmarks/throughput.py [--epochs 2] [--configs paper,small] [--concurrent 1,2] [--seeds 1,2,4]
         [--full-epochs 1000] [--precision-check] [--skip-process] [--out BENCHMARKS.md]
 """
 
@@ -30,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -41,18 +49,22 @@ import torch
 import yaml
 
 from iterhead.curricula.io import parse_curriculum
-from iterhead.trainable.devices import prepare_cuda_env
+from iterhead.trainable.devices import native_bf16, pick_precision, prepare_cuda_env
 from iterhead.trainable.loop import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import parallel  # noqa: E402  (beside this script)
+from markdown import cpu_model, replace_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
+PAPER = "paper (L 1..32, 1024/len, d128)"
+SMALL = "small (L 1..8, 1024/len, d128)"
 CONFIGS = {
-    "paper (L 1..32, 1024/len, d128)": {"min_len": 1, "max_len": 32, "train_per_len": 1024, "test_per_len": 1024},
-    "small (L 1..8, 1024/len, d128)": {"min_len": 1, "max_len": 8, "train_per_len": 1024, "test_per_len": 1024},
+    PAPER: {"min_len": 1, "max_len": 32, "train_per_len": 1024, "test_per_len": 1024},
+    SMALL: {"min_len": 1, "max_len": 8, "train_per_len": 1024, "test_per_len": 1024},
 }
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the matmul dtype each precision trains in
 
 
 def curriculum(data: dict, epochs: int, name: str = "bench") -> dict:
@@ -71,11 +83,17 @@ def curriculum(data: dict, epochs: int, name: str = "bench") -> dict:
 sync = parallel.sync  # one copy of the timing helpers
 
 
-def matmul_peak(device: torch.device) -> float:
-    """Best fp32 GFLOP/s over square matmuls of 1024 and 2048."""
+def precisions(device: torch.device) -> list[str]:
+    """fp32 always; bf16 only where the hardware has it (emulated bf16 would measure the emulation)."""
+    return ["fp32", "bf16"] if native_bf16(device) else ["fp32"]
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """Best GFLOP/s over square `dtype` matmuls of 1024 and 2048: the ceiling a row of that precision is
+    measured against (bf16 units can run several times fp32's rate, so one fp32 peak would flatter bf16)."""
     best = 0.0
     for n in (1024, 2048):
-        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
         for _ in range(2):
             a @ b
         sync(device)
@@ -88,13 +106,13 @@ def matmul_peak(device: torch.device) -> float:
     return best
 
 
-def train_rate(data: dict, epochs: int, device: torch.device) -> dict:
-    """`epochs` epochs of the real loop and one evaluation, each after an untimed warm-up one.
+def train_rate(data: dict, epochs: int, device: torch.device, precision: str = "fp32") -> dict:
+    """`epochs` epochs of the real loop at `precision` and one evaluation, each after an untimed warm-up one.
 
     The first epoch and evaluation on CUDA pay for kernel loading and allocation; counting
     them would understate a run of hundreds of epochs. Tokens and FLOPs are the trainer's own
-    analytic counters."""
-    trainer = Trainer(parse_curriculum(curriculum(data, epochs + 1)), device)
+    analytic counters. The evaluation is fp32 whatever `precision` is (`Trainer.evaluate`)."""
+    trainer = Trainer(parse_curriculum(curriculum(data, epochs + 1)), device, precision=precision)
     r = parallel.timed_epochs(trainer, epochs)  # warm-up epoch, synchronised clock
     seconds = r["end"] - r["start"]
     stage = trainer.cur.stages[0].name
@@ -107,12 +125,43 @@ def train_rate(data: dict, epochs: int, device: torch.device) -> dict:
             "gflops": r["flops"] / seconds / 1e9, "eval_s": time.perf_counter() - t}
 
 
+def throughput(devices: list[torch.device], configs: list[str], epochs: int,
+               peaks: dict[tuple[str, str], float]) -> list[str]:
+    """The training-throughput rows: one per device, configuration and precision, each against its own peak."""
+    lines = ["| device | configuration | precision | s / epoch | tokens / s | vs fp32 | GFLOP/s "
+             "| share of its matmul peak | eval s | eval / epoch |", "|---|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for device in devices:
+        for name in configs:
+            fp32 = 0.0
+            for p in precisions(device):
+                r = train_rate(CONFIGS[name], epochs, device, p)
+                fp32 = fp32 or r["tok_s"]
+                lines.append(f"| {device.type} | {name} | {p} | {r['epoch_s']:.2f} | {r['tok_s']:,.0f} "
+                             f"| {r['tok_s'] / fp32:.2f}x | {r['gflops']:.1f} "
+                             f"| {r['gflops'] / peaks[device.type, p]:.0%} | {r['eval_s']:.2f} "
+                             f"| {r['eval_s'] / r['epoch_s']:.2f} |")
+                print(lines[-1], flush=True)
+    return lines
+
+
+def defaults(devices: list[torch.device]) -> str:
+    """What `iterhead train` (precision auto) trains in on each device here, and why."""
+    said = []
+    for device in devices:
+        native = native_bf16(device)
+        said.append(f"{pick_precision('auto', native)} on {device.type} (which "
+                    f"{'multiplies bf16 in hardware' if native else 'has no native bf16'})")
+    return "; ".join(said)
+
+
 def several(device: torch.device, counts: list[int], seeds: list[int], epochs: int, peak: float) -> list[str]:
-    """Tables for N concurrent trials and K batched seeds on one device (small configuration)."""
-    data = CONFIGS["small (L 1..8, 1024/len, d128)"]
-    cur = curriculum(data, epochs + 1)
+    """Tables for N concurrent trials and K batched seeds on one device (small configuration, fp32)."""
+    cur = curriculum(CONFIGS[SMALL], epochs + 1)
     cpus = os.cpu_count() or 1
     lines = ["", f"## Several trainings on one {device.type} device (small configuration, {epochs} epochs)", "",
+             "In fp32 (the `Trainer` default; a search's default precision is auto); the share is of the fp32 "
+             "matmul peak.", "",
              "| trial processes | threads each | aggregate tokens / s | GFLOP/s | share of matmul peak | vs one |",
              "|---|---|---|---|---|---|"]
     rates = {}
@@ -120,7 +169,8 @@ def several(device: torch.device, counts: list[int], seeds: list[int], epochs: i
         threads = max(1, cpus // n)
         r = parallel.concurrent(cur, device, n, epochs, threads)
         rates[n] = r["tok_s"]
-        lines.append(f"| {n} | {threads} | {r['tok_s']:,.0f} | {r['flop_s'] / 1e9:.1f} | {r['flop_s'] / 1e9 / peak:.0%} "
+        gflops = r["flop_s"] / 1e9
+        lines.append(f"| {n} | {threads} | {r['tok_s']:,.0f} | {gflops:.1f} | {gflops / peak:.0%} "
                      f"| {r['tok_s'] / rates[counts[0]]:.2f}x |")
         print(lines[-1], flush=True)
     best = max(rates.values())
@@ -141,35 +191,28 @@ def several(device: torch.device, counts: list[int], seeds: list[int], epochs: i
     return lines
 
 
-def precision(device: torch.device, epochs: int, check: bool) -> list[str]:
-    """fp32 against bf16 autocast: training speed (small configuration) and, with `check`,
-    compute to 100% parity over three seeds of the CPU-scale transfer curriculum."""
-    cur = parse_curriculum(curriculum(CONFIGS["small (L 1..8, 1024/len, d128)"], epochs + 1))
-    lines = ["", f"## bf16 autocast against fp32 on {device.type}", "",
-             "| precision | tokens / s (small configuration) | vs fp32 |", "|---|---|---|"]
-    rates = {}
-    for p in ("fp32", "bf16"):
-        r = parallel.timed_epochs(Trainer(cur, device, precision=p), epochs)
-        rates[p] = r["tokens"] / (r["end"] - r["start"])
-        lines.append(f"| {p} | {rates[p]:,.0f} | {rates[p] / rates['fp32']:.2f}x |")
-        print(lines[-1], flush=True)
-    if check:
-        from iterhead.curricula.io import load_curriculum
-        from iterhead.trainable.summary import summary_metrics
+def precision_check(device: torch.device) -> list[str]:
+    """Compute to 100% parity over three seeds of the CPU-scale transfer curriculum, fp32 against bf16
+    autocast: the speed in the throughput rows is only worth having if bf16 learns what fp32 does."""
+    from iterhead.curricula.io import load_curriculum
+    from iterhead.trainable.summary import summary_metrics
 
-        base = load_curriculum(ROOT / "examples" / "paper" / "cpu" / "base_poly_then_parity.yaml")
-        lines += ["", "Compute to 100% parity, `examples/paper/cpu/base_poly_then_parity.yaml` "
-                  "(censored runs at the penalty):", "", "| seed | fp32 FLOP | bf16 FLOP |", "|---|---|---|"]
-        for seed in range(3):
-            row = []
-            for p in ("fp32", "bf16"):
-                trainer = Trainer(base.model_copy(update={"seed": seed}), device, precision=p)
-                for _ in trainer.run():
-                    pass
-                s = summary_metrics(trainer.cur, trainer.outcome)
-                row.append(f"{s['compute_to_target']:.3e}" + ("" if s["reached"] else " (censored)"))
-            lines.append(f"| {seed} | {row[0]} | {row[1]} |")
-            print(lines[-1], flush=True)
+    base = load_curriculum(ROOT / "examples" / "paper" / "cpu" / "base_poly_then_parity.yaml")
+    lines = ["", f"## bf16 autocast against fp32 on {device.type}", "",
+             "Compute to 100% parity, `examples/paper/cpu/base_poly_then_parity.yaml` (censored runs at the "
+             "penalty); the speed of each precision is in the training-throughput rows, and "
+             "`benchmarks/precision.py` compares the two over more seeds.", "",
+             "| seed | fp32 FLOP | bf16 FLOP |", "|---|---|---|"]
+    for seed in range(3):
+        row = []
+        for p in ("fp32", "bf16"):
+            trainer = Trainer(base.model_copy(update={"seed": seed}), device, precision=p)
+            for _ in trainer.run():
+                pass
+            s = summary_metrics(trainer.cur, trainer.outcome)
+            row.append(f"{s['compute_to_target']:.3e}" + ("" if s["reached"] else " (censored)"))
+        lines.append(f"| {seed} | {row[0]} | {row[1]} |")
+        print(lines[-1], flush=True)
     return lines
 
 
@@ -177,8 +220,8 @@ def full_run(device: torch.device, epochs: int, baseline_epochs: int) -> list[st
     """One whole paper-configuration run of `epochs` epochs against the obvious loop's epochs.
 
     The target is put on a task the run never trains (copy), so the run cannot stop early at
-    100% parity and the time is that of every epoch and evaluation."""
-    data = CONFIGS["paper (L 1..32, 1024/len, d128)"]
+    100% parity and the time is that of every epoch and evaluation. fp32, as the baseline."""
+    data = CONFIGS[PAPER]
     cur = curriculum(data, epochs, "paper-full")
     cur["tasks"]["copy"] = {"kind": "copy"}
     cur["target"] = {"task": "copy", "accuracy": 1.0}
@@ -196,18 +239,21 @@ def full_run(device: torch.device, epochs: int, baseline_epochs: int) -> list[st
                               str(baseline_epochs), "--warmup-epochs", "1", "--device", str(device)], check=True,
                              capture_output=True, text=True).stdout.strip()
     per_epoch = float(out.split("(")[1].split(" s/epoch")[0])
-    return ["", f"## One full paper-configuration run on {device.type} ({epochs} epochs)", "",
+    return ["", f"## One full paper-configuration run on {device.type}", "",
+            f"{epochs} epochs, fp32 on both sides.", "",
             "| trainer | wall s | speed-up |", "|---|---|---|",
             f"| obvious loop (`benchmarks/baseline.py`): {baseline_epochs} epochs measured after a warm-up one, "
             f"x {epochs} | {per_epoch * epochs:.0f} | 1.0x |",
-            f"| iterhead `Trainer`, {len(evaluations)} evaluations included | {ours:.0f} | {per_epoch * epochs / ours:.1f}x |",
+            f"| iterhead `Trainer`, {len(evaluations)} evaluations included | {ours:.0f} "
+            f"| {per_epoch * epochs / ours:.1f}x |",
             "", f"Final parity accuracy of the full run: {parity:.3f}. Baseline detail: {out}."]
 
 
 def whole_process(data: dict, device: torch.device) -> tuple[float, float, str]:
     """Wall seconds of `iterhead train` and of the baseline, 1 epoch + 1 evaluation each, both
     told the same device (`iterhead train` would otherwise pick CUDA where the baseline's
-    default is the CPU). Whole processes: start-up and first-launch costs count on both sides."""
+    default is the CPU) and nothing else, so `iterhead train` runs at its default precision.
+    Whole processes: start-up and first-launch costs count on both sides."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "paper_one_epoch.yaml"
         path.write_text(yaml.safe_dump(curriculum(data, 1, "paper-one-epoch")))
@@ -225,9 +271,43 @@ def whole_process(data: dict, device: torch.device) -> tuple[float, float, str]:
     return ours, base, out.strip()
 
 
+def process_section(device: torch.device) -> list[str]:
+    """The whole-process comparison on `device`, as a section."""
+    ours, base, detail = whole_process(CONFIGS[PAPER], device)
+    auto = pick_precision("auto", native_bf16(device))
+    lines = ["", f"## One epoch plus one evaluation, paper configuration, as a whole process on {device.type}",
+             "", "| trainer | wall s | speed-up |", "|---|---|---|",
+             f"| obvious loop (`benchmarks/baseline.py --device {device}`, fp32) | {base:.1f} | 1.0x |",
+             f"| `iterhead train --device {device}` (precision auto: {auto}; MLflow and artifacts included) "
+             f"| {ours:.1f} | {base / ours:.1f}x |", "",
+             f"Baseline detail: {detail}."]
+    if device.type == "cpu":
+        lines += ["", "The baseline reuses iterhead's model (fused attention) and data, so it is itself faster "
+                  "than the authors' reference trainer. For that trainer, `REFERENCE.md` (in the project's "
+                  "shared notes) gives about 200 s per epoch with its evaluation on this kind of 2-core "
+                  "machine (606 s for 3 epochs and 2 full evaluations; about 93 s of training and 164 s per "
+                  "full evaluation): "
+                  f"{200 / ours:.1f}x that figure for this run's `iterhead train`. That reference could not "
+                  "be run side by side here (its licence keeps its code out of this project)."]
+    return lines
+
+
+def chosen(spec: str | None) -> list[str]:
+    """The CONFIGS keys that `spec` (comma-separated substrings) names; every one when it is empty."""
+    if not spec:
+        return list(CONFIGS)
+    wanted = [w.strip() for w in spec.split(",") if w.strip()]
+    missing = [w for w in wanted if not any(w in name for name in CONFIGS)]
+    if missing:
+        raise SystemExit(f"--configs: {', '.join(missing)} matches none of: {'; '.join(CONFIGS)}")
+    return [name for name in CONFIGS if any(w in name for w in wanted)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=2, help="timed epochs per configuration")
+    ap.add_argument("--epochs", type=int, default=2, help="timed epochs per configuration and precision")
+    ap.add_argument("--configs", default=None,
+                    help="comma-separated substrings of the configuration names to time (default: all)")
     ap.add_argument("--skip-process", action="store_true", help="skip the whole-process comparison")
     ap.add_argument("--concurrent", default=None, help="trial process counts (default: 1,2 on CPU, 1,2,4,8 on CUDA)")
     ap.add_argument("--seeds", default=None, help="batched seed counts (default: 1,2,4 on CPU, 1,4,8 on CUDA)")
@@ -235,62 +315,52 @@ def main() -> None:
     ap.add_argument("--full-epochs", type=int, default=1000, help="epochs of the full run (CUDA only; 0 skips)")
     ap.add_argument("--baseline-epochs", type=int, default=3, help="epochs the obvious loop is timed for")
     ap.add_argument("--precision-check", action="store_true",
-                    help="also train 3 seeds to the target in fp32 and bf16 (minutes on a CPU)")
+                    help="also train 3 seeds to the target in fp32 and bf16 where bf16 is native (minutes on a CPU)")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     args = ap.parse_args()
+    configs = chosen(args.configs)
     prepare_cuda_env()  # before the first CUDA work below, as in `iterhead train`
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    lines = ["| device | configuration | s / epoch | tokens / s | GFLOP/s | share of matmul peak | eval s |",
-             "|---|---|---|---|---|---|---|"]
-    peaks = {}
-    for device in devices:
-        peaks[device.type] = matmul_peak(device)
-        for name, data in CONFIGS.items():
-            r = train_rate(data, args.epochs, device)
-            lines.append(f"| {device.type} | {name} | {r['epoch_s']:.2f} | {r['tok_s']:,.0f} | {r['gflops']:.1f} "
-                         f"| {r['gflops'] / peaks[device.type]:.0%} | {r['eval_s']:.2f} |")
-            print(lines[-1], flush=True)
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
-    head = [f"# Benchmarks", "",
-            f"Written by `python {' '.join(sys.argv)}` on {time.strftime('%Y-%m-%d')}: "
-            f"{os.cpu_count()} CPUs ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads.", "",
-            "## Training throughput", "",
-            "Analytic FLOPs (6 x non-embedding parameters x tokens + causal attention); the share is of "
-            "the fp32 matmul peak measured in the same run: "
-            + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()) + ".", ""]
-    body = head + lines
+    peaks = {(d.type, p): matmul_peak(d, DTYPES[p]) for d in devices for p in precisions(d)}
+    measured = ", ".join(f"{d} {p} {v:.0f} GFLOP/s" for (d, p), v in peaks.items())
+    print(f"matmul peaks: {measured}", flush=True)
+    machine = f"{os.cpu_count()} CPUs ({cpu_model()}; native bf16: {'yes' if native_bf16(devices[0]) else 'no'})"
+    if torch.cuda.is_available():
+        machine += f", {torch.cuda.get_device_name()}"
+    rows = throughput(devices, configs, args.epochs, peaks)
+    sections = [["", "## Training throughput", "",
+                 f"Written by `python {' '.join(sys.argv)}` on {time.strftime('%Y-%m-%d')}: {machine}, "
+                 f"torch {torch.__version__}, torch threads: {torch.get_num_threads()}. This script's other sections "
+                 "come from the same run, except one its flags skipped (`--skip-process`, no `--precision-check`), "
+                 "which keeps an earlier run's figures.", "",
+                 "Analytic FLOPs (6 x non-embedding parameters x tokens + causal attention, the same count in "
+                 "either precision). bf16 rows train under bf16 autocast (weights and optimiser in fp32); each "
+                 "row's share is of the matmul peak of its own dtype, measured in the same run (best of square "
+                 f"1024 and 2048 products, the same threads): {measured}. `vs fp32` is tokens / s against the "
+                 "configuration's fp32 row. Evaluation is fp32 in every row, as `Trainer.evaluate` runs it; "
+                 "eval / epoch is against that row's epoch. By default (precision auto) `iterhead train` "
+                 f"trains in {defaults(devices)}.", "", *rows]]
     for device in devices:
         cuda = device.type == "cuda"
         counts = [int(v) for v in (args.concurrent or ("1,2,4,8" if cuda else "1,2")).split(",")]
         seeds = [int(v) for v in (args.seeds or ("1,4,8" if cuda else "1,2,4")).split(",")]
-        body += several(device, counts, seeds, args.several_epochs, peaks[device.type])
-        body += precision(device, args.several_epochs, args.precision_check)
+        sections.append(several(device, counts, seeds, args.several_epochs, peaks[device.type, "fp32"]))
+        if args.precision_check and "bf16" in precisions(device):
+            sections.append(precision_check(device))
         if cuda and args.full_epochs:
-            body += full_run(device, args.full_epochs, args.baseline_epochs)
-            print("\n".join(body[-6:]), flush=True)
+            sections.append(full_run(device, args.full_epochs, args.baseline_epochs))
+            print("\n".join(sections[-1]), flush=True)
     if not torch.cuda.is_available():
-        body += ["", "## GPU", "", "No CUDA device was present, so there are no GPU figures here: run this "
-                 "script on a GPU machine for the CUDA tables (one trial, N concurrent trials, K batched "
-                 "seeds, bf16, and one full paper-configuration run against the obvious loop)."]
+        sections.append(["", "## GPU", "", "No CUDA device was present, so there are no GPU figures here: run "
+                         "this script on a GPU machine for the CUDA tables (one trial in each precision, N "
+                         "concurrent trials, K batched seeds, and one full paper-configuration run against the "
+                         "obvious loop)."])
     for device in [] if args.skip_process else devices:
-        ours, base, detail = whole_process(CONFIGS["paper (L 1..32, 1024/len, d128)"], device)
-        body += ["", f"## One epoch plus one evaluation, paper configuration, as a whole process on {device.type}",
-                 "", "| trainer | wall s | speed-up |", "|---|---|---|",
-                 f"| obvious loop (`benchmarks/baseline.py --device {device}`) | {base:.1f} | 1.0x |",
-                 f"| `iterhead train --device {device}` (MLflow and artifacts included) | {ours:.1f} "
-                 f"| {base / ours:.1f}x |", "",
-                 f"Baseline detail: {detail}.", ""]
-        if device.type == "cpu":
-            body += ["The baseline reuses iterhead's model (fused attention) and data, so it is itself faster "
-                     "than the authors' reference trainer. For that trainer, `REFERENCE.md` (in the project's "
-                     "shared notes) gives about 200 s per epoch with its evaluation on this kind of 2-core "
-                     "machine (606 s for 3 epochs and 2 full evaluations; about 93 s of training and 164 s per "
-                     "full evaluation): "
-                     f"{200 / ours:.1f}x that figure for this run's `iterhead train`. That reference could not "
-                     "be run side by side here (its licence keeps its code out of this project).", ""]
-        print("\n".join(body[-8:]))
-    Path(args.out).write_text("\n".join(body) + "\n")
-    print(f"wrote {args.out}")
+        sections.append(process_section(device))
+        print("\n".join(sections[-1]), flush=True)
+    for lines in sections:
+        replace_section(Path(args.out), next(line for line in lines if line.startswith("## ")), lines)
+    print(f"wrote {len(sections)} sections into {args.out}")
 
 
 if __name__ == "__main__":
