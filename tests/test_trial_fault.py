@@ -25,13 +25,15 @@ pytestmark = pytest.mark.integration
 BASE = {**PARITY_BASE, "stages": [{"name": "train", "mix": {"parity": 1.0}, "epochs": 60}]}
 
 
-def trial_workers() -> list[int]:
-    """Ray processes running a trial of our function trainable."""
+def trial_workers(session: int) -> list[int]:
+    """Ray processes running a trial of our function trainable, in the driver's session only:
+    the Ray that the test's driver started, never another Ray's trials on this machine."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if (entry / "cmdline").read_bytes().startswith(b"ray::ImplicitFunc.train"):
+                own = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[3]) == session
+                if own and (entry / "cmdline").read_bytes().startswith(b"ray::ImplicitFunc.train"):
                     pids.append(int(entry.name))
             except OSError:
                 pass
@@ -57,7 +59,7 @@ def kill_mid_training(tmp_path, spec: dict) -> tuple[str, list[int], str]:
         while not killed and time.monotonic() < deadline and driver.poll() is None:
             saved = [int(p.name.split("_")[-1]) for p in tmp_path.glob("runs/*/*/checkpoint_*")]
             if max(saved, default=-1) >= 3:  # mid-training, checkpoints behind (Tune keeps the last 2)
-                killed = trial_workers()
+                killed = trial_workers(driver.pid)  # its own session (start_new_session)
                 for pid in killed:
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.05)
