@@ -1,5 +1,5 @@
-"""The curriculum one trial trains: a search's base, the trial's sampled values, and in a
-smoke search a tiny size.
+"""The curriculum one trial trains: a search's base, the trial's sampled values (or a PBT
+member's lineage), and in a smoke search a tiny size.
 
 Smoke size is applied after the sampled values, so a sampled epoch count or length is cut
 too. The driver (`search/run.py`) decides once whether a search is a smoke search; this
@@ -9,6 +9,7 @@ MLflow runs and for the scheduler's horizon alike.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from iterhead.curricula.io import parse_curriculum
@@ -17,6 +18,7 @@ from iterhead.curricula.schema import Curriculum
 
 SMOKE = {"max_len": 4, "train_per_len": 64, "test_per_len": 32, "epochs": 2}
 SMOKE_GRID = 2  # a smoke search keeps this many values of each grid
+SMOKE_PBT = {"members": 4, "interval_epochs": 1}  # a smoke PBT search: so few members, compared every epoch
 
 
 def shrink(data: dict[str, Any]) -> dict[str, Any]:
@@ -32,6 +34,20 @@ def shrink(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def trial_curriculum(base: dict[str, Any], config: dict[str, Any], smoke: bool) -> Curriculum:
-    """The curriculum one trial trains: the base with the sampled values (and smoke size)."""
+    """The curriculum one trial trains: the base with the sampled values (and smoke size); for a
+    PBT member (a ``pbt`` config, `search/population.py`) its lineage."""
+    if "pbt" in config:
+        return lineage(base, config["pbt"], smoke)
     data = apply(base, config)
     return parse_curriculum(shrink(data) if smoke else data, file="trial")
+
+
+def lineage(base: dict[str, Any], member: dict[str, Any], smoke: bool) -> Curriculum:
+    """A PBT member's curriculum: the (smoke-size) base with its PBT stage replaced by the
+    member's segments of it, each an ordinary stage."""
+    data = copy.deepcopy(base)
+    data = shrink(data) if smoke else data
+    names = [s["name"] for s in data["stages"]]
+    at = names.index(member["stage"])
+    data["stages"][at:at + 1] = copy.deepcopy(member["stages"])
+    return parse_curriculum(data, file="trial")

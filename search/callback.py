@@ -68,6 +68,18 @@ def seed_target(trial_id: str, seed: int) -> str:
     return f"{trial_id}/seed_{seed}"
 
 
+def member_of(trial) -> dict[str, Any] | None:
+    """A PBT trial's member config (`search.population.Population.config`); None for other trials."""
+    return trial.config.get("pbt")
+
+
+def run_key(trial) -> str:
+    """The key of a trial's own run: its trial id, or for a PBT trial its member's (one run
+    holds every generation of a member)."""
+    member = member_of(trial)
+    return f"member-{member['member']}" if member is not None else trial.trial_id
+
+
 class MlflowSearchCallback(tune.Callback):
     SETTINGS = ("uri", "experiment", "parent", "base", "smoke", "status_every", "flush_every", "seeds")
 
@@ -90,7 +102,7 @@ class MlflowSearchCallback(tune.Callback):
         self._buffer: dict[str, list[tuple[int, int, dict[str, float]]]] = {}
         self._last_flush = time.monotonic()
         self._tmp: Path | None = None
-        self.finished: dict[str, str] = {}  # trial id -> final status
+        self.ended: set[str] = set()  # run keys whose runs are ended
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.SETTINGS}
@@ -135,12 +147,16 @@ class MlflowSearchCallback(tune.Callback):
 
     def _run(self, trial) -> Future:
         """The trial's run: a trial run, or with seeds a configuration run and one run per seed
-        under it (the seeds' runs hold exactly what an `iterhead train` run of that seed holds)."""
-        tid = trial.trial_id
+        under it (the seeds' runs hold exactly what an `iterhead train` run of that seed holds),
+        or for a PBT trial its member's run (params: the member's first curriculum)."""
+        tid = run_key(trial)
         if tid not in self.runs:
             cur = trial_curriculum(self.base, dict(trial.config), self.smoke)
             tags = {r.TRIAL_ID: tid, r.SEARCH: self.experiment,
                     r.KIND: r.KIND_CONFIGURATION if self.seeds else r.KIND_TRIAL}
+            member = member_of(trial)
+            if member is not None:
+                tags.update({r.KIND: r.KIND_MEMBER, r.MEMBER_TAG: str(member["member"])})
             params = flatten(cur)
             if self.seeds:
                 params.pop("seed", None)
@@ -158,19 +174,34 @@ class MlflowSearchCallback(tune.Callback):
 
     def _targets(self, trial) -> list[str]:
         """The keys of every run a trial owns: its own, then its seeds'."""
-        return [trial.trial_id] + [seed_target(trial.trial_id, s) for s in self.seeds or []]
+        return [run_key(trial)] + [seed_target(trial.trial_id, s) for s in self.seeds or []]
 
     # -- Tune hooks -------------------------------------------------------------------------
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._run(trial)
+        member = member_of(trial)
+        if member is not None:
+            self._member_started(member)
+            return
         values = ", ".join(f"{k}={short(v)}" for k, v in trial.config.items())
         print(f"trial {trial.trial_id} started{': ' + values if values else ''}", file=self.out, flush=True)
+
+    def _member_started(self, member: dict[str, Any]) -> None:
+        """A PBT member's first generation, or one that starts from another member's state."""
+        settings = ", ".join(f"{k}={short(v)}" for k, v in member["segments"][-1]["settings"].items())
+        if member["generation"] == 0:
+            print(f"member {member['member']} started: {settings}", file=self.out, flush=True)
+        elif member["donor"] is not None:
+            at = member["segments"][-1]["start"]
+            print(f"member {member['member']} copies member {member['donor']} at epoch {at} of stage "
+                  f"{member['stage']} (generation {member['generation']}) and goes on with {settings}",
+                  file=self.out, flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         self._run(trial)
         step = int(result.get(r.STEP, result.get("training_iteration", 0)))
-        writes = [(trial.trial_id, step, metric_items(result))]
+        writes = [(run_key(trial), step, metric_items(result))]
         for seed, own in seed_items(result).items():
             writes.append((seed_target(trial.trial_id, seed), int(own[r.STEP]), metric_items(own)))
         for target, at, metrics in writes:
@@ -182,8 +213,8 @@ class MlflowSearchCallback(tune.Callback):
         if time.monotonic() - self._last_flush >= self.flush_every:
             self._flush()
         tags = {tag: str(result[key]) for key, tag in r.RESULT_TAGS.items() if key in result}
-        if tags and self.tagged.get(trial.trial_id) != tags:  # once, and again if a resume moved it
-            self.tagged[trial.trial_id] = tags
+        if tags and self.tagged.get(run_key(trial)) != tags:  # once, and again if a resume moved it
+            self.tagged[run_key(trial)] = tags
             runs = [self.runs[t] for t in self._targets(trial)]
             self.writer.submit(lambda: [self.writer.client.set_tag(run.result(), k, v)
                                         for run in runs for k, v in tags.items()])
@@ -210,8 +241,13 @@ class MlflowSearchCallback(tune.Callback):
                 self.writer.submit(lambda run=run, dst=dst: self.writer.client.log_artifacts(run.result(), str(dst)))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._end(trial, "FINISHED")
         last = trial.last_result or {}
+        member = member_of(trial)
+        if member is not None and not last.get(r.MEMBER_ENDS):  # a generation's end: the member goes on
+            for target in self._targets(trial):
+                self._flush(target)
+            return
+        self._end(trial, "FINISHED")
         if last.get(r.DIVERGED):
             how = "diverged (the loss became NaN or infinite; censored)"
         elif last.get(r.REACHED):
@@ -221,7 +257,8 @@ class MlflowSearchCallback(tune.Callback):
         if self.seeds:
             how = (f"{int(last.get(r.SEEDS_REACHED, 0))} of {len(self.seeds)} seeds reached the target; "
                    f"median {how}")
-        print(f"trial {trial.trial_id} finished: {how}", file=self.out, flush=True)
+        who = f"member {member['member']}" if member is not None else f"trial {trial.trial_id}"
+        print(f"{who} finished: {how}", file=self.out, flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._end(trial, "FAILED")
@@ -239,9 +276,9 @@ class MlflowSearchCallback(tune.Callback):
 
     def _end(self, trial, status: str) -> None:
         self._run(trial)
-        self.finished[trial.trial_id] = status
         for target in reversed(self._targets(trial)):  # the seeds' runs, then their configuration's
             self._flush(target)
+            self.ended.add(target)
             run = self.runs[target]
             self.writer.submit(lambda run=run: self.writer.end_run(run.result(), status))
 
@@ -257,9 +294,13 @@ class MlflowSearchCallback(tune.Callback):
         print(f"[status] {line}; {reached} reached the target{extra}", file=self.out, flush=True)
 
     def on_experiment_end(self, trials, **info) -> None:
-        for trial in trials:
-            if trial.trial_id not in self.finished and trial.trial_id in self.runs:
+        cut = [t for t in trials if not t.is_finished()]  # an interruption left them unfinished
+        for trial in cut:
+            if run_key(trial) in self.runs and run_key(trial) not in self.ended:
                 self._end(trial, "KILLED")
+        for trial in trials:  # PBT members still open: the population ended before their training did
+            if run_key(trial) not in self.ended and run_key(trial) in self.runs:  # (or, if cut, the search)
+                self._end(trial, "KILLED" if cut else "FINISHED")
         self.close()
 
     def close(self) -> None:

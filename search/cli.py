@@ -86,6 +86,9 @@ def describe(obj) -> str:
 
     if isinstance(obj, LoadedSearch):
         s = obj.spec
+        if s.pbt is not None:
+            return (f"PBT search {s.name!r} of {obj.base_path.name}: {s.search.num_samples} members, "
+                    f"{len(s.pbt.mutate)} setting(s) perturbed every {s.pbt.interval_epochs} epochs")
         return (f"search {s.name!r} over {len(s.space)} key(s) of {obj.base_path.name}, "
                 f"{s.search.algorithm}, {s.search.num_samples} sample(s)")
     return (f"curriculum {obj.name!r}, {len(obj.tasks)} task(s), {len(obj.stages)} stage(s), "

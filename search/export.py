@@ -13,6 +13,9 @@ compute_to_target, `trainable.results.over_seeds`). The header then gives the co
 re-runs every seed (``iterhead train FILE --seeds 0,1,2 --threads N --precision P``) and each seed's
 compute_to_target, read from the seed runs under the configuration run, to compare with.
 
+A PBT search's children are member runs; a member's curriculum artifact is its lineage (the
+segments it trained, as plain stages), so it exports and re-trains like a trial's.
+
 Only `trainable.results` (names) and `trainable.checkpoint` (atomic writes) come from the
 trainable side, neither importing torch: export starts in a fraction of a second, with no
 torch or ray.
@@ -144,9 +147,12 @@ def header(c: Candidate, experiment: str, parent: str, rank: int, file: str, bud
             f"reproduce every seed exactly on CPU: iterhead train {file} --seeds {seeds} {options}",
         ]
     else:
+        who = (f"PBT member {c.trial_id}, its lineage (the stages it trained, copies of better members "
+               f"included), MLflow run {c.run_id}" if c.tags.get(r.KIND) == r.KIND_MEMBER
+               else f"trial {c.trial_id}, MLflow run {c.run_id}")
         lines += [
             f"search {experiment!r}, parent run {parent}, rank {rank} by compute_to_target",
-            f"trial {c.trial_id}, MLflow run {c.run_id}",
+            who,
             f"compute_to_target {m[r.COMPUTE_TO_TARGET]:.6e} FLOP, examples_to_target "
             f"{m.get(r.EXAMPLES_TO_TARGET, float('nan')):.0f}, "
             f"target accuracy {m.get(r.TARGET_ACC, float('nan')):.4f}",

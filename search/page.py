@@ -7,6 +7,9 @@ spread over seeds, censored trials marked), the fraction of trials at target aga
 compute, the best trial's accuracy at each length against compute, its attention maps and
 iteration-head probe scores, and a table of every trial.
 
+A PBT search has member runs: the page then has a Population section instead of the medians,
+the best member's schedule (its lineage's settings against compute) first among the figures.
+
 A search with ``seeds:`` has configuration runs where others have trial runs: each row is
 then a configuration with its own score over its seeds, the median table takes the range
 from its seed runs, and the "best trial" is the best configuration's median seed (the seed
@@ -105,21 +108,52 @@ def build(client: Any, experiment: str, out: Path, parent_run_id: str | None = N
         if best:
             best_figures, probes = best_trial_figures(client, best[0], folder)
             figures += best_figures
+            if is_population(rows) and "schedule.png" in {a.path for a in client.list_artifacts(best[0])}:
+                figures.insert(0, Path(client.download_artifacts(best[0], "schedule.png", str(folder))))
         page = out / "report.html"
         medians = report.seed_medians(scored, keys)
-        shared = _sharing(client.get_run(parent).data.metrics, rows)
+        shared = _sharing(client.get_run(parent).data.metrics, rows, is_population(rows))
         page.write_text(render(experiment, parent, keys, rows, figures, probes, best[1] if best else None, medians,
                                shared))
-        (out / "medians.md").write_text(report.medians_text(medians, keys, report.is_replicate(rows)) + "\n")
+        table = (members_text(rows) if is_population(rows) else
+                 report.medians_text(medians, keys, report.is_replicate(rows)))
+        (out / "medians.md").write_text(table + "\n")
         client.log_artifacts(parent, str(folder), "report")
         client.log_artifact(parent, str(page), "report")
     return page
 
 
+def members_text(rows: list[dict[str, Any]]) -> str:
+    """A PBT search's members as a markdown table, best first (what `iterhead report` prints)."""
+    lines = ["| member | reached | compute_to_target | target accuracy |", "|---|---|---|---|"]
+    for row in sorted(rows, key=lambda row: (row[r.REACHED] != 1.0, row[r.COMPUTE_TO_TARGET], row["trial_id"])):
+        lines.append(f"| {row['trial_id']} | {_outcome(row)} | {row[r.COMPUTE_TO_TARGET]:.3e} "
+                     f"| {row[r.TARGET_ACC]:.3f} |")
+    return "\n".join(lines)
+
+
+def is_population(rows: list[dict[str, Any]]) -> bool:
+    """Whether the rows are the members of a PBT search."""
+    return any(row.get("kind") == r.KIND_MEMBER for row in rows)
+
+
+POPULATION_RULE = (
+    "Population Based Training: every member trained the base curriculum's seed; at each comparison the "
+    "worst members copied the state of one of the best and perturbed their settings, so a member's lineage "
+    "(its <code>curriculum.yaml</code>; its segments in <code>lineage.yaml</code>) holds the stages it "
+    "trained, copies included. The first figure is the best lineage's settings against its training "
+    "compute. The population ends with the comparison at which a member first reaches the target, since "
+    "no later lineage can need less compute; the others are then censored. A schedule learned on one seed "
+    "can be lucky: re-train the exported lineage on other seeds (<code>iterhead train FILE --seeds ...</code>) "
+    "before trusting it.")
+
+
 def render(experiment: str, parent: str, keys: list[str], rows: list[dict[str, Any]], figures: list[Path],
            probes: dict[str, float], best: str | None, medians: list[dict[str, Any]], shared: str = "") -> str:
     replicates = report.is_replicate(rows)
-    one, what = ("configuration", "configurations") if replicates else ("trial", "trials")
+    population = is_population(rows)
+    one, what = (("configuration", "configurations") if replicates else ("member", "members") if population
+                 else ("trial", "trials"))
     n_reached = sum(1 for row in rows if row[r.REACHED] == 1.0)
     imgs = "\n".join(f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,'
                      f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{html.escape(p.stem)}'
@@ -144,6 +178,8 @@ def render(experiment: str, parent: str, keys: list[str], rows: list[dict[str, A
                 "their penalty; the median is the lower median (with an even count, the lower of the two "
                 "middle values, so always one trial's), and it is censored when fewer than half its trials "
                 "reached the target.")
+    summary = (f"<h2>Population</h2>\n<p>{POPULATION_RULE}</p>" if population else
+               f"<h2>Median over seeds</h2>\n<p>{rule}</p>\n<table><tr>{med_head}</tr>\n{med_body}\n</table>")
     probe_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>" for k, v in sorted(probes.items()))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>iterhead: {html.escape(experiment)}</title>
@@ -154,14 +190,10 @@ img{{max-width:520px}}table{{border-collapse:collapse;font-size:12px}}td,th{{bor
 <p>Parent run {html.escape(parent)}; {len(rows)} {what}, {n_reached} reached the target, {len(rows) - n_reached}
 censored (drawn as crosses at their penalty, never dropped). Written {time.strftime('%Y-%m-%d %H:%M')}.</p>
 <p>{html.escape(shared)}</p>
-<h2>Median over seeds</h2>
-<p>{rule}</p>
-<table><tr>{med_head}</tr>
-{med_body}
-</table>
+{summary}
 <h2>Figures</h2>
 {imgs}
-<h2>Best trial{': ' + html.escape(best) if best else ''}: iteration-head probes</h2>
+<h2>Best {one}{': ' + html.escape(best) if best else ''}: iteration-head probes</h2>
 <p>Mean attention from chain-of-thought positions to EoI (cot_to_eoi) and from the position
 predicting s_t to x_t (iteration), per layer and head, at the last evaluation.</p>
 <table><tr><th>probe</th><th>score</th></tr>{probe_rows or '<tr><td colspan=2>no trial reached the target</td></tr>'}</table>
@@ -172,11 +204,14 @@ predicting s_t to x_t (iteration), per layer and head, at the last evaluation.</
 """
 
 
-def _sharing(metrics: dict[str, float], rows: list[dict[str, Any]]) -> str:
-    """What shared prefixes saved, from the parent run's ``search/flops_*`` (a search that ended)."""
+def _sharing(metrics: dict[str, float], rows: list[dict[str, Any]], population: bool = False) -> str:
+    """What shared prefixes saved, from the parent run's ``search/flops_*`` (a search that ended);
+    for a PBT search what the population trained in all."""
     if r.FLOPS_TRAINED not in metrics:
         return ""
     flops = {k: metrics[k] for k in (r.FLOPS_TRAINED, r.FLOPS_CURRICULA)}
+    if population:
+        return f"The population trained {flops[r.FLOPS_TRAINED]:.3e} FLOPs in all, every member and generation."
     return "Shared prefixes: " + sharing.summary_line(flops, sum(1 for row in rows if row["forked_from"])) + "."
 
 

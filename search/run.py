@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from iterhead.curricula.errors import ConfigError
+from iterhead.curricula.trial import SMOKE_PBT
 from iterhead.search import sharing
 from iterhead.search.report import short
 from iterhead.search.spec import LoadedSearch, SearchSettings
@@ -34,6 +35,7 @@ from iterhead.trainable import results
 from iterhead.trainable.checkpoint import write_atomic
 
 STATE_FILE = "iterhead-search.json"
+POPULATION = "population"  # a PBT search's population entries, inside its folder (`trainable/population.py`)
 
 
 @dataclass
@@ -49,10 +51,13 @@ class SearchOptions:
 
 
 def settings_for(loaded: LoadedSearch, smoke: bool) -> SearchSettings:
-    """The search settings; a smoke search runs 2 samples, or 1 over grids cut to 2 values."""
+    """The search settings; a smoke search runs 2 samples, or 1 over grids cut to 2 values (PBT:
+    a few members, `curricula.trial.SMOKE_PBT`)."""
     s = loaded.spec.search
     if not smoke:
         return s
+    if s.scheduler == "pbt":
+        return s.model_copy(update={"num_samples": min(s.num_samples, SMOKE_PBT["members"]), "max_concurrent": 2})
     grids = any(d.kind == "grid" for d in loaded.spec.space.values())
     return s.model_copy(update={"num_samples": 1 if grids else 2, "max_concurrent": 2})
 
@@ -169,6 +174,8 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
     quiet_libraries()
     spec = loaded.spec
     settings = settings_for(loaded, opts.smoke)
+    pbt = settings.scheduler == "pbt"
+    keys = list(spec.pbt.mutate) if pbt else list(spec.space)  # what the summary shows of each trial
     if not opts.address:  # checked before Ray starts
         check_resources(loaded, float(opts.num_cpus or os.cpu_count() or 1), float(local_gpus()), "this machine")
     folder, state = search_folder(loaded, opts)
@@ -178,6 +185,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
     import ray
     from ray import tune
 
+    from iterhead.search import population
     from iterhead.search.callback import MlflowSearchCallback
     from iterhead.search.space import horizon, param_space, scheduler, searcher
     from iterhead.trainable.summary import CENSOR_FACTOR
@@ -204,12 +212,17 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
         penalty = state["penalty"] if state else CENSOR_FACTOR * horizon(loaded, smoke)
         seeds = state.get("seeds") if state else seeds_for(loaded, opts.smoke)
         precision = state.get("precision", "fp32") if state else opts.precision
+        pbt = settings.scheduler == "pbt"
         share = state.get("share", False) if state else opts.share
-        plan = state.get("plan") if state else (sharing.plan(loaded, base, smoke) if share else None)
+        plan = state.get("plan") if state else (
+            (population.prefix_plan(loaded, base, smoke) if pbt else sharing.plan(loaded, base, smoke))
+            if share else None)
+        share = share and (plan is not None or not pbt)  # PBT shares only what its first generation repeats
         trainable = tune.with_resources(
             tune.with_parameters(train_trial, base=base, budget=budget, smoke=smoke, penalty=penalty, seeds=seeds,
                                  precision=precision, threads=max(1, int(resources["cpu"])),
                                  share={"folder": str(folder / sharing.PREFIXES), "planned": plan} if share else None,
+                                 population=str(folder / POPULATION) if pbt else None,
                                  checkpoint_every_s=settings.checkpoint_every_s), resources)
         if state:
             writer.submit(lambda: writer.client.update_run(parent, status="RUNNING")).result()
@@ -227,27 +240,32 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
                                  "state": "running", "base": base, "budget": budget, "smoke": smoke,
                                  "penalty": penalty, "seeds": seeds, "precision": precision,
                                  "share": share, "plan": plan})
-            print(f"search {spec.name!r}: {settings.num_samples} sample(s), at most {settings.max_concurrent} at "
-                  f"once, {settings.algorithm} + {settings.scheduler}; MLflow parent run {parent}; Tune state in "
-                  f"{folder}", file=out, flush=True)
+            how = (f"PBT over stage {population.pbt_stage(spec.pbt, base)!r}, {settings.num_samples} members compared "
+                   f"every {population.interval_for(spec.pbt, smoke)} epochs" if pbt else
+                   f"{settings.num_samples} sample(s), {settings.algorithm} + {settings.scheduler}")
+            print(f"search {spec.name!r}: {how}, at most {settings.max_concurrent} at once; MLflow parent run "
+                  f"{parent}; Tune state in {folder}", file=out, flush=True)
             callback = MlflowSearchCallback(opts.uri, experiment, parent, base, smoke, out, seeds=seeds)
+            search_alg, trial_scheduler, samples = (
+                population.tune_parts(loaded, base, settings, smoke) if pbt else
+                (searcher(settings, bool(spec.space)), scheduler(loaded, settings, smoke), settings.num_samples))
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space(loaded, smoke),
-                tune_config=tune.TuneConfig(search_alg=searcher(settings, bool(spec.space)),
-                                            scheduler=scheduler(loaded, settings, smoke),
-                                            num_samples=settings.num_samples, reuse_actors=True),
+                tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=trial_scheduler, num_samples=samples,
+                                            reuse_actors=True),
                 run_config=tune.RunConfig(name=folder.name, storage_path=str(folder.parent), callbacks=[callback],
                                           verbose=0, checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                           failure_config=tune.FailureConfig(max_failures=settings.max_failures)),
             )
         grid = tuner.fit()
-        rows = _rows(grid, writer, experiment, parent, list(spec.space))
+        rows = _rows(grid, writer, experiment, parent, keys, pbt)
         complete = grid.num_terminated + grid.num_errors == len(grid)
         if complete:
-            _log_summary(writer, parent, rows, list(spec.space), sharing.accounting(rows))
+            _log_summary(writer, parent, rows, keys, sharing.accounting(rows))
             _save_state(folder, {**json.loads((folder / STATE_FILE).read_text()), "state": "finished"})
-            shutil.rmtree(folder / sharing.PREFIXES, ignore_errors=True)  # only this search's trials start there
+            for own in (sharing.PREFIXES, POPULATION):  # only this search's trials start there
+                shutil.rmtree(folder / own, ignore_errors=True)
         status = "FINISHED" if complete else "KILLED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -267,8 +285,11 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
     if status != "FINISHED":
         print(f"\nsearch interrupted; continue it with: iterhead search {loaded.path} --resume"
               + (f" --storage-path {opts.storage_path}" if opts.storage_path else ""), file=out)
-    _print_summary(rows, list(spec.space), out, state.get("seeds") if state else seeds_for(loaded, opts.smoke))
-    if rows:
+    _print_summary(rows, keys, out, state.get("seeds") if state else seeds_for(loaded, opts.smoke),
+                   "members" if pbt else None)
+    if rows and pbt:
+        print(population.summary_line(sharing.accounting(rows), rows), file=out)
+    elif rows:
         print(sharing.summary_line(sharing.accounting(rows), sum(1 for row in rows if row["forked_from"])), file=out)
     print(f"MLflow experiment {experiment!r}; to look: {ui_hint(opts.uri)}", file=out)
     return rows
@@ -288,8 +309,9 @@ def _spec_params(loaded: LoadedSearch, settings: SearchSettings, opts: SearchOpt
     return params
 
 
-def _rows(grid, writer: RunWriter, experiment: str, parent: str, keys: list[str]) -> list[dict[str, Any]]:
-    """One row per trial: its searched values, outcome and MLflow run."""
+def _rows(grid, writer: RunWriter, experiment: str, parent: str, keys: list[str],
+          pbt: bool = False) -> list[dict[str, Any]]:
+    """One row per trial: its searched values, outcome and MLflow run (PBT: one per member)."""
     def children() -> dict[str, str]:
         exp = writer.experiment_id(experiment)
         runs = writer.client.search_runs([exp], filter_string=f"tags.`{results.PARENT_RUN}` = '{parent}'",
@@ -297,6 +319,10 @@ def _rows(grid, writer: RunWriter, experiment: str, parent: str, keys: list[str]
         return {run.data.tags.get(results.TRIAL_ID, ""): run.info.run_id for run in runs}
 
     run_ids = writer.submit(children).result()
+    if pbt:
+        from iterhead.search.population import member_rows
+
+        return member_rows(grid, run_ids, keys)
     rows = []
     for result in grid:
         m = result.metrics or {}
@@ -333,12 +359,12 @@ def _log_summary(writer: RunWriter, parent: str, rows: list[dict[str, Any]], key
 
 
 def _print_summary(rows: list[dict[str, Any]], keys: list[str], out: TextIO,
-                   seeds: list[int] | None = None) -> None:
+                   seeds: list[int] | None = None, what: str | None = None) -> None:
     if not rows:
         return
     reached = [row for row in rows if row[results.REACHED] == 1.0]
     seeds = seeds or []
-    what = "configurations (median over their seeds)" if seeds else "trials"
+    what = what or ("configurations (median over their seeds)" if seeds else "trials")
     print(f"\n{len(reached)} of {len(rows)} {what} reached the target "
           f"({len(rows) - len(reached)} censored or failed); by compute_to_target:", file=out)
     print("  " + " | ".join(["trial", *keys, *(["seeds reached"] if seeds else []), "reached", "compute_to_target"]),

@@ -11,6 +11,17 @@
     budget: {flops: 2.0e14}              # a trial is censored past this compute
     resources: {cpu: 1, gpu: 0.25}       # gpu is ignored where no CUDA device exists
 
+A PBT search (`search/population.py`) has no space; it names the settings of one stage that
+change over time, and its population size is `num_samples`:
+
+    search: {scheduler: pbt, num_samples: 8, max_concurrent: 2, seed: 0}
+    pbt:
+      interval_epochs: 4                 # members are compared, and the worst copy the best, this often
+      quantile: 0.25                     # the worst quarter copies the best quarter
+      mutate:                            # fields of the stage in force: lr, mix.<task>, train_modules
+        mix.polynomial: {uniform: [0.0, 1.0]}
+        lr: {loguniform: [1.0e-4, 3.0e-3]}
+
 Checked before anything starts: every space key addresses a curriculum field (stages by
 name), every domain is well formed, and the curriculum stays valid at each domain's ends
 and choices, so a bad space fails in a second, not in the middle of a search.
@@ -24,7 +35,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from iterhead.curricula.errors import ConfigError
+from iterhead.curricula.errors import ConfigError, shown, unknown
 from iterhead.curricula.io import parse_curriculum, read_yaml_mapping, validation_error
 from iterhead.curricula.overrides import apply
 from iterhead.curricula.schema import Curriculum, Name, Spec
@@ -85,12 +96,25 @@ class SearchSettings(Spec):
     algorithm: Literal["optuna", "random", "grid"] = "optuna"
     num_samples: Annotated[int, Field(gt=0, le=100_000)] = 8
     max_concurrent: Annotated[int, Field(gt=0, le=10_000)] = 2
-    scheduler: Literal["asha", "none"] = "asha"
+    scheduler: Literal["asha", "none", "pbt"] = "asha"
     seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
     grace_fraction: Annotated[float, Field(gt=0, le=1)] = 1 / 9
     reduction_factor: Annotated[float, Field(gt=1)] = 3.0
     max_failures: Annotated[int, Field(ge=0, le=100)] = 2  # retries of a trial that errored
     checkpoint_every_s: Annotated[float, Field(ge=0)] = 30.0  # and at each trial's last evaluation
+
+
+PBT_KEYS = ("lr", "mix.<task>", "train_modules")  # the stage fields PBT perturbs
+
+
+class PbtSettings(Spec):
+    """Population Based Training over the settings of one stage (`search/population.py`)."""
+
+    interval_epochs: Annotated[int, Field(gt=0)]  # members are compared, and the worst copy the best, this often
+    quantile: Annotated[float, Field(gt=0, le=0.5)] = 0.25  # the worst quantile copies the best quantile
+    resample_probability: Annotated[float, Field(ge=0, le=1)] = 0.25  # explore by a fresh draw, not a nudge
+    stage: Name | None = None  # the stage whose settings change over time; default: the last that trains
+    mutate: Annotated[dict[str, Domain], Field(min_length=1)]  # stage fields (PBT_KEYS) and their domains
 
 
 class Budget(Spec):
@@ -114,6 +138,7 @@ class SearchSpec(Spec):
     search: SearchSettings = SearchSettings()
     budget: Budget = Budget()
     resources: Resources = Resources()
+    pbt: PbtSettings | None = None  # with search.scheduler: pbt
 
 
 class LoadedSearch:
@@ -155,6 +180,79 @@ def _check_space(spec: SearchSpec, base: Curriculum, file: str) -> None:
                 raise ConfigError(err.message, field=where, file=file) from None
 
 
+def _check_pbt(spec: SearchSpec, base: Curriculum, file: str) -> None:
+    """A PBT search: the section and the scheduler go together, nothing else proposes trials, and
+    every mutate key is a field of the PBT stage whose domain holds the base's value (so the mix
+    shares' lower ends, which the base's shares meet, sum to at most 1, as exploring needs)."""
+    pbt, settings = spec.pbt, spec.search
+    if settings.scheduler != "pbt":
+        if pbt is not None:
+            raise ConfigError(f"a pbt: section needs search.scheduler: pbt (got {settings.scheduler!r})",
+                              field="search.scheduler", file=file)
+        return
+    if pbt is None:
+        raise ConfigError("scheduler pbt needs a pbt: section with interval_epochs and mutate (the stage "
+                          "fields to perturb and their domains)", field="pbt", file=file)
+    if "algorithm" in settings.model_fields_set and settings.algorithm != "random":
+        raise ConfigError(f"PBT draws its first population at random from pbt.mutate, so algorithm "
+                          f"{settings.algorithm!r} has nothing to propose; leave search.algorithm out",
+                          field="search.algorithm", file=file)
+    if spec.space:
+        key = next(iter(spec.space))
+        raise ConfigError(f"a PBT search varies only the stage fields in pbt.mutate; move {key!r} there if it "
+                          "is one, or drop it", field=f"space.{key}", file=file)
+    if spec.seeds is not None:
+        raise ConfigError("PBT members all train the base curriculum's seed; remove seeds: (re-train an "
+                          "exported lineage on other seeds with iterhead train --seeds)", field="seeds", file=file)
+    training = [s.name for s in base.stages if s.epochs > 0]
+    name = pbt.stage or training[-1]
+    if name not in training:
+        raise ConfigError(unknown("stage", name, training, listing="stages that train:"), field="pbt.stage",
+                          file=file)
+    stage, every = base.stage(name), base.eval.every_epochs
+    longest = f"{name}-m{settings.num_samples - 1}-e{stage.epochs}"  # `search.population`'s segment names
+    if len(longest) > 64:
+        raise ConfigError(f"PBT names the stage's segments like {longest!r}, over the 64 characters a stage "
+                          "name may have; shorten the stage's name", field="pbt.stage", file=file)
+    if pbt.interval_epochs % every:
+        raise ConfigError(f"must be a multiple of the base's eval.every_epochs ({every}), since members are "
+                          f"compared at evaluations (got {pbt.interval_epochs})", field="pbt.interval_epochs",
+                          file=file)
+    if pbt.interval_epochs >= stage.epochs:
+        raise ConfigError(f"must be below the epochs of stage {name!r} ({stage.epochs}), or no member ever "
+                          f"copies another (got {pbt.interval_epochs})", field="pbt.interval_epochs", file=file)
+    data = base.model_dump(mode="json")
+    for key, domain in pbt.mutate.items():
+        where = f"pbt.mutate.{key}"
+        kinds = {"lr": ("uniform", "loguniform", "choice"), "train_modules": ("choice",)}.get(
+            key, ("uniform",) if key.startswith("mix.") else None)
+        if kinds is None:
+            raise ConfigError(unknown("stage field", key, PBT_KEYS, listing="PBT perturbs"), field=where, file=file)
+        if domain.kind not in kinds:
+            raise ConfigError(f"{key} takes a {' or '.join(kinds)} domain here, not {domain.kind}", field=where,
+                              file=file)
+        if key.startswith("mix."):
+            task = key.split(".", 1)[1]
+            if task not in base.tasks:
+                raise ConfigError(unknown("task", task, base.tasks, listing="defined tasks:"), field=where, file=file)
+            if not (0.0 <= domain.args[0] and domain.args[1] <= 1.0):
+                raise ConfigError(f"a mix share lies in [0, 1] (got {list(domain.args)})", field=where, file=file)
+            value: Any = stage.mix.get(task, 0.0) / sum(stage.mix.values())
+        else:
+            value = (stage.lr or base.optim.lr) if key == "lr" else stage.train_modules
+        for probe in domain.probes():
+            try:
+                parse_curriculum(apply(data, {f"stages.{name}.{key}": probe}), file=file)
+            except ConfigError as err:
+                raise ConfigError(f"the value {probe!r} makes the curriculum invalid: {err.field}: {err.message}",
+                                  field=where, file=file) from None
+        inside = value in domain.args if domain.kind == "choice" else domain.args[0] <= value <= domain.args[1]
+        if not inside:
+            raise ConfigError(f"stage {name!r} of the base has {key} = {shown(value)}, outside this domain; widen "
+                              "the domain to hold it (the base's stages are where the population starts)",
+                              field=where, file=file)
+
+
 def load_search(path: str | Path) -> LoadedSearch:
     """Read and check a search spec and its base curriculum; `ConfigError` on bad input."""
     path = Path(path)
@@ -177,6 +275,7 @@ def load_search(path: str | Path) -> LoadedSearch:
     except ConfigError as err:
         raise ConfigError(f"the base curriculum is invalid: {err}", field="base", file=file) from None
     _check_space(spec, base, file)
+    _check_pbt(spec, base, file)
     return LoadedSearch(spec, base, base_path, path)
 
 

@@ -25,6 +25,10 @@ def write_spec(tmp_path, body: str):
     return path
 
 
+PBT_SECTION = "pbt: {interval_epochs: 4, mutate: {lr: {loguniform: [1.0e-4, 3.0e-3]}}}\n"
+PBT_SCHEDULER = "search: {scheduler: pbt}\n"
+PBT = PBT_SCHEDULER + PBT_SECTION  # a valid PBT search of BASE; the cases below break one thing each
+
 BAD = {
     "unknown-top-key": ("spaces: {}\n", "spaces", "unknown field"),
     "key-names-no-field": ("space:\n  optim.learning_rate: {uniform: [0.1, 0.2]}\n", "space.optim.learning_rate",
@@ -48,7 +52,8 @@ BAD = {
     "unknown-search-key": ("search: {algo: optuna}\n", "search.algo", "unknown field"),
     "num-samples-zero": ("search: {num_samples: 0}\n", "search.num_samples", "greater than 0"),
     "max-concurrent-zero": ("search: {max_concurrent: 0}\n", "search.max_concurrent", "greater than 0"),
-    "unknown-scheduler": ("search: {scheduler: pbt}\n", "search.scheduler", "unknown scheduler 'pbt'; choose one of asha, none"),
+    "unknown-scheduler": ("search: {scheduler: hyperband}\n", "search.scheduler",
+                          "unknown scheduler 'hyperband'; choose one of asha, none, pbt"),
     "budget-zero": ("budget: {flops: 0}\n", "budget.flops", "greater than 0"),
     "budget-infinite": ("budget: {flops: .inf}\n", "budget.flops", "finite"),
     "budget-text": ("budget: {flops: lots}\n", "budget.flops", "(got 'lots')"),
@@ -71,6 +76,40 @@ BAD = {
     "seed-listed-twice": ("seeds: [0, 1, 0]\n", "seeds", "seed 0 is listed twice"),
     "no-seeds-listed": ("seeds: []\n", "seeds", "at least 1 item"),
     "negative-seed": ("seeds: [-1]\n", "seeds[0]", "greater than or equal to 0"),
+    **{f"pbt-{name}": case for name, case in {  # a PBT search (the base: pretrain 60, finetune 150, eval every 2)
+        "section-without-scheduler": (PBT_SECTION, "search.scheduler", "a pbt: section needs search.scheduler: pbt"),
+        "scheduler-without-section": ("search: {scheduler: pbt}\n", "pbt", "scheduler pbt needs a pbt: section"),
+        "with-optuna": (PBT.replace("scheduler: pbt", "scheduler: pbt, algorithm: optuna"), "search.algorithm",
+                        "algorithm 'optuna' has nothing to propose; leave search.algorithm out"),
+        "with-space": (PBT + "space:\n  optim.lr: {uniform: [0.1, 0.2]}\n", "space.optim.lr",
+                       "varies only the stage fields in pbt.mutate"),
+        "with-seeds": (PBT + "seeds: [0, 1]\n", "seeds", "all train the base curriculum's seed; remove seeds:"),
+        "unknown-stage": (PBT.replace("interval_epochs: 4", "interval_epochs: 4, stage: warmup"), "pbt.stage",
+                          "unknown stage 'warmup'; stages that train: pretrain, finetune"),
+        "interval-off-evaluations": (PBT.replace("interval_epochs: 4", "interval_epochs: 3"), "pbt.interval_epochs",
+                                     "must be a multiple of the base's eval.every_epochs (2)"),
+        "interval-past-the-stage": (PBT.replace("interval_epochs: 4", "interval_epochs: 150"), "pbt.interval_epochs",
+                                    "must be below the epochs of stage 'finetune' (150)"),
+        "interval-zero": (PBT.replace("interval_epochs: 4", "interval_epochs: 0"), "pbt.interval_epochs",
+                          "greater than 0"),
+        "quantile-above-half": (PBT.replace("interval_epochs: 4", "interval_epochs: 4, quantile: 0.6"),
+                                "pbt.quantile", "less than or equal to 0.5"),
+        "mutate-epochs": (PBT.replace("lr: {loguniform", "epochs: {loguniform"), "pbt.mutate.epochs",
+                          "unknown stage field 'epochs'; PBT perturbs lr, mix.<task>, train_modules"),
+        "mutate-nothing": (PBT_SECTION.replace("{lr: {loguniform: [1.0e-4, 3.0e-3]}}", "{}") + PBT_SCHEDULER,
+                           "pbt.mutate", "at least 1 item"),
+        "grid-domain": (PBT.replace("loguniform: [1.0e-4, 3.0e-3]", "grid: [1.0e-4, 1.0e-3]"), "pbt.mutate.lr",
+                        "lr takes a uniform or loguniform or choice domain here, not grid"),
+        "mix-share-above-one": (PBT.replace("lr: {loguniform: [1.0e-4, 3.0e-3]}", "mix.polynomial: {uniform: [0, 1.5]}"),
+                                "pbt.mutate.mix.polynomial", "a mix share lies in [0, 1] (got [0.0, 1.5])"),
+        "mix-of-undefined-task": (PBT.replace("lr: {loguniform: [1.0e-4, 3.0e-3]}", "mix.copy: {uniform: [0, 1]}"),
+                                  "pbt.mutate.mix.copy", "unknown task 'copy'"),
+        "base-outside-domain": (PBT.replace("[1.0e-4, 3.0e-3]", "[1.0e-4, 5.0e-4]"), "pbt.mutate.lr",
+                                "stage 'finetune' of the base has lr = 0.001, outside this domain"),
+        "module-unknown": (PBT.replace("lr: {loguniform: [1.0e-4, 3.0e-3]}",
+                                       "train_modules: {choice: [null, [blocks.9.mlp]]}"),
+                           "pbt.mutate.train_modules", "the value ['blocks.9.mlp'] makes the curriculum invalid"),
+    }.items()},
 }
 
 
@@ -90,14 +129,14 @@ SUGGEST = {
     "algorithm-typo": ("search: {algorithm: optuan}\n", "search.algorithm",
                        "unknown algorithm 'optuan'; did you mean 'optuna'? (choose one of optuna, random, grid)"),
     "scheduler-case": ("search: {scheduler: ASHA}\n", "search.scheduler",
-                       "unknown scheduler 'ASHA'; did you mean 'asha'? (choose one of asha, none)"),
+                       "unknown scheduler 'ASHA'; did you mean 'asha'? (choose one of asha, none, pbt)"),
     "search-key-typo": ("search: {algo: optuna}\n", "search.algo",
                         "unknown field 'algo'; did you mean 'algorithm'? (allowed here: algorithm, "
                         "checkpoint_every_s, grace_fraction, max_concurrent, max_failures, num_samples, "
                         "reduction_factor, scheduler, seed)"),
     "top-key-typo": ("spaces: {}\n", "spaces",
                      "unknown field 'spaces'; did you mean 'space'? (allowed here: base, budget, name, "
-                     "resources, search, seeds, space)"),
+                     "pbt, resources, search, seeds, space)"),
     "resource-typo": ("resources: {cpus: 1}\n", "resources.cpus",
                       "unknown field 'cpus'; did you mean 'cpu'? (allowed here: cpu, gpu)"),
     "budget-typo": ("budget: {flop: 1.0e12}\n", "budget.flop",
@@ -195,11 +234,12 @@ def test_impossible_resources_fail_fast_before_ray(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_shipped_search_specs_validate():
-    specs = sorted((ROOT / "examples").glob("search*.yaml"))
-    assert specs
-    for spec in specs:
-        assert main(["validate", str(spec)]) == 0, spec
+def test_every_shipped_file_validates():
+    """Every curriculum and search spec under examples/, whatever folder it sits in."""
+    files = sorted((ROOT / "examples").rglob("*.yaml"))
+    assert len(files) >= 20 and any("pbt" in f.name for f in files)
+    for file in files:
+        assert main(["validate", str(file)]) == 0, file
 
 
 def test_overrides_address_stages_by_name_and_mix_as_share():

@@ -1,9 +1,9 @@
-"""PNG figures for MLflow artifacts: attention maps and accuracy against compute."""
+"""PNG figures for MLflow artifacts: attention maps, accuracy against compute, a PBT schedule."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import matplotlib
 
@@ -52,6 +52,36 @@ def accuracy_vs_compute(path: Path, flops: Sequence[float], accuracy: dict[str, 
     ax.set_ylabel("exact-match test accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def schedule(path: Path, segments: Sequence[dict[str, Any]], end: float, title: str) -> Path:
+    """Each setting of a PBT lineage against training FLOPs: one panel per setting, a step at
+    every segment's start (`segments`: ``flops_at_start``, ``settings``, ``started_by``)."""
+    keys = list(segments[0]["settings"])
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys) + 0.6), squeeze=False, sharex=True)
+    starts = [float(s["flops_at_start"]) for s in segments]
+    for ax, key in zip(axes[:, 0], keys):
+        values = [s["settings"][key] for s in segments]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        labels = sorted({str(v) for v in values}) if not numeric else []
+        ys = [float(v) for v in values] if numeric else [labels.index(str(v)) for v in values]
+        ax.step(starts + [max(end, starts[-1])], ys + ys[-1:], where="post", lw=2)
+        if not numeric:
+            ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        elif key == "lr":
+            ax.set_yscale("log")
+        ax.set_ylabel(key, fontsize=8)
+        for start, seg in zip(starts[1:], segments[1:]):
+            ax.axvline(start, color="grey", ls=":", lw=0.8)
+    for start, seg in zip(starts[1:], segments[1:]):
+        axes[0, 0].text(start, 1.02, seg["started_by"].replace("member ", "m"), fontsize=6,
+                        transform=axes[0, 0].get_xaxis_transform())
+    axes[-1, 0].set_xlabel("training FLOPs (cumulative, analytic; the lineage's own)")
+    axes[0, 0].set_title(f"{title}: its lineage's settings", fontsize=9, pad=12)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

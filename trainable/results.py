@@ -20,7 +20,9 @@ from typing import Any
 
 # -- metrics of every evaluation (``acc/<task>``, ``acc/<task>/len_<L>``, ...) --------------
 ACC_PREFIX, LOSS_PREFIX, COMPUTE_PREFIX, PROBE_PREFIX = "acc/", "loss/", "compute/", "probe/"
-PREFIXES = (ACC_PREFIX, LOSS_PREFIX, COMPUTE_PREFIX, PROBE_PREFIX)
+# A PBT member's settings in force at each evaluation: schedule/lr, schedule/mix/<task>, schedule/segment.
+SCHEDULE_PREFIX = "schedule/"
+PREFIXES = (ACC_PREFIX, LOSS_PREFIX, COMPUTE_PREFIX, PROBE_PREFIX, SCHEDULE_PREFIX)
 FLOPS = "compute/flops"
 SECONDS = "compute/seconds"  # training wall time so far
 LOSS = "loss/train"
@@ -46,6 +48,7 @@ EXAMPLES_TO_TARGET = "examples_to_target"
 SECONDS_TO_TARGET = "seconds_to_target"
 TARGET_ACC = "target_acc"
 SEEDS_REACHED = "seeds_reached"  # replicate trials: how many seeds reached the target
+MEMBER_ENDS = "member_ends"  # a PBT trial: 1 when the member's training ended, 0 at an interval's end
 SUMMARY = (REACHED, DIVERGED, COMPUTE_TO_TARGET, EXAMPLES_TO_TARGET, SECONDS_TO_TARGET, TARGET_ACC,
            SEEDS_REACHED)
 
@@ -64,9 +67,12 @@ PRECISIONS = ("auto", "fp32", "bf16")  # what a user may ask for; a run records 
 PARENT_RUN = "mlflow.parentRunId"
 KIND = "iterhead.kind"  # one of the kinds below
 KIND_SEARCH, KIND_TRIAL, KIND_CONFIGURATION, KIND_SEED = "search", "trial", "configuration", "seed"
+KIND_MEMBER = "member"  # a PBT member: one run over all the trials (generations) that trained it
 TRIAL_ID = "iterhead.trial_id"
 SEARCH = "iterhead.search"
 SEED = "iterhead.seed"
+MEMBER_TAG = "iterhead.member"  # a PBT member's number
+SWITCHES_TAG = "iterhead.switches"  # how often a PBT member copied another (its lineage: lineage.yaml)
 NODE_TAG = "ray.node_id"
 THREADS_TAG = "iterhead.torch_threads"
 DEVICE_TAG = "iterhead.device"

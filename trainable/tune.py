@@ -47,10 +47,11 @@ from ray import tune
 from iterhead.curricula.schema import Curriculum
 from iterhead.curricula.trial import trial_curriculum
 from iterhead.trainable import checkpoint, results
-from iterhead.trainable.artifacts import ARTIFACTS, write_artifacts
+from iterhead.trainable.artifacts import ARTIFACTS, write_artifacts, write_lineage
 from iterhead.trainable.devices import prepare_cuda_env, resolve_precision, trial_device
 from iterhead.trainable.loop import Evaluation, Trainer
 from iterhead.trainable.prefix import adopt, environment, points, worth_storing
+from iterhead.trainable.population import MemberTrial
 from iterhead.trainable.prefix_store import LEASE_S, PrefixStore, Sharing
 from iterhead.trainable.results import Report, over_seeds
 from iterhead.trainable.schedule import last_stage
@@ -95,7 +96,7 @@ def configuration_report(step: int, stage: str, trainers: list[Trainer], penalty
 def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float | None = None,
                 penalty: float | None = None, smoke: bool = False, threads: int = 1,
                 checkpoint_every_s: float = 30.0, seeds: list[int] | None = None, precision: str = "auto",
-                share: dict[str, Any] | None = None) -> None:
+                share: dict[str, Any] | None = None, population: str | None = None) -> None:
     """Train one trial of a search (module docstring).
 
     `penalty` is what a censored trial reports as compute_to_target; the driver passes one
@@ -104,10 +105,16 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float |
     With `share` (``folder``, ``planned``: the point keys other trials start from, or None,
     ``lease_s``), the trial starts from the deepest stored prefix of its curriculum and
     stores its own states where others can start (`trainable.prefix_store`).
+    A PBT trial (a ``pbt`` config) is one member for one generation: it starts from the
+    population entry its config names, in the folder `population`, and leaves its own at the
+    generation's end (`trainable.population`); only the first generation uses `share`.
     """
     prepare_cuda_env()  # before CUDA starts in this worker
     torch.set_num_threads(max(1, threads))
     cur = trial_curriculum(base, config, smoke)
+    member = MemberTrial.from_config(config["pbt"], population) if "pbt" in config else None
+    if member is not None and member.generation > 0:
+        share = None  # later generations start from the population's entries
     device = trial_device(ray.get_gpu_ids(), torch.cuda.is_available(), torch.cuda.device_count())
     precision = resolve_precision(precision, device)
     penalty = penalty if penalty is not None else censored_value(cur, budget)
@@ -130,6 +137,9 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float |
         store = PrefixStore(share["folder"], share.get("lease_s", LEASE_S))
         planned = set(share["planned"]) if share.get("planned") is not None else None
         sharing = Sharing(store, env, points(cur), worth_storing(cur, planned), owner=source["trial"])
+    if member is not None and state is None and member.start is not None:
+        state = member.start_state(cur, device)
+        forked = {results.FLOPS_FORKED: float(state["compute"]["flops"])}  # the lineage trained before
     try:
         if sharing is not None and state is None:
             point, entry = sharing.start(device)
@@ -142,10 +152,19 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float |
         elif sharing is not None:
             sharing.resume()
         _train(cur, device, precision, seeds, state, history, replay, forked, penalty, budget, checkpoint_every_s,
-               sharing, source)
+               sharing, source, member)
     finally:
         if sharing is not None:
             sharing.close()
+
+
+def schedule_metrics(trainer: Trainer) -> dict[str, float]:
+    """The settings in force at the trainer's position: its stage's lr and mix shares."""
+    cur = trainer.cur
+    stage = cur.stages[min(trainer.position.stage, len(cur.stages) - 1)]
+    total = sum(stage.mix.values()) or 1.0
+    return {results.SCHEDULE_PREFIX + "lr": float(stage.lr or cur.optim.lr),
+            **{f"{results.SCHEDULE_PREFIX}mix/{task}": stage.mix.get(task, 0.0) / total for task in cur.tasks}}
 
 
 def strip(report: dict[str, Any]) -> dict[str, Any]:
@@ -158,11 +177,13 @@ def strip(report: dict[str, Any]) -> dict[str, Any]:
 def _train(cur: Curriculum, device: torch.device, precision: str, seeds: list[int] | None,
            state: dict[str, Any] | None, history: list[dict[str, Any]], replay: list[dict[str, Any]],
            forked: dict[str, Any], penalty: float, budget: float | None, checkpoint_every_s: float,
-           sharing: Sharing | None, source: dict[str, str]) -> None:
+           sharing: Sharing | None, source: dict[str, str], member: MemberTrial | None = None) -> None:
     """The trial's reports: first those of a forked prefix, as made, then its own evaluations.
 
     `history` holds the reports made so far (a restored trial's, from its checkpoint); each
-    stored prefix carries it, so a trial forked from it reports the same history.
+    stored prefix carries it, so a trial forked from it reports the same history. A PBT
+    `member` also stops at its generation's end, leaving its state there first, and reports
+    the settings in force (``schedule/...``) and whether the member's training ended.
     """
     if seeds is None:
         trainer = Trainer(cur, device, state, precision)
@@ -179,18 +200,26 @@ def _train(cur: Curriculum, device: torch.device, precision: str, seeds: list[in
         return budget is not None and metrics[results.FLOPS] >= budget
 
     def send(metrics: dict[str, Any], save: bool, before: list[dict[str, Any]]) -> None:
-        """Report `metrics`; with `save`, with a checkpoint holding the state and the reports so far."""
+        """Report `metrics`; with `save`, with a checkpoint holding the state and the reports so far.
+        A PBT member draws its figures only where its training ends, not at every generation's end
+        (each costs most of a second; its text artifacts are written every time)."""
         if not save:
             tune.report(metrics)
             return
         with tempfile.TemporaryDirectory() as folder:
             checkpoint.save(state_dict(), folder)
             (Path(folder) / REPORTS).write_text(json.dumps(before + [metrics]))
+            figures = member is None or bool(metrics.get(results.MEMBER_ENDS, 1.0))
             for t in trainers:  # a trial ASHA stops keeps those of its latest checkpoint
-                write_artifacts(t, Path(folder) / ARTIFACTS / (f"seed_{t.cur.seed}" if seeds else ""))
+                write_artifacts(t, Path(folder) / ARTIFACTS / (f"seed_{t.cur.seed}" if seeds else ""), figures)
+            if member is not None:
+                write_lineage(trainers[0], member.segments, member.member, Path(folder) / ARTIFACTS, figures)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
-    done = all(t.finished for t in trainers) or trainers[0].position.stage > last_stage(cur)
+    def stops(trainer: Trainer) -> bool:
+        return member is not None and member.stops_at(trainer.position)
+
+    done = all(t.finished for t in trainers) or trainers[0].position.stage > last_stage(cur) or stops(trainers[0])
     for i, report in enumerate(replay):  # the prefix's reports, as its trial made them
         metrics = {**report, **where, **forked}
         final = i == len(replay) - 1 and (done or over_budget(metrics))
@@ -198,6 +227,8 @@ def _train(cur: Curriculum, device: torch.device, precision: str, seeds: list[in
         if final:
             return
     if history and (done or over_budget(history[-1])):  # restored after it had finished
+        if stops(trainers[0]) and not member.has_left():  # killed between its last report and its entry
+            member.leave(state_dict())
         tune.report({**history[-1], **where, **forked})
         return
     step = int(history[-1][results.STEP]) + 1 if history else 0  # a replicate trial counts its reports
@@ -212,13 +243,19 @@ def _train(cur: Curriculum, device: torch.device, precision: str, seeds: list[in
                 own = seed_report(ev, by_seed[seed], penalty, budget).to_dict()
                 report.metrics.update({results.per_seed(seed, k): v for k, v in own.items()})
         report.metrics[results.FLOPS_SEEDS] = float(sum(t.compute.flops for t in trainers))
+        ends = all(t.finished for t in trainers) or over_budget(report.metrics)
+        if member is not None:
+            report.metrics.update(schedule_metrics(trainers[0]))
+            report.metrics[results.MEMBER_ENDS] = float(ends or any(ev.final for _, ev in evaluations))
         step += 1
         history.append(report.to_dict())
         metrics = {**history[-1], **where, **forked}
-        ends = all(t.finished for t in trainers) or over_budget(metrics)
         if sharing is not None:
             at = by_seed[evaluations[0][0]].position
             sharing.write(at.stage, at.epoch, state_dict, history, source, ends=ends)
+        if stops(trainers[0]) and not ends:  # the generation's end: the next one starts from here
+            member.leave(state_dict())
+            ends = True
         save = ends or any(ev.final for _, ev in evaluations) or time.monotonic() - saved_at >= checkpoint_every_s
         send(metrics, save, history[:-1])
         if save:

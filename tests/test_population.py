@@ -1,0 +1,172 @@
+"""PBT's decisions without training: exploring stays in its domains, and the searcher's
+generations, lineages and stops follow from the members' results and the seed alone.
+
+The searcher is iterhead's own class, driven here through Tune's searcher interface with
+hand-made results (what trials would report), so every branch is reached in a second.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from iterhead.curricula.data import stream
+from iterhead.curricula.trial import trial_curriculum
+from iterhead.search.explore import draw, perturb, project_shares
+from iterhead.search.population import Population, entry_name
+from iterhead.search.spec import Domain, PbtSettings
+from iterhead.trainable import results as r
+
+from support import tiny
+
+BASE = tiny(stages=[{"name": "warm", "mix": {"polynomial": 1.0}, "epochs": 2},
+                    {"name": "train", "mix": {"parity": 1.0}, "epochs": 10}]).model_dump(mode="json")
+PBT = PbtSettings(interval_epochs=4, quantile=0.25, mutate={
+    "mix.polynomial": Domain(uniform=(0.0, 0.5)), "lr": Domain(loguniform=(1.0e-4, 1.0e-2)),
+    "train_modules": Domain(choice=[None, ["blocks.1.mlp"]])})
+
+
+def test_draws_and_perturbations_stay_in_their_domains():
+    rng = np.random.default_rng(0)
+    domains = [Domain(uniform=(0.2, 0.4)), Domain(loguniform=(1.0e-4, 1.0e-2)), Domain(choice=[1, 2, 3])]
+    for domain in domains:
+        low, high = (min(domain.args), max(domain.args))
+        value = draw(domain, rng)
+        for _ in range(200):
+            value = perturb(value, domain, rng, resample=0.25)
+            assert low <= value <= high
+            assert domain.kind != "choice" or value in domain.args
+
+
+def test_a_nudge_is_a_factor_of_08_or_12_or_a_neighbouring_choice():
+    rng = np.random.default_rng(1)
+    seen = {perturb(0.25, Domain(uniform=(0.0, 1.0)), rng, resample=0.0) for _ in range(50)}
+    assert seen == {0.25 * 0.8, 0.25 * 1.2}  # the same float products, so == is exact
+    assert {perturb(2, Domain(choice=[1, 2, 3]), rng, 0.0) for _ in range(50)} == {1, 3}
+    assert {perturb(1, Domain(choice=[1, 2, 3]), rng, 0.0) for _ in range(50)} == {1, 2}  # kept at an end
+
+
+def test_the_same_generator_gives_the_same_exploration():
+    def walk(seed):
+        rng = stream(seed, "pbt")
+        value, out = 0.3, []
+        for _ in range(20):
+            value = perturb(value, Domain(uniform=(0.0, 1.0)), rng, 0.25)
+            out.append(value)
+        return out
+
+    assert walk(0) == walk(0) and walk(0) != walk(1)
+
+
+def test_shares_are_put_back_on_the_simplex_at_the_nearest_point():
+    bounds = {"a": (0.0, 1.0), "b": (0.1, 0.9), "c": (0.0, 0.3)}
+    assert project_shares({"a": 0.2, "b": 0.3, "c": 0.1}, bounds) == {"a": 0.2, "b": 0.3, "c": 0.1}  # room left
+    shares = {"a": 0.9, "b": 0.8, "c": 0.5}
+    out = project_shares(shares, bounds)
+    assert sum(out.values()) == pytest.approx(1.0, abs=1e-12)  # bisection to float precision
+    assert all(bounds[k][0] <= v <= bounds[k][1] for k, v in out.items())
+    # nearest: no point of a fine grid of the feasible set (in bounds, summing to 1) is closer
+    dist = sum((out[k] - shares[k]) ** 2 for k in shares)
+    grid = np.linspace(0, 1, 101)
+    for a, b in itertools.product(grid, grid):
+        c = 1.0 - a - b
+        if bounds["b"][0] <= b <= bounds["b"][1] and bounds["c"][0] <= c <= bounds["c"][1] and c >= 0:
+            assert (a - 0.9) ** 2 + (b - 0.8) ** 2 + (c - 0.5) ** 2 >= dist - 1e-9
+
+
+def take(pop: Population) -> list[dict]:
+    """Every trial the searcher proposes now (one generation)."""
+    configs = []
+    for i in itertools.count():
+        config = pop.suggest(f"t{pop.generation}-{i}")
+        if not isinstance(config, dict):
+            return configs
+        configs.append(config["pbt"])
+
+
+def complete(pop: Population, configs: list[dict], results: dict[int, dict]) -> None:
+    """End each trial with its member's result (what the trial would report last)."""
+    for i, config in enumerate(configs):
+        pop.on_trial_complete(f"t{config['generation']}-{i}", {
+            r.TARGET_ACC: 0.0, r.LOSS: 1.0, r.REACHED: 0.0, r.MEMBER_ENDS: 0.0, **results.get(config["member"], {})})
+
+
+def feed(pop: Population, results: dict[int, dict]) -> list[dict]:
+    """Run one generation: take every suggestion, complete it with the member's result."""
+    configs = take(pop)
+    complete(pop, configs, results)
+    return configs
+
+
+def test_generations_rank_copy_and_perturb_into_lineages_that_are_curricula():
+    pop = Population(BASE, PBT, members=4, seed=0, smoke=False)
+    assert pop.boundaries == [4, 8, 10] and pop.index == 1
+    first = feed(pop, {m: {r.TARGET_ACC: acc} for m, acc in enumerate([0.5, 0.9, 0.2, 0.7])})
+    assert [c["member"] for c in first] == [0, 1, 2, 3] and all(c["start"] is None for c in first)
+    assert all(c["stop"] == [1, 4] for c in first)  # stage "train" (index 1) after 4 of its epochs
+    second = {c["member"]: c for c in feed(pop, {})}
+    worst = second[2]  # 0.2 is the worst; 0.9 (member 1) the best, and the only one of the best quarter
+    assert worst["start"] == entry_name(0, 1) and worst["donor"] == 1
+    assert [s["name"] for s in worst["stages"]] == ["train", "train-m2-e4"]
+    assert [s["epochs"] for s in worst["stages"]] == [4, 6]
+    assert worst["stages"][0]["mix"] == second[1]["stages"][0]["mix"]  # the donor's settings up to the switch
+    assert worst["stop"] == [2, 4]  # the new segment's 4th epoch is the stage's 8th
+    for m in (0, 1, 3):
+        assert second[m]["start"] == entry_name(0, m) and second[m]["donor"] is None
+        assert second[m]["stages"] == first[m]["stages"]  # unchanged: they go on as they were
+    for config in second.values():
+        cur = trial_curriculum(BASE, {"pbt": config}, smoke=False)  # each lineage is a valid curriculum
+        assert [s.name for s in cur.stages][0] == "warm" and sum(s.epochs for s in cur.stages[1:]) == 10
+        settings = config["segments"][-1]["settings"]
+        stage = cur.stages[-1]
+        assert stage.mix["polynomial"] == pytest.approx(settings["mix.polynomial"])
+        assert stage.lr == settings["lr"] and stage.train_modules == settings["train_modules"]
+    last = take(pop)
+    assert all(c["stop"] is None for c in last)  # the last generation trains to the end of the curriculum
+    assert pop.suggest("after") is None  # its trials are still to report: wait
+    complete(pop, last, {m: {r.MEMBER_ENDS: 1.0} for m in range(4)})
+    assert pop.suggest("done") == "FINISHED" and {m.outcome for m in pop.members} == {"censored"}
+
+
+def test_the_population_ends_with_the_generation_where_a_member_reaches_the_target():
+    pop = Population(BASE, PBT, members=4, seed=0, smoke=False)
+    feed(pop, {2: {r.REACHED: 1.0, r.MEMBER_ENDS: 1.0, r.TARGET_ACC: 1.0}, 3: {r.TARGET_ACC: 0.4}})
+    assert pop.done and pop.suggest("x") == "FINISHED"
+    assert [m.outcome for m in pop.members] == ["stopped", "stopped", "reached", "stopped"]
+
+
+def test_members_that_fail_or_diverge_leave_and_the_rest_go_on():
+    pop = Population(BASE, PBT, members=4, seed=0, smoke=False)
+    assert len(feed(pop, {0: {r.DIVERGED: 1.0, r.MEMBER_ENDS: 1.0}})) == 4
+    second = take(pop)
+    assert [c["member"] for c in second] == [1, 2, 3]
+    pop.on_trial_complete("t1-0", None, error=True)  # a trial that failed for good reports no result
+    pop.on_trial_complete("unknown", {r.TARGET_ACC: 1.0})  # not one of the searcher's: ignored
+    for trial in ("t1-1", "t1-2"):
+        assert pop.generation == 1  # the generation ends with its last trial
+        pop.on_trial_complete(trial, {r.TARGET_ACC: 0.5, r.MEMBER_ENDS: 0.0})
+    assert [m.outcome for m in pop.members] == ["diverged", "failed", "", ""]
+    assert pop.generation == 2 and [c["member"] for c in take(pop)] == [2, 3]
+
+
+def test_decisions_depend_on_the_seed_alone_and_survive_a_save_and_restore(tmp_path):
+    def run(seed, restore_at=None):
+        pop = Population(BASE, PBT, members=4, seed=seed, smoke=False)
+        out = []
+        for g in range(2):
+            if g == restore_at:
+                pop.save(str(tmp_path / "state.pkl"))
+                pop = Population(BASE, PBT, members=4, seed=seed + 99, smoke=False)  # restored over another
+                pop.restore(str(tmp_path / "state.pkl"))
+            out.append(feed(pop, {m: {r.TARGET_ACC: 0.1 * m} for m in range(4)}))
+        return out
+
+    assert run(0) == run(0) == run(0, restore_at=1)
+    assert run(0) != run(1)
+
+
+def test_smoke_size_compares_every_epoch_of_the_cut_stage():
+    pop = Population(BASE, PBT, members=4, seed=0, smoke=True)
+    assert pop.epochs == 2 and pop.boundaries == [1, 2]
