@@ -126,7 +126,8 @@ def build(client: Any, experiment: str, out: Path, parent_run_id: str | None = N
 def members_text(rows: list[dict[str, Any]]) -> str:
     """A PBT search's members as a markdown table, best first (what `iterhead report` prints)."""
     lines = ["| member | reached | compute_to_target | target accuracy |", "|---|---|---|---|"]
-    for row in sorted(rows, key=lambda row: (row[r.REACHED] != 1.0, row[r.COMPUTE_TO_TARGET], row["trial_id"])):
+    for row in sorted(rows, key=lambda row: (row[r.REACHED] != 1.0, row[r.COMPUTE_TO_TARGET], -row[r.TARGET_ACC],
+                                             row["trial_id"])):  # the order export ranks by
         lines.append(f"| {row['trial_id']} | {_outcome(row)} | {row[r.COMPUTE_TO_TARGET]:.3e} "
                      f"| {row[r.TARGET_ACC]:.3f} |")
     return "\n".join(lines)
