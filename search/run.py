@@ -212,7 +212,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
         penalty = state["penalty"] if state else CENSOR_FACTOR * horizon(loaded, smoke)
         seeds = state.get("seeds") if state else seeds_for(loaded, opts.smoke)
         precision = state.get("precision", "fp32") if state else opts.precision
-        pbt = settings.scheduler == "pbt"
+        pbt = state.get("pbt", False) if state else pbt
         share = state.get("share", False) if state else opts.share
         plan = state.get("plan") if state else (
             (population.prefix_plan(loaded, base, smoke) if pbt else sharing.plan(loaded, base, smoke))
@@ -239,7 +239,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
             _save_state(folder, {"parent_run_id": parent, "uri": opts.uri, "spec": str(loaded.path.resolve()),
                                  "state": "running", "base": base, "budget": budget, "smoke": smoke,
                                  "penalty": penalty, "seeds": seeds, "precision": precision,
-                                 "share": share, "plan": plan})
+                                 "share": share, "plan": plan, "pbt": pbt})
             how = (f"PBT over stage {population.pbt_stage(spec.pbt, base)!r}, {settings.num_samples} members compared "
                    f"every {population.interval_for(spec.pbt, smoke)} epochs" if pbt else
                    f"{settings.num_samples} sample(s), {settings.algorithm} + {settings.scheduler}")
