@@ -75,7 +75,7 @@ def schedule(path: Path, segments: Sequence[dict[str, Any]], end: float, title: 
         elif key == "lr":
             ax.set_yscale("log")
         ax.set_ylabel(key, fontsize=8)
-        for start, seg in zip(starts[1:], segments[1:]):
+        for start in starts[1:]:
             ax.axvline(start, color="grey", ls=":", lw=0.8)
     for start, seg in zip(starts[1:], segments[1:]):
         axes[0, 0].text(start, 1.02, seg["started_by"].replace("member ", "m"), fontsize=6,
