@@ -81,14 +81,17 @@ def run_key(trial) -> str:
 
 
 class MlflowSearchCallback(tune.Callback):
-    SETTINGS = ("uri", "experiment", "parent", "base", "smoke", "status_every", "flush_every", "seeds")
+    SETTINGS = ("uri", "experiment", "parent", "base", "smoke", "status_every", "flush_every", "seeds",
+                "scratch")
 
     def __init__(self, uri: str, experiment: str, parent_run_id: str, base: dict[str, Any],
                  smoke: bool, out: TextIO | None = None, status_every: float = 10.0,
-                 flush_every: float = 2.0, seeds: list[int] | None = None) -> None:
+                 flush_every: float = 2.0, seeds: list[int] | None = None,
+                 scratch: str | None = None) -> None:
         self.uri, self.experiment, self.parent = uri, experiment, parent_run_id
         self.base, self.smoke, self.status_every, self.flush_every = base, smoke, status_every, flush_every
         self.seeds = seeds  # replicates: a trial is a configuration run with one run per seed under it
+        self.scratch = scratch  # where copied artifacts wait for upload: the search's folder, not /tmp
         self._live(out)
 
     def _live(self, out: TextIO | None) -> None:
@@ -108,7 +111,7 @@ class MlflowSearchCallback(tune.Callback):
         return {k: getattr(self, k) for k in self.SETTINGS}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"scratch": None, **state})  # states pickled before `scratch` existed
         self._live(None)
 
     @property
@@ -119,8 +122,13 @@ class MlflowSearchCallback(tune.Callback):
 
     @property
     def tmp(self) -> Path:
+        """A scratch folder of this callback's own, inside `scratch` when given: a driver killed
+        before `close` then leaves it in the search's folder (removed when the search
+        finishes), not in the machine's temp folder."""
         if self._tmp is None:
-            self._tmp = Path(tempfile.mkdtemp(prefix="iterhead-artifacts-"))
+            if self.scratch is not None:
+                Path(self.scratch).mkdir(parents=True, exist_ok=True)
+            self._tmp = Path(tempfile.mkdtemp(prefix="iterhead-artifacts-", dir=self.scratch))
         return self._tmp
 
     # -- runs -------------------------------------------------------------------------------
@@ -313,4 +321,5 @@ class MlflowSearchCallback(tune.Callback):
             self._writer = None
             if self._tmp is not None:
                 shutil.rmtree(self._tmp, ignore_errors=True)
+                self._tmp = None
 

@@ -36,6 +36,7 @@ from iterhead.trainable.checkpoint import write_atomic
 
 STATE_FILE = "iterhead-search.json"
 POPULATION = "population"  # a PBT search's population entries, inside its folder (`trainable/population.py`)
+SCRATCH = "artifacts"  # the MLflow callback's copies of trial artifacts awaiting upload
 
 
 @dataclass
@@ -245,7 +246,8 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
                    f"{settings.num_samples} sample(s), {settings.algorithm} + {settings.scheduler}")
             print(f"search {spec.name!r}: {how}, at most {settings.max_concurrent} at once; MLflow parent run "
                   f"{parent}; Tune state in {folder}", file=out, flush=True)
-            callback = MlflowSearchCallback(opts.uri, experiment, parent, base, smoke, out, seeds=seeds)
+            callback = MlflowSearchCallback(opts.uri, experiment, parent, base, smoke, out, seeds=seeds,
+                                            scratch=str(folder / SCRATCH))
             search_alg, trial_scheduler, samples = (
                 population.tune_parts(loaded, base, settings, smoke) if pbt else
                 (searcher(settings, bool(spec.space)), scheduler(loaded, settings, smoke), settings.num_samples))
@@ -264,7 +266,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
         if complete:
             _log_summary(writer, parent, rows, keys, sharing.accounting(rows))
             _save_state(folder, {**json.loads((folder / STATE_FILE).read_text()), "state": "finished"})
-            for own in (sharing.PREFIXES, POPULATION):  # only this search's trials start there
+            for own in (sharing.PREFIXES, POPULATION, SCRATCH):  # only this search's trials start there
                 shutil.rmtree(folder / own, ignore_errors=True)
         status = "FINISHED" if complete else "KILLED"
     except KeyboardInterrupt:

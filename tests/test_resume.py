@@ -47,6 +47,8 @@ def test_sigkilled_search_resumes_into_the_same_runs(tmp_path, seeds):
     exp = client.get_experiment_by_name("resumable")
     before = client.search_runs([exp.experiment_id])
     assert any(r.info.status == "RUNNING" for r in before)  # what a killed driver leaves behind
+    assert list(tmp_path.glob("runs/*/artifacts/iterhead-artifacts-*/*/curriculum.yaml"))  # the finished
+    # trial's copied artifacts wait in the search's own folder, not in the machine's temp folder
 
     resumed = subprocess.run(iterhead(*args, "--resume"), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -71,5 +73,6 @@ def test_sigkilled_search_resumes_into_the_same_runs(tmp_path, seeds):
                 assert steps == list(range(len(steps))) and steps, (key, steps)
     parent = parents[0]
     assert parent.data.metrics["trials"] == len(EPOCHS)
+    assert list(tmp_path.glob("runs/*/iterhead-search.json")) and not list(tmp_path.glob("runs/*/artifacts"))
     again = subprocess.run(iterhead(*args, "--resume"), cwd=tmp_path, capture_output=True, text=True)
     assert again.returncode == 2 and "no unfinished search" in again.stderr
