@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,7 @@ from typing import Any, TextIO
 
 from iterhead.curricula.errors import ConfigError
 from iterhead.curricula.trial import SMOKE_PBT
-from iterhead.search import sharing
-from iterhead.search.report import short
+from iterhead.search import outcome, sharing
 from iterhead.search.spec import LoadedSearch, SearchSettings
 from iterhead.search.tracking import Heartbeat, RunWriter, ui_hint
 from iterhead.trainable import results
@@ -261,10 +259,10 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
                                           failure_config=tune.FailureConfig(max_failures=settings.max_failures)),
             )
         grid = tuner.fit()
-        rows = _rows(grid, writer, experiment, parent, keys, pbt)
+        rows = outcome.trial_rows(grid, writer, experiment, parent, keys, pbt)
         complete = grid.num_terminated + grid.num_errors == len(grid)
         if complete:
-            _log_summary(writer, parent, rows, keys, sharing.accounting(rows))
+            outcome.log_summary(writer, parent, rows, keys, sharing.accounting(rows))
             _save_state(folder, {**json.loads((folder / STATE_FILE).read_text()), "state": "finished"})
             for own in (sharing.PREFIXES, POPULATION, SCRATCH):  # only this search's trials start there
                 shutil.rmtree(folder / own, ignore_errors=True)
@@ -287,8 +285,8 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
     if status != "FINISHED":
         print(f"\nsearch interrupted; continue it with: iterhead search {loaded.path} --resume"
               + (f" --storage-path {opts.storage_path}" if opts.storage_path else ""), file=out)
-    _print_summary(rows, keys, out, state.get("seeds") if state else seeds_for(loaded, opts.smoke),
-                   "members" if pbt else None)
+    outcome.print_summary(rows, keys, out, state.get("seeds") if state else seeds_for(loaded, opts.smoke),
+                          "members" if pbt else None)
     if rows and pbt:
         print(population.summary_line(sharing.accounting(rows), rows), file=out)
     elif rows:
@@ -309,73 +307,3 @@ def _spec_params(loaded: LoadedSearch, settings: SearchSettings, opts: SearchOpt
                    "precision": opts.precision})
     params.update({f"resources.{k}": v for k, v in loaded.spec.resources.model_dump().items()})
     return params
-
-
-def _rows(grid, writer: RunWriter, experiment: str, parent: str, keys: list[str],
-          pbt: bool = False) -> list[dict[str, Any]]:
-    """One row per trial: its searched values, outcome and MLflow run (PBT: one per member)."""
-    def children() -> dict[str, str]:
-        exp = writer.experiment_id(experiment)
-        runs = writer.client.search_runs([exp], filter_string=f"tags.`{results.PARENT_RUN}` = '{parent}'",
-                                         max_results=50_000)
-        return {run.data.tags.get(results.TRIAL_ID, ""): run.info.run_id for run in runs}
-
-    run_ids = writer.submit(children).result()
-    if pbt:
-        from iterhead.search.population import member_rows
-
-        return member_rows(grid, run_ids, keys)
-    rows = []
-    for result in grid:
-        m = result.metrics or {}
-        trial_id = m.get("trial_id") or Path(result.path).name
-        row = {"trial_id": trial_id, "status": "ERROR" if result.error else "TERMINATED",
-               "run_id": run_ids.get(trial_id, "")}
-        row.update({k: result.config.get(k) for k in keys})
-        for k in (results.REACHED, results.COMPUTE_TO_TARGET, results.TARGET_ACC, results.FLOPS,
-                  results.SEEDS_REACHED):
-            row[k] = m.get(k, float("nan"))
-        for k in (results.FLOPS_SEEDS, results.FLOPS_FORKED):  # what it trained, for the search's accounting
-            row[k] = m.get(k, 0.0)
-        row["forked_from"] = m.get(results.PREFIX_SOURCE, "")
-        row["reports"] = m.get("training_iteration", 0)
-        rows.append(row)
-    return rows
-
-
-def _log_summary(writer: RunWriter, parent: str, rows: list[dict[str, Any]], keys: list[str],
-                 flops: dict[str, float]) -> None:
-    from iterhead.search import report
-
-    scored = [row for row in rows if row[results.COMPUTE_TO_TARGET] == row[results.COMPUTE_TO_TARGET]]  # drop NaN
-    with tempfile.TemporaryDirectory(prefix="iterhead-summary-") as tmp:
-        folder = Path(tmp)
-        report.write_table(folder / "trials.csv", rows, keys)
-        report.plot_against_params(folder / "compute_to_target.png", scored, keys)
-        report.plot_fraction_reached(folder / "fraction_reached.png", scored)
-        n_reached = sum(1 for row in scored if row[results.REACHED] == 1.0)
-        writer.submit(writer.log_metrics, parent, {results.TRIALS: len(rows), results.TRIALS_REACHED: n_reached,
-                                                   **flops}, 0)
-        writer.submit(lambda: writer.client.log_artifacts(parent, str(folder)))
-        writer.flush()
-
-
-def _print_summary(rows: list[dict[str, Any]], keys: list[str], out: TextIO,
-                   seeds: list[int] | None = None, what: str | None = None) -> None:
-    if not rows:
-        return
-    reached = [row for row in rows if row[results.REACHED] == 1.0]
-    seeds = seeds or []
-    what = what or ("configurations (median over their seeds)" if seeds else "trials")
-    print(f"\n{len(reached)} of {len(rows)} {what} reached the target "
-          f"({len(rows) - len(reached)} censored or failed); by compute_to_target:", file=out)
-    print("  " + " | ".join(["trial", *keys, *(["seeds reached"] if seeds else []), "reached", "compute_to_target"]),
-          file=out)
-    for row in sorted(rows, key=lambda row: (-(row[results.REACHED] == 1.0), row[results.COMPUTE_TO_TARGET])):
-        n = row.get(results.SEEDS_REACHED, float("nan"))
-        ok = row[results.REACHED] == 1.0
-        vals = [row["trial_id"], *(short(row.get(k)) for k in keys),
-                *([f"{int(n)} of {len(seeds)}" if n == n else "?"] if seeds else []),
-                "yes" if ok else "no", f"{row[results.COMPUTE_TO_TARGET]:.3e}" + ("" if ok else " (censored)")]
-        print("  " + " | ".join(vals), file=out)
-

@@ -1,0 +1,88 @@
+"""What a search ends with: one row per trial, the parent run's summary, the terminal table.
+
+Rows are read from Tune's result grid and matched to their MLflow runs by trial id (a PBT
+search's rows are its members, `population.member_rows`). The parent run gets the trial
+counts, the search's accounting of what it trained (`sharing.accounting`), `trials.csv` and
+the summary plots; the terminal gets the trials ranked by `compute_to_target`, reached first.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, TextIO
+
+from iterhead.search.report import short
+from iterhead.search.tracking import RunWriter
+from iterhead.trainable import results
+
+
+def trial_rows(grid, writer: RunWriter, experiment: str, parent: str, keys: list[str],
+               pbt: bool = False) -> list[dict[str, Any]]:
+    """One row per trial: its searched values, outcome and MLflow run (PBT: one per member)."""
+    def children() -> dict[str, str]:
+        exp = writer.experiment_id(experiment)
+        runs = writer.client.search_runs([exp], filter_string=f"tags.`{results.PARENT_RUN}` = '{parent}'",
+                                         max_results=50_000)
+        return {run.data.tags.get(results.TRIAL_ID, ""): run.info.run_id for run in runs}
+
+    run_ids = writer.submit(children).result()
+    if pbt:
+        from iterhead.search.population import member_rows
+
+        return member_rows(grid, run_ids, keys)
+    rows = []
+    for result in grid:
+        m = result.metrics or {}
+        trial_id = m.get("trial_id") or Path(result.path).name
+        row = {"trial_id": trial_id, "status": "ERROR" if result.error else "TERMINATED",
+               "run_id": run_ids.get(trial_id, "")}
+        row.update({k: result.config.get(k) for k in keys})
+        for k in (results.REACHED, results.COMPUTE_TO_TARGET, results.TARGET_ACC, results.FLOPS,
+                  results.SEEDS_REACHED):
+            row[k] = m.get(k, float("nan"))
+        for k in (results.FLOPS_SEEDS, results.FLOPS_FORKED):  # what it trained, for the search's accounting
+            row[k] = m.get(k, 0.0)
+        row["forked_from"] = m.get(results.PREFIX_SOURCE, "")
+        row["reports"] = m.get("training_iteration", 0)
+        rows.append(row)
+    return rows
+
+
+def log_summary(writer: RunWriter, parent: str, rows: list[dict[str, Any]], keys: list[str],
+                flops: dict[str, float]) -> None:
+    """Trial counts, the search's FLOPs accounting, `trials.csv` and the plots, on the parent run."""
+    from iterhead.search import report
+
+    scored = [row for row in rows if row[results.COMPUTE_TO_TARGET] == row[results.COMPUTE_TO_TARGET]]  # drop NaN
+    with tempfile.TemporaryDirectory(prefix="iterhead-summary-") as tmp:
+        folder = Path(tmp)
+        report.write_table(folder / "trials.csv", rows, keys)
+        report.plot_against_params(folder / "compute_to_target.png", scored, keys)
+        report.plot_fraction_reached(folder / "fraction_reached.png", scored)
+        n_reached = sum(1 for row in scored if row[results.REACHED] == 1.0)
+        writer.submit(writer.log_metrics, parent, {results.TRIALS: len(rows), results.TRIALS_REACHED: n_reached,
+                                                   **flops}, 0)
+        writer.submit(lambda: writer.client.log_artifacts(parent, str(folder)))
+        writer.flush()
+
+
+def print_summary(rows: list[dict[str, Any]], keys: list[str], out: TextIO,
+                  seeds: list[int] | None = None, what: str | None = None) -> None:
+    """The trials (or `what`) ranked by compute_to_target, reached first, censored marked."""
+    if not rows:
+        return
+    reached = [row for row in rows if row[results.REACHED] == 1.0]
+    seeds = seeds or []
+    what = what or ("configurations (median over their seeds)" if seeds else "trials")
+    print(f"\n{len(reached)} of {len(rows)} {what} reached the target "
+          f"({len(rows) - len(reached)} censored or failed); by compute_to_target:", file=out)
+    print("  " + " | ".join(["trial", *keys, *(["seeds reached"] if seeds else []), "reached", "compute_to_target"]),
+          file=out)
+    for row in sorted(rows, key=lambda row: (-(row[results.REACHED] == 1.0), row[results.COMPUTE_TO_TARGET])):
+        n = row.get(results.SEEDS_REACHED, float("nan"))
+        ok = row[results.REACHED] == 1.0
+        vals = [row["trial_id"], *(short(row.get(k)) for k in keys),
+                *([f"{int(n)} of {len(seeds)}" if n == n else "?"] if seeds else []),
+                "yes" if ok else "no", f"{row[results.COMPUTE_TO_TARGET]:.3e}" + ("" if ok else " (censored)")]
+        print("  " + " | ".join(vals), file=out)
