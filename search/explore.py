@@ -9,7 +9,7 @@ Population Based Training (Jaderberg et al. 2017), one value at a time:
   or one down; at an end, the end).
 
 Mix shares (the keys ``mix.<task>``) are shares of the stage's mix, as in a search space
-(`curricula.overrides.blend`): after each is perturbed and clipped into its domain, the set
+(`curricula.overrides.blend`): after each is drawn or perturbed and clipped into its domain, the set
 shares must leave room for each other, so where they sum above 1 they are moved to the
 nearest point (Euclidean) that lies in their domains and sums to 1 (`project_shares`); the
 stage's other tasks then share what is left, in their original proportions.

@@ -109,8 +109,8 @@ class Population(Searcher):
         self.mutate = dict(pbt.mutate)
         self.quantile, self.resample, self.seed = pbt.quantile, pbt.resample_probability, seed
         rng = stream(seed, "pbt", "initial population")
-        self.members = [Member(m, [Segment(self.stage, 0, {k: draw(d, rng) for k, d in self.mutate.items()}, m)])
-                        for m in range(members)]
+        self.members = [Member(m, [Segment(self.stage, 0, self.on_simplex(
+            {k: draw(d, rng) for k, d in self.mutate.items()}), m)]) for m in range(members)]
         self.generation = 0
         self.queue = [self.config(m) for m in self.members]
         self.pending: dict[str, int] = {}  # trial id -> member
@@ -202,11 +202,16 @@ class Population(Searcher):
 
     def explore(self, settings: dict[str, Any], rng) -> dict[str, Any]:
         """Perturb every mutate key; put the mix shares back on the simplex."""
-        out = {k: perturb(v, self.mutate[k], rng, self.resample) for k, v in settings.items()}
-        shares = {k: v for k, v in out.items() if k.startswith("mix.")}
-        if shares:
-            out.update(project_shares(shares, {k: tuple(self.mutate[k].args) for k in shares}))
-        return out
+        return self.on_simplex({k: perturb(v, self.mutate[k], rng, self.resample) for k, v in settings.items()})
+
+    def on_simplex(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """`settings` with the mix shares moved where they sum to at most 1 (`project_shares`), so
+        that the recorded shares are the ones trained (the spec leaves one task of the mix out
+        of mutate to take what is left)."""
+        shares = {k: v for k, v in settings.items() if k.startswith("mix.")}
+        if not shares:
+            return settings
+        return {**settings, **project_shares(shares, {k: tuple(self.mutate[k].args) for k in shares})}
 
     # -- state, for a restored search ---------------------------------------------------------
 

@@ -212,6 +212,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
         seeds = state.get("seeds") if state else seeds_for(loaded, opts.smoke)
         precision = state.get("precision", "fp32") if state else opts.precision
         pbt = state.get("pbt", False) if state else pbt
+        keys = state.get("keys", keys) if state else keys
         share = state.get("share", False) if state else opts.share
         plan = state.get("plan") if state else (
             (population.prefix_plan(loaded, base, smoke) if pbt else sharing.plan(loaded, base, smoke))
@@ -227,7 +228,9 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
             writer.submit(lambda: writer.client.update_run(parent, status="RUNNING")).result()
             heartbeat = Heartbeat(writer, parent)
             print(f"resuming search {spec.name!r} from {folder}; MLflow parent run {parent}", file=out, flush=True)
-            tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True)
+            tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True,
+                                       resume_errored=not pbt)  # a failed member stays failed: the
+            # population went on without it, and a re-run of its generation would be read by no one
         else:
             parent = writer.submit(writer.create_run, experiment, f"search:{spec.name}",
                                    {results.KIND: results.KIND_SEARCH, results.SPEC_TAG: str(loaded.path.resolve()),
@@ -238,7 +241,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
             _save_state(folder, {"parent_run_id": parent, "uri": opts.uri, "spec": str(loaded.path.resolve()),
                                  "state": "running", "base": base, "budget": budget, "smoke": smoke,
                                  "penalty": penalty, "seeds": seeds, "precision": precision,
-                                 "share": share, "plan": plan, "pbt": pbt})
+                                 "share": share, "plan": plan, "pbt": pbt, "keys": keys})
             how = (f"PBT over stage {population.pbt_stage(spec.pbt, base)!r}, {settings.num_samples} members compared "
                    f"every {population.interval_for(spec.pbt, smoke)} epochs" if pbt else
                    f"{settings.num_samples} sample(s), {settings.algorithm} + {settings.scheduler}")

@@ -30,6 +30,7 @@ and choices, so a bad space fails in a second, not in the middle of a search.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -204,7 +205,13 @@ def _check_pbt(spec: SearchSpec, base: Curriculum, file: str) -> None:
     if spec.seeds is not None:
         raise ConfigError("PBT members all train the base curriculum's seed; remove seeds: (re-train an "
                           "exported lineage on other seeds with iterhead train --seeds)", field="seeds", file=file)
+    if settings.num_samples < 2:
+        raise ConfigError(f"a population needs at least 2 members, or none can copy another (got "
+                          f"{settings.num_samples})", field="search.num_samples", file=file)
     training = [s.name for s in base.stages if s.epochs > 0]
+    if not training:
+        raise ConfigError("PBT changes the settings of a stage that trains, and every stage of the base has "
+                          "epochs: 0; give one stage epochs", field="pbt.stage", file=file)
     name = pbt.stage or training[-1]
     if name not in training:
         raise ConfigError(unknown("stage", name, training, listing="stages that train:"), field="pbt.stage",
@@ -214,6 +221,15 @@ def _check_pbt(spec: SearchSpec, base: Curriculum, file: str) -> None:
     if len(longest) > 64:
         raise ConfigError(f"PBT names the stage's segments like {longest!r}, over the 64 characters a stage "
                           "name may have; shorten the stage's name", field="pbt.stage", file=file)
+    clash = next((s.name for s in base.stages if re.fullmatch(rf"{re.escape(name)}-m\d+-e\d+", s.name)), None)
+    if clash is not None:
+        raise ConfigError(f"stage {clash!r} of the base has the form of the names PBT gives the segments of "
+                          f"stage {name!r}; rename it", field="pbt.stage", file=file)
+    mutated = {key.split(".", 1)[1] for key in pbt.mutate if key.startswith("mix.")}
+    if mutated and all(task in mutated for task, share in stage.mix.items() if share > 0):
+        raise ConfigError(f"leave one task of stage {name!r}'s mix out of pbt.mutate: it takes the share the "
+                          f"mutated ones leave (with every task mutated, the shares would be rescaled to sum "
+                          f"to 1 behind the drawn values)", field="pbt.mutate", file=file)
     if pbt.interval_epochs % every:
         raise ConfigError(f"must be a multiple of the base's eval.every_epochs ({every}), since members are "
                           f"compared at evaluations (got {pbt.interval_epochs})", field="pbt.interval_epochs",
@@ -249,7 +265,8 @@ def _check_pbt(spec: SearchSpec, base: Curriculum, file: str) -> None:
         inside = value in domain.args if domain.kind == "choice" else domain.args[0] <= value <= domain.args[1]
         if not inside:
             raise ConfigError(f"stage {name!r} of the base has {key} = {shown(value)}, outside this domain; widen "
-                              "the domain to hold it (the base's stages are where the population starts)",
+                              "the domain to hold it (so that the base's own schedule is one the population "
+                              "can find)",
                               field=where, file=file)
 
 

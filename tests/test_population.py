@@ -130,6 +130,25 @@ def test_generations_rank_copy_and_perturb_into_lineages_that_are_curricula():
     assert pop.suggest("done") == "FINISHED" and {m.outcome for m in pop.members} == {"censored"}
 
 
+def test_the_recorded_shares_are_the_trained_ones_from_the_first_generation_on():
+    """Two mutated shares drawn in [0, 0.9] often sum above 1: the draws are put on the simplex
+    before they are recorded, so each member's settings are its curriculum's mix."""
+    base = tiny(tasks={"parity": {"kind": "parity"}, "polynomial": {"kind": "polynomial"}, "copy": {"kind": "copy"}},
+                stages=[{"name": "train", "mix": {"parity": 1.0}, "epochs": 10}]).model_dump(mode="json")
+    pbt = PbtSettings(interval_epochs=4, mutate={"mix.polynomial": Domain(uniform=(0.0, 0.9)),
+                                                 "mix.copy": Domain(uniform=(0.0, 0.9))})
+    pop = Population(base, pbt, members=16, seed=0, smoke=False)
+    generations = [take(pop)]
+    complete(pop, generations[0], {m: {r.TARGET_ACC: m / 16} for m in range(16)})
+    generations.append(take(pop))
+    for config in generations[0] + generations[1]:
+        settings = config["segments"][-1]["settings"]
+        assert settings["mix.polynomial"] + settings["mix.copy"] <= 1.0 + 1e-12
+        mix = trial_curriculum(base, {"pbt": config}, smoke=False).stages[-1].mix
+        assert mix["polynomial"] == pytest.approx(settings["mix.polynomial"], abs=1e-12)
+        assert mix["copy"] == pytest.approx(settings["mix.copy"], abs=1e-12)
+
+
 def test_the_population_ends_with_the_generation_where_a_member_reaches_the_target():
     pop = Population(BASE, PBT, members=4, seed=0, smoke=False)
     feed(pop, {2: {r.REACHED: 1.0, r.MEMBER_ENDS: 1.0, r.TARGET_ACC: 1.0}, 3: {r.TARGET_ACC: 0.4}})

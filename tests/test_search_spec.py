@@ -106,11 +106,35 @@ BAD = {
                                   "pbt.mutate.mix.copy", "unknown task 'copy'"),
         "base-outside-domain": (PBT.replace("[1.0e-4, 3.0e-3]", "[1.0e-4, 5.0e-4]"), "pbt.mutate.lr",
                                 "stage 'finetune' of the base has lr = 0.001, outside this domain"),
+        "one-member": (PBT.replace("scheduler: pbt", "scheduler: pbt, num_samples: 1"), "search.num_samples",
+                       "a population needs at least 2 members"),
+        "every-mixed-task-mutated": (PBT.replace("lr: {loguniform: [1.0e-4, 3.0e-3]}", "mix.parity: {uniform: [0.5, 1]}"),
+                                     "pbt.mutate", "leave one task of stage 'finetune''s mix out of pbt.mutate"),
         "module-unknown": (PBT.replace("lr: {loguniform: [1.0e-4, 3.0e-3]}",
                                        "train_modules: {choice: [null, [blocks.9.mlp]]}"),
                            "pbt.mutate.train_modules", "the value ['blocks.9.mlp'] makes the curriculum invalid"),
     }.items()},
 }
+
+
+BAD_PBT_BASES = {  # PBT specs that are bad because of their base: (its stages, the error's words)
+    "nothing-trains": ("  - {name: pretrain, mix: {polynomial: 1.0}, epochs: 0}\n"
+                       "  - {name: finetune, mix: {parity: 1.0}, epochs: 0}\n", "every stage of the base has epochs: 0"),
+    "stage-named-like-a-segment": ("  - {name: finetune-m1-e4, mix: {polynomial: 1.0}, epochs: 60}\n"
+                                   "  - {name: finetune, mix: {parity: 1.0}, epochs: 150}\n",
+                                   "stage 'finetune-m1-e4' of the base has the form of the names PBT gives"),
+}
+
+
+@pytest.mark.parametrize("stages, words", BAD_PBT_BASES.values(), ids=BAD_PBT_BASES.keys())
+def test_pbt_spec_with_a_bad_base_exits_2_with_one_line(tmp_path, capsys, stages, words):
+    path = write_spec(tmp_path, PBT)
+    text = BASE.read_text()
+    start, end = text.index("stages:\n"), text.index("target:")
+    (tmp_path / "base.yaml").write_text(text[:start] + "stages:\n" + stages + text[end:])
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{path}: pbt.stage: " in err[0] and words in err[0], err
 
 
 @pytest.mark.parametrize("body, field, words", BAD.values(), ids=BAD.keys())

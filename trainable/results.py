@@ -20,7 +20,7 @@ from typing import Any
 
 # -- metrics of every evaluation (``acc/<task>``, ``acc/<task>/len_<L>``, ...) --------------
 ACC_PREFIX, LOSS_PREFIX, COMPUTE_PREFIX, PROBE_PREFIX = "acc/", "loss/", "compute/", "probe/"
-# A PBT member's settings in force at each evaluation: schedule/lr, schedule/mix/<task>, schedule/segment.
+# A PBT member's settings in force at each evaluation: schedule/lr and schedule/mix/<task>.
 SCHEDULE_PREFIX = "schedule/"
 PREFIXES = (ACC_PREFIX, LOSS_PREFIX, COMPUTE_PREFIX, PROBE_PREFIX, SCHEDULE_PREFIX)
 FLOPS = "compute/flops"
@@ -72,7 +72,6 @@ TRIAL_ID = "iterhead.trial_id"
 SEARCH = "iterhead.search"
 SEED = "iterhead.seed"
 MEMBER_TAG = "iterhead.member"  # a PBT member's number
-SWITCHES_TAG = "iterhead.switches"  # how often a PBT member copied another (its lineage: lineage.yaml)
 NODE_TAG = "ray.node_id"
 THREADS_TAG = "iterhead.torch_threads"
 DEVICE_TAG = "iterhead.device"
