@@ -68,8 +68,20 @@ def best_run(best: Candidate) -> tuple[str, str]:
     return median[0].run_id, f"{best.trial_id} seed {median[0].seed} (the median seed)"
 
 
-def best_trial_figures(client: Any, run_id: str, folder: Path) -> tuple[list[Path], dict[str, float]]:
-    """Length curves and attention maps of one trial, and its final probe scores."""
+def best_trial_figures(client: Any, run_id: str, folder: Path,
+                       lineage: bool = False) -> tuple[list[Path], dict[str, float]]:
+    """Length curves and attention maps of one trial, and its final probe scores.
+
+    With `lineage` (a PBT member), the curves are the member's own `compute_to_accuracy.png`,
+    drawn from its lineage's evaluations: the run's metric history holds, before each copy,
+    the member's abandoned trajectory rather than the donor's, so it is not the lineage."""
+    names = {a.path for a in client.list_artifacts(run_id)}
+    if lineage and "compute_to_accuracy.png" in names:
+        figures = [Path(client.download_artifacts(run_id, "compute_to_accuracy.png", str(folder)))]
+        if "attention.png" in names:
+            figures.append(Path(client.download_artifacts(run_id, "attention.png", str(folder))))
+        run = client.get_run(run_id)
+        return figures, {k: v for k, v in run.data.metrics.items() if k.startswith(r.PROBE_PREFIX)}
     run = client.get_run(run_id)
     target = run.data.params.get("target.task", "")
     flops = [m.value for m in sorted(client.get_metric_history(run_id, r.FLOPS), key=lambda m: m.step)]
@@ -80,7 +92,6 @@ def best_trial_figures(client: Any, run_id: str, folder: Path) -> tuple[list[Pat
             per_length[int(key.rsplit("_", 1)[1])] = [m.value for m in history]
     figures = [report.plot_length_curves(folder / "best_accuracy_by_length.png", flops, per_length,
                                          f"best trial: acc/{target} at each length")]
-    names = {a.path for a in client.list_artifacts(run_id)}
     if "attention.png" in names:
         figures.append(Path(client.download_artifacts(run_id, "attention.png", str(folder))))
     probes = {k: v for k, v in run.data.metrics.items() if k.startswith(r.PROBE_PREFIX)}
@@ -106,7 +117,7 @@ def build(client: Any, experiment: str, out: Path, parent_run_id: str | None = N
         probes: dict[str, float] = {}
         best = best_run(reached[0]) if reached else None
         if best:
-            best_figures, probes = best_trial_figures(client, best[0], folder)
+            best_figures, probes = best_trial_figures(client, best[0], folder, is_population(rows))
             figures += best_figures
             if is_population(rows) and "schedule.png" in {a.path for a in client.list_artifacts(best[0])}:
                 figures.insert(0, Path(client.download_artifacts(best[0], "schedule.png", str(folder))))

@@ -189,6 +189,8 @@ def test_report_shows_the_members_and_the_best_lineage(search, tmp_path):
     page = (tmp_path / "rep" / "report.html").read_text()
     assert all(row["trial_id"] in page for row in rows)
     assert "Population" in page and 'alt="schedule"' in page
+    assert 'alt="compute_to_accuracy"' in page  # the lineage's own curves, not the run's spliced history
+    assert 'alt="best_accuracy_by_length"' not in page
 
 
 def test_a_sigkilled_pbt_search_resumes_to_the_same_population(search, tmp_path):
