@@ -68,6 +68,19 @@ def best_run(best: Candidate) -> tuple[str, str]:
     return median[0].run_id, f"{best.trial_id} seed {median[0].seed} (the median seed)"
 
 
+def length_curves(client: Any, run: Any, folder: Path) -> Path:
+    """The run's target accuracy at each length against training FLOPs, from its metric history."""
+    run_id, target = run.info.run_id, run.data.params.get("target.task", "")
+    flops = [m.value for m in sorted(client.get_metric_history(run_id, r.FLOPS), key=lambda m: m.step)]
+    per_length: dict[int, list[float]] = {}
+    for key in run.data.metrics:
+        if key.startswith(f"{r.acc(target)}/len_"):
+            history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+            per_length[int(key.rsplit("_", 1)[1])] = [m.value for m in history]
+    return report.plot_length_curves(folder / "best_accuracy_by_length.png", flops, per_length,
+                                     f"best trial: acc/{target} at each length")
+
+
 def best_trial_figures(client: Any, run_id: str, folder: Path,
                        lineage: bool = False) -> tuple[list[Path], dict[str, float]]:
     """Length curves and attention maps of one trial, and its final probe scores.
@@ -76,22 +89,11 @@ def best_trial_figures(client: Any, run_id: str, folder: Path,
     drawn from its lineage's evaluations: the run's metric history holds, before each copy,
     the member's abandoned trajectory rather than the donor's, so it is not the lineage."""
     names = {a.path for a in client.list_artifacts(run_id)}
+    run = client.get_run(run_id)
     if lineage and "compute_to_accuracy.png" in names:
         figures = [Path(client.download_artifacts(run_id, "compute_to_accuracy.png", str(folder)))]
-        if "attention.png" in names:
-            figures.append(Path(client.download_artifacts(run_id, "attention.png", str(folder))))
-        run = client.get_run(run_id)
-        return figures, {k: v for k, v in run.data.metrics.items() if k.startswith(r.PROBE_PREFIX)}
-    run = client.get_run(run_id)
-    target = run.data.params.get("target.task", "")
-    flops = [m.value for m in sorted(client.get_metric_history(run_id, r.FLOPS), key=lambda m: m.step)]
-    per_length: dict[int, list[float]] = {}
-    for key in run.data.metrics:
-        if key.startswith(f"{r.acc(target)}/len_"):
-            history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
-            per_length[int(key.rsplit("_", 1)[1])] = [m.value for m in history]
-    figures = [report.plot_length_curves(folder / "best_accuracy_by_length.png", flops, per_length,
-                                         f"best trial: acc/{target} at each length")]
+    else:
+        figures = [length_curves(client, run, folder)]
     if "attention.png" in names:
         figures.append(Path(client.download_artifacts(run_id, "attention.png", str(folder))))
     probes = {k: v for k, v in run.data.metrics.items() if k.startswith(r.PROBE_PREFIX)}
