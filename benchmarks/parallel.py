@@ -61,13 +61,19 @@ class Epochs:
         self.device = self.runs[0].device
         self.stage = self.runs[0].cur.stages[0]
         self.epoch = 0
+        self.losses: list[torch.Tensor] = []  # each epoch's summed batch losses, per run (on the device)
         self.engine.start_stage(self.stage, self.runs)
         self._step()
         sync(self.device)
 
+    @property
+    def loss(self) -> float:
+        """The summed training loss of every epoch so far, warm-up included (one host sync)."""
+        return sum(float(epoch.sum()) for epoch in self.losses)
+
     def _step(self) -> None:
         plans = [t.epoch_plan(self.stage, self.epoch) for t in self.runs]
-        self.engine.train_epoch(self.runs, plans)
+        self.losses.append(self.engine.train_epoch(self.runs, plans))
         for t, (plan, _) in zip(self.runs, plans):
             t.count(plan)
         self.epoch += 1
