@@ -10,8 +10,10 @@ and sizes), with the embedding-dropout mask drawn outside it from the trainer's 
 (a `torch.Generator` argument would break the graph there; the masks are the eager ones).
 Inductor's CPU backend needs a C compiler: the script says so if there is none. Compiling
 starts from an empty inductor cache of the script's own (`TORCHINDUCTOR_CACHE_DIR`), so the
-first compiled trainer's first epoch is what a fresh machine pays; the second compiled
-trainer reuses what the first compiled in this process.
+first compiled trainer's first epoch compiles every kernel; torch keeps its precompiled C++
+headers in `/tmp/torchinductor_<user>` whatever that variable says, so where an earlier
+compile left them there, a fresh machine pays more than the table shows. The second
+compiled trainer reuses what the first compiled in this process.
 
 Writes (or replaces) its own section of BENCHMARKS.md with the command, the CPU model and the
 load average.
@@ -122,8 +124,8 @@ def run(args: argparse.Namespace) -> None:
              f"{torch.__version__}, load average {os.getloadavg()[0]:.2f} at the end. Lengths 1..{args.max_len}, "
              f"1024 training sequences per length, d_model 128, 2 layers, batch {args.batch}, dropout 0.1, fp32. "
              "Fresh trainers in turn; a compiled one's first epoch includes compiling (the first from an empty "
-             "inductor cache, as on a fresh machine); the summed loss is over all its epochs (equal values: "
-             "the same numbers).", "",
+             "inductor cache; torch's precompiled headers may have been there already, so a fresh machine "
+             "can pay more); the summed loss is over all its epochs (equal values: the same numbers).", "",
              "| run | first epoch s | later epochs s (median) | speed-up | recompilations given up | summed loss |",
              "|---|---|---|---|---|---|"]
     for r in rows:
