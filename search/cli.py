@@ -1,12 +1,15 @@
-"""The `iterhead` command line. Exit codes: 0 success, 2 bad input, 1 a failure while running."""
+"""The `iterhead` command line. Exit codes: 0 success, 2 bad input, 1 a failure while running,
+130 after Ctrl-C, 143 after SIGTERM (a training's runs then end KILLED)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from iterhead.curricula.errors import ConfigError
 
@@ -135,11 +138,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     where = dict(uri=uri, experiment=args.experiment or cur.name, device=device,
                  source=str(Path(args.curriculum).resolve()), precision=resolve_precision(args.precision, device),
                  budget=args.budget)
-    if seeds is None:
-        train(cur, **where)
-    else:
-        train_seeds(cur, seeds, **where)
+    with sigterm_as_interrupt():
+        if seeds is None:
+            train(cur, **where)
+        else:
+            train_seeds(cur, seeds, **where)
     return EXIT_OK
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the training is: a batch scheduler's or `kill`'s stop then ends the
+    runs KILLED, as Ctrl-C does, instead of leaving them RUNNING until `iterhead reconcile`."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    def stop(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def check_precision(name: str) -> None:
@@ -276,6 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -102,3 +102,30 @@ def test_batched_seeds_write_one_run_per_seed_like_single_runs(tmp_path, float64
         assert together.data.metrics[key] == alone.data.metrics[key], key
     assert together.data.metrics["loss/train"] == pytest.approx(alone.data.metrics["loss/train"], abs=1e-8)
     assert runs["1"].data.metrics["loss/train"] != together.data.metrics["loss/train"]
+
+
+def test_sigterm_ends_the_run_killed(tmp_path):
+    """A scheduler's SIGTERM mid-training: exit 143 and the run ended KILLED, not left RUNNING."""
+    import signal
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cur = tmp_path / "long.yaml"
+    cur.write_text(SMALL.read_text().replace("epochs: 60}", "epochs: 100000}"))  # never reaches parity
+    proc = subprocess.Popen([sys.executable, "-m", "iterhead.search.cli", "train", str(cur), "--tracking-uri", uri,
+                             "--experiment", "term", "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # the first evaluation: the run is open and training
+            if line.startswith("[pretrain epoch"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().endswith("terminated")
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("term").experiment_id])
+    assert run.info.status == "KILLED" and run.info.end_time is not None
