@@ -19,7 +19,7 @@ demo: $(STAMP)  ## the main job
 	$(BIN)/iterhead search examples/search_small.yaml
 
 test: $(STAMP)  ## unit and integration tests (what CI runs)
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q --durations=15
 
 test-slow: $(STAMP)  ## the slow tier too
 	$(BIN)/python -m pytest -q
