@@ -54,6 +54,12 @@ class TaskSplit:
     lengths: np.ndarray  # int64 [n]
 
 
+def first_per_len(split: TaskSplit, n: int) -> TaskSplit:
+    """The first `n` rows of each length (rows are drawn at random, so a fair sample of them)."""
+    keep = np.concatenate([np.flatnonzero(split.lengths == length)[:n] for length in np.unique(split.lengths)])
+    return TaskSplit(split.task, split.tokens[keep], split.lengths[keep])
+
+
 def stream(seed: int, *labels: object) -> np.random.Generator:
     """A random stream derived from the root seed and stable labels (never Python's hash)."""
     digest = hashlib.sha256(json.dumps(labels, sort_keys=True, default=str).encode()).digest()

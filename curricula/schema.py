@@ -84,6 +84,9 @@ class TargetSpec(Spec):
 class EvalSpec(Spec):
     every_epochs: PositiveInt = 1
     probe_per_len: Annotated[int, Field(ge=0)] = 16
+    # Training sequences per length also scored (``train_acc/<task>``): far above ``acc/`` is
+    # a model that memorised its training inputs without the algorithm. 0: not scored.
+    train_per_len: Annotated[int, Field(ge=0)] = 0
 
 
 class Curriculum(Spec):
@@ -141,6 +144,9 @@ class Curriculum(Spec):
                 if len(make_task(spec).alphabet()) < 2:
                     raise ConfigError("a disjoint split needs at least two possible inputs; this task has "
                                       "one (polynomial with modulus 2): use split iid", field=f"tasks.{name}")
+        if self.eval.train_per_len > self.data.train_per_len:
+            raise ConfigError(f"at most data.train_per_len ({self.data.train_per_len}) training sequences a length "
+                              f"can be scored (got {self.eval.train_per_len})", field="eval.train_per_len")
         if self.target.task not in self.tasks:
             raise ConfigError(unknown("task", self.target.task, self.tasks, listing="defined tasks:"),
                               field="target.task")

@@ -33,6 +33,8 @@ def progress_line(ev: Evaluation, prefix: str = "") -> str:
                 f"stopped after {m[r.FLOPS]:.3e} FLOP (lower the learning rate)")
     accs = "  ".join(f"{k[len(r.ACC_PREFIX):]} {v:6.1%}" for k, v in m.items()
                      if k.startswith(r.ACC_PREFIX) and k.count("/") == 1)
+    accs += "".join(f"  (train {k[len(r.TRAIN_ACC_PREFIX):]} {v:6.1%})" for k, v in m.items()
+                    if k.startswith(r.TRAIN_ACC_PREFIX) and k.count("/") == 1)
     mark = "  <- target reached" if ev.reached else ""
     return (f"{where} {accs}  loss {m[r.LOSS]:.4f}  "
             f"{m[r.FLOPS]:.3e} FLOP  {m[r.SECONDS]:7.1f} s{mark}")

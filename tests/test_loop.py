@@ -191,3 +191,39 @@ def test_shared_batch_order_is_the_same_for_every_seed_and_off_by_default():
     c, _ = shapes(Trainer(tiny(data=data)))
     d, _ = shapes(Trainer(tiny(data=data, seed=5)))
     assert c != d
+
+
+def test_training_set_accuracy_is_scored_beside_the_test_accuracy():
+    """`eval.train_per_len` scores that many training rows a length under ``train_acc/``; it
+    changes nothing else (training and test accuracy are the same numbers without it)."""
+    plain = Trainer(tiny())
+    scored = Trainer(tiny(eval={"every_epochs": 1, "probe_per_len": 4, "train_per_len": 16}))
+    table = scored.train_table
+    train_rows = {row.tobytes() for row in scored.train_tokens.numpy()}
+    assert all(row.tobytes() in train_rows for row in table.tokens.numpy())
+    assert sorted(np.unique(table.lengths, return_counts=True)[1]) == [32] * 4  # 16 of each task, lengths 1..4
+    a, b = run_all(plain), run_all(scored)
+    assert len(a) == len(b)
+    for m, n in zip(a, b):
+        assert {k: v for k, v in n.items() if not k.startswith("train_acc/") and "eval" not in k
+                and "seconds" not in k} == without_time({k: v for k, v in m.items() if "eval" not in k})
+        assert {k for k in n if k.startswith("train_acc/")} == {
+            f"train_acc/{t}{s}" for t in ("parity", "polynomial") for s in ["", *(f"/len_{L}" for L in range(1, 5))]}
+        assert n["compute/eval_flops"] > m["compute/eval_flops"]
+    assert plain.train_table is None and not any(k.startswith("train_acc/") for k in a[-1])
+
+
+def test_training_set_accuracy_shows_memorising():
+    """Polynomial iteration at lengths 4..5 from 32 training inputs a length, test inputs unseen:
+    the model learns its training rows but not the task, and only ``train_acc/`` shows it."""
+    cur = tiny(model={"d_model": 64, "n_layers": 2, "n_heads": 1, "dropout": 0.0},
+               data={"min_len": 4, "max_len": 5, "train_per_len": 32, "test_per_len": 32, "cot": True,
+                     "split": "disjoint"},
+               tasks={"polynomial": {"kind": "polynomial", "modulus": 11}},
+               optim={"lr": 3.0e-3, "batch_size": 16},
+               stages=[{"name": "train", "mix": {"polynomial": 1.0}, "epochs": 150}],
+               target={"task": "polynomial", "accuracy": 1.0},
+               eval={"every_epochs": 150, "probe_per_len": 0, "train_per_len": 32})
+    torch.set_num_threads(1)
+    (last,) = run_all(Trainer(cur))
+    assert last["train_acc/polynomial"] >= 0.9 and last["acc/polynomial"] <= 0.5, last

@@ -168,6 +168,8 @@ CASES = [
     Case("min-len-zero", edit(("data.min_len", 0)), "data.min_len", "greater than 0"),
     Case("max-len-below-min-len", edit(("data.min_len", 5), ("data.max_len", 4)), "data.max_len",
          "min_len"),
+    Case("train-scored-above-train-set", edit(("data.train_per_len", 64), ("eval.train_per_len", 65)),
+         "eval.train_per_len", "at most data.train_per_len (64)"),
     Case("epochs-negative", edit(("stages.0.epochs", -1)), "stages[0].epochs", "greater than or equal"),
     Case("epochs-float", edit(("stages.0.epochs", 1.5)), "stages[0].epochs", "integer",
          also=("fractional",)),

@@ -168,15 +168,15 @@ def _prefix_past(model: torch.nn.Module, table: EvalTable, first: dict[str, torc
     return [(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts])) for i in range(len(parts[0]))]
 
 
-def accuracy_metrics(table: EvalTable, correct: np.ndarray) -> dict[str, float]:
-    """``acc/<task>`` (mean over lengths) and ``acc/<task>/len_<L>``."""
+def accuracy_metrics(table: EvalTable, correct: np.ndarray, prefix: str = "acc/") -> dict[str, float]:
+    """``acc/<task>`` (mean over lengths) and ``acc/<task>/len_<L>`` (or under another prefix)."""
     out: dict[str, float] = {}
     for t, name in enumerate(table.task_names):
         per_len = []
         for length in np.unique(table.lengths):
             sel = (table.tasks == t) & (table.lengths == length)
             value = float(correct[sel].mean())
-            out[f"acc/{name}/len_{int(length)}"] = value
+            out[f"{prefix}{name}/len_{int(length)}"] = value
             per_len.append(value)
-        out[f"acc/{name}"] = float(np.mean(per_len))
+        out[f"{prefix}{name}"] = float(np.mean(per_len))
     return out

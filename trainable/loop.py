@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from iterhead.curricula.data import answer_len, build_data, seq_len, stream
+from iterhead.curricula.data import answer_len, build_data, first_per_len, seq_len, stream
 from iterhead.curricula.io import parse_curriculum
 from iterhead.curricula.sampler import EpochPlan, Layout, plan_epoch
 from iterhead.curricula.schema import Curriculum, StageSpec
@@ -129,6 +129,9 @@ class Trainer:
         self.train_tokens = torch.from_numpy(train_tokens).to(self.device)
         self.train_mask = self._loss_mask(np.concatenate([s.lengths for s in data["train"].values()]))
         self.eval_table = EvalTable.build(data["test"], d.cot, self.device)
+        n_train = cur.eval.train_per_len
+        self.train_table = EvalTable.build({name: first_per_len(split, n_train) for name, split in data["train"].items()},
+                                           d.cot, self.device) if n_train else None
         self.position = Position()
         self.compute = Compute()
         self.outcome = Outcome()
@@ -240,12 +243,14 @@ class Trainer:
     def evaluate(self, stage: str, loss: float, last: bool) -> Evaluation:
         watch = Stopwatch()
         watch.start()
-        correct = correct_rows(self.model, self.eval_table)
-        metrics = accuracy_metrics(self.eval_table, correct)
+        metrics: dict[str, float] = {}
+        for prefix, table in ((results.ACC_PREFIX, self.eval_table), (results.TRAIN_ACC_PREFIX, self.train_table)):
+            if table is not None:
+                metrics.update(accuracy_metrics(table, correct_rows(self.model, table), prefix))
+                self.compute.eval_flops += flops(table.lengths, self.cur.data.cot, self.n_params,
+                                                 self.cur.model.n_layers, self.cur.model.d_model, training=False)
         metrics.update(probe_metrics(self.model, self.test, self.cur.eval.probe_per_len,
                                      self.cur.data.cot, self.device))
-        self.compute.eval_flops += flops(self.eval_table.lengths, self.cur.data.cot, self.n_params,
-                                         self.cur.model.n_layers, self.cur.model.d_model, training=False)
         self.compute.eval_seconds += watch.stop()
         metrics[results.LOSS] = loss
         metrics.update(self.compute.metrics())

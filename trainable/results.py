@@ -20,9 +20,11 @@ from typing import Any
 
 # -- metrics of every evaluation (``acc/<task>``, ``acc/<task>/len_<L>``, ...) --------------
 ACC_PREFIX, LOSS_PREFIX, COMPUTE_PREFIX, PROBE_PREFIX = "acc/", "loss/", "compute/", "probe/"
+# The same accuracies on training sequences (``eval.train_per_len`` of them a length).
+TRAIN_ACC_PREFIX = "train_acc/"
 # A PBT member's settings in force at each evaluation: schedule/lr and schedule/mix/<task>.
 SCHEDULE_PREFIX = "schedule/"
-PREFIXES = (ACC_PREFIX, LOSS_PREFIX, COMPUTE_PREFIX, PROBE_PREFIX, SCHEDULE_PREFIX)
+PREFIXES = (ACC_PREFIX, TRAIN_ACC_PREFIX, LOSS_PREFIX, COMPUTE_PREFIX, PROBE_PREFIX, SCHEDULE_PREFIX)
 FLOPS = "compute/flops"
 SECONDS = "compute/seconds"  # training wall time so far
 LOSS = "loss/train"
