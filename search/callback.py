@@ -302,7 +302,10 @@ class MlflowSearchCallback(tune.Callback):
         print(f"[status] {line}; {reached} reached the target{extra}", file=self.out, flush=True)
 
     def on_experiment_end(self, trials, **info) -> None:
-        cut = [t for t in trials if not t.is_finished()]  # an interruption left them unfinished
+        # An interruption left them unfinished. Not `is_finished()`: after a graceful stop
+        # (Ctrl-C, SIGTERM) Tune holds the trials it stopped as TERMINATED; only a trial that
+        # ended (or that its scheduler stopped) has its last result marked done.
+        cut = [t for t in trials if t.status != "ERROR" and not (t.last_result or {}).get("done")]
         for trial in cut:
             if run_key(trial) in self.runs and run_key(trial) not in self.ended:
                 self._end(trial, "KILLED")

@@ -1,17 +1,17 @@
 """The `iterhead` command line. Exit codes: 0 success, 2 bad input, 1 a failure while running,
-130 after Ctrl-C, 143 after SIGTERM (a training's runs then end KILLED)."""
+130 after Ctrl-C, 143 after SIGTERM (`search/signals.py`)."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from iterhead.curricula.errors import ConfigError
+from iterhead.search.signals import Terminated, sigterm_as_ctrl_c
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -138,29 +138,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     where = dict(uri=uri, experiment=args.experiment or cur.name, device=device,
                  source=str(Path(args.curriculum).resolve()), precision=resolve_precision(args.precision, device),
                  budget=args.budget)
-    with sigterm_as_interrupt():
+    with sigterm_as_ctrl_c():
         if seeds is None:
             train(cur, **where)
         else:
             train_seeds(cur, seeds, **where)
     return EXIT_OK
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the training is: a batch scheduler's or `kill`'s stop then ends the
-    runs KILLED, as Ctrl-C does, instead of leaving them RUNNING until `iterhead reconcile`."""
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    def stop(signum: int, frame: object) -> None:
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def check_precision(name: str) -> None:

@@ -35,9 +35,11 @@ def trial_rows(grid, writer: RunWriter, experiment: str, parent: str, keys: list
     for result in grid:
         m = result.metrics or {}
         trial_id = m.get("trial_id") or Path(result.path).name
-        row = {"trial_id": trial_id, "status": "ERROR" if result.error else "TERMINATED",
-               "run_id": run_ids.get(trial_id, "")}
-        row.update({k: result.config.get(k) for k in keys})
+        # Tune marks a trial's last result done when it ended or its scheduler stopped it; an
+        # interrupted search (Ctrl-C, SIGTERM) also has trials mid-way or not yet reported.
+        status = "ERROR" if result.error else "TERMINATED" if m.get("done") else "UNFINISHED"
+        row = {"trial_id": trial_id, "status": status, "run_id": run_ids.get(trial_id, "")}
+        row.update({k: (result.config or {}).get(k) for k in keys})
         for k in (results.REACHED, results.COMPUTE_TO_TARGET, results.TARGET_ACC, results.FLOPS,
                   results.SEEDS_REACHED):
             row[k] = m.get(k, float("nan"))
@@ -84,5 +86,7 @@ def print_summary(rows: list[dict[str, Any]], keys: list[str], out: TextIO,
         ok = row[results.REACHED] == 1.0
         vals = [row["trial_id"], *(short(row.get(k)) for k in keys),
                 *([f"{int(n)} of {len(seeds)}" if n == n else "?"] if seeds else []),
-                "yes" if ok else "no", f"{row[results.COMPUTE_TO_TARGET]:.3e}" + ("" if ok else " (censored)")]
+                "yes" if ok else "no",
+                "unfinished" if row["status"] == "UNFINISHED" else
+                f"{row[results.COMPUTE_TO_TARGET]:.3e}" + ("" if ok else " (censored)")]
         print("  " + " | ".join(vals), file=out)

@@ -13,6 +13,7 @@ run again, unfinished ones continue from their checkpoints, and MLflow keeps the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from typing import Any, TextIO
 
 from iterhead.curricula.errors import ConfigError
 from iterhead.curricula.trial import SMOKE_PBT
-from iterhead.search import outcome, sharing
+from iterhead.search import outcome, sharing, signals
 from iterhead.search.spec import LoadedSearch, SearchSettings
 from iterhead.search.tracking import Heartbeat, RunWriter, ui_hint
 from iterhead.trainable import results
@@ -195,8 +196,10 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
     status = "FAILED"
     started = False
     rows: list[dict[str, Any]] = []
+    stopping = contextlib.ExitStack()
     try:
         started = start_ray(opts)  # ... while Ray starts: both take seconds
+        terminated = stopping.enter_context(signals.sigterm_as_ctrl_c())  # after ray.init's own handler
         made.result()  # before any trial can write
         from iterhead.search.reconcile import reconcile
 
@@ -263,7 +266,9 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
             )
         grid = tuner.fit()
         rows = outcome.trial_rows(grid, writer, experiment, parent, keys, pbt)
-        complete = grid.num_terminated + grid.num_errors == len(grid)
+        # Not Tune's trial states: after a graceful stop (Ctrl-C, SIGTERM) it holds the trials it
+        # stopped as TERMINATED. A trial ended only if its last result is marked done.
+        complete = not terminated.is_set() and all(res.error or (res.metrics or {}).get("done") for res in grid)
         if complete:
             outcome.log_summary(writer, parent, rows, keys, sharing.accounting(rows))
             _save_state(folder, {**json.loads((folder / STATE_FILE).read_text()), "state": "finished"})
@@ -274,6 +279,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
         status = "KILLED"
         raise
     finally:
+        stopping.close()
         try:
             if heartbeat is not None:
                 heartbeat.stop()
@@ -295,6 +301,8 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
     elif rows:
         print(sharing.summary_line(sharing.accounting(rows), sum(1 for row in rows if row["forked_from"])), file=out)
     print(f"MLflow experiment {experiment!r}; to look: {ui_hint(opts.uri)}", file=out)
+    if terminated.is_set():
+        raise signals.Terminated()
     return rows
 
 

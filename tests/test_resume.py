@@ -1,4 +1,4 @@
-"""A search whose driver is SIGKILLed resumes with `--resume` into the same MLflow runs."""
+"""A search whose driver is SIGKILLed or SIGTERMed resumes with `--resume` into the same MLflow runs."""
 
 from __future__ import annotations
 
@@ -23,8 +23,24 @@ def iterhead(*args: str) -> list[str]:
     return [str(Path(sys.executable).parent / "iterhead"), *args]
 
 
-@pytest.mark.parametrize("seeds", [None, [0, 1]], ids=["one-seed-trials", "replicates"])
-def test_sigkilled_search_resumes_into_the_same_runs(tmp_path, seeds):
+def group_alive(pgid: int) -> list[int]:
+    """Live processes of a process group (Ray's processes that a driver started join its group)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split() if entry.name.isdigit() else None
+        except OSError:
+            continue
+        if stat and int(stat[2]) == pgid and stat[0] != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.parametrize("seeds, sig", [(None, signal.SIGKILL), ([0, 1], signal.SIGKILL), (None, signal.SIGTERM)],
+                         ids=["one-seed-trials", "replicates", "sigterm"])
+def test_stopped_search_resumes_into_the_same_runs(tmp_path, seeds, sig):
+    """SIGKILL (the driver and its Ray at once) or SIGTERM (a batch scheduler's stop, to the
+    driver alone: a graceful stop, as Ctrl-C gives), then `--resume`."""
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(PARITY_BASE))
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
         "name": "resumable", "base": "base.yaml", **({"seeds": seeds} if seeds else {}),
@@ -39,16 +55,27 @@ def test_sigkilled_search_resumes_into_the_same_runs(tmp_path, seeds):
     for line in driver.stdout:
         seen.append(line)
         if " finished:" in line:  # the first trial is done; the others are mid-training
-            os.killpg(driver.pid, signal.SIGKILL)
+            if sig == signal.SIGKILL:
+                os.killpg(driver.pid, signal.SIGKILL)
+            else:
+                driver.send_signal(sig)
             break
-    driver.wait(timeout=60)
-    assert driver.returncode == -signal.SIGKILL, "".join(seen)
+    seen += driver.stdout.readlines()
+    driver.wait(timeout=120)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("resumable")
     before = client.search_runs([exp.experiment_id])
-    assert any(r.info.status == "RUNNING" for r in before)  # what a killed driver leaves behind
-    assert list(tmp_path.glob("runs/*/artifacts/iterhead-artifacts-*/*/curriculum.yaml"))  # the finished
-    # trial's copied artifacts wait in the search's own folder, not in the machine's temp folder
+    if sig == signal.SIGKILL:
+        assert driver.returncode == -signal.SIGKILL, "".join(seen)
+        assert any(r.info.status == "RUNNING" for r in before)  # what a killed driver leaves behind
+        assert list(tmp_path.glob("runs/*/artifacts/iterhead-artifacts-*/*/curriculum.yaml"))  # the finished
+        # trial's copied artifacts wait in the search's own folder, not in the machine's temp folder
+    else:
+        assert driver.returncode == 128 + signal.SIGTERM, "".join(seen)
+        assert "--resume" in "".join(seen) and not group_alive(driver.pid)  # Ray went with the driver
+        status = {r.info.status for r in before if r.data.tags.get("iterhead.kind") != "search"}
+        assert status == {"FINISHED", "KILLED"}, status  # the finished trial, and those it stopped
+        assert [r.info.status for r in before if r.data.tags.get("iterhead.kind") == "search"] == ["KILLED"]
 
     resumed = subprocess.run(iterhead(*args, "--resume"), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
