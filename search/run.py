@@ -303,6 +303,8 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
     print(f"MLflow experiment {experiment!r}; to look: {ui_hint(opts.uri)}", file=out)
     if terminated.is_set():
         raise signals.Terminated()
+    if status != "FINISHED":  # Tune's graceful stop on Ctrl-C: the command still exits 130
+        raise KeyboardInterrupt()
     return rows
 
 
