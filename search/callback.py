@@ -41,6 +41,7 @@ from typing import Any, TextIO
 from ray import tune
 
 from iterhead.curricula.io import dump_curriculum, flatten
+from iterhead.search.outcome import ended
 from iterhead.search.report import short
 from iterhead.search.tracking import RunWriter
 from iterhead.trainable import results as r
@@ -302,10 +303,7 @@ class MlflowSearchCallback(tune.Callback):
         print(f"[status] {line}; {reached} reached the target{extra}", file=self.out, flush=True)
 
     def on_experiment_end(self, trials, **info) -> None:
-        # An interruption left them unfinished. Not `is_finished()`: after a graceful stop
-        # (Ctrl-C, SIGTERM) Tune holds the trials it stopped as TERMINATED; only a trial that
-        # ended (or that its scheduler stopped) has its last result marked done.
-        cut = [t for t in trials if t.status != "ERROR" and not (t.last_result or {}).get("done")]
+        cut = [t for t in trials if not ended(t.last_result, t.status == "ERROR")]  # an interruption left them
         for trial in cut:
             if run_key(trial) in self.runs and run_key(trial) not in self.ended:
                 self._end(trial, "KILLED")

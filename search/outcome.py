@@ -17,6 +17,13 @@ from iterhead.search.tracking import RunWriter
 from iterhead.trainable import results
 
 
+def ended(last_result: dict[str, Any] | None, errored: bool) -> bool:
+    """Whether a trial ended (or failed), from its last result. Not Tune's trial state: after a
+    graceful stop (Ctrl-C, SIGTERM) Tune holds the trials it stopped as TERMINATED. It marks a
+    last result done only where the trial ended or its scheduler stopped it."""
+    return errored or bool((last_result or {}).get("done"))
+
+
 def trial_rows(grid, writer: RunWriter, experiment: str, parent: str, keys: list[str],
                pbt: bool = False) -> list[dict[str, Any]]:
     """One row per trial: its searched values, outcome and MLflow run (PBT: one per member)."""
@@ -35,9 +42,7 @@ def trial_rows(grid, writer: RunWriter, experiment: str, parent: str, keys: list
     for result in grid:
         m = result.metrics or {}
         trial_id = m.get("trial_id") or Path(result.path).name
-        # Tune marks a trial's last result done when it ended or its scheduler stopped it; an
-        # interrupted search (Ctrl-C, SIGTERM) also has trials mid-way or not yet reported.
-        status = "ERROR" if result.error else "TERMINATED" if m.get("done") else "UNFINISHED"
+        status = "ERROR" if result.error else "TERMINATED" if ended(m, False) else "UNFINISHED"
         row = {"trial_id": trial_id, "status": status, "run_id": run_ids.get(trial_id, "")}
         row.update({k: (result.config or {}).get(k) for k in keys})
         for k in (results.REACHED, results.COMPUTE_TO_TARGET, results.TARGET_ACC, results.FLOPS,

@@ -266,9 +266,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
             )
         grid = tuner.fit()
         rows = outcome.trial_rows(grid, writer, experiment, parent, keys, pbt)
-        # Not Tune's trial states: after a graceful stop (Ctrl-C, SIGTERM) it holds the trials it
-        # stopped as TERMINATED. A trial ended only if its last result is marked done.
-        complete = not terminated.is_set() and all(res.error or (res.metrics or {}).get("done") for res in grid)
+        complete = not terminated.is_set() and all(outcome.ended(res.metrics, res.error is not None) for res in grid)
         if complete:
             outcome.log_summary(writer, parent, rows, keys, sharing.accounting(rows))
             _save_state(folder, {**json.loads((folder / STATE_FILE).read_text()), "state": "finished"})

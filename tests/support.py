@@ -45,6 +45,21 @@ PARITY_BASE: dict[str, Any] = {
 """A one-task base curriculum whose trials take a few seconds (search tests vary its epochs)."""
 
 
+def alive(pgid: int) -> list[int]:
+    """Processes of a process group that are not zombies (the Ray processes a driver or
+    `ray start` started are in its group)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[2]) == pgid and stat[0] != "Z":
+                pids.append(int(entry.name))
+    return pids
+
+
 def free_port() -> int:
     """A TCP port free on the loopback interface right now."""
     with socket.socket() as s:

@@ -24,24 +24,9 @@ from mlflow import MlflowClient
 
 from iterhead.trainable import results as r
 
-from support import PARITY_BASE, free_port
+from support import PARITY_BASE, alive, free_port
 
 pytestmark = pytest.mark.slow
-
-
-
-def alive(pgid: int) -> list[int]:
-    """Processes of a process group that are not zombies."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(stat[2]) == pgid and stat[0] != "Z":
-                pids.append(int(entry.name))
-    return pids
 
 
 def stop(group: subprocess.Popen) -> None:

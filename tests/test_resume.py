@@ -12,7 +12,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from support import PARITY_BASE
+from support import PARITY_BASE, alive
 
 pytestmark = pytest.mark.integration
 
@@ -21,19 +21,6 @@ EPOCHS = [3, 30, 40, 50]
 
 def iterhead(*args: str) -> list[str]:
     return [str(Path(sys.executable).parent / "iterhead"), *args]
-
-
-def group_alive(pgid: int) -> list[int]:
-    """Live processes of a process group (Ray's processes that a driver started join its group)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split() if entry.name.isdigit() else None
-        except OSError:
-            continue
-        if stat and int(stat[2]) == pgid and stat[0] != "Z":
-            pids.append(int(entry.name))
-    return pids
 
 
 @pytest.mark.parametrize("seeds, sig", [(None, signal.SIGKILL), ([0, 1], signal.SIGKILL), (None, signal.SIGTERM)],
@@ -72,7 +59,7 @@ def test_stopped_search_resumes_into_the_same_runs(tmp_path, seeds, sig):
         # trial's copied artifacts wait in the search's own folder, not in the machine's temp folder
     else:
         assert driver.returncode == 128 + signal.SIGTERM, "".join(seen)
-        assert "--resume" in "".join(seen) and not group_alive(driver.pid)  # Ray went with the driver
+        assert "--resume" in "".join(seen) and not alive(driver.pid)  # Ray went with the driver
         status = {r.info.status for r in before if r.data.tags.get("iterhead.kind") != "search"}
         assert status == {"FINISHED", "KILLED"}, status  # the finished trial, and those it stopped
         assert [r.info.status for r in before if r.data.tags.get("iterhead.kind") == "search"] == ["KILLED"]
