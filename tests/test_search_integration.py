@@ -72,7 +72,7 @@ def test_children_hold_summary_history_and_curriculum(search):
         assert {"curriculum.yaml", "attention.png", "compute_to_accuracy.png"} <= artifacts
 
 
-def test_censored_trials_are_counted_not_dropped(search):
+def test_censored_trials_are_counted_not_dropped(search, tmp_path):
     rows, runs, client, out = search
     reached = [r for r in rows if r["reached"] == 1.0]
     censored = [r for r in rows if r["reached"] == 0.0]
@@ -83,7 +83,7 @@ def test_censored_trials_are_counted_not_dropped(search):
     assert parent.data.metrics["trials"] == 4 and parent.data.metrics["trials_reached"] == 2
     names = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.csv", "compute_to_target.png", "fraction_reached.png"} <= names
-    table = open(client.download_artifacts(parent.info.run_id, "trials.csv")).read().splitlines()
+    table = open(client.download_artifacts(parent.info.run_id, "trials.csv", str(tmp_path))).read().splitlines()
     assert len(table) == 5  # header + every trial, censored included
     assert "2 of 4 trials reached the target" in out
 

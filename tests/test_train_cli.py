@@ -34,7 +34,7 @@ def test_small_curriculum_reaches_target_reproducibly(two_runs):
     assert finals and all(a[k] == b[k] for k in finals)
 
 
-def test_run_holds_params_history_and_artifacts(two_runs):
+def test_run_holds_params_history_and_artifacts(two_runs, tmp_path):
     client, runs = two_runs
     run = runs[0]
     assert run.info.status == "FINISHED"
@@ -52,7 +52,7 @@ def test_run_holds_params_history_and_artifacts(two_runs):
         assert key in metrics, key
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert names == {"curriculum.yaml", "attention.png", "compute_to_accuracy.png"}
-    local = client.download_artifacts(run.info.run_id, "attention.png")
+    local = client.download_artifacts(run.info.run_id, "attention.png", str(tmp_path))  # not a stray /tmp folder
     with open(local, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
