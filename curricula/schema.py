@@ -79,6 +79,10 @@ class StageSpec(Spec):
 class TargetSpec(Spec):
     task: str
     accuracy: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    # Score the target over test lengths from this one up (default: every length). Under a
+    # disjoint split the shortest lengths hold out one or a few inputs, so their accuracy
+    # flips between 0 and 1 and decides a target over all lengths alone.
+    min_len: PositiveInt | None = None
 
 
 class EvalSpec(Spec):
@@ -150,6 +154,10 @@ class Curriculum(Spec):
         if self.target.task not in self.tasks:
             raise ConfigError(unknown("task", self.target.task, self.tasks, listing="defined tasks:"),
                               field="target.task")
+        low = self.target.min_len
+        if low is not None and not self.data.min_len <= low <= self.data.max_len:
+            raise ConfigError(f"must be a test length, from data.min_len ({self.data.min_len}) to data.max_len "
+                              f"({self.data.max_len}) (got {low})", field="target.min_len")
         return self
 
     def stage(self, name: str) -> StageSpec:

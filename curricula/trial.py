@@ -30,6 +30,9 @@ def shrink(data: dict[str, Any]) -> dict[str, Any]:
     for stage in data["stages"]:
         stage["epochs"] = min(stage["epochs"], SMOKE["epochs"])
     data["eval"]["every_epochs"] = 1
+    data["eval"]["train_per_len"] = min(data["eval"].get("train_per_len", 0), d["train_per_len"])
+    if data["target"].get("min_len") is not None:
+        data["target"]["min_len"] = min(data["target"]["min_len"], d["max_len"])
     return data
 
 

@@ -90,7 +90,8 @@ def print_summary(trainer: Trainer, summary: dict[str, float], seconds: float, r
     cur, outcome = trainer.cur, trainer.outcome
     reached = "reached" if summary[r.REACHED] else ("DIVERGED before reaching" if outcome.diverged
                                                     else "did NOT reach")
-    print(f"\n{cur.name} (seed {cur.seed}): {reached} {cur.target.task} accuracy {cur.target.accuracy:g} "
+    lengths = "" if cur.target.min_len is None else f" (lengths {cur.target.min_len}+)"
+    print(f"\n{cur.name} (seed {cur.seed}): {reached} {cur.target.task} accuracy {cur.target.accuracy:g}{lengths} "
           f"after {trainer.compute.examples:,} examples, {trainer.compute.flops:.3e} training FLOP, "
           f"{trainer.compute.seconds:.1f} s training ({seconds:.1f} s in all)", file=out)
     print(f"compute_to_target = {summary[r.COMPUTE_TO_TARGET]:.4e}"

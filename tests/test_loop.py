@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import numpy as np
 import pytest
 import torch
@@ -102,6 +104,19 @@ def test_stops_at_target_and_summarises():
     s = summary_metrics(unreached.cur, unreached.outcome)
     assert s["reached"] == 0.0 and np.isfinite(s["compute_to_target"])
     assert s["compute_to_target"] > unreached.compute.flops
+
+
+def test_target_min_len_judges_the_target_on_the_lengths_from_it():
+    """Without ``target.min_len`` the target is judged on ``acc/<task>``; with it, on the mean
+    of the per-length accuracies from it up. Training is the same either way (same seed)."""
+    whole = list(Trainer(tiny(target={"task": "parity", "accuracy": 1.0})).run())
+    from3 = list(Trainer(tiny(target={"task": "parity", "accuracy": 1.0, "min_len": 3})).run())
+    assert all(ev.target_acc == ev.metrics["acc/parity"] for ev in whole)
+    for ev in from3:
+        assert ev.target_acc == statistics.fmean([ev.metrics["acc/parity/len_3"], ev.metrics["acc/parity/len_4"]])
+        assert ev.reached == (ev.target_acc >= 1.0)
+    assert [ev.metrics["loss/train"] for ev in whole[:len(from3)]] == [ev.metrics["loss/train"] for ev in from3][:len(whole)]
+    assert any(a.target_acc != b.target_acc for a, b in zip(whole, from3))
 
 
 def test_metrics_have_the_documented_names():

@@ -170,6 +170,8 @@ CASES = [
          "min_len"),
     Case("train-scored-above-train-set", edit(("data.train_per_len", 64), ("eval.train_per_len", 65)),
          "eval.train_per_len", "at most data.train_per_len (64)"),
+    Case("target-min-len-past-max-len", edit(("target.min_len", 9)), "target.min_len",
+         "must be a test length, from data.min_len (1) to data.max_len (4) (got 9)"),
     Case("epochs-negative", edit(("stages.0.epochs", -1)), "stages[0].epochs", "greater than or equal"),
     Case("epochs-float", edit(("stages.0.epochs", 1.5)), "stages[0].epochs", "integer",
          also=("fractional",)),

@@ -35,9 +35,13 @@ def write_artifacts(trainer: Trainer, folder: Path, figures: bool = True) -> lis
         starts.setdefault(ev[r.STAGE], previous)
         previous = ev[r.FLOPS]
     flops = [ev[r.FLOPS] for ev in trainer.history]
-    accuracy = {t: [ev[r.acc(t)] for ev in trainer.history] for t in cur.tasks}
+    accuracy = {r.acc(t): [ev[r.acc(t)] for ev in trainer.history] for t in cur.tasks}
+    judged = r.acc(cur.target.task)
+    if cur.target.min_len is not None:
+        judged = f"{judged}, lengths {cur.target.min_len}+"
+        accuracy[judged] = [ev[r.TARGET_ACC] for ev in trainer.history]
     curve = plots.accuracy_vs_compute(folder / "compute_to_accuracy.png", flops, accuracy,
-                                      cur.target.task, cur.target.accuracy, starts)
+                                      judged, cur.target.accuracy, starts)
     return [yaml_path, attention, curve]
 
 

@@ -101,6 +101,7 @@ class Evaluation:
     reached: bool = False
     final: bool = False  # no evaluation follows: the target is reached or training is over
     diverged: bool = False  # the loss became NaN or infinite; metrics hold compute only
+    target_acc: float = 0.0  # what the target is judged on (`results.target_accuracy`); 0 once diverged
 
 
 class Trainer:
@@ -255,7 +256,8 @@ class Trainer:
         metrics[results.LOSS] = loss
         metrics.update(self.compute.metrics())
         target = self.cur.target
-        reached = metrics[results.acc(target.task)] >= target.accuracy
+        target_acc = results.target_accuracy(metrics, target.task, target.min_len, self.cur.data.max_len)
+        reached = target_acc >= target.accuracy
         if reached and not self.outcome.reached:
             self.outcome.reached = True
             self.outcome.compute_to_target = self.compute.flops
@@ -263,10 +265,11 @@ class Trainer:
             self.outcome.seconds_to_target = self.compute.seconds
         step = self.outcome.evaluations
         self.outcome.evaluations += 1
-        self.history.append({results.STAGE: stage, results.STEP: step, **{
+        self.history.append({results.STAGE: stage, results.STEP: step, results.TARGET_ACC: target_acc, **{
             k: v for k, v in metrics.items()
             if k.count("/") == 1 and k.startswith((results.ACC_PREFIX, results.COMPUTE_PREFIX))}})
-        return Evaluation(step, stage, self.position.epoch, metrics, reached, final=reached or last)
+        return Evaluation(step, stage, self.position.epoch, metrics, reached, final=reached or last,
+                          target_acc=target_acc)
 
     # -- checkpoints ----------------------------------------------------------------------
 

@@ -39,12 +39,13 @@ def attention_maps(path: Path, maps: Sequence[tuple[str, list[str], np.ndarray]]
 
 
 def accuracy_vs_compute(path: Path, flops: Sequence[float], accuracy: dict[str, Sequence[float]],
-                        target_task: str, target: float, stage_starts: dict[str, float]) -> Path:
-    """Accuracy of each task against cumulative training FLOPs, stages and target marked."""
+                        judged: str, target: float, stage_starts: dict[str, float]) -> Path:
+    """Accuracies (keyed by their label) against cumulative training FLOPs, stages and target
+    marked; `judged` is the label of the curve the target is judged on, drawn thicker."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    for task, values in accuracy.items():
-        ax.plot(flops, values, marker=".", label=f"acc/{task}", lw=2 if task == target_task else 1)
-    ax.axhline(target, color="grey", ls=":", lw=1, label=f"target ({target_task})")
+    for label, values in accuracy.items():
+        ax.plot(flops, values, marker=".", label=label, lw=2 if label == judged else 1)
+    ax.axhline(target, color="grey", ls=":", lw=1, label=f"target ({judged})")
     for name, start in stage_starts.items():
         ax.axvline(start, color="black", ls="--", lw=0.7)
         ax.text(start, 1.02, name, fontsize=7, transform=ax.get_xaxis_transform())

@@ -40,6 +40,15 @@ def acc(task: str) -> str:
     return f"{ACC_PREFIX}{task}"
 
 
+def target_accuracy(metrics: dict[str, float], task: str, min_len: int | None, max_len: int) -> float:
+    """The accuracy a target is judged on: ``acc/<task>``, or with a ``target.min_len`` the mean
+    of ``acc/<task>/len_<L>`` over lengths from it to ``max_len``."""
+    if min_len is None:
+        return metrics[acc(task)]
+    per_len = [metrics[f"{acc(task)}/len_{length}"] for length in range(min_len, max_len + 1)]
+    return float(statistics.fmean(per_len))
+
+
 # -- a trial's outcome, reported with every evaluation ---------------------------------------
 STEP = "step"
 STAGE = "stage"

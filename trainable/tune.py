@@ -74,7 +74,7 @@ def seed_report(ev: Evaluation, trainer: Trainer, penalty: float, budget: float 
     o, reached = trainer.outcome, reached_within(trainer, budget)
     return Report(step=ev.step, stage=ev.stage, reached=reached, diverged=o.diverged,
                   compute_to_target=o.compute_to_target if reached else penalty,
-                  target_acc=ev.metrics.get(results.acc(trainer.cur.target.task), 0.0),  # none once diverged
+                  target_acc=ev.target_acc,
                   metrics=dict(ev.metrics),
                   examples_to_target=float(o.examples_to_target) if reached else None,
                   seconds_to_target=float(o.seconds_to_target) if reached else None)
@@ -84,8 +84,9 @@ def configuration_report(step: int, stage: str, trainers: list[Trainer], penalty
                          budget: float | None) -> Report:
     """A replicate trial's scores over its seeds (`trainable.results.over_seeds`)."""
     outcomes = [(reached_within(t, budget), t.outcome.compute_to_target) for t in trainers]
-    target = results.acc(trainers[0].cur.target.task)
-    accs = [t.history[-1].get(target, 0.0) if t.history and not t.outcome.diverged else 0.0 for t in trainers]
+    headline = results.acc(trainers[0].cur.target.task)  # what histories saved before target_acc hold
+    accs = [t.history[-1].get(results.TARGET_ACC, t.history[-1].get(headline, 0.0))
+            if t.history and not t.outcome.diverged else 0.0 for t in trainers]
     score = over_seeds(outcomes, accs, penalty)
     metrics = {results.FLOPS: max(t.compute.flops for t in trainers)}  # ASHA's clock: it only grows
     return Report(step=step, stage=stage, reached=score.reached, diverged=all(t.outcome.diverged for t in trainers),
