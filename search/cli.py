@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("ablate", help="test accuracy of a trained trial under attention interventions")
     a.add_argument("--checkpoint", required=True, help="a trial's checkpoint folder (holding trainer.pt)")
     a.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
+    a.add_argument("--seed", type=int, default=None,
+                   help="the seed of a replicate trial (one with seeds:) to ablate (default: each of them)")
 
     r = sub.add_parser("reconcile", help="mark runs a crash left RUNNING as KILLED (never a live search's)")
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
@@ -244,15 +246,23 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     except (RuntimeError, ValueError) as err:
         raise ConfigError(str(err), field="--device") from None
     state = checkpoint.load(path, device)
-    cur = parse_curriculum(state["curriculum"], file=str(path / checkpoint.FILENAME))
-    if not cur.data.cot:
-        raise ConfigError("the interventions need chain-of-thought sequences (data.cot: true)",
-                          field="--checkpoint")
-    table = ablate(Trainer(cur, device, state))
-    tasks = list(table["none"])
-    print("intervention        " + "  ".join(f"{t:>16}" for t in tasks))
-    for name in ["none", *INTERVENTIONS]:
-        print(f"{name:<20}" + "  ".join(f"{table[name][t]:>16.1%}" for t in tasks))
+    states = state["seeds"] if "seeds" in state else [state]  # a replicate trial saves each seed's state
+    seeds = [s["curriculum"]["seed"] for s in states]
+    if args.seed is not None:
+        if args.seed not in seeds:
+            raise ConfigError(f"this checkpoint holds seed(s) {', '.join(map(str, seeds))}, not {args.seed}",
+                              field="--seed")
+        states = [states[seeds.index(args.seed)]]
+    for one in states:
+        cur = parse_curriculum(one["curriculum"], file=str(path / checkpoint.FILENAME))
+        if not cur.data.cot:
+            raise ConfigError("the interventions need chain-of-thought sequences (data.cot: true)",
+                              field="--checkpoint")
+        table = ablate(Trainer(cur, device, one))
+        tasks = list(table["none"])
+        print(f"seed {cur.seed}\nintervention        " + "  ".join(f"{t:>16}" for t in tasks))
+        for name in ["none", *INTERVENTIONS]:
+            print(f"{name:<20}" + "  ".join(f"{table[name][t]:>16.1%}" for t in tasks))
     return EXIT_OK
 
 

@@ -8,6 +8,7 @@ from iterhead.search.cli import main
 from iterhead.trainable import checkpoint
 from iterhead.trainable.ablation import ideal, zero_eoi, zero_iteration
 from iterhead.trainable.loop import Trainer
+from iterhead.trainable.seeds import Seeds
 
 from support import tiny
 
@@ -47,3 +48,22 @@ def test_ablate_command_reports_every_intervention(tmp_path, capsys):
     for name in ("none", "zero_eoi_l0", "zero_iteration_l1", "ideal_l0", "ideal_l1", "ideal_both"):
         assert name in out
     assert main(["ablate", "--checkpoint", str(tmp_path / "nothing")]) == 2
+
+
+def test_ablate_reads_each_seed_of_a_replicate_checkpoint(tmp_path, capsys):
+    """A replicate trial's checkpoint holds every seed's state: each is ablated (or the one asked
+    for), with the numbers a single run of that seed gives."""
+    seeds = Seeds(tiny(), [0, 1])
+    for _ in seeds.run():
+        pass
+    checkpoint.save(seeds.state_dict(), tmp_path / "both")
+    checkpoint.save(seeds.trainers[1].state_dict(), tmp_path / "one")
+    assert main(["ablate", "--checkpoint", str(tmp_path / "both")]) == 0
+    both = capsys.readouterr().out
+    assert both.count("seed 0\n") == 1 and both.count("seed 1\n") == 1
+    assert main(["ablate", "--checkpoint", str(tmp_path / "both"), "--seed", "1"]) == 0
+    picked = capsys.readouterr().out
+    assert main(["ablate", "--checkpoint", str(tmp_path / "one")]) == 0
+    assert picked == capsys.readouterr().out == both[both.index("seed 1\n"):]
+    assert main(["ablate", "--checkpoint", str(tmp_path / "both"), "--seed", "7"]) == 2
+    assert "--seed" in capsys.readouterr().err
