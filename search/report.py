@@ -40,6 +40,13 @@ def write_table(path: Path, rows: Sequence[dict[str, Any]], keys: Sequence[str])
     return path
 
 
+def legend(ax: Any, **style: Any) -> None:
+    """The axes' legend, where something drawn has a label: a search whose trials have not
+    reported draws nothing, and matplotlib warns about an empty legend."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**style)
+
+
 def plot_against_params(path: Path, rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> Path:
     """compute_to_target against each searched parameter; censored trials as crosses."""
     plt = _plt()
@@ -55,7 +62,7 @@ def plot_against_params(path: Path, rows: Sequence[dict[str, Any]], keys: Sequen
         ax.set_xlabel(key, fontsize=8)
         ax.set_ylabel("compute_to_target (FLOPs)", fontsize=8)
         ax.set_yscale("log")
-        ax.legend(fontsize=7)
+        legend(ax, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -187,7 +194,7 @@ def plot_medians(path: Path, rows: Sequence[dict[str, Any]], key: str) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel(key, fontsize=8)
     ax.set_ylabel("compute_to_target (FLOPs)", fontsize=8)
-    ax.legend(fontsize=7)
+    legend(ax, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -208,7 +215,7 @@ def plot_length_curves(path: Path, flops: Sequence[float], per_length: dict[int,
     ax.set_ylabel("exact-match accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=6, ncol=2, loc="lower right")
+    legend(ax, fontsize=6, ncol=2, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

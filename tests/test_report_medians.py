@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from iterhead.search.report import medians_text, seed_medians
+import warnings
+
+from iterhead.search.report import medians_text, plot_against_params, seed_medians
 from iterhead.trainable import results as r
 
 PENALTY = 1.0e12
@@ -44,3 +46,11 @@ def test_a_replicate_search_reads_each_configurations_own_score():
                     "|---|---|---|---|---|---|",
                     "| 0.001 | 3 | 2 | 3e+09 | 1e+09 | 1e+12 |",
                     "| 0.003 | 3 | 1 | 1e+12 (censored) | 2e+09 | 1e+12 |"]
+
+
+def test_a_search_without_reports_plots_without_a_warning(tmp_path):
+    """No trial has reported: the figure is drawn empty, with no legend and no warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns about a legend with nothing in it
+        path = plot_against_params(tmp_path / "empty.png", [], ["optim.lr"])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
