@@ -4,7 +4,7 @@ What each trial is scored on:
 
 - the searcher minimises ``compute_to_target`` (training FLOPs to reach the target,
   pretraining included; censored trials report the finite penalty of `trainable.summary`);
-- ASHA maximises ``target_acc`` (the target task's accuracy) at rungs of cumulative training
+- ASHA maximises ``target_acc`` (the accuracy the target is judged on) at rungs of cumulative training
   FLOPs (``compute/flops``), so a long pretraining stage counts against a trial exactly as
   its compute does. Its horizon is `horizon()`.
 """
