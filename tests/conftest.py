@@ -16,10 +16,14 @@ def _own_ray_temp_folder():
     The machine's /tmp/ray is never read or written: a cluster someone left there (or its
     stale address) cannot leak into a test, and no test leaves state behind. The folder is
     short because Ray's unix socket paths must fit in 107 bytes; subprocesses inherit it.
+    Processes started from here (Ray's workers, the commands tests run) also make their temp
+    folders inside it (TMPDIR): a trial a test kills mid-checkpoint cannot clean up its own.
     """
     folder = tempfile.mkdtemp(prefix="ih-", dir="/tmp")
-    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_ADDRESS")}
+    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_ADDRESS", "TMPDIR")}
     os.environ["RAY_TMPDIR"] = folder
+    os.makedirs(os.path.join(folder, "tmp"))
+    os.environ["TMPDIR"] = os.path.join(folder, "tmp")
     os.environ.pop("RAY_ADDRESS", None)  # tests say which Ray they use
     yield folder
     for key, value in saved.items():
