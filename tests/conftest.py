@@ -22,8 +22,8 @@ def _own_ray_temp_folder():
     folder = tempfile.mkdtemp(prefix="ih-", dir="/tmp")
     saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_ADDRESS", "TMPDIR")}
     os.environ["RAY_TMPDIR"] = folder
-    os.makedirs(os.path.join(folder, "tmp"))
     os.environ["TMPDIR"] = os.path.join(folder, "tmp")
+    os.makedirs(os.environ["TMPDIR"])
     os.environ.pop("RAY_ADDRESS", None)  # tests say which Ray they use
     yield folder
     for key, value in saved.items():
