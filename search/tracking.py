@@ -7,7 +7,9 @@ call after a failed write, and `close()`, raise it.
 
 The tracking URI defaults to MLflow's own default, ``sqlite:///mlflow.db`` in the working
 directory; ``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` override it. File stores are
-refused by MLflow 3 and rejected here up front, as bad input.
+refused by MLflow 3 and rejected here up front, as bad input. An experiment created in a
+sqlite store keeps its artifacts beside the database file (`artifact_location`), not in
+MLflow's default of ``./mlruns`` under whatever folder the command ran from.
 """
 
 from __future__ import annotations
@@ -42,6 +44,19 @@ def resolve_uri(uri: str | None) -> str:
             raise ConfigError(f"the folder {str(folder)!r} of the sqlite store does not exist",
                               field="--tracking-uri")
     return uri
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment's artifacts go: ``mlruns/<experiment>`` beside a sqlite store's
+    file, so the store and its artifacts move together and a command run from another folder
+    scatters nothing there; None (the server's or MLflow's choice) for other stores.
+    `experiment` is a curriculum or search `Name`, so it is a safe, unique folder name."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):]
+    if path in ("", ":memory:"):
+        return None
+    return (Path(path).resolve().parent / "mlruns" / experiment).as_uri()
 
 
 def ui_hint(uri: str) -> str:
@@ -124,7 +139,7 @@ class RunWriter:
                 raise RuntimeError(f"experiment {name!r} is deleted in {self.uri}; restore it "
                                    "(mlflow experiments restore) or choose another name")
             return exp.experiment_id
-        return self._client.create_experiment(name)
+        return self._client.create_experiment(name, artifact_location=artifact_location(self.uri, name))
 
     def create_run(self, experiment: str, run_name: str, tags: dict[str, str],
                    params: dict[str, Any], parent_run_id: str | None = None) -> str:

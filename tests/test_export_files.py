@@ -44,7 +44,7 @@ def test_export_on_a_full_disk_fails_cleanly_and_keeps_the_old_file(tmp_path, mo
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
-    exp = client.create_experiment("e")
+    exp = client.create_experiment("e", artifact_location=(tmp_path / "mlruns").as_uri())
     parent = client.create_run(exp, tags={"iterhead.kind": "search"}).info.run_id
     child = client.create_run(exp, tags={"mlflow.parentRunId": parent, "iterhead.trial_id": "t1"}).info.run_id
     client.log_metric(child, "reached", 1.0)

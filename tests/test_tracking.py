@@ -23,3 +23,19 @@ def test_every_failed_write_is_reported_not_only_the_first(tmp_path):
     writer.close()
     history = MlflowClient(uri).get_metric_history(run, "m")
     assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 2.0)]
+
+
+def test_artifacts_go_beside_the_sqlite_file_not_into_the_working_folder(tmp_path, monkeypatch):
+    """MLflow's default artifact root is ./mlruns under the process's folder, wherever the store is."""
+    store, elsewhere = tmp_path / "store", tmp_path / "elsewhere"
+    store.mkdir(), elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    (elsewhere / "note.txt").write_text("hello\n")
+    uri = f"sqlite:///{store}/mlflow.db"
+    writer = RunWriter(uri)
+    run = writer.submit(writer.create_run, "paper-1", "r", {}, {}).result()
+    writer.submit(writer.log_artifact, run, elsewhere / "note.txt")
+    writer.close()
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["note.txt"]
+    saved = list((store / "mlruns" / "paper-1").rglob("note.txt"))
+    assert len(saved) == 1 and saved[0].read_text() == "hello\n"
