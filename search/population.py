@@ -32,6 +32,12 @@ A member ends when it reaches the target, diverges, spends the budget or finishe
 curriculum (censored). When one reaches the target the whole population ends with that
 generation: every later lineage trains at least one more interval, so none can need less
 compute. The search's answer is the lineage with the least compute_to_target.
+
+Entries no trial can start from again are deleted as the search goes (`Population.prune`,
+each time Tune saves the searcher), so the folder holds two or three generations of
+members' states, not every generation's: an entry is kept while the searcher's state as
+saved now, or as saved the time before (the one a restore reads if this save is torn),
+starts a trial from it. The finished search removes the folder.
 """
 
 from __future__ import annotations
@@ -39,7 +45,9 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ray.tune.schedulers import FIFOScheduler
@@ -82,6 +90,9 @@ def entry_name(generation: int, member: int) -> str:
     return f"g{generation:04d}-m{member:04d}"
 
 
+ENTRY = re.compile(r"g(\d{4,})-m(\d{4,})")  # `entry_name`, read back
+
+
 def pbt_stage(pbt: PbtSettings, base: dict[str, Any]) -> str:
     """The stage PBT acts on: `pbt.stage`, or the last stage that trains."""
     return pbt.stage or [s["name"] for s in base["stages"] if s["epochs"] > 0][-1]
@@ -96,8 +107,10 @@ class Population(Searcher):
     """The PBT searcher (module docstring). Pickled state: plain data only, so a restored
     search continues the same population."""
 
-    def __init__(self, base: dict[str, Any], pbt: PbtSettings, members: int, seed: int, smoke: bool) -> None:
+    def __init__(self, base: dict[str, Any], pbt: PbtSettings, members: int, seed: int, smoke: bool,
+                 folder: str | None = None) -> None:
         super().__init__(metric=r.COMPUTE_TO_TARGET, mode="min")
+        self.folder = folder  # where the trials leave their entries (None: nothing is pruned)
         data = shrink(copy.deepcopy(base)) if smoke else base
         self.stage = pbt_stage(pbt, data)
         names = [s["name"] for s in data["stages"]]
@@ -224,6 +237,25 @@ class Population(Searcher):
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
             pickle.dump(self.get_state(), f)
+        self.prune()
+
+    def starts(self) -> set[str]:
+        """The entries that the trials of the current generation start from."""
+        return {m.start for m in self.members if m.alive and m.start}
+
+    def prune(self) -> None:
+        """Delete the entries of earlier generations that neither this saved state nor the one
+        saved before it starts a trial from. Entries of the current generation are being
+        written and the next one starts from them: kept. Right after a restore the state saved
+        before is not known, so that save deletes nothing."""
+        now, before = self.starts(), getattr(self, "_starts_saved_before", None)
+        self._starts_saved_before = now  # not in get_state (a leading "_"): this process's history
+        if before is None or self.folder is None or not Path(self.folder).is_dir():
+            return
+        for path in Path(self.folder).glob("*.pt"):
+            name = ENTRY.fullmatch(path.stem)
+            if name and int(name.group(1)) < self.generation and path.stem not in now | before:
+                path.unlink(missing_ok=True)
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
@@ -232,10 +264,10 @@ class Population(Searcher):
 
 # -- the driver's side of a PBT search ---------------------------------------------------------
 
-def tune_parts(loaded: LoadedSearch, base: dict[str, Any], settings: SearchSettings,
-               smoke: bool) -> tuple[ConcurrencyLimiter, FIFOScheduler, int]:
+def tune_parts(loaded: LoadedSearch, base: dict[str, Any], settings: SearchSettings, smoke: bool,
+               folder: Path) -> tuple[ConcurrencyLimiter, FIFOScheduler, int]:
     """The searcher, scheduler and most trials a PBT search can run (members x generations)."""
-    population = Population(base, loaded.spec.pbt, settings.num_samples, settings.seed, smoke)
+    population = Population(base, loaded.spec.pbt, settings.num_samples, settings.seed, smoke, str(folder))
     limited = ConcurrencyLimiter(population, max_concurrent=settings.max_concurrent)
     return limited, FIFOScheduler(), settings.num_samples * len(population.boundaries)
 

@@ -253,7 +253,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
             callback = MlflowSearchCallback(opts.uri, experiment, parent, base, smoke, out, seeds=seeds,
                                             scratch=str(folder / SCRATCH))
             search_alg, trial_scheduler, samples = (
-                population.tune_parts(loaded, base, settings, smoke) if pbt else
+                population.tune_parts(loaded, base, settings, smoke, folder / POPULATION) if pbt else
                 (searcher(settings, bool(spec.space)), scheduler(loaded, settings, smoke), settings.num_samples))
             tuner = tune.Tuner(
                 trainable,

@@ -189,3 +189,33 @@ def test_decisions_depend_on_the_seed_alone_and_survive_a_save_and_restore(tmp_p
 def test_smoke_size_compares_every_epoch_of_the_cut_stage():
     pop = Population(BASE, PBT, members=4, seed=0, smoke=True)
     assert pop.epochs == 2 and pop.boundaries == [1, 2]
+
+
+def test_entries_no_trial_can_start_from_are_deleted_when_the_searcher_is_saved(tmp_path):
+    """Each generation leaves one entry a member; keeping them all grows the folder by a
+    population's states every interval. What a restore from the last two saves needs stays."""
+    folder = tmp_path / "population"
+    folder.mkdir()
+    pbt = PbtSettings(interval_epochs=2, quantile=0.25, mutate=PBT.mutate)  # 5 generations of 4 members
+    pop = Population(BASE, pbt, members=4, seed=0, smoke=False, folder=str(folder))
+    saves = []
+    for generation in range(4):
+        configs = take(pop)
+        assert all((folder / f"{c['start']}.pt").is_file() for c in configs if c["start"])  # none pruned too early
+        for c in configs:
+            (folder / f"{c['entry']}.pt").write_bytes(b"state")  # what each trial leaves
+            pop.save(str(tmp_path / f"state-{generation}-{c['member']}.pkl"))  # Tune saves as trials end
+            saves.append(tmp_path / f"state-{generation}-{c['member']}.pkl")
+        complete(pop, configs, {m: {r.TARGET_ACC: 0.1 * m} for m in range(4)})
+        pop.save(str(tmp_path / f"state-{generation}.pkl"))
+        saves.append(tmp_path / f"state-{generation}.pkl")
+    left = sorted(p.stem for p in folder.iterdir())
+    # what generation 3 started from (the save before the last one) and what generation 4 starts from
+    assert left == sorted({c["start"] for c in configs} | {c["start"] for c in take(pop)})
+    assert len(left) < 8 and all(name >= entry_name(2, 0) for name in left)  # of the 16 written
+    for state in saves[-2:]:  # a restore from either of the last two saves finds what it starts from
+        restored = Population(BASE, pbt, members=4, seed=0, smoke=False)
+        restored.restore(str(state))
+        assert all((folder / f"{c['start']}.pt").is_file() for c in take(restored) if c["start"])
+    restored.save(str(tmp_path / "after-restore.pkl"))  # the first save after a restore deletes nothing
+    assert sorted(p.stem for p in folder.iterdir()) == left
