@@ -15,6 +15,7 @@ MLflow's default of ``./mlruns`` under whatever folder the command ran from.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 import warnings
@@ -48,15 +49,17 @@ def resolve_uri(uri: str | None) -> str:
 
 def artifact_location(uri: str, experiment: str) -> str | None:
     """Where a new experiment's artifacts go: ``mlruns/<experiment>`` beside a sqlite store's
-    file, so the store and its artifacts move together and a command run from another folder
-    scatters nothing there; None (the server's or MLflow's choice) for other stores.
-    `experiment` is a curriculum or search `Name`, so it is a safe, unique folder name."""
+    file, so the store and its artifacts sit together and a command run from another folder
+    scatters nothing there; None (the server's or MLflow's choice) for other stores. Unsafe
+    characters of a free-form name (`iterhead train --experiment`) become ``_``; two names
+    that meet in one folder are harmless, as each run's artifacts sit under its own run id."""
     if not uri.startswith("sqlite:///"):
         return None
     path = uri[len("sqlite:///"):]
     if path in ("", ":memory:"):
         return None
-    return (Path(path).resolve().parent / "mlruns" / experiment).as_uri()
+    folder = re.sub(r"[^A-Za-z0-9_.-]", "_", experiment).strip(".") or "_"
+    return (Path(path).resolve().parent / "mlruns" / folder).as_uri()
 
 
 def ui_hint(uri: str) -> str:

@@ -33,9 +33,11 @@ def test_artifacts_go_beside_the_sqlite_file_not_into_the_working_folder(tmp_pat
     (elsewhere / "note.txt").write_text("hello\n")
     uri = f"sqlite:///{store}/mlflow.db"
     writer = RunWriter(uri)
-    run = writer.submit(writer.create_run, "paper-1", "r", {}, {}).result()
-    writer.submit(writer.log_artifact, run, elsewhere / "note.txt")
+    for experiment, folder in (("paper-1", "paper-1"), ("my runs/v2", "my_runs_v2")):  # a free-form name, made safe
+        run = writer.submit(writer.create_run, experiment, "r", {}, {}).result()
+        writer.submit(writer.log_artifact, run, elsewhere / "note.txt").result()
+        saved = list((store / "mlruns" / folder).rglob("note.txt"))
+        assert len(saved) == 1 and saved[0].read_text() == "hello\n"
     writer.close()
     assert sorted(p.name for p in elsewhere.iterdir()) == ["note.txt"]
-    saved = list((store / "mlruns" / "paper-1").rglob("note.txt"))
-    assert len(saved) == 1 and saved[0].read_text() == "hello\n"
+    assert sorted(p.name for p in (store / "mlruns").iterdir()) == ["my_runs_v2", "paper-1"]
