@@ -187,10 +187,11 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def existing_store(tracking_uri: str | None):
     """A client of a tracking store that must already exist (for commands that read one)."""
-    from iterhead.search.tracking import resolve_uri
+    from iterhead.search.tracking import resolve_uri, sqlite_file
 
     uri = resolve_uri(tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+    file = sqlite_file(uri)
+    if uri.startswith("sqlite:///") and (file is None or not file.is_file()):  # an in-memory store holds nothing
         raise ConfigError(f"no tracking store at {uri}", field="--tracking-uri")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a few small artifacts
     from mlflow import MlflowClient

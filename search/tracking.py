@@ -38,13 +38,19 @@ def resolve_uri(uri: str | None) -> str:
     if scheme not in SCHEMES:
         raise ConfigError(f"{uri!r} is not a tracking URI MLflow 3 accepts (file stores are refused); "
                           "use sqlite:///PATH.db or http://HOST:PORT", field="--tracking-uri")
-    if scheme == "sqlite":
-        path = uri[len("sqlite:///"):]
-        folder = Path(path).parent if path not in ("", ":memory:") else Path(".")
-        if not folder.is_dir():
-            raise ConfigError(f"the folder {str(folder)!r} of the sqlite store does not exist",
-                              field="--tracking-uri")
+    file = sqlite_file(uri)
+    if file is not None and not file.parent.is_dir():
+        raise ConfigError(f"the folder {str(file.parent)!r} of the sqlite store does not exist",
+                          field="--tracking-uri")
     return uri
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI; None for other stores and in-memory ones."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):]
+    return None if path in ("", ":memory:") else Path(path)
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:
@@ -53,13 +59,11 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     scatters nothing there; None (the server's or MLflow's choice) for other stores. Unsafe
     characters of a free-form name (`iterhead train --experiment`) become ``_``; two names
     that meet in one folder are harmless, as each run's artifacts sit under its own run id."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///"):]
-    if path in ("", ":memory:"):
+    file = sqlite_file(uri)
+    if file is None:
         return None
     folder = re.sub(r"[^A-Za-z0-9_.-]", "_", experiment).strip(".") or "_"
-    return (Path(path).resolve().parent / "mlruns" / folder).as_uri()
+    return (file.resolve().parent / "mlruns" / folder).as_uri()
 
 
 def ui_hint(uri: str) -> str:
