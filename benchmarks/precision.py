@@ -1,7 +1,7 @@
 """Does bf16 training reach the target as fp32 does? Compute to target over many seeds.
 
 Trains one curriculum (default: `examples/paper/cpu/base_poly_then_parity.yaml`) on each
-seed in fp32 and with bf16 autocast, and compares how many seeds reach the target and the
+seed in fp32 and in bf16 (`trainable/mixed.py`), and compares how many seeds reach the target and the
 distribution of `compute_to_target` (censored seeds at the curriculum's penalty): medians,
 and an exact two-sided Mann-Whitney rank test (every split of the pooled values is
 enumerated, ties take mid-ranks, so no normal approximation). The two precisions train in

@@ -26,23 +26,28 @@ def without_time(metrics: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if "seconds" not in k}
 
 
-def test_same_seed_same_numbers_other_seed_other_numbers():
-    a = run_all(Trainer(tiny()))
-    b = run_all(Trainer(tiny()))
-    c = run_all(Trainer(tiny(seed=1)))
+PRECISIONS = pytest.mark.parametrize("precision", ["fp32", "bf16"])
+
+
+@PRECISIONS
+def test_same_seed_same_numbers_other_seed_other_numbers(precision):
+    a = run_all(Trainer(tiny(), precision=precision))
+    b = run_all(Trainer(tiny(), precision=precision))
+    c = run_all(Trainer(tiny(seed=1), precision=precision))
     assert [without_time(m) for m in a] == [without_time(m) for m in b]
     assert [m["loss/train"] for m in a] != [m["loss/train"] for m in c]
 
 
-def test_resume_from_checkpoint_is_exact(tmp_path):
-    straight = Trainer(tiny())
+@PRECISIONS
+def test_resume_from_checkpoint_is_exact(tmp_path, precision):
+    straight = Trainer(tiny(), precision=precision)
     history = run_all(straight)
-    first = Trainer(tiny())
+    first = Trainer(tiny(), precision=precision)
     events = first.run()
     for _ in range(3):  # stop mid-way through the second stage, after its first evaluation
         next(events)
     checkpoint.save(first.state_dict(), tmp_path)
-    resumed = Trainer(tiny(), state=checkpoint.load(tmp_path))
+    resumed = Trainer(tiny(), state=checkpoint.load(tmp_path), precision=precision)
     rest = run_all(resumed)
     assert [without_time(m) for m in rest] == [without_time(m) for m in history[3:]]
     for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
@@ -80,9 +85,10 @@ def test_zero_epoch_stage_is_skipped_and_compute_is_cumulative():
     assert two.compute.flops == pytest.approx(planned_flops(tiny()))
 
 
-def test_train_modules_freezes_everything_else():
+@PRECISIONS
+def test_train_modules_freezes_everything_else(precision):
     cur = tiny(stages=[{"name": "ft", "mix": {"parity": 1}, "epochs": 1, "train_modules": ["blocks.1.mlp"]}])
-    trainer = Trainer(cur)
+    trainer = Trainer(cur, precision=precision)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     run_all(trainer)
     for name, p in trainer.model.named_parameters():
@@ -160,14 +166,17 @@ def test_divergence_stops_at_once_and_is_censored():
     assert not healthy.outcome.diverged
 
 
-def test_bf16_autocast_trains_close_to_fp32_with_the_same_compute():
+def test_bf16_trains_close_to_fp32_with_the_same_compute():
     fp32, bf16 = Trainer(tiny()), Trainer(tiny(), precision="bf16")
     a, b = run_all(fp32), run_all(bf16)
     assert [m["compute/flops"] for m in a] == [m["compute/flops"] for m in b]
     losses_a, losses_b = [m["loss/train"] for m in a], [m["loss/train"] for m in b]
-    assert losses_a != losses_b  # autocast really ran in bf16
+    assert losses_a != losses_b  # the steps really ran in bf16
+    # no rounding bound survives hundreds of optimiser steps (training amplifies differences);
+    # 5% asks only that both precisions learn alike here (BENCHMARKS.md compares them over seeds)
     assert losses_b == pytest.approx(losses_a, rel=0.05)
     assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in bf16._bf16.model.parameters())
     with pytest.raises(ValueError, match="precision"):
         Trainer(tiny(), precision="fp16")
 

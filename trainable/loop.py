@@ -46,15 +46,17 @@ from iterhead.curricula.io import parse_curriculum
 from iterhead.curricula.sampler import EpochPlan, Layout, plan_epoch
 from iterhead.curricula.schema import Curriculum, StageSpec
 from iterhead.trainable import results
+from iterhead.trainable.allocator import keep_freed_memory
 from iterhead.trainable.compute import Compute, Stopwatch, flops, input_tokens
 from iterhead.trainable.devices import deterministic_cuda
 from iterhead.trainable.evaluate import EvalTable, accuracy_metrics, correct_rows
+from iterhead.trainable.mixed import Bf16Copy
 from iterhead.trainable.model import Transformer
 from iterhead.trainable.probes import probe_metrics
 from iterhead.trainable.schedule import Lockstep, Position, Schedule
 
 
-PRECISIONS = ("fp32", "bf16")  # bf16: autocast in training steps; weights and optimiser stay fp32
+PRECISIONS = ("fp32", "bf16")  # bf16: steps on a bf16 copy (`mixed.Bf16Copy`); weights, optimiser, evaluation fp32
 
 
 def make_optimizer(params: list[torch.Tensor], lr: float, weight_decay: float,
@@ -115,6 +117,8 @@ class Trainer:
         self.precision = precision
         self.device = torch.device(device) if isinstance(device, str) else device
         deterministic_cuda(self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.vocab, data = build_data(cur)
         d = cur.data
         self.max_tokens = seq_len(d.max_len, d.cot)
@@ -139,6 +143,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []  # per evaluation: stage and headline metrics
         self.optimizer: torch.optim.Optimizer | None = None
         self._optim_state: dict[str, Any] | None = None
+        self._bf16: Bf16Copy | None = None  # made at the first bf16 epoch
         if state is not None:
             self.load_state_dict(state)
 
@@ -208,29 +213,39 @@ class Trainer:
         return self.outcome.reached or self.outcome.diverged
 
     def autocast(self) -> torch.autocast:
-        """bf16 autocast around training forward passes when asked for (evaluation stays fp32)."""
+        """bf16 autocast around the stacked engine's forward passes when asked for (a single
+        seed's bf16 steps run on a `Bf16Copy` instead; evaluation stays fp32)."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def train_epoch(self, plan, generator: torch.Generator) -> torch.Tensor:
         """One epoch's optimiser steps; returns the summed batch losses (on the device)."""
         cot = self.cur.data.cot
+        model, copy = self.model, None
+        if self.precision == "bf16":
+            copy = self._bf16 = self._bf16 or Bf16Copy(self.model)
+            copy.refresh()
+            model = copy.model
+            model.train(self.model.training)
         rows = to_device(plan.rows, self.device)
         total = torch.zeros((), device=self.device)
         for lo, hi, short, long in plan.batches():
             start, stop = short + 1, long + 1 + answer_len(long, cot)
             batch = self.train_tokens.index_select(0, rows[lo:hi])
             target = batch[:, start + 1:stop + 1]
-            with self.autocast():
-                logits = self.model(batch[:, :stop], q_start=start, generator=generator)
-                if short == long:
-                    loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
-                else:
-                    mask = self.train_mask.index_select(0, rows[lo:hi])[:, start:stop]
-                    each = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
-                    loss = (each * mask.flatten()).sum() / mask.sum()
+            logits = model(batch[:, :stop], q_start=start, generator=generator).float()
+            if short == long:
+                loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
+            else:
+                mask = self.train_mask.index_select(0, rows[lo:hi])[:, start:stop]
+                each = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+                loss = (each * mask.flatten()).sum() / mask.sum()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if copy is not None:
+                copy.push_grads()
             self.optimizer.step()
+            if copy is not None:
+                copy.pull()
             total += loss.detach()
         return total
 
