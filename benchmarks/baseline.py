@@ -89,7 +89,7 @@ def main() -> None:
     t = time.perf_counter()
     acc_train, acc_test = evaluate(model, train, bs, device), evaluate(model, test, bs, device)
     t_eval = time.perf_counter() - t
-    print(f"baseline: train {t_train:.1f} s ({t_train / args.epochs:.2f} s/epoch), eval {t_eval:.1f} s, whole {time.perf_counter() - t0:.1f} s, "
+    print(f"baseline: train {t_train:.1f} s ({t_train / max(args.epochs, 1):.2f} s/epoch), eval {t_eval:.1f} s, whole {time.perf_counter() - t0:.1f} s, "
           f"acc train {acc_train:.3f} test {acc_test:.3f}")
 
 

@@ -25,11 +25,12 @@ scripts' sections in place:
 5. on CUDA, one full paper-configuration run (lengths 1..32, 1000 epochs, an evaluation
    every 100, fp32 as the baseline) against the obvious loop's per-epoch time on the same
    device, measured in the same run after a warm-up epoch, times the epochs;
-6. per device, one epoch plus one evaluation of the paper configuration as a whole
-   process: `iterhead train --device D` at its default settings (precision auto; start-up,
-   data, training, evaluation, MLflow and artifacts included) against
-   `benchmarks/baseline.py --device D` (fp32, padding to the longest length, DataLoader,
-   `.item()` per step, a full train+test evaluation), both on device D.
+6. per device, 2 and 0 epochs of the paper configuration as whole processes:
+   `iterhead train --device D` at its default settings (precision auto; start-up, data,
+   training, evaluation, MLflow and artifacts included) against `benchmarks/baseline.py
+   --device D` (fp32, padding to the longest length, DataLoader, `.item()` per step, a full
+   train+test evaluation), both on device D; the difference of the two runs is 2 epochs of
+   training.
 
     python benchmarks/throughput.py [--epochs 2] [--configs paper,small] [--concurrent 1,2] [--seeds 1,2,4]
         [--full-epochs 1000] [--precision-check] [--skip-process] [--out BENCHMARKS.md]
@@ -193,12 +194,12 @@ def several(device: torch.device, counts: list[int], seeds: list[int], epochs: i
 
 def precision_check(device: torch.device) -> list[str]:
     """Compute to 100% parity over three seeds of the CPU-scale transfer curriculum, fp32 against bf16
-    autocast: the speed in the throughput rows is only worth having if bf16 learns what fp32 does."""
+    (`trainable/mixed.py`): the speed in the throughput rows is only worth having if bf16 learns what fp32 does."""
     from iterhead.curricula.io import load_curriculum
     from iterhead.trainable.summary import summary_metrics
 
     base = load_curriculum(ROOT / "examples" / "paper" / "cpu" / "base_poly_then_parity.yaml")
-    lines = ["", f"## bf16 autocast against fp32 on {device.type}", "",
+    lines = ["", f"## bf16 against fp32 on {device.type}", "",
              "Compute to 100% parity, `examples/paper/cpu/base_poly_then_parity.yaml` (censored runs at the "
              "penalty); the speed of each precision is in the training-throughput rows, and "
              "`benchmarks/precision.py` compares the two over more seeds.", "",
@@ -249,46 +250,56 @@ def full_run(device: torch.device, epochs: int, baseline_epochs: int) -> list[st
             "", f"Final parity accuracy of the full run: {parity:.3f}. Baseline detail: {out}."]
 
 
-def whole_process(data: dict, device: torch.device) -> tuple[float, float, str]:
-    """Wall seconds of `iterhead train` and of the baseline, 1 epoch + 1 evaluation each, both
-    told the same device (`iterhead train` would otherwise pick CUDA where the baseline's
-    default is the CPU) and nothing else, so `iterhead train` runs at its default precision.
-    Whole processes: start-up and first-launch costs count on both sides."""
+def process_seconds(data: dict, device: torch.device, epochs: int, baseline: bool = False) -> tuple[float, str]:
+    """Wall seconds of one whole process training `epochs` epochs of `data`: `iterhead train` at its
+    default settings (precision auto; start-up, data, training, its evaluations, MLflow and
+    artifacts included), or with `baseline` the obvious loop (fp32, then a full train+test
+    evaluation). Both are told the device and nothing else; the second value is what it printed."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "paper_one_epoch.yaml"
-        path.write_text(yaml.safe_dump(curriculum(data, 1, "paper-one-epoch")))
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        path = Path(tmp) / f"paper_{epochs}_epochs.yaml"
+        path.write_text(yaml.safe_dump(curriculum(data, epochs, f"paper-{epochs}-epochs")))
+        command = ([sys.executable, str(ROOT / "benchmarks" / "baseline.py"), str(path), "--epochs", str(epochs)]
+                   if baseline else [str(Path(sys.executable).parent / "iterhead"), "train", str(path),
+                                     "--tracking-uri", f"sqlite:///{tmp}/mlflow.db"])
         t = time.perf_counter()
-        subprocess.run([str(Path(sys.executable).parent / "iterhead"), "train", str(path),
-                        "--tracking-uri", f"sqlite:///{tmp}/mlflow.db", "--device", str(device)],
-                       check=True, cwd=tmp, env=env, stdout=subprocess.DEVNULL)
-        ours = time.perf_counter() - t
-        t = time.perf_counter()
-        out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "baseline.py"), str(path),
-                              "--device", str(device)],
-                             check=True, cwd=tmp, env=env, capture_output=True, text=True).stdout
-        base = time.perf_counter() - t
-    return ours, base, out.strip()
+        out = subprocess.run([*command, "--device", str(device)], check=True, cwd=tmp, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"}).stdout
+        return time.perf_counter() - t, out.strip().splitlines()[-1] if out.strip() else ""
 
 
-def process_section(device: torch.device) -> list[str]:
-    """The whole-process comparison on `device`, as a section."""
-    ours, base, detail = whole_process(CONFIGS[PAPER], device)
+REFERENCE_TWO_EPOCHS_S = 86.0  # the authors' trainer, 2 paper epochs (REFERENCE.md: Intel Xeon with AMX, 2026-11-22)
+
+
+def process_section(device: torch.device, epochs: int = 2) -> list[str]:
+    """`epochs` and 0 epochs of the paper configuration as whole processes, iterhead and the
+    obvious loop, one after the other: the difference is what `epochs` epochs of training cost."""
+    data = CONFIGS[PAPER]
+    ours = {n: process_seconds(data, device, n)[0] for n in (0, epochs)}
+    base, detail = {}, ""
+    for n in (0, epochs):
+        base[n], said = process_seconds(data, device, n, baseline=True)
+        detail = detail or said if n else detail
+    ours_d, base_d = ours[epochs] - ours[0], base[epochs] - base[0]
     auto = pick_precision("auto", native_bf16(device))
-    lines = ["", f"## One epoch plus one evaluation, paper configuration, as a whole process on {device.type}",
-             "", "| trainer | wall s | speed-up |", "|---|---|---|",
-             f"| obvious loop (`benchmarks/baseline.py --device {device}`, fp32) | {base:.1f} | 1.0x |",
-             f"| `iterhead train --device {device}` (precision auto: {auto}; MLflow and artifacts included) "
-             f"| {ours:.1f} | {base / ours:.1f}x |", "",
-             f"Baseline detail: {detail}."]
-    if device.type == "cpu":
-        lines += ["", "The baseline reuses iterhead's model (fused attention) and data, so it is itself faster "
-                  "than the authors' reference trainer. For that trainer, `REFERENCE.md` (in the project's "
-                  "shared notes) gives about 200 s per epoch with its evaluation on this kind of 2-core "
-                  "machine (606 s for 3 epochs and 2 full evaluations; about 93 s of training and 164 s per "
-                  "full evaluation): "
-                  f"{200 / ours:.1f}x that figure for this run's `iterhead train`. That reference could not "
-                  "be run side by side here (its licence keeps its code out of this project)."]
+    lines = ["", f"## {epochs} and 0 epochs of the paper configuration, whole processes on {device.type}", "",
+             f"Each trainer run as a whole process with {epochs} and with 0 epochs, one after the other; the "
+             f"difference is {epochs} epochs of training (iterhead's {epochs}-epoch run also evaluates once at its "
+             "end, which its 0-epoch run does not; the obvious loop evaluates fully in both).", "",
+             f"| trainer | {epochs}-epoch run s | 0-epoch run s | {epochs} epochs of training s | speed-up |",
+             "|---|---|---|---|---|",
+             f"| obvious loop (`benchmarks/baseline.py --device {device}`, fp32) | {base[epochs]:.1f} | {base[0]:.1f} "
+             f"| {base_d:.1f} | 1.0x |",
+             f"| `iterhead train --device {device}` (precision auto: {auto}) | {ours[epochs]:.1f} | {ours[0]:.1f} "
+             f"| {ours_d:.1f} | {base_d / ours_d:.1f}x |", "", f"Obvious loop, {epochs}-epoch run: {detail}."]
+    if device.type == "cpu" and epochs == 2:
+        amx = torch.cpu._is_amx_tile_supported()
+        lines += ["", "The obvious loop reuses iterhead's model and data, so it is itself faster than the authors' "
+                  "reference trainer, whose code stays out of this project (its licence). `REFERENCE.md` (the "
+                  f"project's shared notes) measured that trainer's 2 epochs at {REFERENCE_TWO_EPOCHS_S:.0f} s on a "
+                  "2-core Intel Xeon with AMX on 2026-11-22, the same way (2-epoch minus 0-epoch whole processes)"
+                  + (f": {REFERENCE_TWO_EPOCHS_S / ours_d:.1f}x this run's `iterhead train`, on the same machine "
+                     "kind but not side by side." if amx else
+                     "; this CPU has no AMX, so that figure is another machine kind's and no ratio is taken.")]
     return lines
 
 
@@ -334,7 +345,8 @@ def main() -> None:
                  "come from the same run, except one its flags skipped (`--skip-process`, no `--precision-check`), "
                  "which keeps an earlier run's figures.", "",
                  "Analytic FLOPs (6 x non-embedding parameters x tokens + causal attention, the same count in "
-                 "either precision). bf16 rows train under bf16 autocast (weights and optimiser in fp32); each "
+                 "either precision). bf16 rows train on a bf16 copy of the model (`trainable/mixed.py`; weights "
+                 "and optimiser in fp32); each "
                  "row's share is of the matmul peak of its own dtype, measured in the same run (best of square "
                  f"1024 and 2048 products, the same threads): {measured}. `vs fp32` is tokens / s against the "
                  "configuration's fp32 row. Evaluation is fp32 in every row, as `Trainer.evaluate` runs it; "

@@ -138,7 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     where = dict(uri=uri, experiment=args.experiment or cur.name, device=device,
-                 source=str(Path(args.curriculum).resolve()), precision=resolve_precision(args.precision, device),
+                 source=str(Path(args.curriculum).resolve()), precision=resolve_precision(args.precision, device, cur.model.d_model),
                  budget=args.budget)
     with sigterm_as_ctrl_c():
         if seeds is None:

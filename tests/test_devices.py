@@ -174,3 +174,13 @@ def test_auto_precision_is_bf16_only_where_the_hardware_has_it():
     assert pick_precision("bf16", native=False) == "bf16"
     with pytest.raises(ValueError, match="'fp16' is not a precision; use auto, fp32, bf16"):
         pick_precision("fp16", native=True)
+
+
+def test_auto_precision_on_a_cpu_keeps_narrow_models_in_fp32():
+    from iterhead.trainable.devices import BF16_MIN_D_MODEL, native_bf16, resolve_precision
+
+    cpu = torch.device("cpu")
+    wide = "bf16" if native_bf16(cpu) else "fp32"
+    assert resolve_precision("auto", cpu, BF16_MIN_D_MODEL) == wide
+    assert resolve_precision("auto", cpu, BF16_MIN_D_MODEL // 2) == "fp32"
+    assert resolve_precision("bf16", cpu, 16) == "bf16"  # forcing is never overridden

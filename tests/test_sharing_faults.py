@@ -48,7 +48,7 @@ def key_at(pretrain: int) -> str:
     """The store key of the state at the end of a `pretrain`-epoch pretraining, as a trial here keys it."""
     cur = trial_curriculum(BASE, {"stages.pretrain.epochs": pretrain}, False)
     cpu = torch.device("cpu")
-    env = environment([cur.seed], cpu, resolve_precision("auto", cpu), "lockstep", 1, None, PENALTY)
+    env = environment([cur.seed], cpu, resolve_precision("auto", cpu, cur.model.d_model), "lockstep", 1, None, PENALTY)
     return entry_key(env, next(p for p in points(cur) if (p.stage, p.epoch) == (0, pretrain)))
 
 

@@ -117,7 +117,7 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float |
     if member is not None and member.generation > 0:
         share = None  # later generations start from the population's entries
     device = trial_device(ray.get_gpu_ids(), torch.cuda.is_available(), torch.cuda.device_count())
-    precision = resolve_precision(precision, device)
+    precision = resolve_precision(precision, device, cur.model.d_model)
     penalty = penalty if penalty is not None else censored_value(cur, budget)
     group = list(seeds) if seeds is not None else [cur.seed]
     engine = choose_engine("auto", device, len(group)) if seeds is not None else "lockstep"
