@@ -123,7 +123,7 @@ def native_bf16(device: torch.device) -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-BF16_MIN_D_MODEL = 128  # on CPUs, bf16 steps pay from this width (BENCHMARKS.md, "bf16 against fp32")
+BF16_MIN_D_MODEL = 128  # on CPUs, bf16 steps pay from this width (measured: `resolve_precision`)
 
 
 def pick_precision(name: str, native: bool, wide: bool = True) -> str:

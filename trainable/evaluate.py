@@ -131,8 +131,9 @@ def default_chunk_tokens(device: torch.device) -> int:
 def correct_rows(model: torch.nn.Module, table: EvalTable, chunk_tokens: int | None = None) -> np.ndarray:
     """Per-row exact match as a bool array; one device-to-host copy at the end.
 
-    fp32 on purpose, whatever precision trained the model: bf16 autocast moved row margins by up to 13% of the row's largest
-    |logit| and flipped verdicts on trained models, so it would change what is scored."""
+    fp32 on purpose, whatever precision trained the model: bf16 autocast moved row margins
+    by up to 13% of the row's largest |logit| and flipped verdicts on trained models, so it
+    would change what is scored."""
     device = table.tokens.device
     chunk_tokens = chunk_tokens or default_chunk_tokens(device)
     was_training = model.training
