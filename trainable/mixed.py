@@ -54,9 +54,9 @@ class Bf16Copy:
         self._pairs = [(m, c) for m, c in pairs if m.requires_grad]
 
     def push_grads(self) -> None:
-        """Hand the copy's gradients to the fp32 weights (as fp32) and clear the copy's."""
+        """Hand the copy's gradients to the fp32 weights (in their dtype) and clear the copy's."""
         for m, c in self._pairs:
-            m.grad = None if c.grad is None else c.grad.float()
+            m.grad = None if c.grad is None else c.grad.to(m.dtype)
             c.grad = None
 
     def pull(self) -> None:
