@@ -77,7 +77,9 @@ def curriculum(data: dict, epochs: int, name: str = "bench") -> dict:
         "optim": {"lr": 3.0e-4, "batch_size": 256},
         "stages": [{"name": "train", "mix": {"parity": 1.0}, "epochs": epochs}],
         "target": {"task": "parity", "accuracy": 1.0},
-        "eval": {"every_epochs": epochs},  # probes at their default: an evaluation as a real run does it
+        # One evaluation at the end (none in a 0-epoch run; every_epochs must be positive), with
+        # probes at their default: an evaluation as a real run does it.
+        "eval": {"every_epochs": max(epochs, 1)},
     }
 
 
