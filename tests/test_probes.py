@@ -43,3 +43,28 @@ def test_ideal_patterns_score_one_and_others_zero():
         assert m[f"probe/{task}/iteration/l1h0"] == 1.0
         assert m[f"probe/{task}/cot_to_eoi/l1h0"] == 0.0  # layer 1 never looks at EoI from CoT
         assert m[f"probe/{task}/iteration/l0h0"] == 0.0  # layer 0 looks at EoI, not at x_t
+
+
+def test_probes_average_over_the_lengths_from_min_len():
+    """With `min_len`, lengths below it leave the mean: a pattern ideal only from length 3 up
+    scores 1 over those lengths and less over every length."""
+    cur = tiny(model={"d_model": 32, "n_layers": 2, "n_heads": 1, "dropout": 0.0})
+    trainer = Trainer(cur)
+    _, data = build_data(cur)
+
+    def ideal_from_3(pattern: torch.Tensor, layer: int) -> torch.Tensor:
+        out = ideal(pattern, layer)
+        return out if (pattern.shape[2] - 1) // 2 >= 3 else torch.eye(pattern.shape[2]).expand_as(pattern)
+
+    handles = [trainer.model.blocks[i].attn.hook_pattern.register_forward_hook(
+        lambda _m, _i, out, i=i: ideal_from_3(out, i)) for i in range(2)]
+    try:
+        every = probe_metrics(trainer.model, data["test"], 4, True, torch.device("cpu"))
+        from_3 = probe_metrics(trainer.model, data["test"], 4, True, torch.device("cpu"), min_len=3)
+    finally:
+        for h in handles:
+            h.remove()
+    for task in cur.tasks:
+        assert from_3[f"probe/{task}/cot_to_eoi/l0h0"] == 1.0
+        assert from_3[f"probe/{task}/iteration/l1h0"] == 1.0
+        assert every[f"probe/{task}/iteration/l1h0"] < 1.0

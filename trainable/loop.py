@@ -268,7 +268,7 @@ class Trainer:
                 self.compute.eval_flops += flops(table.lengths, self.cur.data.cot, self.n_params,
                                                  self.cur.model.n_layers, self.cur.model.d_model, training=False)
         metrics.update(probe_metrics(self.model, self.test, self.cur.eval.probe_per_len,
-                                     self.cur.data.cot, self.device))
+                                     self.cur.data.cot, self.device, self.cur.target.min_len))
         self.compute.eval_seconds += watch.stop()
         metrics[results.LOSS] = loss
         metrics.update(self.compute.metrics())

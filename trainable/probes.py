@@ -1,7 +1,9 @@
 """Iteration-head probes: where each layer's heads attend, on chain-of-thought sequences.
 
 For a sequence ``[task, x_1 .. x_L, EoI, s_1 .. s_L]`` (EoI at position L+1), per layer l
-and head h, averaged over probe sequences and then over lengths:
+and head h, averaged over probe sequences and then over lengths (from `target.min_len` up
+where the curriculum sets it: the lengths the target is judged on; short sequences have
+few positions to spread attention over and would otherwise carry the mean):
 
 - ``probe/<task>/cot_to_eoi/l{l}h{h}``: mean attention from the chain-of-thought positions
   (those holding s_1 .. s_{L-1}) to EoI. The paper's first-layer iteration head puts its
@@ -42,14 +44,17 @@ def patterns(model: Transformer, tokens: torch.Tensor) -> np.ndarray:
 
 
 def probe_metrics(model: Transformer, splits: dict[str, TaskSplit], per_len: int, cot: bool,
-                  device: torch.device) -> dict[str, float]:
-    """The two probe scores per task, layer and head (module docstring)."""
+                  device: torch.device, min_len: int | None = None) -> dict[str, float]:
+    """The two probe scores per task, layer and head, over the lengths from `min_len` up
+    (every length by default; module docstring)."""
     if not cot or per_len == 0:
         return {}
     out: dict[str, float] = {}
     for name, split in splits.items():
         eoi_scores, iter_scores = [], []
         for length, rows in probe_rows(split, per_len):
+            if min_len is not None and length < min_len:
+                continue
             p = patterns(model, torch.from_numpy(rows).to(device))  # [l, b, h, q, k]
             eoi = length + 1
             t = np.arange(1, length + 1)
