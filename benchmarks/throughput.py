@@ -10,8 +10,9 @@ scripts' sections in place:
    native): seconds per epoch, trained tokens per second (padding excluded), achieved
    analytic GFLOP/s (`trainable/compute.py`) and its share of the peak of that precision's
    dtype, tokens / s against the fp32 row, and one whole evaluation's time, as
-   `Trainer.evaluate` runs it (fp32 in both precisions: accuracy on every test row and the
-   attention probes), also as a fraction of that row's epoch (timed epochs and evaluation
+   `Trainer.evaluate` runs it (accuracy on every test row and the attention probes; a bf16
+   row's accuracy from bf16 products with the rows near a tie rescored in fp32,
+   `evaluate.screened_rows`), also as a fraction of that row's epoch (timed epochs and evaluation
    follow an untimed warm-up one, so CUDA's first-launch costs are not counted, and the
    clock reads after a device synchronise); the text says which precision `iterhead train`
    picks by default there (`devices.pick_precision("auto", ...)`);
@@ -114,7 +115,7 @@ def train_rate(data: dict, epochs: int, device: torch.device, precision: str = "
 
     The first epoch and evaluation on CUDA pay for kernel loading and allocation; counting
     them would understate a run of hundreds of epochs. Tokens and FLOPs are the trainer's own
-    analytic counters. The evaluation is fp32 whatever `precision` is (`Trainer.evaluate`)."""
+    analytic counters. The evaluation is `Trainer.evaluate`'s at `precision`."""
     trainer = Trainer(parse_curriculum(curriculum(data, epochs + 1)), device, precision=precision)
     r = parallel.timed_epochs(trainer, epochs)  # warm-up epoch, synchronised clock
     seconds = r["end"] - r["start"]
@@ -349,7 +350,8 @@ def main() -> None:
                  "and optimiser in fp32); each "
                  "row's share is of the matmul peak of its own dtype, measured in the same run (best of square "
                  f"1024 and 2048 products, the same threads): {measured}. `vs fp32` is tokens / s against the "
-                 "configuration's fp32 row. Evaluation is fp32 in every row, as `Trainer.evaluate` runs it; "
+                 "configuration's fp32 row. Evaluation as `Trainer.evaluate` runs it: fp32 in fp32 rows; in bf16 "
+                 "rows bf16 products with the rows near a tie rescored in fp32 (`evaluate.screened_rows`); "
                  "eval / epoch is against that row's epoch. By default (precision auto) `iterhead train` "
                  f"trains in {defaults(devices)}.", "", *rows]]
     for device in devices:

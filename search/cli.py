@@ -35,8 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="stop at this many training FLOPs and censor the run past it, as a search trial "
                         "with this budget (exported search results name it)")
     t.add_argument("--precision", default="auto",
-                   help="auto | fp32 | bf16: bf16 training steps (weights, optimiser and evaluation "
-                        "stay fp32); auto is bf16 where the device has native bf16 (on a CPU, for d_model of 128 "
+                   help="auto | fp32 | bf16: bf16 training steps and evaluation (weights and optimiser "
+                        "stay fp32; the evaluation scores what fp32 scores); auto is bf16 where the device has native bf16 (on a CPU, for d_model of 128 "
                         "and up), else fp32 (default: auto)")
     s = sub.add_parser("search", help="run a curriculum search on Ray Tune, tracked in MLflow")
     s.add_argument("spec", metavar="SPEC.yaml")

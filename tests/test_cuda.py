@@ -108,3 +108,23 @@ def test_batched_seeds_on_cuda_match_separate_runs():
             assert [m[key] for m in together[s]] == [m[key] for m in alone], key
         assert [m["loss/train"] for m in together[s]] == pytest.approx(
             [m["loss/train"] for m in alone], rel=FP32_REL)
+
+
+def test_bf16_evaluation_on_cuda_scores_the_fp32_rows():
+    """The screened bf16 evaluation (autocast, fused attention, the rows near a tie rescored)
+    gives the fp32 verdicts on CUDA too. Rows whose fp32 margin is within 1e-4 of the row's
+    largest |logit| are left out: the fp32 rescoring runs without the shared prefixes, so it
+    may round those differently from the full fp32 pass (`test_evaluate.py`)."""
+    import numpy as np
+
+    from iterhead.trainable.evaluate import correct_rows, row_margins, screened_rows, spread_rows
+
+    trainer = Trainer(tiny(data=DATA), "cuda")
+    metrics(trainer)
+    table = trainer.eval_table
+    want = correct_rows(trainer.model, table)
+    got, _ = screened_rows(trainer.model, table)
+    clear = spread_rows(table, [m.abs() > 1e-4 * s for m, s in row_margins(trainer.model, table)])
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(got[clear], want[clear])
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())

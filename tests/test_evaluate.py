@@ -24,7 +24,8 @@ import pytest
 import torch
 
 from iterhead.curricula.data import answer_len, seq_len
-from iterhead.trainable.evaluate import EvalTable, accuracy_metrics, correct_rows
+from iterhead.trainable import evaluate
+from iterhead.trainable.evaluate import EvalTable, accuracy_metrics, correct_rows, screened_rows
 from iterhead.trainable.loop import Trainer
 
 from support import tiny
@@ -140,3 +141,43 @@ def test_training_mode_is_restored(trainer):
     correct_rows(trainer.model, trainer.eval_table)
     assert trainer.model.training
     trainer.model.eval()
+
+
+def test_bf16_screen_scores_the_reference_rows(trainer):
+    """bf16 with the near-tie rows rescored in fp32 gives fp32's verdicts; the model stays fp32."""
+    want, margin = reference(trainer.model, trainer.eval_table)
+    trainer.model.train()
+    got = correct_rows(trainer.model, trainer.eval_table, precision="bf16")
+    assert trainer.model.training
+    trainer.model.eval()
+    compare(got, want, margin)
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def test_rows_bf16_cannot_tell_apart_are_rescored_in_fp32(monkeypatch):
+    """Logits 2^-12 apart are one value in bf16 (8 significant bits), so the bf16 margin is 0:
+    every row is rescored and fp32's verdict counts, which a plain bf16 pass gets wrong."""
+    t = Trainer(curriculum(True, 0))
+    with torch.no_grad():
+        t.model.head.weight.zero_()  # logits = the bias at every position, exactly
+        t.model.head.bias.fill_(1.0)
+        t.model.head.bias[1] += 2**-12  # fp32's argmax is symbol 1 everywhere; bf16 sees a tie
+    want = correct_rows(t.model, t.eval_table)
+    assert 0 < want.sum() < len(want)  # right: the rows answered 1 throughout (parity of 1, 0, .., 0)
+    got, rescored = screened_rows(t.model, t.eval_table)
+    assert rescored == sum(len(g.inputs) for g in t.eval_table.groups)
+    np.testing.assert_array_equal(got, want)
+    monkeypatch.setattr(evaluate, "SCREEN", -1.0)  # no screen: the bf16 verdicts alone
+    plain, rescored = screened_rows(t.model, t.eval_table)
+    assert rescored == 0 and not plain.any()
+
+
+def test_the_screen_rescores_only_rows_near_a_tie(trainer, monkeypatch):
+    """Rows far from a tie keep their bf16 verdict; a wider screen rescores a superset."""
+    n = sum(len(g.inputs) for g in trainer.eval_table.groups)
+    _, some = screened_rows(trainer.model, trainer.eval_table)
+    monkeypatch.setattr(evaluate, "SCREEN", float("inf"))
+    got, everything = screened_rows(trainer.model, trainer.eval_table)
+    assert some < everything == n
+    want, margin = reference(trainer.model, trainer.eval_table)
+    compare(got, want, margin)

@@ -17,14 +17,32 @@ Speed, none of which changes what is scored:
 - on a CPU, chunks of a few thousand tokens keep the activations in cache (larger chunks
   spend their time moving memory); on CUDA, large chunks keep the device busy.
 
-All of it stays float32. The table and the prefixes change the order of some float32 sums,
-as a different chunk size does, so a logit can move by rounding and only an exact tie could
-change a verdict (`tests/test_evaluate.py` checks against a plain full forward).
+In float32 (``precision="fp32"``), the table and the prefixes change the order of some
+float32 sums, as a different chunk size does, so a logit can move by rounding and only an
+exact tie could change a verdict (`tests/test_evaluate.py` checks against a plain full
+forward).
+
+In bf16 (``precision="bf16"``, what a bf16-trained run uses: `screened_rows`), a pass with
+bf16 matrix products (`bf16_products`) scores every distinct row, and the rows whose
+verdict bf16 could have got wrong run again in float32, so the verdicts are float32's. bf16
+keeps 8 significant bits, and a plain bf16 pass does score some rows of trained models
+otherwise than float32 (1 to 7 rows in 8 of 12 snapshots of `benchmarks/bf16_eval.py`).
+Which rows it could flip is read from the bf16 logits: over those 12 snapshots of training
+models (d_model 64 and 128, lengths up to 16; BENCHMARKS.md) a row's margin (target logit
+minus the best other, least over its answer positions) moved by at most 0.059 of the row's
+largest |logit| between bf16 and float32, so a row whose bf16 margin is within `SCREEN`
+(0.25, over four times that) of zero is rescored. The cost is one bf16 pass plus a float32
+pass over the rescored rows: few once a model has decided its rows, a fifth to a half of
+them while it is undecided (BENCHMARKS.md has the shares). Whether that beats one float32
+pass depends on the device's bf16 rate; it has not yet been timed on a device with native
+bf16 (`benchmarks/bf16_eval.py` and `benchmarks/throughput.py` time it there).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -127,33 +145,126 @@ def default_chunk_tokens(device: torch.device) -> int:
     return CUDA_CHUNK_TOKENS if device.type == "cuda" else CPU_CHUNK_TOKENS
 
 
+SCREEN = 0.25  # a bf16 verdict stands when |margin| > SCREEN x the row's largest |logit| (module docstring)
+
+
 @torch.no_grad()  # inference_mode was no faster, and its tensors (cached masks) are restricted later
-def correct_rows(model: torch.nn.Module, table: EvalTable, chunk_tokens: int | None = None) -> np.ndarray:
+def correct_rows(model: torch.nn.Module, table: EvalTable, chunk_tokens: int | None = None,
+                 precision: str = "fp32") -> np.ndarray:
     """Per-row exact match as a bool array; one device-to-host copy at the end.
 
-    fp32 on purpose, whatever precision trained the model: bf16 autocast moved row margins
-    by up to 13% of the row's largest |logit| and flipped verdicts on trained models, so it
-    would change what is scored."""
-    device = table.tokens.device
-    chunk_tokens = chunk_tokens or default_chunk_tokens(device)
+    ``fp32`` runs every row in float32. ``bf16`` (`screened_rows`) gives the same verdicts
+    from a bf16 pass, with the rows near a tie run again in float32."""
+    if precision == "bf16":
+        return screened_rows(model, table, chunk_tokens)[0]
+    chunk_tokens = chunk_tokens or default_chunk_tokens(table.tokens.device)
+    with _eval_mode(model):
+        verdicts = _distinct_flags(table)
+        for gi, ids, logits in _answer_logits(model, table, chunk_tokens):
+            verdicts[gi][ids] = (logits.argmax(-1) == table.groups[gi].targets[ids]).all(dim=1)
+    return spread_rows(table, verdicts)
+
+
+@torch.no_grad()
+def screened_rows(model: torch.nn.Module, table: EvalTable,
+                  chunk_tokens: int | None = None) -> tuple[np.ndarray, int]:
+    """`correct_rows` from a bf16 pass (`bf16_products`), and how many distinct rows were rescored.
+
+    A distinct row whose bf16 margin (`row_margins`) is within `SCREEN` of its largest
+    |logit| of zero, or not finite, runs again in float32 and that verdict counts."""
+    chunk_tokens = chunk_tokens or default_chunk_tokens(table.tokens.device)
+    with bf16_products(model):
+        margins = row_margins(model, table, chunk_tokens)
+    verdicts, again = [], {}
+    for gi, (margin, scale) in enumerate(margins):
+        verdicts.append(margin > 0)
+        again[gi] = (~(margin.abs() > SCREEN * scale)).nonzero().squeeze(1)  # NaN is unsure
+    rescored = sum(len(ids) for ids in again.values())
+    if rescored:
+        with _eval_mode(model):
+            for gi, ids, logits in _answer_logits(model, table, chunk_tokens, again):
+                verdicts[gi][ids] = (logits.argmax(-1) == table.groups[gi].targets[ids]).all(dim=1)
+    return spread_rows(table, verdicts), rescored
+
+
+@contextmanager
+def bf16_products(model: torch.nn.Module) -> Iterator[None]:
+    """bf16 autocast (the matrix products in bf16; the residual stream and the layer norms
+    stay fp32), with the explicit attention on a CPU, where PyTorch's flash attention is slow
+    in bf16 (`mixed.py`). The weights are not touched."""
+    device = next(model.parameters()).device
+    blocks = list(model.blocks) if isinstance(model, Transformer) else []
+    fused = [b.attn.fused for b in blocks]
+    if device.type == "cpu":
+        for b in blocks:
+            b.attn.fused = False
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+    finally:
+        for b, on in zip(blocks, fused):
+            b.attn.fused = on
+
+
+@torch.no_grad()
+def row_margins(model: torch.nn.Module, table: EvalTable,
+                chunk_tokens: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per length group, each distinct row's margin (target logit minus the best other, least
+    over its answer positions; above 0 is a correct row) and its largest |logit|, in float32
+    from logits in the model's own dtype."""
+    chunk_tokens = chunk_tokens or default_chunk_tokens(table.tokens.device)
+    out = [(torch.empty(len(g.inputs), device=g.inputs.device), torch.empty(len(g.inputs), device=g.inputs.device))
+           for g in table.groups]
+    with _eval_mode(model):
+        for gi, ids, logits in _answer_logits(model, table, chunk_tokens):
+            logits, targets = logits.float(), table.groups[gi].targets[ids].unsqueeze(-1)
+            own = logits.gather(-1, targets).squeeze(-1)
+            best_other = logits.scatter(-1, targets, float("-inf")).amax(-1)
+            out[gi][0][ids] = (own - best_other).amin(dim=1)
+            out[gi][1][ids] = logits.abs().flatten(1).amax(dim=1)
+    return out
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
     was_training = model.training
     model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _distinct_flags(table: EvalTable) -> list[torch.Tensor]:
+    """One bool per distinct row of each length group."""
+    return [torch.zeros(len(g.inputs), dtype=torch.bool, device=table.tokens.device) for g in table.groups]
+
+
+def spread_rows(table: EvalTable, flags: list[torch.Tensor]) -> np.ndarray:
+    """Each test row's flag (a verdict) from its distinct row's, one list entry per length group."""
+    correct = torch.empty(len(table.lengths), dtype=torch.bool, device=table.tokens.device)
+    for g, distinct in zip(table.groups, flags):
+        correct[g.lo:g.hi] = distinct[g.inverse]
+    return correct.cpu().numpy()
+
+
+def _answer_logits(model: torch.nn.Module, table: EvalTable, chunk_tokens: int,
+                   only: dict[int, torch.Tensor] | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(group index, distinct-row indices, logits at the answer positions) chunk by chunk, over
+    every distinct row or `only` the given ones per group (then without the shared prefixes,
+    whose keys and values would cost more than a few rows save)."""
     first = {"first": model.first_table()} if isinstance(model, Transformer) else {}
-    past = _prefix_past(model, table, first, chunk_tokens)
-    correct = torch.empty(len(table.lengths), dtype=torch.bool, device=device)
-    for g in table.groups:
+    past = None if only is not None else _prefix_past(model, table, first, chunk_tokens)
+    for gi, g in enumerate(table.groups):
+        index = torch.arange(len(g.inputs), device=g.inputs.device) if only is None else only[gi]
         start, step = g.length + 1, max(1, chunk_tokens // g.inputs.shape[1])
-        distinct = torch.empty(len(g.inputs), dtype=torch.bool, device=device)
-        for a in range(0, len(g.inputs), step):
+        for a in range(0, len(index), step):
+            ids = index[a:a + step]
             shared = {}
             if past is not None and g.prefix is not None:
-                ids = g.prefix[a:a + step]
-                shared["past"] = [(k.index_select(0, ids), v.index_select(0, ids)) for k, v in past]
-            logits = model(g.inputs[a:a + step], q_start=start, **first, **shared)
-            distinct[a:a + step] = (logits.argmax(-1) == g.targets[a:a + step]).all(dim=1)
-        correct[g.lo:g.hi] = distinct[g.inverse]
-    model.train(was_training)
-    return correct.cpu().numpy()
+                at = g.prefix.index_select(0, ids)
+                shared["past"] = [(k.index_select(0, at), v.index_select(0, at)) for k, v in past]
+            yield gi, ids, model(g.inputs.index_select(0, ids), q_start=start, **first, **shared)
 
 
 def _prefix_past(model: torch.nn.Module, table: EvalTable, first: dict[str, torch.Tensor],

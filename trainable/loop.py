@@ -264,7 +264,8 @@ class Trainer:
         metrics: dict[str, float] = {}
         for prefix, table in ((results.ACC_PREFIX, self.eval_table), (results.TRAIN_ACC_PREFIX, self.train_table)):
             if table is not None:
-                metrics.update(accuracy_metrics(table, correct_rows(self.model, table), prefix))
+                correct = correct_rows(self.model, table, precision=self.precision)
+                metrics.update(accuracy_metrics(table, correct, prefix))
                 self.compute.eval_flops += flops(table.lengths, self.cur.data.cot, self.n_params,
                                                  self.cur.model.n_layers, self.cur.model.d_model, training=False)
         metrics.update(probe_metrics(self.model, self.test, self.cur.eval.probe_per_len,
