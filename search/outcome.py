@@ -39,12 +39,13 @@ def trial_rows(grid, writer: RunWriter, experiment: str, parent: str, keys: list
 
         return member_rows(grid, run_ids, keys)
     rows = []
-    for result in grid:
+    for result, trial in zip(grid, _trials(grid)):
         m = result.metrics or {}
-        trial_id = m.get("trial_id") or Path(result.path).name
+        trial_id = m.get("trial_id") or (trial.trial_id if trial else Path(result.path).name)
         status = "ERROR" if result.error else "TERMINATED" if ended(m, False) else "UNFINISHED"
         row = {"trial_id": trial_id, "status": status, "run_id": run_ids.get(trial_id, "")}
-        row.update({k: (result.config or {}).get(k) for k in keys})
+        config = result.config or (trial.config if trial else {})
+        row.update({k: config.get(k) for k in keys})
         for k in (results.REACHED, results.COMPUTE_TO_TARGET, results.TARGET_ACC, results.FLOPS,
                   results.SEEDS_REACHED):
             row[k] = m.get(k, float("nan"))
@@ -54,6 +55,14 @@ def trial_rows(grid, writer: RunWriter, experiment: str, parent: str, keys: list
         row["reports"] = m.get("training_iteration", 0)
         rows.append(row)
     return rows
+
+
+def _trials(grid) -> list[Any]:
+    """Tune's trial of each result, in the grid's order, or Nones where Ray hides them. A trial
+    that never reported (still pending when a search was stopped) has neither config nor trial
+    id in its `Result` (Ray 2.60 reads both from the last reported result); its trial has."""
+    trials = list(getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or [])
+    return trials if len(trials) == len(grid) else [None] * len(grid)
 
 
 def log_summary(writer: RunWriter, parent: str, rows: list[dict[str, Any]], keys: list[str],

@@ -32,7 +32,9 @@ def test_stopped_search_resumes_into_the_same_runs(tmp_path, seeds, sig):
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
         "name": "resumable", "base": "base.yaml", **({"seeds": seeds} if seeds else {}),
         "space": {"stages.train.epochs": {"grid": EPOCHS}},
-        "search": {"algorithm": "grid", "num_samples": 1, "max_concurrent": 2, "scheduler": "none"},
+        "search": {"algorithm": "grid", "num_samples": 1, "scheduler": "none",
+                   # SIGTERM: a third trial waits for a CPU, pending, and is still waiting at the stop
+                   "max_concurrent": 3 if sig == signal.SIGTERM else 2},
         "resources": {"cpu": 1}}))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = ["search", "spec.yaml", "--storage-path", "runs", "--tracking-uri", uri, "--num-cpus", "2"]
@@ -63,6 +65,10 @@ def test_stopped_search_resumes_into_the_same_runs(tmp_path, seeds, sig):
         status = {r.info.status for r in before if r.data.tags.get("iterhead.kind") != "search"}
         assert status == {"FINISHED", "KILLED"}, status  # the finished trial, and those it stopped
         assert [r.info.status for r in before if r.data.tags.get("iterhead.kind") == "search"] == ["KILLED"]
+        text = "".join(seen)
+        table = [row for row in text[text.index("by compute_to_target:"):].splitlines()[2:] if row.startswith("  ")]
+        # every trial's searched value, also of the one waiting for a CPU at the stop (it never reported)
+        assert len(table) >= 3 and all(int(row.split(" | ")[1]) in EPOCHS for row in table), text[-3000:]
 
     resumed = subprocess.run(iterhead(*args, "--resume"), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
