@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from iterhead.curricula.data import build_data
@@ -27,17 +29,23 @@ def ideal(pattern: torch.Tensor, layer: int) -> torch.Tensor:
     return out
 
 
-def test_ideal_patterns_score_one_and_others_zero():
+def probes_with(patterns: Callable[[torch.Tensor, int], torch.Tensor], min_len: int | None = None):
+    """The probe metrics of a tiny model whose attention patterns are replaced by `patterns`
+    (pattern, layer) -> pattern, and the curriculum."""
     cur = tiny(model={"d_model": 32, "n_layers": 2, "n_heads": 1, "dropout": 0.0})
     trainer = Trainer(cur)
     _, data = build_data(cur)
     handles = [trainer.model.blocks[i].attn.hook_pattern.register_forward_hook(
-        lambda _m, _i, out, i=i: ideal(out, i)) for i in range(2)]
+        lambda _m, _i, out, i=i: patterns(out, i)) for i in range(2)]
     try:
-        m = probe_metrics(trainer.model, data["test"], 4, True, torch.device("cpu"))
+        return probe_metrics(trainer.model, data["test"], 4, True, torch.device("cpu"), min_len), cur
     finally:
         for h in handles:
             h.remove()
+
+
+def test_ideal_patterns_score_one_and_others_zero():
+    m, cur = probes_with(ideal)
     for task in cur.tasks:
         assert m[f"probe/{task}/cot_to_eoi/l0h0"] == 1.0
         assert m[f"probe/{task}/iteration/l1h0"] == 1.0
@@ -48,22 +56,12 @@ def test_ideal_patterns_score_one_and_others_zero():
 def test_probes_average_over_the_lengths_from_min_len():
     """With `min_len`, lengths below it leave the mean: a pattern ideal only from length 3 up
     scores 1 over those lengths and less over every length."""
-    cur = tiny(model={"d_model": 32, "n_layers": 2, "n_heads": 1, "dropout": 0.0})
-    trainer = Trainer(cur)
-    _, data = build_data(cur)
-
     def ideal_from_3(pattern: torch.Tensor, layer: int) -> torch.Tensor:
         out = ideal(pattern, layer)
         return out if (pattern.shape[2] - 1) // 2 >= 3 else torch.eye(pattern.shape[2]).expand_as(pattern)
 
-    handles = [trainer.model.blocks[i].attn.hook_pattern.register_forward_hook(
-        lambda _m, _i, out, i=i: ideal_from_3(out, i)) for i in range(2)]
-    try:
-        every = probe_metrics(trainer.model, data["test"], 4, True, torch.device("cpu"))
-        from_3 = probe_metrics(trainer.model, data["test"], 4, True, torch.device("cpu"), min_len=3)
-    finally:
-        for h in handles:
-            h.remove()
+    every, cur = probes_with(ideal_from_3)
+    from_3, _ = probes_with(ideal_from_3, min_len=3)
     for task in cur.tasks:
         assert from_3[f"probe/{task}/cot_to_eoi/l0h0"] == 1.0
         assert from_3[f"probe/{task}/iteration/l1h0"] == 1.0
