@@ -181,3 +181,8 @@ def test_the_screen_rescores_only_rows_near_a_tie(trainer, monkeypatch):
     assert some < everything == n
     want, margin = reference(trainer.model, trainer.eval_table)
     compare(got, want, margin)
+
+
+def test_an_evaluation_precision_other_than_fp32_or_bf16_is_refused(trainer):
+    with pytest.raises(ValueError, match="fp32 or bf16, not 'fp16'"):
+        correct_rows(trainer.model, trainer.eval_table, precision="fp16")

@@ -157,11 +157,10 @@ def correct_rows(model: torch.nn.Module, table: EvalTable, chunk_tokens: int | N
     from a bf16 pass, with the rows near a tie run again in float32."""
     if precision == "bf16":
         return screened_rows(model, table, chunk_tokens)[0]
-    chunk_tokens = chunk_tokens or default_chunk_tokens(table.tokens.device)
-    with _eval_mode(model):
-        verdicts = _distinct_flags(table)
-        for gi, ids, logits in _answer_logits(model, table, chunk_tokens):
-            verdicts[gi][ids] = (logits.argmax(-1) == table.groups[gi].targets[ids]).all(dim=1)
+    if precision != "fp32":
+        raise ValueError(f"an evaluation runs in fp32 or bf16, not {precision!r}")
+    verdicts = _distinct_flags(table)
+    _score(model, table, chunk_tokens or default_chunk_tokens(table.tokens.device), verdicts)
     return spread_rows(table, verdicts)
 
 
@@ -181,10 +180,17 @@ def screened_rows(model: torch.nn.Module, table: EvalTable,
         again[gi] = (~(margin.abs() > SCREEN * scale)).nonzero().squeeze(1)  # NaN is unsure
     rescored = sum(len(ids) for ids in again.values())
     if rescored:
-        with _eval_mode(model):
-            for gi, ids, logits in _answer_logits(model, table, chunk_tokens, again):
-                verdicts[gi][ids] = (logits.argmax(-1) == table.groups[gi].targets[ids]).all(dim=1)
+        _score(model, table, chunk_tokens, verdicts, again)
     return spread_rows(table, verdicts), rescored
+
+
+def _score(model: torch.nn.Module, table: EvalTable, chunk_tokens: int, verdicts: list[torch.Tensor],
+           only: dict[int, torch.Tensor] | None = None) -> None:
+    """Set each distinct row's verdict (or `only` these rows' per group): its argmax matches
+    every answer token."""
+    with _eval_mode(model):
+        for gi, ids, logits in _answer_logits(model, table, chunk_tokens, only):
+            verdicts[gi][ids] = (logits.argmax(-1) == table.groups[gi].targets[ids]).all(dim=1)
 
 
 @contextmanager
