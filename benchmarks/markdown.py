@@ -17,6 +17,22 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine_kind() -> str:
+    """The CPU's maker and its widest matrix instructions, e.g. "AMD EPYC with AVX2": the
+    project's machines change kind between runs, and a figure holds for its kind only."""
+    import torch
+
+    name = " ".join(w for w in cpu_model().replace("(R)", "").replace("(TM)", "").split()
+                    if w not in ("Processor", "CPU"))
+    if torch.cpu._is_amx_tile_supported():
+        isa = "AMX"
+    elif torch.cpu._is_avx512_bf16_supported():
+        isa = "AVX-512 bf16"
+    else:
+        isa = torch.backends.cpu.get_cpu_capability().replace("AVX512", "AVX-512")
+    return f"{name} with {isa}"
+
+
 def replace_section(path: Path, heading: str, lines: list[str]) -> None:
     """Put a script's section (from `heading` to the next `## `) in place, or append it."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"

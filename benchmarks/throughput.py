@@ -1,7 +1,9 @@
 """Training throughput of iterhead's loop, and a whole `iterhead train` against the obvious loop.
 
 Prints a table and writes (or replaces) its own sections of BENCHMARKS.md, leaving the other
-scripts' sections in place:
+scripts' sections in place. Its headings name the machine kind (`markdown.machine_kind`, e.g.
+"AMD EPYC with AVX2"): the project's machines change kind, so a run replaces its own kind's
+figures and keeps the other kinds':
 
 1. the machine's measured matmul peak per dtype (the best of square 1024 and 2048 products,
    the same thread count): fp32 always, bf16 where the device multiplies bf16 in hardware
@@ -56,7 +58,7 @@ from iterhead.trainable.loop import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import parallel  # noqa: E402  (beside this script)
-from markdown import cpu_model, replace_section  # noqa: E402
+from markdown import cpu_model, machine_kind, replace_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -285,7 +287,8 @@ def process_section(device: torch.device, epochs: int = 2) -> list[str]:
     lines = ["", f"## {epochs} and 0 epochs of the paper configuration, whole processes on {device.type}", "",
              f"Each trainer run as a whole process with {epochs} and with 0 epochs, one after the other; the "
              f"difference is {epochs} epochs of training (iterhead's {epochs}-epoch run also evaluates once at its "
-             "end, which its 0-epoch run does not; the obvious loop evaluates fully in both).", "",
+             "end and builds an Adam optimiser, whose first use imports torch._dynamo, which its 0-epoch run "
+             "does not; the obvious loop evaluates fully in both).", "",
              f"| trainer | {epochs}-epoch run s | 0-epoch run s | {epochs} epochs of training s | speed-up |",
              "|---|---|---|---|---|",
              f"| obvious loop (`benchmarks/baseline.py --device {device}`, fp32) | {base[epochs]:.1f} | {base[0]:.1f} "
@@ -372,8 +375,12 @@ def main() -> None:
     for device in [] if args.skip_process else devices:
         sections.append(process_section(device))
         print("\n".join(sections[-1]), flush=True)
+    kind = machine_kind()  # one set of these sections per machine kind: a run replaces its own kind's only
     for lines in sections:
-        replace_section(Path(args.out), next(line for line in lines if line.startswith("## ")), lines)
+        at = next(i for i, line in enumerate(lines) if line.startswith("## "))
+        if lines[at] != "## GPU":
+            lines[at] += f": {kind}"
+        replace_section(Path(args.out), lines[at], lines)
     print(f"wrote {len(sections)} sections into {args.out}")
 
 
