@@ -376,6 +376,8 @@ def main() -> None:
         sections.append(process_section(device))
         print("\n".join(sections[-1]), flush=True)
     kind = machine_kind()  # one set of these sections per machine kind: a run replaces its own kind's only
+    if torch.cuda.is_available():
+        kind += f" and {torch.cuda.get_device_name()}"
     for lines in sections:
         at = next(i for i, line in enumerate(lines) if line.startswith("## "))
         if lines[at] != "## GPU":
