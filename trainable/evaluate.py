@@ -26,7 +26,7 @@ In bf16 (``precision="bf16"``, what a bf16-trained run uses: `screened_rows`), a
 bf16 matrix products (`bf16_products`) scores every distinct row, and the rows whose
 verdict bf16 could have got wrong run again in float32, so the verdicts are float32's. bf16
 keeps 8 significant bits, and a plain bf16 pass does score some rows of trained models
-otherwise than float32 (1 to 7 rows in 8 of 12 snapshots of `benchmarks/bf16_eval.py`).
+otherwise than float32 (1 to 7 rows in 7 of 12 snapshots of `benchmarks/bf16_eval.py`).
 Which rows it could flip is read from the bf16 logits: over those 12 snapshots of training
 models (d_model 64 and 128, lengths up to 16; BENCHMARKS.md) a row's margin (target logit
 minus the best other, least over its answer positions) moved by at most 0.059 of the row's
