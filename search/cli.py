@@ -36,8 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                         "with this budget (exported search results name it)")
     t.add_argument("--precision", default="auto",
                    help="auto | fp32 | bf16: bf16 training steps and evaluation (weights and optimiser "
-                        "stay fp32; the evaluation scores what fp32 scores); auto is bf16 where the device has native bf16 (on a CPU, for d_model of 128 "
-                        "and up), else fp32 (default: auto)")
+                        "stay fp32; the evaluation scores what fp32 scores); auto is bf16 where the device "
+                        "has native bf16 (on a CPU, for d_model of 128 and up), else fp32 (default: auto)")
     s = sub.add_parser("search", help="run a curriculum search on Ray Tune, tracked in MLflow")
     s.add_argument("spec", metavar="SPEC.yaml")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")

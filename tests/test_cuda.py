@@ -7,10 +7,12 @@ resumes exactly on the same device; against the CPU it agrees up to float32 roun
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from iterhead.trainable import checkpoint
+from iterhead.trainable.evaluate import correct_rows, row_margins, screened_rows, spread_rows
 from iterhead.trainable.loop import Trainer
 from iterhead.trainable.seeds import Seeds
 
@@ -115,10 +117,6 @@ def test_bf16_evaluation_on_cuda_scores_the_fp32_rows():
     gives the fp32 verdicts on CUDA too. Rows whose fp32 margin is within 1e-4 of the row's
     largest |logit| are left out: the fp32 rescoring runs without the shared prefixes, so it
     may round those differently from the full fp32 pass (`test_evaluate.py`)."""
-    import numpy as np
-
-    from iterhead.trainable.evaluate import correct_rows, row_margins, screened_rows, spread_rows
-
     trainer = Trainer(tiny(data=DATA), "cuda")
     metrics(trainer)
     table = trainer.eval_table

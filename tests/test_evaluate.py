@@ -173,7 +173,8 @@ def test_rows_bf16_cannot_tell_apart_are_rescored_in_fp32(monkeypatch):
 
 
 def test_the_screen_rescores_only_rows_near_a_tie(trainer, monkeypatch):
-    """Rows far from a tie keep their bf16 verdict; a wider screen rescores a superset."""
+    """Rows far from a tie keep their bf16 verdict, so not every row is rescored; an infinite
+    screen rescores every row and still gives fp32's verdicts."""
     n = sum(len(g.inputs) for g in trainer.eval_table.groups)
     _, some = screened_rows(trainer.model, trainer.eval_table)
     monkeypatch.setattr(evaluate, "SCREEN", float("inf"))
