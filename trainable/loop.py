@@ -46,6 +46,7 @@ from iterhead.curricula.io import parse_curriculum
 from iterhead.curricula.sampler import EpochPlan, Layout, plan_epoch
 from iterhead.curricula.schema import Curriculum, StageSpec
 from iterhead.trainable import results
+from iterhead.trainable.adam import Optimizer, make_optimizer
 from iterhead.trainable.allocator import keep_freed_memory
 from iterhead.trainable.compute import Compute, Stopwatch, flops, input_tokens
 from iterhead.trainable.devices import deterministic_cuda
@@ -57,14 +58,6 @@ from iterhead.trainable.schedule import Lockstep, Position, Schedule
 
 
 PRECISIONS = ("fp32", "bf16")  # bf16: steps on a bf16 copy (`mixed.Bf16Copy`); weights, optimiser, evaluation fp32
-
-
-def make_optimizer(params: list[torch.Tensor], lr: float, weight_decay: float,
-                   device: torch.device) -> torch.optim.Optimizer:
-    """Adam, fused on CUDA (the fastest path there), foreach on CPU (measured faster)."""
-    fused = device.type == "cuda"
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused,
-                            foreach=None if fused else True)
 
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -141,7 +134,7 @@ class Trainer:
         self.compute = Compute()
         self.outcome = Outcome()
         self.history: list[dict[str, Any]] = []  # per evaluation: stage and headline metrics
-        self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizer: Optimizer | None = None
         self._optim_state: dict[str, Any] | None = None
         self._bf16: Bf16Copy | None = None  # made at the first bf16 epoch
         if state is not None:

@@ -33,7 +33,8 @@ from torch.func import functional_call, stack_module_state, vmap
 from iterhead.curricula.data import answer_len
 from iterhead.curricula.sampler import EpochPlan
 from iterhead.curricula.schema import Curriculum, StageSpec
-from iterhead.trainable.loop import Evaluation, Trainer, make_optimizer, to_device
+from iterhead.trainable.adam import Optimizer, make_optimizer
+from iterhead.trainable.loop import Evaluation, Trainer, to_device
 from iterhead.trainable.schedule import Engine, Lockstep, Schedule
 
 
@@ -92,7 +93,7 @@ class Stacked:
         self.mask = torch.stack([t.train_mask for t in trainers])  # [K, N, T-1]
         self.active: list[Trainer] = []  # the seeds in `params`, in order
         self.params: dict[str, torch.Tensor] = {}
-        self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizer: Optimizer | None = None
 
     def start_stage(self, stage: StageSpec, runs: list[Trainer]) -> None:
         """Stack the seeds' weights, freeze what the stage freezes, and give it an optimiser:
