@@ -287,8 +287,9 @@ def process_section(device: torch.device, epochs: int = 2) -> list[str]:
     lines = ["", f"## {epochs} and 0 epochs of the paper configuration, whole processes on {device.type}", "",
              f"Each trainer run as a whole process with {epochs} and with 0 epochs, one after the other; the "
              f"difference is {epochs} epochs of training (iterhead's {epochs}-epoch run also evaluates once at its "
-             "end and builds an Adam optimiser, whose first use imports torch._dynamo, which its 0-epoch run "
-             "does not; the obvious loop evaluates fully in both).", "",
+             "end and builds an optimiser, which its 0-epoch run does not: on a CPU `trainable/adam.py`'s Adam, "
+             "which does not import torch._dynamo as torch.optim's does; the obvious loop, torch.optim.Adam, "
+             "evaluates fully in both).", "",
              f"| trainer | {epochs}-epoch run s | 0-epoch run s | {epochs} epochs of training s | speed-up |",
              "|---|---|---|---|---|",
              f"| obvious loop (`benchmarks/baseline.py --device {device}`, fp32) | {base[epochs]:.1f} | {base[0]:.1f} "

@@ -96,6 +96,16 @@ def test_a_state_for_other_parameters_or_options_is_refused() -> None:
         Adam([], lr=1e-3)
 
 
+def test_zero_grad_drops_or_zeroes_the_gradients() -> None:
+    model = _model(0)
+    a = Adam(list(model.parameters()), lr=1e-3)
+    _steps(model, a, range(1))
+    a.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    a.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_a_cpu_gets_this_adam() -> None:
     assert isinstance(make_optimizer(list(_model(0).parameters()), 1e-3, 0.0, torch.device("cpu")), Adam)
 

@@ -42,7 +42,7 @@ class Adam:
             if set_to_none:
                 p.grad = None
             else:
-                p.grad.detach_().requires_grad_(False).zero_()
+                p.grad.zero_()
 
     @torch.no_grad()
     def step(self) -> None:
