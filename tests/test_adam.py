@@ -72,6 +72,7 @@ def test_state_dicts_load_either_way_and_the_run_continues_identically() -> None
     a1 = Adam(list(torch_first.parameters()), lr=5.0)  # the saved lr replaces this one
     a1.load_state_dict(t1.state_dict())
     assert a1.param_groups[0]["lr"] == 1e-3
+    assert a1.state[next(torch_first.parameters())]["step"] is t1.state_dict()["state"][0]["step"]  # as torch: no copy
     _steps(torch_first, a1, range(4, 10))
     _same(torch_first, ref)
 
@@ -92,6 +93,10 @@ def test_a_state_for_other_parameters_or_options_is_refused() -> None:
         a.load_state_dict(fewer.state_dict())
     with pytest.raises(ValueError, match="options"):
         a.load_state_dict(torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True).state_dict())
+    gpu_like = _torch_adam(model.parameters(), lr=1e-3).state_dict()
+    gpu_like["param_groups"][0].update(fused=True, foreach=None)  # what a CUDA run's fused Adam saves
+    a.load_state_dict(gpu_like)
+    assert (a.param_groups[0]["fused"], a.param_groups[0]["foreach"]) == (False, True)  # what this Adam runs
     with pytest.raises(ValueError, match="empty"):
         Adam([], lr=1e-3)
 

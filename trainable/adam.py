@@ -96,7 +96,7 @@ class Adam:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Take a state of this class or of torch.optim.Adam, with the same number of parameters.
         As torch does: hyperparameters come from the saved group, moments are cast to each
-        parameter's dtype and device (no copy where they match), the step counter is kept."""
+        parameter's dtype and device (no copy where they match, so they stay the saved tensors)."""
         saved = state_dict["param_groups"]
         params = self.param_groups[0]["params"]
         if len(saved) != 1 or len(saved[0]["params"]) != len(params):
@@ -109,10 +109,14 @@ class Adam:
             if k not in ids:
                 continue
             p = ids[k]
-            state[p] = {key: value if key == "step" else value.to(dtype=p.dtype, device=p.device)
-                        for key, value in entry.items()}
+            # the step stays a CPU float32 scalar (no copy where it is one); a fused or capturable
+            # Adam's (on the GPU) is moved here, as torch moves it to the parameters' device
+            state[p] = {key: value.to(dtype=torch.float32, device="cpu") if key == "step"
+                        else value.to(dtype=p.dtype, device=p.device) for key, value in entry.items()}
         group = copy.deepcopy({k: v for k, v in saved[0].items() if k != "params"})
         group["betas"] = tuple(group["betas"])
+        # what this Adam runs, whatever the saved one ran (a CUDA run's state says fused)
+        group.update(foreach=True, fused=False, capturable=False, differentiable=False)
         self.param_groups = [{**group, "params": params}]
         self.state = state
 
