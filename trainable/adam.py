@@ -2,10 +2,10 @@
 
 Every public method of `torch.optim.Optimizer` (construction, `step`, `zero_grad`, the state
 dicts) is wrapped to keep `torch.compile` out of it, and the wrapper imports `torch._dynamo`
-on first use: 1.5 to 1.8 s of CPU time in a process that compiles nothing (measured on a
-2-core AMD EPYC; BENCHMARKS.md, the whole-process section, counts it in "2 epochs"). `Adam`
-here runs the ops of `torch.optim.Adam(foreach=True)` without `capturable` or `amsgrad`, in
-the same order, so its weights and moments are bit-identical to torch's, step for step
+on first use: a median 1.76 s of CPU time in a process that compiles nothing, against 0.01 s
+for this class (2-core AMD EPYC; BENCHMARKS.md, "The first Adam of a process"). `Adam` here
+runs the ops of `torch.optim.Adam(foreach=True)` without `capturable`, `amsgrad` or
+`maximize`, in the same order, so its weights and moments are bit-identical to torch's, step for step
 (`tests/test_adam.py`); its state dict has torch's layout, so a checkpoint written with either
 loads into the other. CUDA keeps torch's fused Adam (a kernel this class does not have).
 """
