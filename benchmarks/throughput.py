@@ -285,11 +285,12 @@ def process_section(device: torch.device, epochs: int = 2) -> list[str]:
     ours_d, base_d = ours[epochs] - ours[0], base[epochs] - base[0]
     auto = pick_precision("auto", native_bf16(device))
     lines = ["", f"## {epochs} and 0 epochs of the paper configuration, whole processes on {device.type}", "",
-             f"Each trainer run as a whole process with {epochs} and with 0 epochs, one after the other; the "
-             f"difference is {epochs} epochs of training (iterhead's {epochs}-epoch run also evaluates once at its "
-             "end and builds an optimiser, which its 0-epoch run does not: on a CPU `trainable/adam.py`'s Adam, "
-             "which does not import torch._dynamo as torch.optim's does; the obvious loop, torch.optim.Adam, "
-             "evaluates fully in both).", "",
+             f"`python {' '.join(sys.argv)}` on {time.strftime('%Y-%m-%d')}, load average "
+             f"{os.getloadavg()[0]:.2f} at the end. Each trainer run as a whole process with {epochs} and with 0 "
+             f"epochs, one after the other; the difference is {epochs} epochs of training (iterhead's {epochs}-epoch "
+             "run also evaluates once at its end and builds an optimiser, which its 0-epoch run does not: on a "
+             "CPU `trainable/adam.py`'s Adam, which does not import torch._dynamo as torch.optim's does; the "
+             "obvious loop, torch.optim.Adam, evaluates fully in both).", "",
              f"| trainer | {epochs}-epoch run s | 0-epoch run s | {epochs} epochs of training s | speed-up |",
              "|---|---|---|---|---|",
              f"| obvious loop (`benchmarks/baseline.py --device {device}`, fp32) | {base[epochs]:.1f} | {base[0]:.1f} "
@@ -305,6 +306,7 @@ def process_section(device: torch.device, epochs: int = 2) -> list[str]:
                   + (f": {REFERENCE_TWO_EPOCHS_S / ours_d:.1f}x this run's `iterhead train`, on the same machine "
                      "kind but not side by side." if amx else
                      "; this CPU has no AMX, so that figure is another machine kind's and no ratio is taken.")]
+    print("\n".join(lines), flush=True)
     return lines
 
 
@@ -325,6 +327,8 @@ def main() -> None:
     ap.add_argument("--configs", default=None,
                     help="comma-separated substrings of the configuration names to time (default: all)")
     ap.add_argument("--skip-process", action="store_true", help="skip the whole-process comparison")
+    ap.add_argument("--only-process", action="store_true",
+                    help="only the whole-process comparison (its section alone is rewritten)")
     ap.add_argument("--concurrent", default=None, help="trial process counts (default: 1,2 on CPU, 1,2,4,8 on CUDA)")
     ap.add_argument("--seeds", default=None, help="batched seed counts (default: 1,2,4 on CPU, 1,4,8 on CUDA)")
     ap.add_argument("--several-epochs", type=int, default=3, help="timed epochs for the several-trainings tables")
@@ -337,6 +341,9 @@ def main() -> None:
     configs = chosen(args.configs)
     prepare_cuda_env()  # before the first CUDA work below, as in `iterhead train`
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    if args.only_process:
+        write([process_section(device) for device in devices], Path(args.out))
+        return
     peaks = {(d.type, p): matmul_peak(d, DTYPES[p]) for d in devices for p in precisions(d)}
     measured = ", ".join(f"{d} {p} {v:.0f} GFLOP/s" for (d, p), v in peaks.items())
     print(f"matmul peaks: {measured}", flush=True)
@@ -375,16 +382,20 @@ def main() -> None:
                          "obvious loop)."])
     for device in [] if args.skip_process else devices:
         sections.append(process_section(device))
-        print("\n".join(sections[-1]), flush=True)
-    kind = machine_kind()  # one set of these sections per machine kind: a run replaces its own kind's only
+    write(sections, Path(args.out))
+
+
+def write(sections: list[list[str]], out: Path) -> None:
+    """Each section under its heading plus the machine kind: a run replaces its own kind's only."""
+    kind = machine_kind()
     if torch.cuda.is_available():
         kind += f" and {torch.cuda.get_device_name()}"
     for lines in sections:
         at = next(i for i, line in enumerate(lines) if line.startswith("## "))
         if lines[at] != "## GPU":
             lines[at] += f": {kind}"
-        replace_section(Path(args.out), lines[at], lines)
-    print(f"wrote {len(sections)} sections into {args.out}")
+        replace_section(out, lines[at], lines)
+    print(f"wrote {len(sections)} sections into {out}")
 
 
 if __name__ == "__main__":
