@@ -342,8 +342,7 @@ def main() -> None:
     prepare_cuda_env()  # before the first CUDA work below, as in `iterhead train`
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     if args.only_process:
-        write([process_section(device) for device in devices], Path(args.out))
-        return
+        return write([process_section(device) for device in devices], Path(args.out))
     peaks = {(d.type, p): matmul_peak(d, DTYPES[p]) for d in devices for p in precisions(d)}
     measured = ", ".join(f"{d} {p} {v:.0f} GFLOP/s" for (d, p), v in peaks.items())
     print(f"matmul peaks: {measured}", flush=True)
@@ -387,9 +386,7 @@ def main() -> None:
 
 def write(sections: list[list[str]], out: Path) -> None:
     """Each section under its heading plus the machine kind: a run replaces its own kind's only."""
-    kind = machine_kind()
-    if torch.cuda.is_available():
-        kind += f" and {torch.cuda.get_device_name()}"
+    kind = machine_kind() + (f" and {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
     for lines in sections:
         at = next(i for i, line in enumerate(lines) if line.startswith("## "))
         if lines[at] != "## GPU":
