@@ -36,7 +36,7 @@ figures and keeps the other kinds':
    training.
 
     python benchmarks/throughput.py [--epochs 2] [--configs paper,small] [--concurrent 1,2] [--seeds 1,2,4]
-        [--full-epochs 1000] [--precision-check] [--skip-process] [--out BENCHMARKS.md]
+        [--full-epochs 1000] [--precision-check] [--skip-process | --only-process] [--out BENCHMARKS.md]
 """
 
 from __future__ import annotations
