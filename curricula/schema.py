@@ -74,6 +74,12 @@ class StageSpec(Spec):
     epochs: Annotated[int, Field(ge=0)]
     lr: PositiveFloat | None = None
     train_modules: list[str] | None = None
+    # A shared stage: it trains as the run of this seed does (that seed's data, initial
+    # weights, batches and dropout), whatever the curriculum's seed, and every replicate seed
+    # starts the stages after it from those weights, as the paper's finetunings all start
+    # from one pretrained checkpoint. The schedule trains it once for all seeds. Only a
+    # leading run of stages, all with one seed, may set it (`Curriculum.check`).
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
 
 
 class TargetSpec(Spec):
@@ -143,6 +149,7 @@ class Curriculum(Spec):
                     raise ConfigError(unknown("module", module, sorted(modules),
                                               listing="modules of this model:"),
                                       field=f"{where}.train_modules[{j}]")
+        self._check_shared_stages()
         if self.data.split == "disjoint":
             for name, spec in self.tasks.items():
                 if len(make_task(spec).alphabet()) < 2:
@@ -159,6 +166,29 @@ class Curriculum(Spec):
             raise ConfigError(f"must be a test length, from data.min_len ({self.data.min_len}) to data.max_len "
                               f"({self.data.max_len}) (got {low})", field="target.min_len")
         return self
+
+    def _check_shared_stages(self) -> None:
+        """Shared stages (`StageSpec.seed`) lead the curriculum and agree on their seed: a stage
+        after an unshared one would start from weights that differ between seeds anyway."""
+        first = self.stages[0].seed
+        for i, stage in enumerate(self.stages):
+            if stage.seed is None:
+                continue
+            if any(s.seed is None for s in self.stages[:i]):
+                raise ConfigError("only the first stages can be shared: set seed on every stage before "
+                                  f"{stage.name!r} too, or remove it here", field=f"stages[{i}].seed")
+            if stage.seed != first:
+                raise ConfigError(f"the shared stages train as one run, so they need one seed: use {first} "
+                                  f"(the seed of stage {self.stages[0].name!r}) or remove it here",
+                                  field=f"stages[{i}].seed")
+
+    def shared_seed(self) -> int | None:
+        """The seed of the shared leading stages, or None when no stage is shared."""
+        return self.stages[0].seed
+
+    def shared_stages(self) -> int:
+        """How many leading stages are shared (`StageSpec.seed`)."""
+        return next((i for i, s in enumerate(self.stages) if s.seed is None), len(self.stages))
 
     def stage(self, name: str) -> StageSpec:
         """The stage called `name` (stages are addressed by name, never by index)."""

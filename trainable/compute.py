@@ -47,6 +47,7 @@ class Compute:
     seconds: float = 0.0
     eval_flops: float = 0.0
     eval_seconds: float = 0.0
+    flops_shared: float = 0.0  # of `flops`, those of shared stages (`StageSpec.seed`): trained once for all seeds
 
     def metrics(self) -> dict[str, float]:
         return {f"compute/{k}": float(v) for k, v in asdict(self).items()}

@@ -23,11 +23,12 @@ weights has none worth measuring). It is an outcome, not an error.
 
 Determinism: everything random derives from the curriculum seed: model init, each epoch's
 rows and order (stream "sampler", stage, epoch), and each epoch's dropout (stream "dropout",
-stage, epoch). Because every epoch re-derives its streams, resuming from a checkpoint taken
-at an evaluation continues exactly as an uninterrupted run would, on the same kind of
-device: on a CPU with the same torch version and thread count; on CUDA, where a `Trainer`
-turns on torch's deterministic algorithms (`devices.deterministic_cuda`), on the same GPU
-model with the same torch and CUDA versions. Across GPU models, or between CPU and GPU,
+stage, epoch); a shared stage (`StageSpec.seed`) is trained by the run of its own seed and
+copied to the others (`schedule.shared_lead`). Because every epoch re-derives its streams,
+resuming from a checkpoint taken at an evaluation continues exactly as an uninterrupted
+run would, on the same kind of device: on a CPU with the same torch version and thread
+count; on CUDA, where a `Trainer` turns on torch's deterministic algorithms
+(`devices.deterministic_cuda`), on the same GPU model with the same torch and CUDA versions. Across GPU models, or between CPU and GPU,
 the numbers differ (CUDA dropout masks follow the GPU's launch configuration, kernels sum
 in other orders); a checkpoint still loads and trains there, but not bit for bit.
 """
@@ -289,7 +290,8 @@ class Trainer:
         return {
             "curriculum": self.cur.model_dump(mode="json"),
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            # a state loaded but not yet trained on keeps the optimiser state it was given
+            "optimizer": self.optimizer.state_dict() if self.optimizer else self._optim_state,
             "position": asdict(self.position),
             "compute": asdict(self.compute),
             "outcome": asdict(self.outcome),

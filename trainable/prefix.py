@@ -45,8 +45,9 @@ class Point:
 
 
 def _stage(cur: Curriculum, stage: StageSpec) -> dict[str, Any]:
+    shared = {"seed": stage.seed} if stage.seed is not None else {}  # keys of unshared stages as before
     return {"name": stage.name, "mix": dict(sorted(stage.mix.items())), "lr": stage.lr or cur.optim.lr,
-            "train_modules": stage.train_modules}
+            "train_modules": stage.train_modules, **shared}
 
 
 def describe(cur: Curriculum, stage: int, epoch: int) -> dict[str, Any]:

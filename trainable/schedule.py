@@ -8,6 +8,7 @@ state (data, model, optimiser, compute, outcome, checkpoint) is a `loop.Trainer`
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
@@ -89,6 +90,8 @@ class Schedule:
     (or diverged) there. A seed that reaches the target or diverges leaves; the others go
     on. Seeds resumed from checkpoints stand at the same position (they were saved together).
     Time is shared: each seed's ``compute/seconds`` is the wall time of the epochs it was in.
+    Shared stages (`StageSpec.seed`) are trained once, by `shared_lead`, and every seed then
+    holds a copy of that run's state and reports its evaluations, compute included.
     """
 
     def __init__(self, runs: list[Trainer], engine: Engine) -> None:
@@ -104,53 +107,97 @@ class Schedule:
         if not runs:
             return
         cur, device = runs[0].cur, runs[0].device
-        for r in runs:
+        lead = shared_lead(runs)
+        for r in {*runs, *([lead] if lead else [])}:
             r.model.train()
         watch = Stopwatch()
         for index, stage in enumerate(cur.stages):
             if index < runs[0].position.stage or stage.epochs == 0:
                 continue
-            for r in runs:
+            shared = lead is not None and index < cur.shared_stages()
+            group, engine = ([lead], Lockstep()) if shared else (runs, self.engine)
+            for r in group:
                 r.enter_stage(index)
-            self.engine.start_stage(stage, runs)
-            loss_sum = torch.zeros(len(runs), device=device)
-            n_batches = [0] * len(runs)
+            engine.start_stage(stage, group)
+            loss_sum = torch.zeros(len(group), device=device)
+            n_batches = [0] * len(group)
             watch.start()
-            while runs[0].position.epoch < stage.epochs:
-                plans = [r.epoch_plan(stage, r.position.epoch) for r in runs]
-                losses = self.engine.train_epoch(runs, plans)
+            while group[0].position.epoch < stage.epochs:
+                plans = [r.epoch_plan(stage, r.position.epoch) for r in group]
+                losses = engine.train_epoch(group, plans)
                 loss_sum += losses
-                for i, (r, (plan, _)) in enumerate(zip(runs, plans)):
+                for i, (r, (plan, _)) in enumerate(zip(group, plans)):
                     n_batches[i] += len(plan.bounds) - 1
                     r.count(plan)
                     r.position.epoch += 1
+                    if stage.seed is not None:
+                        r.compute.flops_shared = r.compute.flops
                 finite = torch.isfinite(losses).tolist()  # the one host sync per epoch
-                ends = runs[0].evaluates_after(stage)
+                ends = group[0].evaluates_after(stage)
                 if all(finite) and not ends:
                     continue
                 seconds = watch.stop()
                 sums = loss_sum.tolist()  # the one host sync per evaluation
-                last = index == last_stage(cur) and runs[0].position.epoch == stage.epochs
+                last = index == last_stage(cur) and group[0].position.epoch == stage.epochs
                 out = []
-                for i, r in enumerate(runs):
+                for i, r in enumerate(group):
                     r.compute.seconds += seconds
                     if not finite[i]:
                         out.append((r.cur.seed, r.diverged(stage.name)))
                     elif ends:
-                        self.engine.sync(r)
+                        engine.sync(r)
                         out.append((r.cur.seed, r.evaluate(stage.name, sums[i] / max(n_batches[i], 1), last)))
+                if shared:  # every seed stands where the lead does, with its evaluation
+                    copy_lead(lead, runs)
+                    out = [(r.cur.seed, out[0][1]) for r in runs]
                 yield out
                 keep = [i for i, r in enumerate(runs) if not r.finished]
                 if not keep:
                     return
-                if len(keep) < len(runs):
+                if len(keep) < len(runs):  # never in a shared stage: its seeds end together
                     self.engine.leave(runs, [runs[i] for i in keep])
                     runs, loss_sum = [runs[i] for i in keep], loss_sum[keep]
+                    group = runs
                     n_batches = [n_batches[i] for i in keep]
                 if ends:
                     loss_sum.zero_()
-                    n_batches = [0] * len(runs)
+                    n_batches = [0] * len(group)
                 watch.start()
             watch.stop()
-            for r in runs:
+            for r in {*runs, *group}:
                 r.position = Position(index + 1, 0)
+
+
+def shared_lead(runs: list[Trainer]) -> Trainer | None:
+    """The trainer that trains the curriculum's shared stages (`StageSpec.seed`) for `runs`.
+
+    None when no shared stage is left to train. It is the run of the shared seed if that
+    seed is one of `runs`, else a trainer of its own, unreported: fresh, or, once the seeds
+    have passed an evaluation in the shared stages, loaded from the copy they all hold of it
+    (`copy_lead`), which is how a resumed or forked trial gets it back.
+    """
+    cur, seed = runs[0].cur, runs[0].cur.shared_seed()
+    if seed is None or runs[0].position.stage >= cur.shared_stages():
+        return None
+    own = next((r for r in runs if r.cur.seed == seed), None)
+    if own is not None:
+        return own
+    state = reseeded(runs[0].state_dict(), seed) if runs[0].outcome.evaluations else None
+    return type(runs[0])(cur.model_copy(update={"seed": seed}), runs[0].device, state, runs[0].precision)
+
+
+def reseeded(state: dict[str, Any], seed: int) -> dict[str, Any]:
+    """A deep copy of a trainer's state, as the trainer of another seed of its curriculum holds it."""
+    out = copy.deepcopy(state)
+    out["curriculum"] = {**out["curriculum"], "seed": seed}
+    return out
+
+
+def copy_lead(lead: Trainer, runs: list[Trainer]) -> None:
+    """Give every run the lead's whole state (weights, optimiser, position, compute, outcome,
+    history): after a shared stage each seed stands where the shared seed's run stands."""
+    state = lead.state_dict()
+    for r in runs:
+        if r is not lead:
+            r.load_state_dict(reseeded(state, r.cur.seed))
+            r.position = Position(lead.position.stage, lead.position.epoch)  # not yet moved on to the next stage

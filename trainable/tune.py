@@ -25,8 +25,8 @@ stored state of its own curriculum that another trial of the search trained
 as its own, as if it had trained them, and goes on; it stores its own states where others
 start. Its numbers are exactly those of the unshared run (same device kind and thread
 count). Every report also carries ``compute/flops_seeds`` (the curriculum's FLOPs so far,
-all seeds) and ``compute/flops_forked`` (those of the prefix it did not train itself), and
-a forked trial names the prefix's source in ``prefix_source``.
+all seeds, shared stages once) and ``compute/flops_forked`` (those of the prefix it did not
+train itself), and a forked trial names the prefix's source in ``prefix_source``.
 
 Device: the GPU Ray assigned the trial (``ray.get_gpu_ids()``), else the CPU, never a GPU
 outside Ray's accounting (`devices.trial_device`).
@@ -159,6 +159,12 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float |
             sharing.close()
 
 
+def trained_flops(trainers: list[Trainer]) -> float:
+    """The FLOPs the seeds' training took: every seed's own, and the shared stages once."""
+    shared = max(t.compute.flops_shared for t in trainers)
+    return float(sum(t.compute.flops for t in trainers) - (len(trainers) - 1) * shared)
+
+
 def schedule_metrics(trainer: Trainer) -> dict[str, float]:
     """The settings in force at the trainer's position: its stage's lr and mix shares."""
     cur = trainer.cur
@@ -243,7 +249,7 @@ def _train(cur: Curriculum, device: torch.device, precision: str, seeds: list[in
             for seed, ev in evaluations:
                 own = seed_report(ev, by_seed[seed], penalty, budget).to_dict()
                 report.metrics.update({results.per_seed(seed, k): v for k, v in own.items()})
-        report.metrics[results.FLOPS_SEEDS] = float(sum(t.compute.flops for t in trainers))
+        report.metrics[results.FLOPS_SEEDS] = trained_flops(trainers)
         ends = all(t.finished for t in trainers) or over_budget(report.metrics)
         if member is not None:
             report.metrics.update(schedule_metrics(trainers[0]))

@@ -1,0 +1,123 @@
+"""Shared stages (`StageSpec.seed`): trained once, as the run of their seed, for every seed.
+
+Every comparison is exact (==): the lead trains with the same operations on the same
+tensors as a plain run of the shared seed, and the other seeds copy its state bit for bit,
+so nothing here depends on the CPU's rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from iterhead.curricula.schema import Curriculum
+from iterhead.trainable.loop import Trainer
+from iterhead.trainable.prefix import points
+from iterhead.trainable.seeds import Seeds
+from iterhead.trainable.tune import trained_flops
+
+from support import tiny
+
+STAGES = [{"name": "pretrain", "mix": {"polynomial": 1.0}, "epochs": 3},
+          {"name": "finetune", "mix": {"parity": 1.0}, "epochs": 2}]
+
+
+def shared(seed: int = 0, curriculum_seed: int = 0) -> Curriculum:
+    return tiny(seed=curriculum_seed, stages=[{**STAGES[0], "seed": seed}, STAGES[1]],
+                eval={"every_epochs": 2, "probe_per_len": 4})
+
+
+def unshared(seed: int) -> Curriculum:
+    return tiny(seed=seed, stages=STAGES, eval={"every_epochs": 2, "probe_per_len": 4})
+
+
+def history(runs) -> dict[int, list[dict[str, float]]]:
+    out: dict[int, list[dict[str, float]]] = {}
+    for evaluations in runs:
+        for seed, ev in evaluations:
+            out.setdefault(seed, []).append(ev.metrics)
+    return out
+
+
+def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def same(metrics: dict[str, float], shared_too: bool = False) -> dict[str, float]:
+    """What two runs of equal numbers share: not wall times, and `compute/flops_shared`
+    only where both ran the same stages as shared."""
+    return {k: v for k, v in metrics.items()
+            if not k.endswith("seconds") and (shared_too or k != "compute/flops_shared")}
+
+
+def test_the_shared_seed_runs_as_it_would_alone() -> None:
+    """Seed 0 of a group sharing seed 0's pretraining is seed 0's plain run, every metric."""
+    group = Seeds(shared(0), [0, 1], engine="lockstep")
+    got = history(group.run())
+    alone = Trainer(unshared(0))
+    want = [ev.metrics for ev in alone.run()]
+    assert [same(m) for m in got[0]] == [same(m) for m in want]
+    assert all(torch.equal(a, b) for a, b in zip(weights(group.trainers[0]).values(), weights(alone).values()))
+
+
+def test_other_seeds_finetune_from_the_shared_pretraining() -> None:
+    """Seed 1 reports the pretraining of seed 0, then finetunes on its own draws."""
+    cur = shared(0)
+    pretrain_only = Trainer(unshared(0).model_copy(update={"stages": unshared(0).stages[:1]}))
+    pre = [ev.metrics for ev in pretrain_only.run()]
+    group = Seeds(cur, [1, 2], engine="lockstep")
+    got, where = {}, []
+    for evaluations in group.run():
+        got = {s: got.get(s, []) + [ev.metrics for e, ev in evaluations if e == s] for s in (1, 2)}
+        where.append({(t.position.stage, t.position.epoch) for t in group.trainers})
+    assert where[:3] == [{(0, 2)}, {(0, 3)}, {(1, 2)}]  # the seeds stand where the lead does, as it reports
+    for seed in (1, 2):
+        assert [same(m) for m in got[seed][:2]] == [same(m) for m in pre]  # epochs 2 and 3 of pretraining
+        assert got[seed][1]["compute/flops_shared"] == pre[-1]["compute/flops"]
+    assert got[1][2:] != got[2][2:]  # the finetunings are each seed's own
+    separate = Trainer(cur.model_copy(update={"seed": 2}))  # alone, with its own lead
+    assert [same(ev.metrics, True) for ev in separate.run()] == [same(m, True) for m in got[2]]
+
+
+def test_a_resumed_group_continues_exactly() -> None:
+    """Stopped after the first evaluation inside the shared stage (the lead is not one of the
+    seeds, so it comes back from the copy they hold) and resumed: the same numbers."""
+    cur = shared(5)
+    whole = history(Seeds(cur, [1, 2], engine="lockstep").run())
+    first = Seeds(cur, [1, 2], engine="lockstep")
+    runs = first.run()
+    before = history([next(runs)])
+    state = first.state_dict()
+    assert state["seeds"][0]["optimizer"] is not None  # the lead's Adam state travels with the seeds
+    after = history(Seeds(cur, [1, 2], engine="lockstep", state=state).run())
+    for seed in (1, 2):
+        assert [same(m, True) for m in before[seed] + after[seed]] == [same(m, True) for m in whole[seed]]
+
+
+def test_the_stacked_engine_starts_from_the_same_copy(float64) -> None:
+    """On the stacked engine the shared stage is trained once too, and the seeds' finetunings
+    agree with the lockstep engine's up to float64 rounding (test_seeds.py says why not bit for bit)."""
+    cur = shared(0)
+    lock, stack = Seeds(cur, [1, 2], engine="lockstep"), Seeds(cur, [1, 2], engine="stacked")
+    a, b = history(lock.run()), history(stack.run())
+    for seed in (1, 2):
+        assert [m["compute/flops"] for m in a[seed]] == [m["compute/flops"] for m in b[seed]]
+        assert [same(m, True) for m in a[seed][:2]] == [same(m, True) for m in b[seed][:2]]  # the shared stage: one run, copied, on either engine
+        for x, y in zip(a[seed][2:], b[seed][2:]):
+            assert abs(x["loss/train"] - y["loss/train"]) < 1e-8  # test_seeds.py's TOL, derived there
+
+
+def test_the_shared_stage_counts_once_in_the_flops_trained() -> None:
+    group = Seeds(shared(0), [0, 1, 2], engine="lockstep")
+    for _ in group.run():
+        pass
+    one = group.trainers[0].compute
+    assert one.flops_shared > 0
+    assert trained_flops(group.trainers) == sum(t.compute.flops for t in group.trainers) - 2 * one.flops_shared
+
+
+def test_prefix_keys_tell_shared_stages_apart() -> None:
+    """The seed of a shared stage is part of a prefix's key; an unshared curriculum keeps its keys."""
+    keys = {seed: [p.key for p in points(shared(seed))] for seed in (0, 1)}
+    plain = [p.key for p in points(unshared(0))]
+    assert keys[0] != keys[1] and keys[0] != plain
+    assert plain == [p.key for p in points(unshared(3))]  # the curriculum's seed is the environment's
