@@ -7,12 +7,22 @@ so nothing here depends on the CPU's rounding.
 
 from __future__ import annotations
 
-import torch
+import io
 
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from iterhead.curricula.io import parse_curriculum
 from iterhead.curricula.schema import Curriculum
+from iterhead.search.run import SearchOptions, run_search
+from iterhead.search.spec import load_search
+from iterhead.trainable import results as r
 from iterhead.trainable.loop import Trainer
 from iterhead.trainable.prefix import points
 from iterhead.trainable.seeds import Seeds
+from iterhead.trainable.summary import planned_flops
 from iterhead.trainable.tune import trained_flops
 
 from support import tiny
@@ -121,3 +131,40 @@ def test_prefix_keys_tell_shared_stages_apart() -> None:
     plain = [p.key for p in points(unshared(0))]
     assert keys[0] != keys[1] and keys[0] != plain
     assert plain == [p.key for p in points(unshared(3))]  # the curriculum's seed is the environment's
+
+
+@pytest.mark.integration
+def test_a_search_trains_the_shared_stage_once(ray_local, tmp_path) -> None:
+    """Two finetuning settings, seeds 1 and 2, sharing seed 0's pretraining (a real local Ray
+    and sqlite MLflow): the pretraining is trained once in the whole search (by a lead that is
+    neither seed, then forked by the second trial), and every seed run reports it as its own."""
+    pretrain, finetune = 2, 2
+    base = shared(0).model_copy(update={"stages": [
+        shared(0).stages[0].model_copy(update={"epochs": pretrain}),
+        shared(0).stages[1].model_copy(update={"epochs": finetune})]}).model_dump(mode="json")
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "shared-stage", "base": "base.yaml", "seeds": [1, 2],
+        "space": {"stages.finetune.lr": {"grid": [1.0e-3, 3.0e-3]}},
+        "search": {"algorithm": "grid", "num_samples": 1, "max_concurrent": 2, "scheduler": "none"}}))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_search(load_search(tmp_path / "spec.yaml"), SearchOptions(uri=uri, storage_path=str(tmp_path / "ray")),
+               out=io.StringIO())
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("shared-stage").experiment_id
+    per_epoch = planned_flops(parse_curriculum(base, file="base")) / (pretrain + finetune)  # every epoch costs the same
+    (parent,) = client.search_runs([exp], filter_string=f"tags.`{r.KIND}` = '{r.KIND_SEARCH}'")
+    assert parent.data.metrics[r.FLOPS_TRAINED] == pytest.approx(per_epoch * (pretrain + 2 * 2 * finetune), rel=1e-12)
+    seed_runs = client.search_runs([exp], filter_string=f"tags.`{r.KIND}` = '{r.KIND_SEED}'")
+    assert len(seed_runs) == 4
+    pretraining = set()
+    for run in seed_runs:
+        m = run.data.metrics
+        assert m[r.FLOPS] == pytest.approx(per_epoch * (pretrain + finetune), rel=1e-12)
+        assert m["compute/flops_shared"] == pytest.approx(per_epoch * pretrain, rel=1e-12)
+        flops = {h.step: h.value for h in client.get_metric_history(run.info.run_id, r.FLOPS)}
+        history = client.get_metric_history(run.info.run_id, "acc/polynomial")
+        pretraining.add(tuple(sorted((h.step, h.value) for h in history
+                                     if flops[h.step] <= per_epoch * pretrain * (1 + 1e-12))))
+    assert len(pretraining) == 1 and len(next(iter(pretraining))) == 1  # one pretraining (one evaluation),
+    # reported by every seed of both configurations
