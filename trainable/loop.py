@@ -28,9 +28,10 @@ copied to the others (`schedule.shared_lead`). Because every epoch re-derives it
 resuming from a checkpoint taken at an evaluation continues exactly as an uninterrupted
 run would, on the same kind of device: on a CPU with the same torch version and thread
 count; on CUDA, where a `Trainer` turns on torch's deterministic algorithms
-(`devices.deterministic_cuda`), on the same GPU model with the same torch and CUDA versions. Across GPU models, or between CPU and GPU,
-the numbers differ (CUDA dropout masks follow the GPU's launch configuration, kernels sum
-in other orders); a checkpoint still loads and trains there, but not bit for bit.
+(`devices.deterministic_cuda`), on the same GPU model with the same torch and CUDA
+versions. Across GPU models, or between CPU and GPU, the numbers differ (CUDA dropout masks
+follow the GPU's launch configuration, kernels sum in other orders); a checkpoint still
+loads and trains there, but not bit for bit.
 """
 
 from __future__ import annotations
