@@ -183,7 +183,8 @@ def shared_lead(runs: list[Trainer]) -> Trainer | None:
     if own is not None:
         return own
     state = reseeded(runs[0].state_dict(), seed) if runs[0].outcome.evaluations else None
-    return type(runs[0])(cur.model_copy(update={"seed": seed}), runs[0].device, state, runs[0].precision)
+    trainer = type(runs[0])  # `loop.Trainer`, which imports this module
+    return trainer(cur.model_copy(update={"seed": seed}), runs[0].device, state, runs[0].precision)
 
 
 def reseeded(state: dict[str, Any], seed: int) -> dict[str, Any]:
