@@ -179,7 +179,7 @@ SUGGEST = {
     "space-stage-field-typo": ("space:\n  stages.pretrain.epoch: {randint: [0, 3]}\n",
                                "space.stages.pretrain.epoch",
                                "unknown field 'epoch'; did you mean 'epochs'? (fields of stages.pretrain: "
-                               "name, mix, epochs, lr, train_modules)"),
+                               "name, mix, epochs, lr, train_modules, seed)"),
     "space-mix-task-typo": ("space:\n  stages.pretrain.mix.parityy: {uniform: [0, 1]}\n",
                             "space.stages.pretrain.mix.parityy",
                             "unknown task 'parityy'; did you mean 'parity'? (defined tasks: parity, polynomial)"),
