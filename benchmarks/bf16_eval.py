@@ -29,7 +29,7 @@ from iterhead.trainable import evaluate
 from iterhead.trainable.devices import native_bf16
 from iterhead.trainable.loop import Trainer
 
-from markdown import cpu_model, replace_section  # beside this script
+from markdown import cpu_model, machine_kind, replace_section  # beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## bf16 evaluation: the verdicts of fp32, and the rows it rescores"
@@ -96,7 +96,8 @@ def main() -> None:
                          f"| {len(trainer.eval_table.lengths)} ({r['distinct']}) | {r['shift']:.3f} | {r['plain']} "
                          f"| {r['screened']} | {r['rescored']:.1%} | {secs[0]} | {secs[1]} |")
             print(lines[-1], flush=True)
-    said = [HEADING, "",
+    heading = f"{HEADING}: {machine_kind()}"  # one section per machine kind
+    said = [heading, "",
             f"`python benchmarks/bf16_eval.py` on {time.strftime('%Y-%m-%d')}: {cpu_model()} (native bf16: "
             f"{'yes' if native else 'no, so bf16 is emulated and no bf16 time is shown'}), 2 torch threads, "
             f"{time.perf_counter() - started:.0f} s. Each workload trains in fp32 and every evaluation is a "
@@ -107,7 +108,7 @@ def main() -> None:
             f"otherwise than fp32; it rescored {min(rescored):.0%} to {max(rescored):.0%} of the distinct rows "
             f"(median {float(np.median(rescored)):.0%})."]
     print("\n".join(said[-1:]))
-    replace_section(Path(args.out), HEADING, said)
+    replace_section(Path(args.out), heading, said)
 
 
 if __name__ == "__main__":

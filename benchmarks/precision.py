@@ -9,7 +9,7 @@ two processes at once, one torch thread each; the numbers do not depend on timin
 
     python benchmarks/precision.py --seeds 8
 
-prints a table and writes it into BENCHMARKS.md under its own heading.
+prints a table and writes it into BENCHMARKS.md under its own heading and machine kind.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import statistics
 import time
 from pathlib import Path
 
-from markdown import cpu_model, replace_section  # beside this script
+from markdown import cpu_model, machine_kind, replace_section  # beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
-HEADING = "## bf16 against fp32: compute to target over seeds"
+HEADING = "## bf16 against fp32: compute to target over seeds"  # plus the machine kind: one section per kind
 
 
 def train_all(curriculum: str, precision: str, seeds: list[int]) -> list[dict]:
@@ -80,10 +80,15 @@ def mann_whitney_exact(a: list[float], b: list[float]) -> tuple[float, float]:
     return u, hits / total
 
 
+def heading() -> str:
+    """This script's section for this machine kind: a run on one kind keeps the others' evidence."""
+    return f"{HEADING}: {machine_kind()}"
+
+
 def table(results: dict[str, list[dict]], curriculum: str, command: str) -> list[str]:
     fp32, bf16 = results["fp32"], results["bf16"]
     u, p = mann_whitney_exact([r["ctt"] for r in fp32], [r["ctt"] for r in bf16])
-    lines = ["", HEADING, "",
+    lines = ["", heading(), "",
              f"`{command}` on {time.strftime('%Y-%m-%d')}: {cpu_model()}, "
              f"one torch thread per precision, `{Path(curriculum).relative_to(ROOT)}`, seeds "
              f"{', '.join(str(r['seed']) for r in fp32)}. compute_to_target in FLOPs; censored seeds count at "
@@ -114,7 +119,7 @@ def main() -> None:
         results = {p: job.get() for p, job in jobs.items()}
     lines = table(results, args.curriculum, f"python benchmarks/precision.py --seeds {args.seeds}")
     print("\n".join(lines))
-    replace_section(ROOT / "BENCHMARKS.md", HEADING, lines)
+    replace_section(ROOT / "BENCHMARKS.md", heading(), lines)
 
 
 if __name__ == "__main__":
