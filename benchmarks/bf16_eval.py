@@ -2,13 +2,15 @@
 
 Trains a few curricula in fp32 and, at each of their evaluations, scores the test rows three
 ways: fp32 (`correct_rows`), a plain bf16 pass (`evaluate.bf16_products`, its verdicts alone), and the
-screened bf16 evaluation that a bf16 run uses (`screened_rows`: bf16, then the rows near a
-tie in fp32). Per snapshot it reports the largest shift of a row's margin between bf16 and
-fp32 as a share of the row's largest |logit| (what `evaluate.SCREEN` must stay above), the
-rows a plain bf16 pass scores differently from fp32, the rows the screen scores differently
-(it must be none), the share of distinct rows rescored, and, where the CPU multiplies bf16
-in hardware, the seconds of an fp32 and of a screened evaluation (elsewhere bf16 is
-emulated and its time says nothing).
+screened bf16 evaluation that `eval.precision: bf16` selects (`screened_rows`: bf16, then
+the rows near a tie in fp32). Per snapshot it reports the largest shift of a row's margin
+between bf16 and fp32 as a share of the row's largest |logit| (below `evaluate.SCREEN`, no
+verdict can flip unscreened; above it, some could), the rows a plain bf16 pass scores
+differently from fp32 and the largest of their bf16 margins on the same scale (what the
+screen must stay above: it rescores those rows), the rows the screen scores differently (it
+must be none), the share of distinct rows rescored, and, where the CPU multiplies bf16 in
+hardware, the seconds of an fp32 and of a screened evaluation (elsewhere bf16 is emulated
+and its time says nothing).
 
     python benchmarks/bf16_eval.py [--out BENCHMARKS.md]
 
@@ -63,10 +65,21 @@ def snapshot(trainer: Trainer, native: bool) -> dict:
         rounded = evaluate.row_margins(model, table)
     plain = evaluate.spread_rows(table, [m > 0 for m, _ in rounded])
     shift = max(float(((a - b).abs() / s).max()) for (a, _), (b, s) in zip(exact, rounded))
+    # What the screen must stay above: the bf16 margin (as a share of the row's largest |logit|)
+    # of the rows whose bf16 verdict is not fp32's. A large shift far from a tie flips nothing.
+    flipped = [(b.abs() / s)[(a > 0) != (b > 0)] for (a, _), (b, s) in zip(exact, rounded)]
+    closest = max((float(f.max()) for f in flipped if len(f)), default=None)
     distinct = sum(len(g.inputs) for g in table.groups)
-    return {"distinct": distinct, "shift": shift, "plain": int((plain != fp32).sum()),
+    return {"distinct": distinct, "shift": shift, "closest": closest, "plain": int((plain != fp32).sum()),
             "screened": int((screened != fp32).sum()), "rescored": rescored / distinct,
             "fp32_s": fp32_s if native else None, "screened_s": screened_s if native else None}
+
+
+def relation(share: float) -> str:
+    """Where `share` (of a row's largest |logit|) stands against `evaluate.SCREEN`."""
+    if share < evaluate.SCREEN:
+        return f"{evaluate.SCREEN / share:.1f}x below the screen" if share > 0 else "the screen is above it"
+    return f"above the screen, {evaluate.SCREEN}"
 
 
 def main() -> None:
@@ -76,11 +89,11 @@ def main() -> None:
     torch.set_num_threads(2)
     native = native_bf16(torch.device("cpu"))
     head = ("| workload | stage, epoch | target acc | test rows (distinct) | largest margin shift / largest |logit| "
-            "| rows plain bf16 scores otherwise | rows the screen scores otherwise | distinct rows rescored "
-            "| fp32 eval s | screened eval s |")
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+            "| rows plain bf16 scores otherwise | their largest bf16 margin / largest |logit| "
+            "| rows the screen scores otherwise | distinct rows rescored | fp32 eval s | screened eval s |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
-    shifts, rescored, wrong, started = [], [], 0, time.perf_counter()
+    shifts, closest, rescored, wrong, started = [], [], [], 0, time.perf_counter()
     for name, (path, overrides) in WORKLOADS.items():
         data = read_yaml_mapping(ROOT / path)
         for key, value in overrides.items():  # a mapping updates the base's, a list replaces it
@@ -89,11 +102,13 @@ def main() -> None:
         for ev in trainer.run():
             r = snapshot(trainer, native)
             shifts.append(r["shift"])
+            closest += [] if r["closest"] is None else [r["closest"]]
             rescored.append(r["rescored"])
             wrong += r["screened"]
             secs = [f"{r[k]:.2f}" if r[k] is not None else "emulated" for k in ("fp32_s", "screened_s")]
             lines.append(f"| {name} | {ev.stage}, {ev.epoch} | {ev.target_acc:.3f} "
                          f"| {len(trainer.eval_table.lengths)} ({r['distinct']}) | {r['shift']:.3f} | {r['plain']} "
+                         f"| {'-' if r['closest'] is None else format(r['closest'], '.4f')} "
                          f"| {r['screened']} | {r['rescored']:.1%} | {secs[0]} | {secs[1]} |")
             print(lines[-1], flush=True)
     heading = f"{HEADING}: {machine_kind()}"  # one section per machine kind
@@ -104,9 +119,11 @@ def main() -> None:
             "snapshot. `evaluate.SCREEN` (the share of a row's largest |logit| within which a bf16 margin "
             f"is rescored in fp32) is {evaluate.SCREEN}.", "", *lines, "",
             f"Over {len(shifts)} snapshots: the largest margin shift was {max(shifts):.3f} of the row's largest "
-            f"|logit| ({evaluate.SCREEN / max(shifts):.1f}x below the screen); the screen scored {wrong} rows "
-            f"otherwise than fp32; it rescored {min(rescored):.0%} to {max(rescored):.0%} of the distinct rows "
-            f"(median {float(np.median(rescored)):.0%})."]
+            f"|logit| ({relation(max(shifts))}); of the rows a plain bf16 pass scored otherwise than fp32, the "
+            f"largest bf16 margin was {max(closest, default=0.0):.4f} of the row's largest |logit| "
+            f"({relation(max(closest, default=0.0))}; a screen above it rescores every such row); the screen scored "
+            f"{wrong} rows otherwise than fp32; it rescored {min(rescored):.0%} to {max(rescored):.0%} of the "
+            f"distinct rows (median {float(np.median(rescored)):.0%})."]
     print("\n".join(said[-1:]))
     replace_section(Path(args.out), heading, said)
 

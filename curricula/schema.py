@@ -97,6 +97,10 @@ class EvalSpec(Spec):
     # Training sequences per length also scored (``train_acc/<task>``): far above ``acc/`` is
     # a model that memorised its training inputs without the algorithm. 0: not scored.
     train_per_len: Annotated[int, Field(ge=0)] = 0
+    # fp32 scores every row in float32, whatever the training precision. bf16 scores a bf16
+    # pass and rescores the rows near a tie in fp32 (`evaluate.screened_rows`): slower than
+    # fp32 on the one native-bf16 CPU it was timed on (BENCHMARKS.md), so it is opt-in.
+    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 class Curriculum(Spec):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from iterhead.curricula.data import answer_len, stream
 from iterhead.curricula.sampler import Layout, plan_epoch, shares
-from iterhead.trainable import checkpoint
+from iterhead.trainable import checkpoint, evaluate, loop
 from iterhead.trainable.loop import Trainer
 from iterhead.trainable.summary import planned_flops, summary_metrics
 
@@ -179,6 +179,22 @@ def test_bf16_trains_close_to_fp32_with_the_same_compute():
     assert all(p.dtype == torch.bfloat16 for p in bf16._bf16.model.parameters())
     with pytest.raises(ValueError, match="precision"):
         Trainer(tiny(), precision="fp16")
+
+
+@pytest.mark.parametrize("eval_precision", ["fp32", "bf16"])
+def test_a_bf16_run_scores_accuracy_at_its_eval_precision(monkeypatch, eval_precision):
+    """Training precision does not choose the evaluation's: fp32 unless `eval.precision` asks
+    for the screened bf16 one, on the test and the training rows alike."""
+    asked = []
+
+    def spy(model, table, chunk_tokens=None, precision="fp32"):
+        asked.append(precision)
+        return evaluate.correct_rows(model, table, chunk_tokens, precision)
+
+    monkeypatch.setattr(loop, "correct_rows", spy)
+    cur = tiny(eval={"every_epochs": 5, "probe_per_len": 4, "train_per_len": 8, "precision": eval_precision})
+    evaluations = run_all(Trainer(cur, precision="bf16"))
+    assert asked == [eval_precision] * 2 * len(evaluations)  # test and training rows each time
 
 
 @pytest.mark.parametrize("cot", [True, False])

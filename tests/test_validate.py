@@ -351,7 +351,7 @@ CURRICULUM_CHOICES = _literal_fields(Curriculum)
 
 def test_every_curriculum_choice_field_is_covered() -> None:
     """Adding a choice field to the schema adds it to the parametrised test below."""
-    assert set(CURRICULUM_CHOICES) == {"model.positional", "data.split", "optim.batch_order"}
+    assert set(CURRICULUM_CHOICES) == {"model.positional", "data.split", "optim.batch_order", "eval.precision"}
 
 
 @pytest.mark.parametrize("path", sorted(CURRICULUM_CHOICES))

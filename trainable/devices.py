@@ -127,8 +127,8 @@ BF16_MIN_D_MODEL = 128  # on CPUs, bf16 steps pay from this width (measured: `re
 
 
 def pick_precision(name: str, native: bool, wide: bool = True) -> str:
-    """``auto`` is bf16 training (fp32 weights and optimiser; the evaluation scores what fp32
-    scores: `evaluate.screened_rows`) where the hardware has native bf16 and the model is
+    """``auto`` is bf16 training (fp32 weights and optimiser; the evaluation stays fp32 unless
+    `eval.precision` says otherwise) where the hardware has native bf16 and the model is
     `wide` enough for it to pay, fp32 elsewhere; fp32 and bf16 force one. BENCHMARKS.md
     holds the evidence that bf16 training reaches the target as fp32 does, and where it is
     faster."""

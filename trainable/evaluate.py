@@ -22,20 +22,24 @@ float32 sums, as a different chunk size does, so a logit can move by rounding an
 exact tie could change a verdict (`tests/test_evaluate.py` checks against a plain full
 forward).
 
-In bf16 (``precision="bf16"``, what a bf16-trained run uses: `screened_rows`), a pass with
-bf16 matrix products (`bf16_products`) scores every distinct row, and the rows whose
-verdict bf16 could have got wrong run again in float32, so the verdicts are float32's. bf16
-keeps 8 significant bits, and a plain bf16 pass does score some rows of trained models
-otherwise than float32 (1 to 7 rows in 7 of 12 snapshots of `benchmarks/bf16_eval.py`).
-Which rows it could flip is read from the bf16 logits: over those 12 snapshots of training
-models (d_model 64 and 128, lengths up to 16; BENCHMARKS.md) a row's margin (target logit
-minus the best other, least over its answer positions) moved by at most 0.059 of the row's
-largest |logit| between bf16 and float32, so a row whose bf16 margin is within `SCREEN`
-(0.25, over four times that) of zero is rescored. The cost is one bf16 pass plus a float32
-pass over the rescored rows: few once a model has decided its rows, a fifth to a half of
-them while it is undecided (BENCHMARKS.md has the shares). Whether that beats one float32
-pass depends on the device's bf16 rate; it has not yet been timed on a device with native
-bf16 (`benchmarks/bf16_eval.py` and `benchmarks/throughput.py` time it there).
+In bf16 (``precision="bf16"``, what `eval.precision: bf16` selects: `screened_rows`), a
+pass with bf16 matrix products (`bf16_products`) scores every distinct row, and the rows
+whose verdict bf16 could have got wrong run again in float32, so the verdicts are
+float32's. bf16 keeps 8 significant bits, and a plain bf16 pass does score some rows of
+trained models otherwise than float32 (4 to 127 rows in 9 of the 23 snapshots of
+`benchmarks/bf16_eval.py` on a CPU with native bf16; BENCHMARKS.md). A row is rescored
+when its bf16 margin (target logit minus the best other, least over its answer positions)
+is within `SCREEN` (0.25) of its largest |logit| of zero. In those 23 snapshots every row a
+plain bf16 pass scored otherwise had a bf16 margin of at most 0.0038 of its largest
+|logit|, 66 times below the screen. Margins can move further between the two (0.301 of the
+largest |logit| at most), but there far from a tie: the row that moved most went from
+-21.7 in float32 to -18.0 in bf16, its largest |logit| 12.1.
+
+The cost is one bf16 pass plus a float32 pass over the rescored rows: 4 to 6% of them once
+a model has decided its rows, a quarter to a half while it is undecided. On the one CPU
+with native bf16 it was timed on (a 2-core AMD EPYC with AVX-512 bf16) it was no faster
+than float32, and slower on the paper configuration (BENCHMARKS.md), so runs evaluate in
+float32 unless `eval.precision` asks for bf16.
 """
 
 from __future__ import annotations

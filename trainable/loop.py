@@ -259,7 +259,7 @@ class Trainer:
         metrics: dict[str, float] = {}
         for prefix, table in ((results.ACC_PREFIX, self.eval_table), (results.TRAIN_ACC_PREFIX, self.train_table)):
             if table is not None:
-                correct = correct_rows(self.model, table, precision=self.precision)
+                correct = correct_rows(self.model, table, precision=self.cur.eval.precision)
                 metrics.update(accuracy_metrics(table, correct, prefix))
                 self.compute.eval_flops += flops(table.lengths, self.cur.data.cot, self.n_params,
                                                  self.cur.model.n_layers, self.cur.model.d_model, training=False)

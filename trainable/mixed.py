@@ -1,7 +1,8 @@
 """bf16 training with fp32 master weights: a bf16 copy of the model takes the steps.
 
-`Trainer` keeps its model, optimiser state and checkpoints in fp32, and its evaluation
-scores what fp32 scores (a bf16 run's: `evaluate.screened_rows`). With precision bf16, a `Bf16Copy` of that model runs each training step's forward and backward
+`Trainer` keeps its model, optimiser state and checkpoints in fp32, and evaluates that
+model in fp32 (unless `eval.precision: bf16` asks for `evaluate.screened_rows`). With
+precision bf16, a `Bf16Copy` of it runs each training step's forward and backward
 with bf16 weights and activations: the matrix products use the bf16 units (AMX tiles or
 AVX-512 bf16 on a CPU, tensor cores on CUDA) and every elementwise op (layer norms, GELU,
 dropout, residual adds) moves half the bytes. Layer norm and softmax accumulate in fp32
