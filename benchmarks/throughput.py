@@ -12,9 +12,10 @@ figures and keeps the other kinds':
    native): seconds per epoch, trained tokens per second (padding excluded), achieved
    analytic GFLOP/s (`trainable/compute.py`) and its share of the peak of that precision's
    dtype, tokens / s against the fp32 row, and one whole evaluation's time, as
-   `Trainer.evaluate` runs it (accuracy on every test row and the attention probes; a bf16
-   row's accuracy from bf16 products with the rows near a tie rescored in fp32,
-   `evaluate.screened_rows`), also as a fraction of that row's epoch (timed epochs and evaluation
+   `Trainer.evaluate` runs it by default (accuracy on every test row in fp32 and the
+   attention probes), also as a fraction of that row's epoch, and in bf16 rows the same
+   evaluation with `eval.precision: bf16` (bf16 products, the rows near a tie rescored in
+   fp32: `evaluate.screened_rows`) (timed epochs and evaluation
    follow an untimed warm-up one, so CUDA's first-launch costs are not counted, and the
    clock reads after a device synchronise); the text says which precision `iterhead train`
    picks by default there (`devices.pick_precision("auto", ...)`);
@@ -122,20 +123,31 @@ def train_rate(data: dict, epochs: int, device: torch.device, precision: str = "
     r = parallel.timed_epochs(trainer, epochs)  # warm-up epoch, synchronised clock
     seconds = r["end"] - r["start"]
     stage = trainer.cur.stages[0].name
-    trainer.evaluate(stage, 0.0, last=False)  # warm-up evaluation
-    sync(device)
+    as_run = timed_evaluation(trainer, stage)
+    screened = None
+    if precision == "bf16":  # the opt-in screened evaluation, on the same weights
+        trainer.cur = trainer.cur.model_copy(update={"eval": trainer.cur.eval.model_copy(update={"precision": "bf16"})})
+        screened = timed_evaluation(trainer, stage)
+    return {"epoch_s": seconds / epochs, "tok_s": r["tokens"] / seconds,
+            "gflops": r["flops"] / seconds / 1e9, "eval_s": as_run, "screened_s": screened}
+
+
+def timed_evaluation(trainer: Trainer, stage: str) -> float:
+    """Seconds of one `Trainer.evaluate`, after an untimed warm-up one."""
+    trainer.evaluate(stage, 0.0, last=False)
+    sync(trainer.device)
     t = time.perf_counter()
     trainer.evaluate(stage, 0.0, last=False)
-    sync(device)
-    return {"epoch_s": seconds / epochs, "tok_s": r["tokens"] / seconds,
-            "gflops": r["flops"] / seconds / 1e9, "eval_s": time.perf_counter() - t}
+    sync(trainer.device)
+    return time.perf_counter() - t
 
 
 def throughput(devices: list[torch.device], configs: list[str], epochs: int,
                peaks: dict[tuple[str, str], float]) -> list[str]:
     """The training-throughput rows: one per device, configuration and precision, each against its own peak."""
     lines = ["| device | configuration | precision | s / epoch | tokens / s | vs fp32 | GFLOP/s "
-             "| share of its matmul peak | eval s | eval / epoch |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| share of its matmul peak | eval s | eval / epoch | eval s, `eval.precision: bf16` |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for device in devices:
         for name in configs:
@@ -146,7 +158,8 @@ def throughput(devices: list[torch.device], configs: list[str], epochs: int,
                 lines.append(f"| {device.type} | {name} | {p} | {r['epoch_s']:.2f} | {r['tok_s']:,.0f} "
                              f"| {r['tok_s'] / fp32:.2f}x | {r['gflops']:.1f} "
                              f"| {r['gflops'] / peaks[device.type, p]:.0%} | {r['eval_s']:.2f} "
-                             f"| {r['eval_s'] / r['epoch_s']:.2f} |")
+                             f"| {r['eval_s'] / r['epoch_s']:.2f} "
+                             f"| {'-' if r['screened_s'] is None else format(r['screened_s'], '.2f')} |")
                 print(lines[-1], flush=True)
     return lines
 
@@ -352,17 +365,16 @@ def main() -> None:
     rows = throughput(devices, configs, args.epochs, peaks)
     sections = [["", "## Training throughput", "",
                  f"Written by `python {' '.join(sys.argv)}` on {time.strftime('%Y-%m-%d')}: {machine}, "
-                 f"torch {torch.__version__}, torch threads: {torch.get_num_threads()}. This script's other sections "
-                 "come from the same run, except one its flags skipped (`--skip-process`, no `--precision-check`), "
-                 "which keeps an earlier run's figures.", "",
+                 f"torch {torch.__version__}, torch threads: {torch.get_num_threads()}. {same_run(args)}", "",
                  "Analytic FLOPs (6 x non-embedding parameters x tokens + causal attention, the same count in "
                  "either precision). bf16 rows train on a bf16 copy of the model (`trainable/mixed.py`; weights "
                  "and optimiser in fp32); each "
                  "row's share is of the matmul peak of its own dtype, measured in the same run (best of square "
                  f"1024 and 2048 products, the same threads): {measured}. `vs fp32` is tokens / s against the "
-                 "configuration's fp32 row. Evaluation as `Trainer.evaluate` runs it: fp32 in fp32 rows; in bf16 "
-                 "rows bf16 products with the rows near a tie rescored in fp32 (`evaluate.screened_rows`); "
-                 "eval / epoch is against that row's epoch. By default (precision auto) `iterhead train` "
+                 "configuration's fp32 row. Evaluation as `Trainer.evaluate` runs it by default (accuracy in fp32, "
+                 "and the probes); eval / epoch is against that row's epoch; the last column is the same "
+                 "evaluation with `eval.precision: bf16` (bf16 products, the rows near a tie rescored in fp32: "
+                 "`evaluate.screened_rows`). By default (precision auto) `iterhead train` "
                  f"trains in {defaults(devices)}.", "", *rows]]
     for device in devices:
         cuda = device.type == "cuda"
@@ -382,6 +394,14 @@ def main() -> None:
     for device in [] if args.skip_process else devices:
         sections.append(process_section(device))
     write(sections, Path(args.out))
+
+
+def same_run(args: argparse.Namespace) -> str:
+    """Which of this machine kind's sections the run wrote: a skipped one keeps an earlier run's figures."""
+    skipped = [name for name, on in (("the whole-process one (`--skip-process`)", args.skip_process),
+                                     ("the precision check (no `--precision-check`)", not args.precision_check)) if on]
+    return ("This script's other sections for this machine kind come from the same run"
+            + (f"; {' and '.join(skipped)} did not run, so any such section is an earlier run's." if skipped else "."))
 
 
 def write(sections: list[list[str]], out: Path) -> None:
