@@ -15,21 +15,19 @@ figures and keeps the other kinds':
    `Trainer.evaluate` runs it by default (accuracy on every test row in fp32 and the
    attention probes), also as a fraction of that row's epoch, and in bf16 rows the same
    evaluation with `eval.precision: bf16` (bf16 products, the rows near a tie rescored in
-   fp32: `evaluate.screened_rows`) (timed epochs and evaluation
-   follow an untimed warm-up one, so CUDA's first-launch costs are not counted, and the
-   clock reads after a device synchronise); the text says which precision `iterhead train`
-   picks by default there (`devices.pick_precision("auto", ...)`);
+   fp32: `evaluate.screened_rows`); timed epochs and evaluations follow an untimed warm-up
+   one, so CUDA's first-launch costs are not counted, and the clock reads after a device
+   synchronise; the text says which precision `iterhead train`
+   picks by default there (`devices.pick_precision("auto", ...)`); whether bf16 learns what
+   fp32 learns is `benchmarks/precision.py`'s question, asked over seeds;
 3. several trainings on one device (`benchmarks/parallel.py`), with the small
    configuration a search trial typically trains, in fp32: N concurrent trial processes
    against one, and K seeds batched into one model (`trainable/seeds.py`) against the same
    seeds one after another;
-4. with ``--precision-check``, where bf16 is native: the compute to 100% parity of three
-   seeds in each precision (does bf16 change what is learnt? `benchmarks/precision.py`
-   asks the same over more seeds, with a test);
-5. on CUDA, one full paper-configuration run (lengths 1..32, 1000 epochs, an evaluation
+4. on CUDA, one full paper-configuration run (lengths 1..32, 1000 epochs, an evaluation
    every 100, fp32 as the baseline) against the obvious loop's per-epoch time on the same
    device, measured in the same run after a warm-up epoch, times the epochs;
-6. per device, 2 and 0 epochs of the paper configuration as whole processes:
+5. per device, 2 and 0 epochs of the paper configuration as whole processes:
    `iterhead train --device D` at its default settings (precision auto; start-up, data,
    training, evaluation, MLflow and artifacts included) against `benchmarks/baseline.py
    --device D` (fp32, padding to the longest length, DataLoader, `.item()` per step, a full
@@ -37,7 +35,7 @@ figures and keeps the other kinds':
    training.
 
     python benchmarks/throughput.py [--epochs 2] [--configs paper,small] [--concurrent 1,2] [--seeds 1,2,4]
-        [--full-epochs 1000] [--precision-check] [--skip-process | --only-process] [--out BENCHMARKS.md]
+        [--full-epochs 1000] [--skip-process | --only-process] [--out BENCHMARKS.md]
 """
 
 from __future__ import annotations
@@ -210,31 +208,6 @@ def several(device: torch.device, counts: list[int], seeds: list[int], epochs: i
     return lines
 
 
-def precision_check(device: torch.device) -> list[str]:
-    """Compute to 100% parity over three seeds of the CPU-scale transfer curriculum, fp32 against bf16
-    (`trainable/mixed.py`): the speed in the throughput rows is only worth having if bf16 learns what fp32 does."""
-    from iterhead.curricula.io import load_curriculum
-    from iterhead.trainable.summary import summary_metrics
-
-    base = load_curriculum(ROOT / "examples" / "paper" / "cpu" / "base_poly_then_parity.yaml")
-    lines = ["", f"## bf16 against fp32 on {device.type}", "",
-             "Compute to 100% parity, `examples/paper/cpu/base_poly_then_parity.yaml` (censored runs at the "
-             "penalty); the speed of each precision is in the training-throughput rows, and "
-             "`benchmarks/precision.py` compares the two over more seeds.", "",
-             "| seed | fp32 FLOP | bf16 FLOP |", "|---|---|---|"]
-    for seed in range(3):
-        row = []
-        for p in ("fp32", "bf16"):
-            trainer = Trainer(base.model_copy(update={"seed": seed}), device, precision=p)
-            for _ in trainer.run():
-                pass
-            s = summary_metrics(trainer.cur, trainer.outcome)
-            row.append(f"{s['compute_to_target']:.3e}" + ("" if s["reached"] else " (censored)"))
-        lines.append(f"| {seed} | {row[0]} | {row[1]} |")
-        print(lines[-1], flush=True)
-    return lines
-
-
 def full_run(device: torch.device, epochs: int, baseline_epochs: int) -> list[str]:
     """One whole paper-configuration run of `epochs` epochs against the obvious loop's epochs.
 
@@ -347,8 +320,6 @@ def main() -> None:
     ap.add_argument("--several-epochs", type=int, default=3, help="timed epochs for the several-trainings tables")
     ap.add_argument("--full-epochs", type=int, default=1000, help="epochs of the full run (CUDA only; 0 skips)")
     ap.add_argument("--baseline-epochs", type=int, default=3, help="epochs the obvious loop is timed for")
-    ap.add_argument("--precision-check", action="store_true",
-                    help="also train 3 seeds to the target in fp32 and bf16 where bf16 is native (minutes on a CPU)")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     args = ap.parse_args()
     configs = chosen(args.configs)
@@ -381,8 +352,6 @@ def main() -> None:
         counts = [int(v) for v in (args.concurrent or ("1,2,4,8" if cuda else "1,2")).split(",")]
         seeds = [int(v) for v in (args.seeds or ("1,4,8" if cuda else "1,2,4")).split(",")]
         sections.append(several(device, counts, seeds, args.several_epochs, peaks[device.type, "fp32"]))
-        if args.precision_check and "bf16" in precisions(device):
-            sections.append(precision_check(device))
         if cuda and args.full_epochs:
             sections.append(full_run(device, args.full_epochs, args.baseline_epochs))
             print("\n".join(sections[-1]), flush=True)
@@ -398,10 +367,9 @@ def main() -> None:
 
 def same_run(args: argparse.Namespace) -> str:
     """Which of this machine kind's sections the run wrote: a skipped one keeps an earlier run's figures."""
-    skipped = [name for name, on in (("the whole-process one (`--skip-process`)", args.skip_process),
-                                     ("the precision check (no `--precision-check`)", not args.precision_check)) if on]
     return ("This script's other sections for this machine kind come from the same run"
-            + (f"; {' and '.join(skipped)} did not run, so any such section is an earlier run's." if skipped else "."))
+            + ("; the whole-process one did not run (`--skip-process`), so it is an earlier run's."
+               if args.skip_process else "."))
 
 
 def write(sections: list[list[str]], out: Path) -> None:
