@@ -82,6 +82,15 @@ def relation(share: float) -> str:
     return f"above the screen, {evaluate.SCREEN}"
 
 
+def flips(closest: list[float]) -> str:
+    """What the screen had to catch: the largest bf16 margin of a row plain bf16 flipped, if any."""
+    if not closest:
+        return "a plain bf16 pass scored every row as fp32 did"
+    return (f"of the rows a plain bf16 pass scored otherwise than fp32, the largest bf16 margin was "
+            f"{max(closest):.4f} of the row's largest |logit| ({relation(max(closest))}; a screen above it "
+            "rescores every such row)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
@@ -102,7 +111,8 @@ def main() -> None:
         for ev in trainer.run():
             r = snapshot(trainer, native)
             shifts.append(r["shift"])
-            closest += [] if r["closest"] is None else [r["closest"]]
+            if r["closest"] is not None:
+                closest.append(r["closest"])
             rescored.append(r["rescored"])
             wrong += r["screened"]
             secs = [f"{r[k]:.2f}" if r[k] is not None else "emulated" for k in ("fp32_s", "screened_s")]
@@ -119,9 +129,7 @@ def main() -> None:
             "snapshot. `evaluate.SCREEN` (the share of a row's largest |logit| within which a bf16 margin "
             f"is rescored in fp32) is {evaluate.SCREEN}.", "", *lines, "",
             f"Over {len(shifts)} snapshots: the largest margin shift was {max(shifts):.3f} of the row's largest "
-            f"|logit| ({relation(max(shifts))}); of the rows a plain bf16 pass scored otherwise than fp32, the "
-            f"largest bf16 margin was {max(closest, default=0.0):.4f} of the row's largest |logit| "
-            f"({relation(max(closest, default=0.0))}; a screen above it rescores every such row); the screen scored "
+            f"|logit| ({relation(max(shifts))}); {flips(closest)}; the screen scored "
             f"{wrong} rows otherwise than fp32; it rescored {min(rescored):.0%} to {max(rescored):.0%} of the "
             f"distinct rows (median {float(np.median(rescored)):.0%})."]
     print("\n".join(said[-1:]))

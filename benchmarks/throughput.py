@@ -17,9 +17,9 @@ figures and keeps the other kinds':
    evaluation with `eval.precision: bf16` (bf16 products, the rows near a tie rescored in
    fp32: `evaluate.screened_rows`); timed epochs and evaluations follow an untimed warm-up
    one, so CUDA's first-launch costs are not counted, and the clock reads after a device
-   synchronise; the text says which precision `iterhead train`
-   picks by default there (`devices.pick_precision("auto", ...)`); whether bf16 learns what
-   fp32 learns is `benchmarks/precision.py`'s question, asked over seeds;
+   synchronise; the text says which precision `iterhead train` picks by default there
+   (`devices.pick_precision("auto", ...)`); whether bf16 learns what fp32 learns is
+   `benchmarks/precision.py`'s question, asked over seeds;
 3. several trainings on one device (`benchmarks/parallel.py`), with the small
    configuration a search trial typically trains, in fp32: N concurrent trial processes
    against one, and K seeds batched into one model (`trainable/seeds.py`) against the same

@@ -98,8 +98,9 @@ class EvalSpec(Spec):
     # a model that memorised its training inputs without the algorithm. 0: not scored.
     train_per_len: Annotated[int, Field(ge=0)] = 0
     # fp32 scores every row in float32, whatever the training precision. bf16 scores a bf16
-    # pass and rescores the rows near a tie in fp32 (`evaluate.screened_rows`): slower than
-    # fp32 on the one native-bf16 CPU it was timed on (BENCHMARKS.md), so it is opt-in.
+    # pass and rescores the rows near a tie in fp32 (`evaluate.screened_rows`): on the one
+    # native-bf16 CPU it was timed on, level with fp32 or slower once a quarter of the rows
+    # are near a tie, as in undecided models (BENCHMARKS.md), so it is opt-in.
     precision: Literal["fp32", "bf16"] = "fp32"
 
 
