@@ -48,6 +48,15 @@ WORKLOADS = {  # name: (curriculum, overrides); every evaluation is a snapshot
 }
 
 
+def workload(name: str) -> Trainer:
+    """A trainer for `WORKLOADS[name]`: its curriculum with the overrides applied."""
+    path, overrides = WORKLOADS[name]
+    data = read_yaml_mapping(ROOT / path)
+    for key, value in overrides.items():  # a mapping updates the base's, a list replaces it
+        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+    return Trainer(parse_curriculum(data, file=path))
+
+
 def timed(fn):
     t = time.perf_counter()
     out = fn()
@@ -97,17 +106,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     native = native_bf16(torch.device("cpu"))
-    head = ("| workload | stage, epoch | target acc | test rows (distinct) | largest margin shift / largest |logit| "
-            "| rows plain bf16 scores otherwise | their largest bf16 margin / largest |logit| "
+    head = ("| workload | stage, epoch | target acc | test rows (distinct) | largest margin shift / largest \\|logit\\| "
+            "| rows plain bf16 scores otherwise | their largest bf16 margin / largest \\|logit\\| "
             "| rows the screen scores otherwise | distinct rows rescored | fp32 eval s | screened eval s |")
     lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     shifts, closest, rescored, wrong, started = [], [], [], 0, time.perf_counter()
-    for name, (path, overrides) in WORKLOADS.items():
-        data = read_yaml_mapping(ROOT / path)
-        for key, value in overrides.items():  # a mapping updates the base's, a list replaces it
-            data[key] = {**data[key], **value} if isinstance(value, dict) else value
-        trainer = Trainer(parse_curriculum(data, file=path))
+    for name in WORKLOADS:
+        trainer = workload(name)
         for ev in trainer.run():
             r = snapshot(trainer, native)
             shifts.append(r["shift"])

@@ -19,6 +19,8 @@ must be few of them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -187,3 +189,44 @@ def test_the_screen_rescores_only_rows_near_a_tie(trainer, monkeypatch):
 def test_an_evaluation_precision_other_than_fp32_or_bf16_is_refused(trainer):
     with pytest.raises(ValueError, match="fp32 or bf16, not 'fp16'"):
         correct_rows(trainer.model, trainer.eval_table, precision="fp16")
+
+
+def head_positions(model: torch.nn.Module, run) -> tuple[object, int]:
+    """`run()`'s result and how many positions the model's head scored during it."""
+    seen = []
+    handle = model.head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0] * args[0].shape[1]))
+    try:
+        return run(), sum(seen)
+    finally:
+        handle.remove()
+
+
+def test_rows_stop_at_their_first_wrong_answer_token(monkeypatch):
+    """A model at initialisation gets most chain-of-thought rows wrong early: the rows wrong in
+    the first answer span are not run further, and the verdicts are those of whole rows."""
+    t = Trainer(curriculum(True, 0))
+    table = t.eval_table
+    assert max(g.targets.shape[1] for g in table.groups) > evaluate.FIRST_CUT  # some rows have a later span
+    early, some = head_positions(t.model, lambda: correct_rows(t.model, table))
+    monkeypatch.setattr(evaluate, "FIRST_CUT", 10**6)  # every row whole
+    whole, every = head_positions(t.model, lambda: correct_rows(t.model, table))
+    assert every == sum(len(g.inputs) * g.targets.shape[1] for g in table.groups)
+    assert some < every
+    np.testing.assert_array_equal(early, whole)
+    want, margin = reference(t.model, table)
+    compare(early, want, margin)
+
+
+def test_rows_right_to_the_end_run_each_answer_position_once(trainer):
+    """With every answer token right (the targets set to the model's own argmax), every row
+    runs every span, and no position twice: the spans cost no extra positions."""
+    table = trainer.eval_table
+    own = [torch.empty_like(g.targets) for g in table.groups]
+    with torch.no_grad():
+        for gi, ids, logits in evaluate._answer_logits(trainer.model, table, 2**13):
+            own[gi][ids] = logits.argmax(-1)
+    right = EvalTable(table.tokens, table.tasks, table.lengths, table.task_names, table.cot,
+                      [dataclasses.replace(g, targets=o) for g, o in zip(table.groups, own)], table.prefixes)
+    correct, positions = head_positions(trainer.model, lambda: correct_rows(trainer.model, right))
+    assert correct.all()
+    assert positions == sum(len(g.inputs) * g.targets.shape[1] for g in table.groups)

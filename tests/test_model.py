@@ -153,7 +153,34 @@ def test_shared_prefix_forward_matches_forward(positional, n_heads, n_layers, pr
                                    model(tokens, q_start=q_start), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("positional", ["learned", "rotary"])
+@pytest.mark.parametrize("n_heads", [1, 2])
+@pytest.mark.parametrize("n_layers", [1, 2, 3])
+@pytest.mark.parametrize("prefix", [0, 3])
+def test_rows_continue_from_their_kept_past(positional, n_heads, n_layers, prefix):
+    """Logits for positions 5 .. 7, then 8 .. 10 of the same rows continued from the keys and
+    values kept by the first call (`keep_past`), are the one-pass logits for 5 .. 10, up to
+    the float32 reordering of the first-block table (1e-5 relative, see above)."""
+    spec = ModelSpec(d_model=32, n_layers=n_layers, n_heads=n_heads, positional=positional)
+    model = Transformer(spec, vocab_size=15, max_len=20, generator=torch.Generator().manual_seed(0)).eval()
+    tokens = torch.randint(0, 15, (4, 11), generator=torch.Generator().manual_seed(1))
+    tokens[:, :prefix] = tokens[0, :prefix]
+    with torch.no_grad():
+        first = model.first_table()
+        past = None
+        if prefix:
+            past = [(k.expand(4, -1, -1, -1), v.expand(4, -1, -1, -1))
+                    for k, v in model.prefix_past(tokens[:1, :prefix], first)]
+        kept: list = []
+        head = model(tokens[:, :8], q_start=5, first=first, past=past, keep_past=kept)
+        assert len(kept) == n_layers - 1 and all(k.shape[2] == 8 for k, _ in kept)
+        tail = model(tokens, q_start=8, first=first, past=kept or None)
+        torch.testing.assert_close(torch.cat([head, tail], dim=1), model(tokens, q_start=5), rtol=1e-5, atol=1e-5)
+
+
 def test_past_needs_the_first_block_table():
     model = build()
     with pytest.raises(ValueError, match="first"):
         model(torch.zeros(1, 5, dtype=torch.long), past=[])
+    with pytest.raises(ValueError, match="first"):
+        model(torch.zeros(1, 5, dtype=torch.long), keep_past=[])

@@ -91,11 +91,13 @@ class Attention(nn.Module):
         return self._masks[key]
 
     def forward(self, x: torch.Tensor, q_start: int = 0,
-                past: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                past: tuple[torch.Tensor, torch.Tensor] | None = None,
+                keep_past: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
         """Attention output for the queries at ``q_start ..`` (absolute positions).
 
         `past` holds the keys and values [B, H, P, hd] of positions 0 .. P-1 (from
-        `kv`); `x` then holds positions P .. and `q_start` must be at least P."""
+        `kv`); `x` then holds positions P .. and `q_start` must be at least P. `keep_past`,
+        if given, receives the keys and values of every position, the `past` of a later call."""
         d = x.shape[-1]
         p = 0 if past is None else past[0].shape[2]
         w, bias = self.qkv.weight, self.qkv.bias
@@ -105,6 +107,8 @@ class Attention(nn.Module):
             q, k = self.rotary(q, q_start), self.rotary(k, p)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        if keep_past is not None:
+            keep_past.append((k, v))
         y = self._attend(q, k, v, q_start, p + x.shape[1])
         b, _, tq, _ = y.shape
         return self.proj(y.transpose(1, 2).reshape(b, tq, d))
@@ -167,9 +171,10 @@ class Block(nn.Module):
         self.mlp = MLP(spec)
 
     def forward(self, x: torch.Tensor, q_start: int = 0,
-                past: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                past: tuple[torch.Tensor, torch.Tensor] | None = None,
+                keep_past: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
         p = 0 if past is None else past[0].shape[2]
-        x = x[:, q_start - p:] + self.attn(self.ln1(x), q_start, past)
+        x = x[:, q_start - p:] + self.attn(self.ln1(x), q_start, past, keep_past)
         return x + self.mlp(self.ln2(x))
 
     def forward_table(self, x: torch.Tensor, packed: torch.Tensor, q_start: int = 0) -> torch.Tensor:
@@ -253,14 +258,17 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, q_start: int = 0,
                 generator: torch.Generator | None = None, keep: torch.Tensor | None = None,
                 first: torch.Tensor | None = None,
-                past: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+                past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                keep_past: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
         """Logits [batch, T - q_start, vocab] for token ids [batch, T].
 
         Training with dropout needs `generator` or `keep`, a boolean mask shaped like the
         embeddings [batch, T, d_model] (True = kept). Inference shortcuts, refused where
         dropout applies: `first` (from `first_table`, made with the current weights), and
-        with it `past` (from `prefix_past`, one entry per row): blocks 1 .. then run only
-        from position P, the prefix's length, which must not exceed `q_start`."""
+        with it `past` (from `prefix_past`, or `keep_past` of an earlier call, one entry per
+        row): blocks 1 .. then run only from position P, the past's length, which must not
+        exceed `q_start`. `keep_past`, a list, receives blocks 1 ..'s keys and values at
+        positions 0 .. T-1, so that a later call can continue these rows from T."""
         t = tokens.shape[1]
         if t > self.max_len:
             raise ValueError(f"sequence of {t} tokens exceeds the model's {self.max_len} positions")
@@ -274,8 +282,8 @@ class Transformer(nn.Module):
             x = x * keep / (1.0 - p)
         last = len(self.blocks) - 1
         if first is None:
-            if past is not None:
-                raise ValueError("`past` needs the first-block table `first`")
+            if past is not None or keep_past is not None:
+                raise ValueError("`past` and `keep_past` need the first-block table `first`")
             for i, block in enumerate(self.blocks):
                 x = block(x, q_start if i == last else 0)
             return self.head(self.ln_f(x))
@@ -284,7 +292,7 @@ class Transformer(nn.Module):
         start = 0 if past is None or last == 0 else past[0][0].shape[2]  # first position blocks 1.. see
         x = self.blocks[0].forward_table(x, self._gather(first, tokens), q_start if last == 0 else start)
         for i, block in enumerate(self.blocks[1:], start=1):
-            x = block(x, q_start if i == last else start, None if past is None else past[i - 1])
+            x = block(x, q_start if i == last else start, None if past is None else past[i - 1], keep_past)
         return self.head(self.ln_f(x))
 
     @contextmanager
