@@ -215,9 +215,10 @@ def _verdicts(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tenso
     """Whether each row's argmax matches every answer token, stopping rows at their first miss.
 
     The answer positions run in spans (the first `FIRST_CUT`, then each as long as all before
-    it, or all the rest once most rows carry on); a row with a wrong token in a span is wrong whatever follows, so only the
-    others continue, from the keys and values kept so far (`Transformer.forward(keep_past=)`).
-    Causal attention makes each kept position what one pass over the whole row computes."""
+    it, or all the rest once most rows carry on). A row with a wrong token in a span is wrong
+    whatever follows, so only the others continue, from the keys and values kept so far
+    (`Transformer.forward(keep_past=)`). Causal attention makes each kept position what one
+    pass over the whole row computes."""
     n = targets.shape[1]
     if "first" not in shared or n <= FIRST_CUT or any(b.attn.hook_pattern.active for b in model.blocks):
         return (model(inputs, q_start=start, **shared).argmax(-1) == targets).all(dim=1)
