@@ -11,7 +11,9 @@ to the first answer position, which skips about a quarter of the work for chain-
 sequences without changing any logit that the loss or the accuracy reads. Inference can
 also gather the first block's attention inputs from a per-(token, position) table
 (`first_table`), which replaces that block's layer norm and its four projections, and
-run the later blocks' positions of a shared prefix once (`prefix_past`, `forward(past=...)`).
+run the later blocks' positions of a shared prefix once (`prefix_past`, `forward(past=...)`),
+and continue rows from the keys and values an earlier call kept (`forward(keep_past=...)`),
+so an evaluation can stop the rows it has already found wrong.
 
 Randomness: embedding dropout (the paper's only dropout) draws from a `torch.Generator`
 passed in by the caller, never from the global RNG, or takes a keep mask drawn by the caller
