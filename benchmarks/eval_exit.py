@@ -26,7 +26,6 @@ prints a table and writes it into BENCHMARKS.md under its own heading.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -77,15 +76,6 @@ def compare(model: torch.nn.Module, table: EvalTable, repeats: int) -> dict:
             "spans_s": min(times[spans]), "whole_s": min(times[WHOLE])}
 
 
-def own_argmax(model: torch.nn.Module, table: EvalTable) -> EvalTable:
-    """`table` with each row's targets replaced by the model's argmax: every row right."""
-    own = [torch.empty_like(g.targets) for g in table.groups]
-    with torch.no_grad(), evaluate._eval_mode(model):
-        for gi, ids, logits in evaluate._answer_logits(model, table, evaluate.default_chunk_tokens(table.tokens.device)):
-            own[gi][ids] = logits.argmax(-1)
-    return dataclasses.replace(table, groups=[dataclasses.replace(g, targets=o) for g, o in zip(table.groups, own)])
-
-
 def row(name: str, r: dict) -> str:
     closest = "-" if r["closest"] is None else f"{r['closest']:.1e}"
     return (f"| {name} | {r['acc']:.3f} | {r['whole_s']:.2f} | {r['spans_s']:.2f} "
@@ -108,8 +98,9 @@ def main() -> None:
     trainer = Trainer(parse_curriculum(curriculum(CONFIGS[PAPER], args.epochs), file="benchmark"), device,
                       precision=precision)
     parallel.timed_epochs(trainer, args.epochs - 1)  # epochs 0 .. epochs - 1
+    own = evaluate.own_answers(trainer.model, trainer.eval_table)
     for name, table in ((f"paper, after {args.epochs} epochs ({precision})", trainer.eval_table),
-                        ("the same, scored against its own argmax", own_argmax(trainer.model, trainer.eval_table))):
+                        ("the same, scored against its own argmax", own)):
         lines.append(row(name, compare(trainer.model, table, args.repeats)))
         print(lines[-1], flush=True)
     snap = workload(SNAPSHOTS)

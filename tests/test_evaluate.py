@@ -19,8 +19,6 @@ must be few of them.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -217,21 +215,11 @@ def test_rows_stop_at_their_first_wrong_answer_token(monkeypatch):
     compare(early, want, margin)
 
 
-def own_argmax(model: torch.nn.Module, table: EvalTable) -> EvalTable:
-    """`table` with every row's targets set to the model's own argmax: every row right."""
-    own = [torch.empty_like(g.targets) for g in table.groups]
-    model.eval()
-    with torch.no_grad():
-        for gi, ids, logits in evaluate._answer_logits(model, table, 2**13):
-            own[gi][ids] = logits.argmax(-1)
-    return dataclasses.replace(table, groups=[dataclasses.replace(g, targets=o) for g, o in zip(table.groups, own)])
-
-
 def assert_right_rows_run_whole(model: torch.nn.Module, table: EvalTable) -> None:
     """Scored against its own argmax, every row is right and runs every answer position once,
     except rows at a tie within rounding (margin under `REL_TOL` of the largest |logit|),
     which the spans' rounding may score wrong and stop early."""
-    right = own_argmax(model, table)
+    right = evaluate.own_answers(model, table)
     unsure = [m < REL_TOL * s for m, s in evaluate.row_margins(model, right)]
     correct, positions = head_positions(model, lambda: correct_rows(model, right))
     assert correct[~evaluate.spread_rows(right, unsure)].all()
