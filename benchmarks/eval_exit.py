@@ -12,7 +12,8 @@ answer length), alternating the two, best of `--repeats`, on:
 - the same model scored against its own argmax (every row right to the end): no row stops
   early, so this is what the spans cost where they cannot save anything;
 - every evaluation of a run that pretrains on polynomial iteration and finetunes on parity
-  (`benchmarks/bf16_eval.py`'s workload "transfer, d128, L 1..10"), undecided to 40% right.
+  (`benchmarks/bf16_eval.py`'s workload "transfer, d128, L 1..10"), from undecided to partly
+  learnt.
 
 Where the two ways score a row differently the script gives the largest fp32 margin of such
 rows: the spans reorder float32 sums, as a different chunk size does, so only a row at a tie
@@ -35,7 +36,7 @@ import torch
 
 from iterhead.curricula.io import parse_curriculum
 from iterhead.trainable import evaluate
-from iterhead.trainable.devices import pick_precision, native_bf16
+from iterhead.trainable.devices import native_bf16, pick_precision
 from iterhead.trainable.evaluate import EvalTable
 from iterhead.trainable.loop import Trainer
 
