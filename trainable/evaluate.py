@@ -46,8 +46,9 @@ The cost is one bf16 pass plus a float32 pass over the rescored rows: 4 to 6% of
 a model has decided its rows, a quarter to a half while it is undecided. On the one CPU
 with native bf16 it was timed on (a 2-core AMD EPYC with AVX-512 bf16) that saved up to
 0.02 s of 0.03 to 0.06 on small decided models and was level or slower wherever a quarter
-or more of the rows were rescored, 7.49 s against 4.74 s on the paper configuration after 2
-epochs (BENCHMARKS.md), so runs evaluate in float32 unless `eval.precision` asks for bf16.
+or more of the rows were rescored. On the paper configuration after 2 epochs it took 5.82 s
+against float32's 2.42 s with the answer spans (BENCHMARKS.md, `benchmarks/throughput.py`),
+so runs evaluate in float32 unless `eval.precision` asks for bf16.
 """
 
 from __future__ import annotations
