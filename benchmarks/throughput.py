@@ -6,8 +6,8 @@ scripts' sections in place. Its headings name the machine kind (`markdown.machin
 figures and keeps the other kinds':
 
 1. the machine's measured matmul peak per dtype (the best of three rounds of square 1024 and
-   2048 products, the same thread count): fp32 always, bf16 where the device multiplies bf16 in hardware
-   (`devices.native_bf16`), since a bf16 row is only comparable with a bf16 peak;
+   2048 products, the same thread count): fp32 always, bf16 where the device multiplies bf16
+   in hardware (`devices.native_bf16`), since a bf16 row is only comparable with a bf16 peak;
 2. per configuration (`--configs`), device and precision (fp32, and bf16 autocast where
    native): seconds per epoch, trained tokens per second (padding excluded), achieved
    analytic GFLOP/s (`trainable/compute.py`) and its share of the peak of that precision's
@@ -98,7 +98,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32) -> flo
     that precision is measured against (bf16 units can run several times fp32's rate, so one fp32 peak
     would flatter bf16). A shared machine's neighbours slow some rounds; the best one is the ceiling."""
     best = 0.0
-    for n in (1024, 2048, 1024, 2048, 1024, 2048):
+    for n in (1024, 2048) * 3:
         a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
         for _ in range(2):
             a @ b
@@ -342,8 +342,8 @@ def main() -> None:
                  "either precision). bf16 rows train on a bf16 copy of the model (`trainable/mixed.py`; weights "
                  "and optimiser in fp32); each "
                  "row's share is of the matmul peak of its own dtype, measured in the same run (best of three "
-                 f"rounds of square 1024 and 2048 products, the same threads): {measured}. `vs fp32` is tokens / s against the "
-                 "configuration's fp32 row. Evaluation as `Trainer.evaluate` runs it by default (accuracy in fp32, "
+                 f"rounds of square 1024 and 2048 products, the same threads): {measured}. `vs fp32` is tokens / s "
+                 "against the configuration's fp32 row. Evaluation as `Trainer.evaluate` runs it by default (accuracy in fp32, "
                  "and the probes); eval / epoch is against that row's epoch; the last column is the same "
                  "evaluation with `eval.precision: bf16` (bf16 products, the rows near a tie rescored in fp32: "
                  "`evaluate.screened_rows`). By default (precision auto) `iterhead train` "

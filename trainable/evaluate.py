@@ -230,7 +230,7 @@ def _verdicts(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tenso
         kept: list[tuple[torch.Tensor, torch.Tensor]] = []
         logits = model(inputs[:, :start + hi].index_select(0, alive), q_start=start + lo,
                        first=shared["first"], past=past, keep_past=kept if hi < n else None)
-        good = (logits.argmax(-1) == targets.index_select(0, alive)[:, lo:hi]).all(dim=1)
+        good = (logits.argmax(-1) == targets[:, lo:hi].index_select(0, alive)).all(dim=1)
         if hi == n:
             ok[alive[good]] = True
             break
