@@ -32,6 +32,7 @@ bench: $(STAMP)  ## rewrites BENCHMARKS.md: throughput first, then the sections 
 	$(BIN)/python benchmarks/precision.py --seeds 8
 	$(BIN)/python benchmarks/bf16_eval.py
 	$(BIN)/python benchmarks/eval_exit.py
+	$(BIN)/python benchmarks/attention_layout.py
 	$(BIN)/python benchmarks/optimizer_start.py
 
 clean:

@@ -16,8 +16,11 @@ keeps the residual stream in fp32 and casts every linear layer's input and gradi
 
 Attention on a CPU uses the explicit softmax path in bf16: PyTorch's CPU flash-attention
 kernel is about 5x slower in bf16 than in fp32 at these shapes (REFERENCE.md), while the
-two small batched products of the explicit path run on the bf16 units. CUDA keeps the fused
-kernel.
+two small batched products of the explicit path run on the bf16 units. Its keys and values
+come from two products (`Attention._keys_values`), so those batched products take them
+without a copy: 0.969 of the epoch time of one product split in two, the median over 16
+alternating rounds on a 2-core AMD EPYC with AVX-512 bf16, faster in 11 of them
+(`benchmarks/attention_layout.py`). CUDA keeps the fused kernel.
 
 The copy is a function of the fp32 weights alone (a cast rounds to nearest even), so a
 resumed run rebuilds it exactly and continues bit for bit.

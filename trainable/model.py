@@ -78,18 +78,26 @@ class Attention(nn.Module):
         self.rotary = Rotary(self.head_dim, max_len) if spec.positional == "rotary" else None
         self.hook_pattern = HookPoint()
         self.fused = True
-        self._masks: dict[tuple[int, int, str], torch.Tensor] = {}
+        self._masks: dict[tuple[int, int, str, bool], torch.Tensor] = {}
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
 
-    def _mask(self, q_start: int, t: int, device: torch.device) -> torch.Tensor:
-        """Causal mask for queries at ``q_start .. t-1`` over keys ``0 .. t-1`` (True = keep)."""
-        key = (q_start, t, str(device))
+    @property
+    def explicit(self) -> bool:
+        """Whether attention runs as explicit products and softmax: to show a hook the
+        pattern, or where the fused kernel is switched off (`fused`)."""
+        return self.hook_pattern.active or not self.fused
+
+    def _mask(self, q_start: int, t: int, device: torch.device, hidden: bool = False) -> torch.Tensor:
+        """Causal mask for queries at ``q_start .. t-1`` over keys ``0 .. t-1``: True = keep,
+        or with `hidden` its complement (True = masked out), each made once per shape."""
+        key = (q_start, t, str(device), hidden)
         if key not in self._masks:
             q = torch.arange(q_start, t, device=device)[:, None]
-            self._masks[key] = torch.arange(t, device=device)[None, :] <= q
+            keep = torch.arange(t, device=device)[None, :] <= q
+            self._masks[key] = ~keep if hidden else keep
         return self._masks[key]
 
     def forward(self, x: torch.Tensor, q_start: int = 0,
@@ -104,7 +112,7 @@ class Attention(nn.Module):
         p = 0 if past is None else past[0].shape[2]
         w, bias = self.qkv.weight, self.qkv.bias
         q = self._split(F.linear(x[:, q_start - p:], w[:d], bias[:d]))
-        k, v = (self._split(t) for t in F.linear(x, w[d:], bias[d:]).split(d, dim=-1))
+        k, v = self._keys_values(x)
         if self.rotary is not None:
             q, k = self.rotary(q, q_start), self.rotary(k, p)
         if past is not None:
@@ -115,17 +123,32 @@ class Attention(nn.Module):
         b, _, tq, _ = y.shape
         return self.proj(y.transpose(1, 2).reshape(b, tq, d))
 
+    def _keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (not rotated) and values [B, H, T, hd] of normalised inputs `x`.
+
+        The explicit path takes them from two products, not from one split in two: its batched
+        products take contiguous keys and values as they are, where a split's halves are
+        copied (and joined again in the backward pass). bf16 training on a CPU runs this path
+        (`benchmarks/attention_layout.py`). The fused kernel keeps the one product."""
+        d = x.shape[-1]
+        w, bias = self.qkv.weight, self.qkv.bias
+        if self.explicit:
+            k, v = F.linear(x, w[d:2 * d], bias[d:2 * d]), F.linear(x, w[2 * d:], bias[2 * d:])
+        else:
+            k, v = F.linear(x, w[d:], bias[d:]).split(d, dim=-1)
+        return self._split(k), self._split(v)
+
     def kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (rotated) and values [B, H, T, hd] of normalised inputs at positions 0 .. T-1."""
-        d = x.shape[-1]
-        k, v = (self._split(t) for t in F.linear(x, self.qkv.weight[d:], self.qkv.bias[d:]).split(d, dim=-1))
+        k, v = self._keys_values(x)
         return (k if self.rotary is None else self.rotary(k, 0)), v
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, t: int) -> torch.Tensor:
         """Causal attention of queries at ``q_start .. t-1``: [B, H, Tq, value dim]."""
-        if self.hook_pattern.active or not self.fused:
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
-            scores = scores.masked_fill(~self._mask(q_start, t, q.device), float("-inf"))
+        if self.explicit:
+            # scaled and masked in place: the product's output is not needed by its backward
+            scores = torch.matmul(q, k.transpose(-2, -1)).div_(math.sqrt(self.head_dim))
+            scores = scores.masked_fill_(self._mask(q_start, t, q.device, hidden=True), float("-inf"))
             return self.hook_pattern(scores.softmax(dim=-1)) @ v
         if q_start == 0:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -281,7 +304,7 @@ class Transformer(nn.Module):
                 if generator is None:
                     raise ValueError("training with dropout needs an explicit torch.Generator or keep mask")
                 keep = torch.rand(x.shape, generator=generator, device=x.device) >= p
-            x = x * keep / (1.0 - p)
+            x = torch.where(keep, x / (1.0 - p), 0.0)  # (x * keep) / (1 - p) without casting the mask
         last = len(self.blocks) - 1
         if first is None:
             if past is not None or keep_past is not None:
