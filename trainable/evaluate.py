@@ -21,8 +21,8 @@ Speed, none of which changes what is scored:
   rest at once) and only the rows right so far go on, from the keys and values kept so far
   (`_verdicts`). A model that has not decided its rows gets most of them wrong within a
   few answer tokens: on the paper configuration after 2 epochs (10% of the rows right) an
-  evaluation took 2.36 s instead of 4.48 on a 2-core EPYC, and with every row right to the
-  end 4.81 s against 4.75 (`benchmarks/eval_exit.py`, BENCHMARKS.md).
+  evaluation took 2.36 s instead of 4.81 on a 2-core EPYC, and with every row right to the
+  end 5.29 s against 4.95 (`benchmarks/eval_exit.py`, BENCHMARKS.md).
 
 In float32 (``precision="fp32"``), the table, the prefixes and the spans change the order
 of some float32 sums, as a different chunk size does, so a logit can move by rounding and
@@ -46,8 +46,8 @@ The cost is one bf16 pass plus a float32 pass over the rescored rows: 4 to 6% of
 a model has decided its rows, a quarter to a half while it is undecided. On the one CPU
 with native bf16 it was timed on (a 2-core AMD EPYC with AVX-512 bf16) that saved up to
 0.02 s of 0.03 to 0.06 on small decided models and was level or slower wherever a quarter
-or more of the rows were rescored. On the paper configuration after 2 epochs it took 5.82 s
-against float32's 2.42 s with the answer spans (BENCHMARKS.md, `benchmarks/throughput.py`),
+or more of the rows were rescored. On the paper configuration after 2 epochs it took 5.91 s
+against float32's 2.43 s with the answer spans (BENCHMARKS.md, `benchmarks/throughput.py`),
 so runs evaluate in float32 unless `eval.precision` asks for bf16.
 """
 
