@@ -126,10 +126,12 @@ class Attention(nn.Module):
     def _keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (not rotated) and values [B, H, T, hd] of normalised inputs `x`.
 
-        The explicit path takes them from two products, not from one split in two: its batched
-        products take contiguous keys and values as they are, where a split's halves are
-        copied (and joined again in the backward pass). bf16 training on a CPU runs this path
-        (`benchmarks/attention_layout.py`). The fused kernel keeps the one product."""
+        The explicit path takes them from two products, not from one split in two: with one
+        head (the paper's configuration) its batched products then take them as they are,
+        where a split's halves are copied (and joined again in the backward pass). bf16
+        training on a CPU runs this path (`benchmarks/attention_layout.py`). The fused kernel
+        keeps the one product, so fp32 training of one seed and the accuracy evaluation compute
+        exactly what they did."""
         d = x.shape[-1]
         w, bias = self.qkv.weight, self.qkv.bias
         if self.explicit:
