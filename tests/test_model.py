@@ -134,6 +134,25 @@ def test_first_table_is_refused_where_dropout_applies():
               first=model.first_table())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_is_the_kept_embeddings_over_the_keep_rate_bit_for_bit(dtype):
+    """Exported curricula re-run to the same numbers only if dropout's arithmetic stays
+    (embeddings x keep) / (1 - p): the first block must see exactly that, in either dtype."""
+    model = build(dropout=0.25).to(dtype).train()
+    tokens = torch.randint(0, 15, (3, 9), generator=torch.Generator().manual_seed(3))
+    keep = torch.rand(3, 9, 32, generator=torch.Generator().manual_seed(4)) >= 0.25
+    seen = []
+    handle = model.blocks[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            model(tokens, keep=keep)
+    finally:
+        handle.remove()
+    want = model._embed(tokens) * keep / (1.0 - 0.25)
+    assert seen[0].dtype == dtype and torch.equal(seen[0], want)
+    assert (seen[0][~keep] == 0).all() and (seen[0][keep] != 0).any()
+
+
 @pytest.mark.parametrize("positional", ["learned", "rotary"])
 @pytest.mark.parametrize("n_heads", [1, 2])
 @pytest.mark.parametrize("n_layers", [1, 2, 3])
