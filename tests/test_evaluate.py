@@ -8,10 +8,11 @@ shared prefixes of the later blocks once, only the answer window through the las
 in chunks.
 
 Tolerance: both sides compute the same fp32 logits with sums grouped or ordered differently
-(chunks, the first-block table, shared prefixes), so they may differ by rounding. A logit is
-a chain of about 2 layers x 4 matrix products of length at most 4 x d_model = 128 (d_model
-is 32 here), so the relative error of either side is at most about
-2 x 4 x 128 x 2^-24 (under 1e-4 of the row's largest |logit|) with room to spare. Only a row
+(chunks, the first-block table, shared prefixes, answer spans), so they may differ by
+rounding. A logit is a chain of at most 3 layers (2 in most tests) x 4 matrix products of
+length at most 4 x d_model = 128 (d_model is 32 here), so the relative error of either side
+is at most about 3 x 4 x 128 x 2^-24 (9e-5, under 1e-4 of the row's largest |logit|); a
+worst case that adds every rounding error in one direction, which they do not. Only a row
 whose reference margin (target logit minus the best other, minimum over answer positions)
 lies within that band of 0 could flip; such rows are left out of the comparison and there
 must be few of them.

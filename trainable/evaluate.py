@@ -208,6 +208,12 @@ def _score(model: torch.nn.Module, table: EvalTable, chunk_tokens: int, verdicts
             verdicts[gi][ids] = _verdicts(model, inputs, g.targets.index_select(0, ids), g.length + 1, shared)
 
 
+def _hooked(model: Transformer) -> bool:
+    """Whether a hook watches an attention pattern: hooks see whole rows, so the shortcuts
+    that split rows (spans, shared prefixes) stand aside."""
+    return any(b.attn.hook_pattern.active for b in model.blocks)
+
+
 FIRST_CUT = 4  # answer positions every row runs before its first exit (2 and 8 were slower on the paper config)
 
 
@@ -221,7 +227,7 @@ def _verdicts(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tenso
     (`Transformer.forward(keep_past=)`). Causal attention makes each kept position what one
     pass over the whole row computes."""
     n = targets.shape[1]
-    if "first" not in shared or n <= FIRST_CUT or any(b.attn.hook_pattern.active for b in model.blocks):
+    if "first" not in shared or n <= FIRST_CUT or _hooked(model):
         return (model(inputs, q_start=start, **shared).argmax(-1) == targets).all(dim=1)
     ok = torch.zeros(len(inputs), dtype=torch.bool, device=inputs.device)
     alive = torch.arange(len(inputs), device=inputs.device)
@@ -335,8 +341,7 @@ def _prefix_past(model: torch.nn.Module, table: EvalTable, first: dict[str, torc
                  chunk_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """Blocks 1 ..'s keys and values on the table's shared prefixes, or None where they do
     not apply: no shared prefix, one block, or a hook attached (hooks see whole rows)."""
-    if table.prefixes is None or not first or len(model.blocks) < 2 or \
-            any(b.attn.hook_pattern.active for b in model.blocks):
+    if table.prefixes is None or not first or len(model.blocks) < 2 or _hooked(model):
         return None
     step = max(1, chunk_tokens // table.prefixes.shape[1])
     parts = [model.prefix_past(table.prefixes[a:a + step], first["first"])
