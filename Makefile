@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,11 @@ bench: $(STAMP)  ## rewrites BENCHMARKS.md: throughput first, then the sections 
 	$(BIN)/python benchmarks/eval_exit.py
 	$(BIN)/python benchmarks/attention_layout.py
 	$(BIN)/python benchmarks/optimizer_start.py
+
+bench-gpu: $(STAMP)  ## on a machine with CUDA: the GPU's sections of BENCHMARKS.md only
+	$(BIN)/python benchmarks/throughput.py --devices cuda --skip-process
+	$(BIN)/python benchmarks/step_profile.py --device cuda
+	$(BIN)/python benchmarks/precision_width.py --device cuda
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

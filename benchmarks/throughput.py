@@ -18,7 +18,7 @@ figures and keeps the other kinds':
    fp32: `evaluate.screened_rows`); timed epochs and evaluations follow an untimed warm-up
    one, so CUDA's first-launch costs are not counted, and the clock reads after a device
    synchronise; the text says which precision `iterhead train` picks by default there
-   (`devices.pick_precision("auto", ...)`); whether bf16 learns what fp32 learns is
+   (`devices.resolve_precision("auto", ...)` at d_model 128); whether bf16 learns what fp32 learns is
    `benchmarks/precision.py`'s question, asked over seeds;
 3. several trainings on one device (`benchmarks/parallel.py`), with the small
    configuration a search trial typically trains, in fp32: N concurrent trial processes
@@ -34,8 +34,9 @@ figures and keeps the other kinds':
    train+test evaluation), both on device D; the difference of the two runs is 2 epochs of
    training.
 
-    python benchmarks/throughput.py [--epochs 2] [--configs paper,small] [--concurrent 1,2] [--seeds 1,2,4]
-        [--full-epochs 1000] [--skip-process | --only-process] [--out BENCHMARKS.md]
+    python benchmarks/throughput.py [--epochs 2] [--configs paper,small] [--devices cpu,cuda]
+        [--concurrent 1,2] [--seeds 1,2,4] [--full-epochs 1000] [--skip-process | --only-process]
+        [--out BENCHMARKS.md]
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ import torch
 import yaml
 
 from iterhead.curricula.io import parse_curriculum
-from iterhead.trainable.devices import native_bf16, pick_precision, prepare_cuda_env
+from iterhead.trainable.devices import native_bf16, prepare_cuda_env, resolve_precision
 from iterhead.trainable.loop import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,13 +68,14 @@ CONFIGS = {
     PAPER: {"min_len": 1, "max_len": 32, "train_per_len": 1024, "test_per_len": 1024},
     SMALL: {"min_len": 1, "max_len": 8, "train_per_len": 1024, "test_per_len": 1024},
 }
+D_MODEL = 128  # every configuration's width, the paper's
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the matmul dtype each precision trains in
 
 
 def curriculum(data: dict, epochs: int, name: str = "bench") -> dict:
     return {
         "name": name, "seed": 0,
-        "model": {"d_model": 128, "n_layers": 2, "n_heads": 1, "dropout": 0.1},
+        "model": {"d_model": D_MODEL, "n_layers": 2, "n_heads": 1, "dropout": 0.1},
         "data": {**data, "cot": True},
         "tasks": {"parity": {"kind": "parity"}},
         "optim": {"lr": 3.0e-4, "batch_size": 256},
@@ -164,12 +166,13 @@ def throughput(devices: list[torch.device], configs: list[str], epochs: int,
 
 
 def defaults(devices: list[torch.device]) -> str:
-    """What `iterhead train` (precision auto) trains in on each device here, and why."""
+    """What `iterhead train` (precision auto) trains these configurations in on each device here, and why."""
     said = []
     for device in devices:
         native = native_bf16(device)
-        said.append(f"{pick_precision('auto', native)} on {device.type} (which "
-                    f"{'multiplies bf16 in hardware' if native else 'has no native bf16'})")
+        said.append(f"{resolve_precision('auto', device, D_MODEL)} on {device.type} (which "
+                    f"{'multiplies bf16 in hardware' if native else 'has no native bf16'}; "
+                    f"`devices.resolve_precision` at d_model {D_MODEL})")
     return "; ".join(said)
 
 
@@ -237,7 +240,8 @@ def full_run(device: torch.device, epochs: int, baseline_epochs: int) -> list[st
             "| trainer | wall s | speed-up |", "|---|---|---|",
             f"| obvious loop (`benchmarks/baseline.py`): {baseline_epochs} epochs measured after a warm-up one, "
             f"x {epochs} | {per_epoch * epochs:.0f} | 1.0x |",
-            f"| iterhead `Trainer`, {len(evaluations)} evaluations included | {ours:.0f} "
+            f"| iterhead `Trainer`, {len(evaluations)} evaluation{'s' * (len(evaluations) != 1)} included "
+            f"| {ours:.0f} "
             f"| {per_epoch * epochs / ours:.1f}x |",
             "", f"Final parity accuracy of the full run: {parity:.3f}. Baseline detail: {out}."]
 
@@ -270,7 +274,7 @@ def process_section(device: torch.device, epochs: int = 2) -> list[str]:
     base = {0: process_seconds(data, device, 0, baseline=True)[0]}
     base[epochs], detail = process_seconds(data, device, epochs, baseline=True)
     ours_d, base_d = ours[epochs] - ours[0], base[epochs] - base[0]
-    auto = pick_precision("auto", native_bf16(device))
+    auto = resolve_precision("auto", device, D_MODEL)
     lines = ["", f"## {epochs} and 0 epochs of the paper configuration, whole processes on {device.type}", "",
              f"`python {' '.join(sys.argv)}` on {time.strftime('%Y-%m-%d')}, load average "
              f"{os.getloadavg()[0]:.2f} at the end. Each trainer run as a whole process with {epochs} and with 0 "
@@ -308,11 +312,25 @@ def chosen(spec: str | None) -> list[str]:
     return [name for name in CONFIGS if any(w in name for w in wanted)]
 
 
+def chosen_devices(spec: str | None) -> list[torch.device]:
+    """The devices `spec` (comma-separated cpu, cuda) names; the CPU and CUDA where present when empty.
+
+    A GPU machine's lease is short: `--devices cuda` times its GPU without its CPU's tables."""
+    present = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    wanted = [w.strip() for w in (spec or ",".join(present)).split(",") if w.strip()]
+    missing = [w for w in wanted if w not in present]
+    if missing or not wanted:
+        raise SystemExit(f"--devices: {', '.join(missing) or 'none named'}; this machine has: {', '.join(present)}")
+    return [torch.device(w) for w in present if w in wanted]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=2, help="timed epochs per configuration and precision")
     ap.add_argument("--configs", default=None,
                     help="comma-separated substrings of the configuration names to time (default: all)")
+    ap.add_argument("--devices", default=None,
+                    help="comma-separated devices to time, cpu and cuda (default: the CPU and CUDA where present)")
     ap.add_argument("--skip-process", action="store_true", help="skip the whole-process comparison")
     ap.add_argument("--only-process", action="store_true",
                     help="only the whole-process comparison (its section alone is rewritten)")
@@ -325,13 +343,13 @@ def main() -> None:
     args = ap.parse_args()
     configs = chosen(args.configs)
     prepare_cuda_env()  # before the first CUDA work below, as in `iterhead train`
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    devices = chosen_devices(args.devices)
     if args.only_process:
-        return write([process_section(device) for device in devices], Path(args.out))
+        return write([process_section(device) for device in devices], Path(args.out), devices)
     peaks = {(d.type, p): matmul_peak(d, DTYPES[p]) for d in devices for p in precisions(d)}
     measured = ", ".join(f"{d} {p} {v:.0f} GFLOP/s" for (d, p), v in peaks.items())
     print(f"matmul peaks: {measured}", flush=True)
-    machine = f"{os.cpu_count()} CPUs ({cpu_model()}; native bf16: {'yes' if native_bf16(devices[0]) else 'no'})"
+    machine = f"{os.cpu_count()} CPUs ({cpu_model()}; native bf16: {'yes' if native_bf16(torch.device('cpu')) else 'no'})"
     if torch.cuda.is_available():
         machine += f", {torch.cuda.get_device_name()}"
     rows = throughput(devices, configs, args.epochs, peaks)
@@ -357,13 +375,13 @@ def main() -> None:
             sections.append(full_run(device, args.full_epochs, args.baseline_epochs))
             print("\n".join(sections[-1]), flush=True)
     if not torch.cuda.is_available():
-        sections.append(["", "## GPU", "", "No CUDA device was present, so there are no GPU figures here: run "
-                         "this script on a GPU machine for the CUDA tables (one trial in each precision, N "
-                         "concurrent trials, K batched seeds, and one full paper-configuration run against the "
-                         "obvious loop)."])
+        sections.append(["", "## GPU", "", "The sections whose headings name a GPU were written on a machine with "
+                         "one (`python benchmarks/throughput.py --devices cuda`, `python benchmarks/step_profile.py`, "
+                         "`python benchmarks/precision_width.py`); a run without CUDA writes no GPU figures and keeps "
+                         "them."])
     for device in [] if args.skip_process else devices:
         sections.append(process_section(device))
-    write(sections, Path(args.out))
+    write(sections, Path(args.out), devices)
 
 
 def same_run(args: argparse.Namespace) -> str:
@@ -373,9 +391,11 @@ def same_run(args: argparse.Namespace) -> str:
                if args.skip_process else "."))
 
 
-def write(sections: list[list[str]], out: Path) -> None:
-    """Each section under its heading plus the machine kind: a run replaces its own kind's only."""
-    kind = machine_kind() + (f" and {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
+def write(sections: list[list[str]], out: Path, devices: list[torch.device]) -> None:
+    """Each section under its heading plus the machine kind (and the GPU's name where one was
+    timed): a run replaces its own kind's only."""
+    gpu = any(d.type == "cuda" for d in devices)
+    kind = machine_kind() + (f" and {torch.cuda.get_device_name()}" if gpu else "")
     for lines in sections:
         at = next(i for i, line in enumerate(lines) if line.startswith("## "))
         if lines[at] != "## GPU":
