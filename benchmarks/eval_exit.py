@@ -36,7 +36,7 @@ import torch
 
 from iterhead.curricula.io import parse_curriculum
 from iterhead.trainable import evaluate
-from iterhead.trainable.devices import native_bf16, pick_precision
+from iterhead.trainable.devices import resolve_precision
 from iterhead.trainable.evaluate import EvalTable
 from iterhead.trainable.loop import Trainer
 
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import parallel  # noqa: E402  (beside this script)
 from bf16_eval import workload  # noqa: E402
 from markdown import cpu_model, machine_kind, replace_section  # noqa: E402
-from throughput import CONFIGS, PAPER, curriculum  # noqa: E402
+from throughput import CONFIGS, D_MODEL, PAPER, curriculum  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## Evaluation: rows stop at their first wrong answer span"
@@ -92,7 +92,7 @@ def main() -> None:
     torch.set_num_threads(2)
     started = time.perf_counter()
     device = torch.device("cpu")
-    precision = pick_precision("auto", native_bf16(device))
+    precision = resolve_precision("auto", device, D_MODEL)
     lines = ["| model | accuracy | whole rows s | spans s | speed-up | rows scored otherwise "
              "| their largest fp32 margin / largest \\|logit\\| |", "|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)

@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", default="auto",
                    help="auto | fp32 | bf16: bf16 training steps and evaluation (weights and optimiser "
                         "stay fp32; the evaluation scores what fp32 scores); auto is bf16 where the device "
-                        "has native bf16 (on a CPU, for d_model of 128 and up), else fp32 (default: auto)")
+                        "has native bf16 and d_model is wide enough (128 on a CPU, 1024 on CUDA), else fp32 "
+                        "(default: auto)")
     s = sub.add_parser("search", help="run a curriculum search on Ray Tune, tracked in MLflow")
     s.add_argument("spec", metavar="SPEC.yaml")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
@@ -49,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all)")
     s.add_argument("--precision", default="auto",
                    help="auto | fp32 | bf16 for every trial; auto is bf16 where a trial's device has native "
-                        "bf16 (on a CPU, for d_model of 128 and up), else fp32 (each trial run records what it used)")
+                        "bf16 and d_model is wide enough (128 on a CPU, 1024 on CUDA), else fp32 (each trial run "
+                        "records what it used)")
     s.add_argument("--no-share", dest="share", action="store_false",
                    help="train every trial from scratch, even where another trial already trained the same "
                         "curriculum prefix (default: share it, exactly)")

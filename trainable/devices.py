@@ -124,6 +124,7 @@ def native_bf16(device: torch.device) -> bool:
 
 
 BF16_MIN_D_MODEL = 128  # on CPUs, bf16 steps pay from this width (measured: `resolve_precision`)
+BF16_MIN_D_MODEL_CUDA = 1024  # on CUDA, the narrowest width measured to pay (`resolve_precision`)
 
 
 def pick_precision(name: str, native: bool, wide: bool = True) -> str:
@@ -139,13 +140,21 @@ def pick_precision(name: str, native: bool, wide: bool = True) -> str:
     return "bf16" if native and wide else "fp32"
 
 
-def resolve_precision(name: str, device: torch.device, d_model: int = BF16_MIN_D_MODEL) -> str:
-    """`pick_precision` with what `device` reports. On a CPU, models narrower than
-    `BF16_MIN_D_MODEL` train in fp32: measured on a 2-core Xeon with AMX, d_model 64 at
-    batch 64 stepped 1.08 to 1.29x slower in bf16 (casts and bf16 elementwise kernels
-    outweigh the small products), d_model 128 and up 0.49 to 0.94x. On CUDA the width is
-    not consulted (not measured there)."""
+def resolve_precision(name: str, device: torch.device, d_model: int) -> str:
+    """`pick_precision` with what `device` reports, for a model `d_model` wide.
+
+    bf16 pays only where matrix products dominate a step; narrower models train in fp32.
+    On a CPU that is from `BF16_MIN_D_MODEL`: measured on a 2-core Xeon with AMX, d_model 64
+    at batch 64 stepped 1.08 to 1.29x slower in bf16 (casts and bf16 elementwise kernels
+    outweigh the small products), d_model 128 and up 0.49 to 0.94x. On CUDA it is from
+    `BF16_MIN_D_MODEL_CUDA`: on an H200 (`benchmarks/precision_width.py`, BENCHMARKS.md) a
+    paper-data epoch at batch 256 took 1.07 to 1.11x fp32's time in bf16 at d_model 128 to
+    512, where the host's kernel launches set the pace and bf16 adds casts, and 0.49x at 1024."""
     if name != "auto":
         return pick_precision(name, False)
-    wide = device.type != "cpu" or d_model >= BF16_MIN_D_MODEL
-    return pick_precision(name, native_bf16(device), wide)
+    return pick_precision(name, native_bf16(device), wide_enough(device.type, d_model))
+
+
+def wide_enough(device_type: str, d_model: int) -> bool:
+    """Whether a model `d_model` wide trains faster in bf16 on a `device_type` with native bf16."""
+    return d_model >= (BF16_MIN_D_MODEL_CUDA if device_type == "cuda" else BF16_MIN_D_MODEL)
