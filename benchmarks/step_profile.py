@@ -4,12 +4,13 @@ A d_model-128 model leaves a large GPU idle unless the host can queue kernels fa
 they run. For the paper configuration (lengths 1..32, 1024 sequences a length, d_model 128,
 2 layers, one head, batch 256) in each precision this script times one epoch without the
 profiler (after an untimed warm-up epoch), then profiles the next one and reports, per
-optimiser step: the wall time, the kernels launched, the time the device spent in kernels
-(the union of their intervals; the rest of the step the device waited for the host), the
-host calls that wait for the device (stream, event or device synchronise, blocking copies),
-and the operators that cost the host the most. One more row times an fp32 epoch with
-torch's deterministic algorithms off, which iterhead keeps on (README, Reproducibility),
-to show what determinism costs here.
+optimiser step: the wall time, the kernels launched (every device activity the profiler
+records: kernels, copies, fills), the time the device spent in them (the union of their
+intervals; the rest of the step the device waited for the host), the host calls that wait
+for the device (stream, event or device synchronise, blocking copies), and the operators
+that cost the host the most. On CUDA it also times an fp32 epoch with torch's
+deterministic algorithms off, which iterhead keeps on (README, Reproducibility), to show
+what determinism costs there.
 
     python benchmarks/step_profile.py [--device cuda] [--config paper|small] [--out BENCHMARKS.md]
 
@@ -39,7 +40,6 @@ from throughput import CONFIGS, PAPER, SMALL, curriculum  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## Where a training step's time goes: host against device"
-LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
 
@@ -53,10 +53,16 @@ def busy_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def steps_of(clock: Epochs) -> int:
+    """Optimiser steps in the epoch `clock` trains next."""
+    return sum(1 for _ in clock.runs[0].epoch_plan(clock.stage, clock.epoch)[0].batches())
+
+
 def profiled(clock: Epochs, device: torch.device) -> tuple[dict[str, float], list[tuple[str, float]]]:
     """One epoch timed plainly, the next under the profiler: per-step figures and the host's top operators."""
-    steps = sum(1 for _ in clock.runs[0].epoch_plan(clock.stage, clock.epoch)[0].batches())
-    wall = clock.lap().seconds
+    plain = steps_of(clock)
+    wall = clock.lap().seconds / plain
+    steps = steps_of(clock)  # the profiled epoch's, which may batch its rows otherwise
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         clock.lap()
@@ -66,8 +72,7 @@ def profiled(clock: Epochs, device: torch.device) -> tuple[dict[str, float], lis
     for e in events:
         if e.device_type == DeviceType.CPU and e.name.startswith("aten::"):
             host[e.name] += e.self_cpu_time_total
-    row = {"steps": steps, "wall_ms": 1e3 * wall / steps,
-           "launches": sum(1 for e in events if e.name in LAUNCHES) / steps,
+    row = {"steps": steps, "wall_ms": 1e3 * wall,
            "kernels": len(kernels) / steps, "busy_ms": busy_us(kernels) / 1e3 / steps,
            "waits": sum(1 for e in events if e.name in WAITS) / steps,
            "aten": sum(1 for e in events if e.device_type == DeviceType.CPU and e.name.startswith("aten::")) / steps}
@@ -108,7 +113,7 @@ def main() -> None:
               *[f"- {t}" for t in tops]]
     if device.type == "cuda":
         clock = trainer(config, device, "fp32", 2)
-        steps = sum(1 for _ in clock.runs[0].epoch_plan(clock.stage, clock.epoch)[0].batches())
+        steps = steps_of(clock)
         torch.use_deterministic_algorithms(False)
         try:
             off = clock.lap().seconds

@@ -18,8 +18,8 @@ figures and keeps the other kinds':
    fp32: `evaluate.screened_rows`); timed epochs and evaluations follow an untimed warm-up
    one, so CUDA's first-launch costs are not counted, and the clock reads after a device
    synchronise; the text says which precision `iterhead train` picks by default there
-   (`devices.resolve_precision("auto", ...)` at d_model 128); whether bf16 learns what fp32 learns is
-   `benchmarks/precision.py`'s question, asked over seeds;
+   (`devices.resolve_precision("auto", ...)` at d_model 128); whether bf16 learns what
+   fp32 learns is `benchmarks/precision.py`'s question, asked over seeds;
 3. several trainings on one device (`benchmarks/parallel.py`), with the small
    configuration a search trial typically trains, in fp32: N concurrent trial processes
    against one, and K seeds batched into one model (`trainable/seeds.py`) against the same
@@ -350,7 +350,7 @@ def main() -> None:
     measured = ", ".join(f"{d} {p} {v:.0f} GFLOP/s" for (d, p), v in peaks.items())
     print(f"matmul peaks: {measured}", flush=True)
     machine = f"{os.cpu_count()} CPUs ({cpu_model()}; native bf16: {'yes' if native_bf16(torch.device('cpu')) else 'no'})"
-    if torch.cuda.is_available():
+    if any(d.type == "cuda" for d in devices):
         machine += f", {torch.cuda.get_device_name()}"
     rows = throughput(devices, configs, args.epochs, peaks)
     sections = [["", "## Training throughput", "",
