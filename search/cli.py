@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", default="auto",
                    help="auto | fp32 | bf16: bf16 training steps and evaluation (weights and optimiser "
                         "stay fp32; the evaluation scores what fp32 scores); auto is bf16 where the device "
-                        "has native bf16 and d_model is wide enough (128 on a CPU, 1024 on CUDA), else fp32 "
+                        "has native bf16 and d_model is wide enough (128 on a CPU, 768 on CUDA), else fp32 "
                         "(default: auto)")
     s = sub.add_parser("search", help="run a curriculum search on Ray Tune, tracked in MLflow")
     s.add_argument("spec", metavar="SPEC.yaml")
@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all)")
     s.add_argument("--precision", default="auto",
                    help="auto | fp32 | bf16 for every trial; auto is bf16 where a trial's device has native "
-                        "bf16 and d_model is wide enough (128 on a CPU, 1024 on CUDA), else fp32 (each trial run "
+                        "bf16 and d_model is wide enough (128 on a CPU, 768 on CUDA), else fp32 (each trial run "
                         "records what it used)")
     s.add_argument("--no-share", dest="share", action="store_false",
                    help="train every trial from scratch, even where another trial already trained the same "

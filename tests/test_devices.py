@@ -187,9 +187,10 @@ def test_auto_precision_on_a_cpu_keeps_narrow_models_in_fp32():
 
 
 def test_bf16_pays_on_cuda_only_for_wide_models():
-    """Measured on an H200: bf16 epochs were slower up to d_model 512, twice as fast at 1024."""
+    """Measured on H200s: bf16 epochs were slower up to d_model 512, twice as fast at 768."""
     from iterhead.trainable.devices import BF16_MIN_D_MODEL, BF16_MIN_D_MODEL_CUDA, wide_enough
 
     assert not wide_enough("cuda", 128) and not wide_enough("cuda", 512)
-    assert wide_enough("cuda", BF16_MIN_D_MODEL_CUDA)
+    assert wide_enough("cuda", 768) and wide_enough("cuda", 1024)
+    assert wide_enough("cuda", BF16_MIN_D_MODEL_CUDA) and not wide_enough("cuda", BF16_MIN_D_MODEL_CUDA - 1)
     assert wide_enough("cpu", BF16_MIN_D_MODEL) and not wide_enough("cpu", BF16_MIN_D_MODEL // 2)

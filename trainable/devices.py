@@ -124,7 +124,7 @@ def native_bf16(device: torch.device) -> bool:
 
 
 BF16_MIN_D_MODEL = 128  # on CPUs, bf16 steps pay from this width (measured: `resolve_precision`)
-BF16_MIN_D_MODEL_CUDA = 1024  # on CUDA, the narrowest width measured to pay (`resolve_precision`)
+BF16_MIN_D_MODEL_CUDA = 768  # on CUDA, the narrowest width measured to pay (`resolve_precision`)
 
 
 def pick_precision(name: str, native: bool, wide: bool = True) -> str:
@@ -147,9 +147,10 @@ def resolve_precision(name: str, device: torch.device, d_model: int) -> str:
     On a CPU that is from `BF16_MIN_D_MODEL`: measured on a 2-core Xeon with AMX, d_model 64
     at batch 64 stepped 1.08 to 1.29x slower in bf16 (casts and bf16 elementwise kernels
     outweigh the small products), d_model 128 and up 0.49 to 0.94x. On CUDA it is from
-    `BF16_MIN_D_MODEL_CUDA`: on an H200 (`benchmarks/precision_width.py`, BENCHMARKS.md) a
+    `BF16_MIN_D_MODEL_CUDA`: on H200s (`benchmarks/precision_width.py`, BENCHMARKS.md) a
     paper-data epoch at batch 256 took 1.07 to 1.11x fp32's time in bf16 at d_model 128 to
-    512, where the host's kernel launches set the pace and bf16 adds casts, and 0.49x at 1024."""
+    512 in two runs, where the host's kernel launches set the pace and bf16 adds casts;
+    0.49x at 768, and 0.31 to 0.49x at 1024. 513 to 767 were not timed."""
     if name != "auto":
         return pick_precision(name, False)
     return pick_precision(name, native_bf16(device), wide_enough(device.type, d_model))
