@@ -44,3 +44,12 @@ def replace_section(path: Path, heading: str, lines: list[str]) -> None:
     end = text.find("\n## ", start + len(heading))
     rest = "" if end < 0 else "\n\n" + text[end + 1:]
     path.write_text(text[:start] + new + rest)
+
+
+def device_heading(heading: str, device: "torch.device") -> tuple[str, str]:
+    """`heading` with the machine kind and, on CUDA, the GPU's name (a figure holds for that
+    pair); and the device's name as the text calls it."""
+    import torch
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return f"{heading}: {machine_kind()}" + (f" and {name}" if device.type == "cuda" else ""), name

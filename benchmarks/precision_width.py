@@ -9,7 +9,7 @@ warms each up with one untimed epoch, then times their epochs in turn, the order
 alternating from round to round, and reports the median seconds per epoch of each and
 their ratio. On CUDA the clock reads after a device synchronise (`parallel.Epochs`).
 
-    python benchmarks/precision_width.py [--device cuda] [--widths 128,256,512,1024] [--rounds 3]
+    python benchmarks/precision_width.py [--device cuda] [--widths 128,256,512,768,1024] [--rounds 3]
         [--out BENCHMARKS.md]
 
 prints a table and writes it into BENCHMARKS.md under its own heading, the machine kind and
@@ -31,7 +31,7 @@ from iterhead.trainable.devices import native_bf16, prepare_cuda_env, resolve_pr
 from iterhead.trainable.loop import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from markdown import machine_kind, replace_section  # noqa: E402
+from markdown import device_heading, replace_section  # noqa: E402
 from parallel import Epochs  # noqa: E402
 from throughput import CONFIGS, PAPER, curriculum  # noqa: E402
 
@@ -60,7 +60,7 @@ def measure(d_model: int, rounds: int, device: torch.device) -> dict[str, float]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--widths", default="128,256,512,1024", help="comma-separated d_model values")
+    ap.add_argument("--widths", default="128,256,512,768,1024", help="comma-separated d_model values")
     ap.add_argument("--rounds", type=int, default=3, help="timed epochs per precision and width")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     args = ap.parse_args()
@@ -68,8 +68,8 @@ def main() -> None:
     device = torch.device(args.device)
     if not native_bf16(device):
         raise SystemExit(f"--device {args.device}: no native bf16 here, so there is nothing to compare")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    lines = [f"{HEADING}: {machine_kind()}" + (f" and {name}" if device.type == "cuda" else ""), "",
+    heading, name = device_heading(HEADING, device)
+    lines = [heading, "",
              f"`python {' '.join(sys.argv)}` on {time.strftime('%Y-%m-%d')}: {name}, torch {torch.__version__}, "
              f"torch threads: {torch.get_num_threads()}. The paper's data (lengths 1..32, 1024 sequences a length), "
              "2 layers, heads of width 128, batch 256; the median of each precision's timed epochs, taken in turn "

@@ -34,7 +34,7 @@ from iterhead.trainable.devices import native_bf16, prepare_cuda_env
 from iterhead.trainable.loop import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from markdown import machine_kind, replace_section  # noqa: E402
+from markdown import device_heading, replace_section  # noqa: E402
 from parallel import Epochs  # noqa: E402
 from throughput import CONFIGS, PAPER, SMALL, curriculum  # noqa: E402
 
@@ -93,8 +93,8 @@ def main() -> None:
     prepare_cuda_env()  # before CUDA starts, as in `iterhead train`
     device = torch.device(args.device)
     config = PAPER if args.config == "paper" else SMALL
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    lines = [f"{HEADING}: {machine_kind()}" + (f" and {name}" if device.type == "cuda" else ""), "",
+    heading, name = device_heading(HEADING, device)
+    lines = [heading, "",
              f"`python {' '.join(sys.argv)}` on {time.strftime('%Y-%m-%d')}: {name}, torch {torch.__version__}. "
              f"Per optimiser step of the {config} configuration: wall ms (an epoch without the profiler, after a "
              "warm-up one), then from the next epoch under the profiler: kernels launched, ms the device spent "
