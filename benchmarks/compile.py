@@ -42,7 +42,7 @@ from iterhead.trainable.loop import Trainer  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 import markdown  # noqa: E402
 import parallel  # noqa: E402
-import throughput  # noqa: E402
+import configs  # noqa: E402
 
 HEADING = "## torch.compile against eager training"
 
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit("torch.compile's CPU backend needs a C++ compiler (g++ or $CXX); none found")
     torch.set_num_threads(args.threads)
     data = {"min_len": 1, "max_len": args.max_len, "train_per_len": 1024, "test_per_len": 256}
-    raw = throughput.curriculum(data, args.epochs)
+    raw = configs.curriculum(data, args.epochs)
     raw["optim"] = {"lr": 1.0e-3, "batch_size": args.batch}
     cur = parse_curriculum(raw, file="benchmark")
     rows = [one(cur, mode, args.epochs) for mode in ("eager", "compiled", "eager", "compiled")]

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def cpu_model() -> str:
@@ -46,7 +50,7 @@ def replace_section(path: Path, heading: str, lines: list[str]) -> None:
     path.write_text(text[:start] + new + rest)
 
 
-def device_heading(heading: str, device: "torch.device") -> tuple[str, str]:
+def device_heading(heading: str, device: torch.device) -> tuple[str, str]:
     """`heading` with the machine kind and, on CUDA, the GPU's name (a figure holds for that
     pair); and the device's name as the text calls it."""
     import torch

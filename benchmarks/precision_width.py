@@ -34,7 +34,7 @@ from iterhead.trainable.loop import Trainer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from markdown import device_heading, replace_section  # noqa: E402
 from parallel import Epochs  # noqa: E402
-from throughput import CONFIGS, PAPER, SMALL, curriculum  # noqa: E402
+from configs import CONFIGS, PAPER, SMALL, curriculum  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## bf16 against fp32 training time by model width"

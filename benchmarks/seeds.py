@@ -49,7 +49,7 @@ from iterhead.trainable.seeds import Seeds, choose_engine
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import parallel  # noqa: E402  (beside this script)
 from markdown import replace_section  # noqa: E402
-import throughput  # noqa: E402
+import configs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## K seeds per trial against separate trials"
@@ -58,7 +58,7 @@ VARIANTS = (("lockstep", "seeded"), ("stacked", "seeded"), ("stacked", "shared")
 
 def configurations(epochs: int, trial_epochs: int) -> dict[str, tuple[str, Curriculum, int]]:
     """name -> (description, curriculum whose first stage is timed, timed epochs)."""
-    small = parse_curriculum(throughput.curriculum(throughput.CONFIGS["small (L 1..8, 1024/len, d128)"], epochs + 1))
+    small = parse_curriculum(configs.curriculum(configs.CONFIGS[configs.SMALL], epochs + 1))
     trial = load_curriculum(ROOT / "examples" / "poly_then_parity_small.yaml")
     return {
         "trial": ("search trial: `examples/poly_then_parity_small.yaml` pretrain stage (L 1..4, 256/len, d64, "

@@ -27,7 +27,7 @@ figures and keeps the other kinds':
 4. on CUDA, one full paper-configuration run (lengths 1..32, 1000 epochs, an evaluation
    every 100, fp32 as the baseline) against the obvious loop's per-epoch time on the same
    device, measured in the same run after a warm-up epoch, times the epochs;
-5. per device, 2 and 0 epochs of the paper configuration as whole processes:
+5. per device, 2 and 0 epochs of the paper configuration as whole processes (`whole_process.py`):
    `iterhead train --device D` at its default settings (precision auto; start-up, data,
    training, evaluation, MLflow and artifacts included) against `benchmarks/baseline.py
    --device D` (fp32, padding to the longest length, DataLoader, `.item()` per step, a full
@@ -58,34 +58,12 @@ from iterhead.trainable.loop import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import parallel  # noqa: E402  (beside this script)
+from configs import CONFIGS, D_MODEL, PAPER, SMALL, curriculum  # noqa: E402
 from markdown import cpu_model, machine_kind, replace_section  # noqa: E402
+from whole_process import process_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-PAPER = "paper (L 1..32, 1024/len, d128)"
-SMALL = "small (L 1..8, 1024/len, d128)"
-CONFIGS = {
-    PAPER: {"min_len": 1, "max_len": 32, "train_per_len": 1024, "test_per_len": 1024},
-    SMALL: {"min_len": 1, "max_len": 8, "train_per_len": 1024, "test_per_len": 1024},
-}
-D_MODEL = 128  # every configuration's width, the paper's
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the matmul dtype each precision trains in
-
-
-def curriculum(data: dict, epochs: int, name: str = "bench") -> dict:
-    return {
-        "name": name, "seed": 0,
-        "model": {"d_model": D_MODEL, "n_layers": 2, "n_heads": 1, "dropout": 0.1},
-        "data": {**data, "cot": True},
-        "tasks": {"parity": {"kind": "parity"}},
-        "optim": {"lr": 3.0e-4, "batch_size": 256},
-        "stages": [{"name": "train", "mix": {"parity": 1.0}, "epochs": epochs}],
-        "target": {"task": "parity", "accuracy": 1.0},
-        # One evaluation at the end (none in a 0-epoch run; every_epochs must be positive), with
-        # probes at their default: an evaluation as a real run does it.
-        "eval": {"every_epochs": max(epochs, 1)},
-    }
-
 
 sync = parallel.sync  # one copy of the timing helpers
 
@@ -244,61 +222,6 @@ def full_run(device: torch.device, epochs: int, baseline_epochs: int) -> list[st
             f"| {ours:.0f} "
             f"| {per_epoch * epochs / ours:.1f}x |",
             "", f"Final parity accuracy of the full run: {parity:.3f}. Baseline detail: {out}."]
-
-
-def process_seconds(data: dict, device: torch.device, epochs: int, baseline: bool = False) -> tuple[float, str]:
-    """Wall seconds of one whole process training `epochs` epochs of `data`: `iterhead train` at its
-    default settings (precision auto; start-up, data, training, its evaluations, MLflow and
-    artifacts included), or with `baseline` the obvious loop (fp32, then a full train+test
-    evaluation). Both are told the device and nothing else; the second value is what it printed."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"paper_{epochs}_epochs.yaml"
-        path.write_text(yaml.safe_dump(curriculum(data, epochs, f"paper-{epochs}-epochs")))
-        command = ([sys.executable, str(ROOT / "benchmarks" / "baseline.py"), str(path), "--epochs", str(epochs)]
-                   if baseline else [str(Path(sys.executable).parent / "iterhead"), "train", str(path),
-                                     "--tracking-uri", f"sqlite:///{tmp}/mlflow.db"])
-        t = time.perf_counter()
-        out = subprocess.run([*command, "--device", str(device)], check=True, cwd=tmp, capture_output=True, text=True,
-                             env={**os.environ, "PYTHONUNBUFFERED": "1"}).stdout
-        return time.perf_counter() - t, out.strip().splitlines()[-1] if out.strip() else ""
-
-
-REFERENCE_TWO_EPOCHS_S = 86.0  # the authors' trainer, 2 paper epochs (REFERENCE.md: Intel Xeon with AMX, 2026-11-22)
-
-
-def process_section(device: torch.device, epochs: int = 2) -> list[str]:
-    """`epochs` and 0 epochs of the paper configuration as whole processes, iterhead and the
-    obvious loop, one after the other: the difference is what `epochs` epochs of training cost."""
-    data = CONFIGS[PAPER]
-    ours = {n: process_seconds(data, device, n)[0] for n in (0, epochs)}
-    base = {0: process_seconds(data, device, 0, baseline=True)[0]}
-    base[epochs], detail = process_seconds(data, device, epochs, baseline=True)
-    ours_d, base_d = ours[epochs] - ours[0], base[epochs] - base[0]
-    auto = resolve_precision("auto", device, D_MODEL)
-    lines = ["", f"## {epochs} and 0 epochs of the paper configuration, whole processes on {device.type}", "",
-             f"`python {' '.join(sys.argv)}` on {time.strftime('%Y-%m-%d')}, load average "
-             f"{os.getloadavg()[0]:.2f} at the end. Each trainer run as a whole process with {epochs} and with 0 "
-             f"epochs, one after the other; the difference is {epochs} epochs of training (iterhead's {epochs}-epoch "
-             "run also evaluates once at its end and builds an optimiser, which its 0-epoch run does not: on a "
-             "CPU `trainable/adam.py`'s Adam, which does not import torch._dynamo as torch.optim's does; the "
-             "obvious loop, torch.optim.Adam, evaluates fully in both).", "",
-             f"| trainer | {epochs}-epoch run s | 0-epoch run s | {epochs} epochs of training s | speed-up |",
-             "|---|---|---|---|---|",
-             f"| obvious loop (`benchmarks/baseline.py --device {device}`, fp32) | {base[epochs]:.1f} | {base[0]:.1f} "
-             f"| {base_d:.1f} | 1.0x |",
-             f"| `iterhead train --device {device}` (precision auto: {auto}) | {ours[epochs]:.1f} | {ours[0]:.1f} "
-             f"| {ours_d:.1f} | {base_d / ours_d:.1f}x |", "", f"Obvious loop, {epochs}-epoch run: {detail}."]
-    if device.type == "cpu" and epochs == 2:
-        amx = torch.cpu._is_amx_tile_supported()
-        lines += ["", "The obvious loop reuses iterhead's model and data, so it is itself faster than the authors' "
-                  "reference trainer, whose code stays out of this project (its licence). `REFERENCE.md` (the "
-                  f"project's shared notes) measured that trainer's 2 epochs at {REFERENCE_TWO_EPOCHS_S:.0f} s on a "
-                  "2-core Intel Xeon with AMX on 2026-11-22, the same way (2-epoch minus 0-epoch whole processes)"
-                  + (f": {REFERENCE_TWO_EPOCHS_S / ours_d:.1f}x this run's `iterhead train`, on the same machine "
-                     "kind but not side by side." if amx else
-                     "; this CPU has no AMX, so that figure is another machine kind's and no ratio is taken.")]
-    print("\n".join(lines), flush=True)
-    return lines
 
 
 def chosen(spec: str | None) -> list[str]:
