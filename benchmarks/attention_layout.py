@@ -38,8 +38,8 @@ from iterhead.trainable.loop import Trainer
 from iterhead.trainable.model import Attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from markdown import cpu_model, machine_kind, replace_section  # noqa: E402
 from configs import CONFIGS, PAPER, curriculum  # noqa: E402
+from markdown import cpu_model, machine_kind, replace_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## bf16 training: keys and values from two products against one split in two"

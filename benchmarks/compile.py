@@ -40,9 +40,9 @@ from iterhead.curricula.io import parse_curriculum  # noqa: E402
 from iterhead.trainable.loop import Trainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+import configs  # noqa: E402
 import markdown  # noqa: E402
 import parallel  # noqa: E402
-import configs  # noqa: E402
 
 HEADING = "## torch.compile against eager training"
 

@@ -42,8 +42,8 @@ from iterhead.trainable.loop import Trainer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import parallel  # noqa: E402  (beside this script)
 from bf16_eval import workload  # noqa: E402
-from markdown import cpu_model, machine_kind, replace_section  # noqa: E402
 from configs import CONFIGS, D_MODEL, PAPER, curriculum  # noqa: E402
+from markdown import cpu_model, machine_kind, replace_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## Evaluation: rows stop at their first wrong answer span"

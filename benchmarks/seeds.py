@@ -47,9 +47,9 @@ from iterhead.trainable.loop import Trainer
 from iterhead.trainable.seeds import Seeds, choose_engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import configs  # noqa: E402
 import parallel  # noqa: E402  (beside this script)
 from markdown import replace_section  # noqa: E402
-import configs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## K seeds per trial against separate trials"

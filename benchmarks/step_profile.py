@@ -34,9 +34,9 @@ from iterhead.trainable.devices import native_bf16, prepare_cuda_env
 from iterhead.trainable.loop import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from configs import CONFIGS, PAPER, SMALL, curriculum  # noqa: E402
 from markdown import device_heading, replace_section  # noqa: E402
 from parallel import Epochs  # noqa: E402
-from configs import CONFIGS, PAPER, SMALL, curriculum  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## Where a training step's time goes: host against device"
