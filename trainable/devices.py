@@ -146,7 +146,10 @@ def resolve_precision(name: str, device: torch.device, d_model: int) -> str:
     bf16 pays only where matrix products dominate a step; narrower models train in fp32.
     On a CPU that is from `BF16_MIN_D_MODEL`: measured on a 2-core Xeon with AMX, d_model 64
     at batch 64 stepped 1.08 to 1.29x slower in bf16 (casts and bf16 elementwise kernels
-    outweigh the small products), d_model 128 and up 0.49 to 0.94x. On CUDA it is from
+    outweigh the small products), d_model 128 and up 0.49 to 0.94x. That line moves with the
+    tokens a step: on a 2-core AMD EPYC with AVX-512 bf16, d_model 64 took 0.94x fp32's epoch
+    at batch 64 with lengths 1..8 and 0.65x at batch 256 with the paper's data, so the CPU
+    threshold stays until both kinds are timed at the same sizes. On CUDA it is from
     `BF16_MIN_D_MODEL_CUDA`: on H200s (`benchmarks/precision_width.py`, BENCHMARKS.md) a
     paper-data epoch at batch 256 took 1.07 to 1.11x fp32's time in bf16 at d_model 128 to
     512 in two runs, where the host's kernel launches set the pace and bf16 adds casts;
@@ -157,5 +160,6 @@ def resolve_precision(name: str, device: torch.device, d_model: int) -> str:
 
 
 def wide_enough(device_type: str, d_model: int) -> bool:
-    """Whether a model `d_model` wide trains faster in bf16 on a `device_type` with native bf16."""
+    """Whether a model `d_model` wide is at or past the narrowest width measured to train faster
+    in bf16 on a `device_type` with native bf16."""
     return d_model >= (BF16_MIN_D_MODEL_CUDA if device_type == "cuda" else BF16_MIN_D_MODEL)
