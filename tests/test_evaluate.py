@@ -20,6 +20,7 @@ must be few of them.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -137,6 +138,29 @@ def test_accuracy_is_the_mean_over_lengths(trainer):
         per_len = [correct[(table.tasks == t) & (table.lengths == n)].mean() for n in range(1, 7)]
         assert metrics[f"acc/{name}/len_3"] == pytest.approx(per_len[2])
         assert metrics[f"acc/{name}"] == pytest.approx(np.mean(per_len))
+
+
+@pytest.mark.parametrize("min_len", [None, 1])
+def test_a_target_met_at_every_length_is_met_whatever_the_rounding(trainer, min_len):
+    """19 of 20 rows right at each of 3 lengths is 0.95 at each, and their mean is 0.95, but
+    float64 sums it to 0.9499999999999998: a target of 0.95 is met (`results.meets_target`),
+    and one row fewer misses it."""
+    from iterhead.trainable.results import meets_target, target_accuracy
+
+    table = trainer.eval_table
+    rows = {n: np.flatnonzero((table.tasks == 0) & (table.lengths == n))[:20] for n in (1, 2, 3)}
+    keep = np.concatenate(list(rows.values()))
+    sub = replace(table, lengths=table.lengths[keep], tasks=table.tasks[keep], task_names=table.task_names[:1])
+    correct = np.ones(len(keep), dtype=bool)
+    correct[[0, 20, 40]] = False  # one wrong row at each length
+    metrics = accuracy_metrics(sub, correct)
+    assert [metrics[f"acc/{table.task_names[0]}/len_{n}"] for n in (1, 2, 3)] == [0.95] * 3
+    score = target_accuracy(metrics, table.task_names[0], min_len, 3)
+    assert score < 0.95  # the rounding this guards against
+    assert meets_target(score, 0.95)
+    correct[1] = False
+    fewer = accuracy_metrics(sub, correct)
+    assert not meets_target(target_accuracy(fewer, table.task_names[0], min_len, 3), 0.95)
 
 
 def test_training_mode_is_restored(trainer):

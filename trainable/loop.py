@@ -270,7 +270,7 @@ class Trainer:
         metrics.update(self.compute.metrics())
         target = self.cur.target
         target_acc = results.target_accuracy(metrics, target.task, target.min_len, self.cur.data.max_len)
-        reached = target_acc >= target.accuracy
+        reached = results.meets_target(target_acc, target.accuracy)
         if reached and not self.outcome.reached:
             self.outcome.reached = True
             self.outcome.compute_to_target = self.compute.flops
