@@ -265,8 +265,11 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         table = ablate(Trainer(cur, device, one))
         tasks = list(table["none"])
         print(f"seed {cur.seed}\nintervention        " + "  ".join(f"{t:>16}" for t in tasks))
-        for name in ["none", *INTERVENTIONS]:
+        for name in table:
             print(f"{name:<20}" + "  ".join(f"{table[name][t]:>16.1%}" for t in tasks))
+        skipped = [name for name in INTERVENTIONS if name not in table]
+        if skipped:
+            print(f"not run: {', '.join(skipped)} (they rewrite a layer this {cur.model.n_layers}-layer model lacks)")
     return EXIT_OK
 
 

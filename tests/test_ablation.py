@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from iterhead.search.cli import main
 from iterhead.trainable import checkpoint
-from iterhead.trainable.ablation import ideal, zero_eoi, zero_iteration
+from iterhead.trainable.ablation import accuracy_under, ideal, zero_eoi, zero_iteration
 from iterhead.trainable.loop import Trainer
 from iterhead.trainable.seeds import Seeds
 
@@ -48,6 +49,22 @@ def test_ablate_command_reports_every_intervention(tmp_path, capsys):
     for name in ("none", "zero_eoi_l0", "zero_iteration_l1", "ideal_l0", "ideal_l1", "ideal_both"):
         assert name in out
     assert main(["ablate", "--checkpoint", str(tmp_path / "nothing")]) == 2
+
+
+def test_a_one_layer_model_is_not_reported_under_layer_1_interventions(tmp_path, capsys):
+    """A 1-layer model has no layer 1: its rows would repeat the model's own accuracy as if
+    an intervention had run, so they are left out and named as not run."""
+    trainer = Trainer(tiny(model={"d_model": 16, "n_layers": 1, "n_heads": 1, "dropout": 0.0}))
+    for _ in trainer.run():
+        pass
+    with pytest.raises(ValueError, match="no layer 1"):
+        accuracy_under(trainer, {1: zero_iteration})
+    checkpoint.save(trainer.state_dict(), tmp_path)
+    assert main(["ablate", "--checkpoint", str(tmp_path)]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows[:3] == ["none", "zero_eoi_l0", "ideal_l0"]
+    assert rows[3:] == ["not"]  # the line naming what did not run
+    assert "zero_iteration_l1" not in rows and "ideal_both" not in rows
 
 
 def test_ablate_reads_each_seed_of_a_replicate_checkpoint(tmp_path, capsys):

@@ -76,8 +76,11 @@ INTERVENTIONS: dict[str, dict[int, Rewrite]] = {
 def accuracy_under(trainer: Trainer, rewrites: dict[int, Rewrite]) -> dict[str, float]:
     """``acc/<task>`` on the test set with the given layers' patterns rewritten."""
     blocks = trainer.model.blocks
+    missing = sorted(layer for layer in rewrites if layer >= len(blocks))
+    if missing:  # a rewrite left out would report the model's own accuracy as the intervention's
+        raise ValueError(f"the model has {len(blocks)} layer(s); no layer {missing[0]} to rewrite")
     handles = [blocks[layer].attn.hook_pattern.register_forward_hook(lambda _m, _i, out, fn=fn: fn(out))
-               for layer, fn in rewrites.items() if layer < len(blocks)]
+               for layer, fn in rewrites.items()]
     try:
         metrics = accuracy_metrics(trainer.eval_table, correct_rows(trainer.model, trainer.eval_table))
     finally:
@@ -86,11 +89,17 @@ def accuracy_under(trainer: Trainer, rewrites: dict[int, Rewrite]) -> dict[str, 
     return {k: v for k, v in metrics.items() if k.count("/") == 1}
 
 
+def applicable(n_layers: int) -> list[str]:
+    """The interventions a model of `n_layers` has every layer for (a 1-layer model has no
+    layer 1 to rewrite)."""
+    return [name for name, rewrites in INTERVENTIONS.items() if max(rewrites) < n_layers]
+
+
 def ablate(trainer: Trainer) -> dict[str, dict[str, float]]:
-    """Accuracy per task with no intervention and under each intervention."""
+    """Accuracy per task with no intervention and under each `applicable` intervention."""
     if not trainer.cur.data.cot:
         raise ValueError("the interventions are defined on chain-of-thought sequences (data.cot: true)")
     out = {"none": accuracy_under(trainer, {})}
-    for name, rewrites in INTERVENTIONS.items():
-        out[name] = accuracy_under(trainer, rewrites)
+    for name in applicable(len(trainer.model.blocks)):
+        out[name] = accuracy_under(trainer, INTERVENTIONS[name])
     return out
