@@ -31,8 +31,11 @@ full forward).
 
 In bf16 (``precision="bf16"``, what `eval.precision: bf16` selects: `screened_rows`), a
 pass with bf16 matrix products (`bf16_products`) scores every distinct row, and the rows
-whose verdict bf16 could have got wrong run again in float32, so the verdicts are
-float32's. bf16 keeps 8 significant bits, and a plain bf16 pass does score some rows of
+near a tie run again in float32. The screen is a rule fitted to what was measured, not a
+bound: it gave float32's verdicts in every snapshot measured (below), but a logit that is the small
+difference of large products can move by more than it allows (a hand-set head whose two
+weights of 256 cancel to 0.5 in float32 and to 0 in bf16 scored 6 of 128 rows otherwise,
+none rescored). bf16 keeps 8 significant bits, and a plain bf16 pass does score some rows of
 trained models otherwise than float32 (4 to 127 rows in 9 of the 23 snapshots of
 `benchmarks/bf16_eval.py` on a CPU with native bf16; BENCHMARKS.md). A row is rescored
 when its bf16 margin (target logit minus the best other, least over its answer positions)
@@ -167,8 +170,9 @@ def correct_rows(model: torch.nn.Module, table: EvalTable, chunk_tokens: int | N
     """Per-row exact match as a bool array. The host waits on the device only for the count
     of rows that go on after each answer span, and for the copy at the end.
 
-    ``fp32`` runs every row in float32. ``bf16`` (`screened_rows`) gives the same verdicts
-    from a bf16 pass, with the rows near a tie run again in float32."""
+    ``fp32`` runs every row in float32. ``bf16`` (`screened_rows`) scores a bf16 pass and
+    runs the rows near a tie again in float32: float32's verdicts wherever it was measured,
+    by a fitted screen, not a bound (module docstring)."""
     if precision == "bf16":
         return screened_rows(model, table, chunk_tokens)[0]
     if precision != "fp32":
