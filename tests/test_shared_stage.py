@@ -117,6 +117,22 @@ def test_the_stacked_engine_starts_from_the_same_copy(float64) -> None:
             assert abs(x["loss/train"] - y["loss/train"]) < 1e-8  # test_seeds.py's TOL, derived there
 
 
+def test_a_frozen_shared_stage_hands_over_to_the_stacked_engine(float64) -> None:
+    """The shared seed is one of the group and its shared stage freezes all but one module: that
+    seed's model comes out of it with parameters that do not require grad while the others'
+    do, and the stacked engine still stacks them for the next stage (as on CUDA, where it is
+    the default), agreeing with the lockstep engine as above."""
+    cur = tiny(stages=[{**STAGES[0], "seed": 0, "train_modules": ["blocks.1.mlp"]}, STAGES[1]],
+               eval={"every_epochs": 2, "probe_per_len": 4})
+    a = history(Seeds(cur, [0, 1], engine="lockstep").run())
+    b = history(Seeds(cur, [0, 1], engine="stacked").run())
+    for seed in (0, 1):
+        assert [m["compute/flops"] for m in a[seed]] == [m["compute/flops"] for m in b[seed]]
+        assert len(a[seed]) == 3  # the pretraining evaluates at epochs 2 and 3, the finetuning at 2
+        for x, y in zip(a[seed][2:], b[seed][2:]):
+            assert abs(x["loss/train"] - y["loss/train"]) < 1e-8  # test_seeds.py's TOL, derived there
+
+
 def test_the_shared_stage_counts_once_in_the_flops_trained() -> None:
     group = Seeds(shared(0), [0, 1, 2], engine="lockstep")
     for _ in group.run():

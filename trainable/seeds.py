@@ -101,6 +101,8 @@ class Stacked:
         for t in self.active:
             self.sync(t)
         self.active = list(runs)
+        for t in runs:  # a seed that trained a stage alone (a shared one) may come with frozen
+            t.model.requires_grad_(True)  # flags, and stacking takes equal ones; the stage sets its own below
         self.params, _ = stack_module_state([t.model for t in runs])
         prefixes = tuple(f"{m}." for m in stage.train_modules or [])
         for name, p in self.params.items():
