@@ -149,6 +149,9 @@ class Curriculum(Spec):
             if stage.epochs > 0 and sum(stage.mix.values()) <= 0:
                 raise ConfigError(f"mix weights must have a positive sum (got {shown(stage.mix)})",
                                   field=f"{where}.mix")
+            if stage.train_modules == []:
+                raise ConfigError("an empty list trains nothing; name a module, or leave the field out "
+                                  "to train them all", field=f"{where}.train_modules")
             for j, module in enumerate(stage.train_modules or []):
                 if module not in modules:
                     raise ConfigError(unknown("module", module, sorted(modules),

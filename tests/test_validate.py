@@ -230,6 +230,8 @@ CASES = [
     Case("train-module-far-off", edit(("stages.0.train_modules", ["attention"])),
          "stages[0].train_modules[0]", "unknown module 'attention'",
          also=("; modules of this model: blocks, ",), never=("did you mean",)),
+    Case("train-modules-empty", edit(("stages.0.train_modules", [])),
+         "stages[0].train_modules", "an empty list trains nothing", also=("leave the field out",)),
     Case("train-modules-not-a-list", edit(("stages.0.train_modules", "head")),
          "stages[0].train_modules", "valid list"),
     Case("unknown-task-kind", edit(("tasks.parity.kind", "sorting")), "tasks.parity.kind",
