@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from iterhead.trainable import checkpoint
+from iterhead.trainable.devices import native_bf16
 from iterhead.trainable.evaluate import correct_rows, row_margins, screened_rows, spread_rows
 from iterhead.trainable.loop import Trainer
 from iterhead.trainable.seeds import Seeds
@@ -53,6 +54,17 @@ def test_cuda_trains_the_same_trial_as_the_cpu():
     for key in COUNTED:
         assert [m[key] for m in a] == [m[key] for m in b], key
     assert [m["loss/train"] for m in b] == pytest.approx([m["loss/train"] for m in a], rel=FP32_REL)
+
+
+def test_only_gpus_with_bf16_units_count_as_native_bf16():
+    """Every device, asked about itself: an NVIDIA GPU from compute capability 8 (Ampere) up;
+    older ones make bf16 tensors (which torch's default check counts) but emulate its maths."""
+    for i in range(torch.cuda.device_count()):
+        device = torch.device("cuda", i)
+        with torch.cuda.device(device):
+            expected = (torch.cuda.get_device_capability(device)[0] >= 8 if torch.version.hip is None
+                        else torch.cuda.is_bf16_supported(including_emulation=False))
+        assert native_bf16(device) == expected
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

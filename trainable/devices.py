@@ -116,10 +116,14 @@ def deterministic_cuda(device: torch.device) -> None:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether `device` multiplies bf16 in hardware: a CUDA GPU that supports it, or a CPU
-    with AVX-512 bf16 or AMX tiles (where oneDNN runs bf16 matmuls natively)."""
+    """Whether `device` multiplies bf16 in hardware: a CUDA GPU with bf16 units (Ampere and
+    later, or a ROCm GPU torch counts as such), or a CPU with AVX-512 bf16 or AMX tiles
+    (where oneDNN runs bf16 matmuls natively). `torch.cuda.is_bf16_supported()` asks about
+    the current device and by default also counts GPUs that only emulate bf16 (a V100 or a
+    T4 makes bf16 tensors), so it is asked about `device`, without emulation."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        with torch.cuda.device(device):
+            return torch.cuda.is_bf16_supported(including_emulation=False)
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
