@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from iterhead.trainable.adam import Adam, make_optimizer
+from iterhead.trainable.adam import Adam, load_state, make_optimizer
 from tests.support import ROOT
 
 
@@ -83,6 +83,25 @@ def test_state_dicts_load_either_way_and_the_run_continues_identically() -> None
     t2.load_state_dict(a2.state_dict())
     _steps(ours_first, t2, range(4, 10))
     _same(ours_first, ref)
+
+
+def test_a_fused_adam_stays_fused_when_it_loads_a_foreach_state() -> None:
+    """CUDA runs torch's fused Adam: a state this (foreach) Adam wrote on a CPU must not switch
+    it to foreach, as torch's own `load_state_dict` does. torch's fused Adam runs on a CPU too,
+    which is where this checks it."""
+    model = _model(1)
+    ours = Adam(list(model.parameters()), lr=1e-3)
+    _steps(model, ours, range(3))
+    plain = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    plain.load_state_dict(ours.state_dict())
+    assert not plain.param_groups[0]["fused"]  # what load_state guards against
+    kept = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    load_state(kept, ours.state_dict())
+    assert kept.param_groups[0]["fused"] and kept.param_groups[0]["foreach"] is None
+    steps = [kept.state[p]["step"] for p in model.parameters()]
+    assert all(s.dtype == torch.float32 and s.item() == 3 for s in steps)
+    _steps(model, kept, range(3, 5))
+    assert all(kept.state[p]["step"].item() == 5 for p in model.parameters())
 
 
 def test_a_state_for_other_parameters_or_options_is_refused() -> None:

@@ -124,6 +124,24 @@ class Adam:
 Optimizer = Union[Adam, torch.optim.Optimizer]
 
 
+def load_state(optimizer: Optimizer, state: dict[str, Any]) -> None:
+    """`optimizer.load_state_dict(state)`, keeping the kernel the optimiser was made with.
+
+    torch's `Optimizer.load_state_dict` takes `fused` and `foreach` from the saved group, so a
+    state written on a CPU (this module's Adam: foreach) turned a CUDA run's fused Adam into a
+    foreach one, with its steps left on the CPU. A fused optimiser stays fused, with its
+    steps where torch's fused Adam keeps them: float32 on each parameter's device."""
+    fused = [bool(g.get("fused")) for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, was_fused in zip(optimizer.param_groups, fused):
+        if was_fused and not group.get("fused"):
+            group["fused"], group["foreach"] = True, None
+            for p in group["params"]:
+                entry = optimizer.state.get(p, {})
+                if "step" in entry:
+                    entry["step"] = entry["step"].to(device=p.device, dtype=torch.float32)
+
+
 def make_optimizer(params: list[torch.Tensor], lr: float, weight_decay: float,
                    device: torch.device) -> Optimizer:
     """Torch's fused Adam on CUDA (the fastest path there); on a CPU this module's Adam, which

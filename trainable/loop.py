@@ -48,7 +48,7 @@ from iterhead.curricula.io import parse_curriculum
 from iterhead.curricula.sampler import EpochPlan, Layout, plan_epoch
 from iterhead.curricula.schema import Curriculum, StageSpec
 from iterhead.trainable import results
-from iterhead.trainable.adam import Optimizer, make_optimizer
+from iterhead.trainable.adam import Optimizer, load_state, make_optimizer
 from iterhead.trainable.allocator import keep_freed_memory
 from iterhead.trainable.compute import Compute, Stopwatch, flops, input_tokens
 from iterhead.trainable.devices import deterministic_cuda
@@ -167,7 +167,7 @@ class Trainer:
         self.optimizer = make_optimizer(params, stage.lr or self.cur.optim.lr, self.cur.optim.weight_decay,
                                         self.device)
         if self._optim_state is not None:
-            self.optimizer.load_state_dict(self._optim_state)
+            load_state(self.optimizer, self._optim_state)
             self._optim_state = None
 
     def enter_stage(self, index: int) -> None:

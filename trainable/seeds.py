@@ -33,7 +33,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from iterhead.curricula.data import answer_len
 from iterhead.curricula.sampler import EpochPlan
 from iterhead.curricula.schema import Curriculum, StageSpec
-from iterhead.trainable.adam import Optimizer, make_optimizer
+from iterhead.trainable.adam import Optimizer, load_state, make_optimizer
 from iterhead.trainable.loop import Evaluation, Trainer, to_device
 from iterhead.trainable.schedule import Engine, Lockstep, Schedule
 
@@ -112,7 +112,7 @@ class Stacked:
         self.optimizer = make_optimizer(trainable, stage.lr or cur.optim.lr, cur.optim.weight_decay, runs[0].device)
         saved = [t._optim_state for t in runs]
         if any(s is not None for s in saved):
-            self.optimizer.load_state_dict(stack_optimizer_states(saved))
+            load_state(self.optimizer, stack_optimizer_states(saved))
         for t in runs:
             t._optim_state = None
 
@@ -129,7 +129,7 @@ class Stacked:
         group = old.param_groups[0]
         trainable = [p for p in self.params.values() if p.requires_grad]
         self.optimizer = make_optimizer(trainable, group["lr"], group["weight_decay"], keep[0].device)
-        self.optimizer.load_state_dict(state)
+        load_state(self.optimizer, state)
         self.active = list(keep)
 
     def sync(self, run: Trainer) -> None:
