@@ -22,9 +22,14 @@ class _StrictSafeLoader(yaml.SafeLoader):
     """A safe loader that refuses duplicate mapping keys."""
 
 
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 def _construct_mapping(loader: _StrictSafeLoader, node: yaml.MappingNode, deep: bool = False):
     seen: set[Any] = set()
     for key_node, _ in node.value:
+        if key_node.tag == MERGE_TAG:  # `<<: *anchor`: construct_mapping merges it, explicit keys winning
+            continue
         key = loader.construct_object(key_node, deep=True)
         try:
             hash(key)

@@ -68,9 +68,12 @@ class OptimSpec(Spec):
     batch_order: Literal["seeded", "shared"] = "seeded"
 
 
+MAX_MIX_WEIGHT = 1e12  # weights are relative; a bound keeps slots x weight finite (`sampler.shares`)
+
+
 class StageSpec(Spec):
     name: Name
-    mix: dict[str, Annotated[float, Field(ge=0.0)]]
+    mix: dict[str, Annotated[float, Field(ge=0.0, le=MAX_MIX_WEIGHT)]]
     epochs: Annotated[int, Field(ge=0)]
     lr: PositiveFloat | None = None
     train_modules: list[str] | None = None
