@@ -82,3 +82,22 @@ def test_checkpoints_load_weights_only(tmp_path):
     torch.save({"model": {}, "evil": Payload()}, tmp_path / checkpoint.FILENAME)
     with pytest.raises(Exception, match="Weights only load failed"):
         checkpoint.load(tmp_path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_files_written_atomically_get_the_mode_open_would_give(tmp_path, umask):
+    """0666 less the umask, as a plain open() gives (mkstemp alone makes 0600, which hid
+    exported schedules from the rest of a team); also when replacing a file of another mode."""
+    target = tmp_path / "best.yaml"
+    target.write_text("old")
+    target.chmod(0o600)
+    code = textwrap.dedent(f"""
+        import os
+        from pathlib import Path
+        from iterhead.trainable import checkpoint
+        os.umask({umask})
+        checkpoint.write_atomic(Path({str(target)!r}), lambda f: f.write(b"new"))
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert target.read_text() == "new"
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask

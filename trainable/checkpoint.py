@@ -18,14 +18,31 @@ if TYPE_CHECKING:
 FILENAME = "trainer.pt"
 
 
+def _umask() -> int:
+    """The process's file-creation mask: from /proc where Linux shows it (reading it there
+    changes nothing), else set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     """Call `write` on a temporary file beside `path`, sync it, then rename it over `path`.
 
     Readers see the old file or the whole new one, never half of one; on any error the
-    temporary file is removed and `path` is untouched.
+    temporary file is removed and `path` is untouched. The file gets the mode a plain
+    ``open(path, "w")`` would give it (0666 less the umask): `mkstemp` makes it 0600, which
+    left exported schedules and shared stores unreadable to the rest of a team.
     """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
