@@ -12,6 +12,8 @@ wrong row, mask or dropout draw) moves them by orders of magnitude more.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -202,3 +204,32 @@ def test_engine_choice_follows_the_device():
     assert choose_engine("stacked", torch.device("cpu"), 2) == "stacked"
     with pytest.raises(ValueError, match="engine"):
         choose_engine("vmap", torch.device("cpu"), 2)
+
+
+def test_checkpoints_are_taken_only_where_every_seed_resumes_exactly():
+    """A seed whose loss goes non-finite between evaluations ends there, in a round of its own,
+    while the others are mid-way between evaluations: their running training loss is in no
+    state, so `tune.resumable` keeps the trial from checkpointing there. At every round it
+    allows, a checkpoint continues every seed exactly."""
+    from iterhead.trainable.tune import resumable
+
+    cur = tiny(data=DATA, eval={"every_epochs": 2, "probe_per_len": 4},
+               stages=[{"name": "train", "mix": {"parity": 1.0}, "epochs": 6}])
+
+    def poisoned() -> Seeds:
+        group = Seeds(cur, [0, 1], engine="lockstep")
+        with torch.no_grad():
+            group.trainers[1].model.head.weight.fill_(float("nan"))  # diverges in its first epoch
+        return group
+
+    straight = batched_runs(poisoned())
+    first, flags, states = poisoned(), [], []
+    for evaluations in first.run():
+        flags.append(resumable(evaluations, first.trainers))
+        states.append(copy.deepcopy(first.state_dict()) if flags[-1] else None)  # the live tensors move on
+    assert flags == [False, True, True, True]  # seed 1 alone at epoch 1, then seed 0 at 2, 4, 6
+    for i, state in enumerate(states[:-1]):
+        if state is None:
+            continue
+        resumed = batched_runs(Seeds(cur, [0, 1], engine="lockstep", state=state))
+        assert [without_time(m) for m in resumed[0]] == [without_time(m) for m in straight[0][i:]]

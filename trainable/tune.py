@@ -174,6 +174,14 @@ def schedule_metrics(trainer: Trainer) -> dict[str, float]:
             **{f"{results.SCHEDULE_PREFIX}mix/{task}": stage.mix.get(task, 0.0) / total for task in cur.tasks}}
 
 
+def resumable(evaluations: list[tuple[int, Evaluation]], trainers: list[Trainer]) -> bool:
+    """Whether a checkpoint after this round resumes exactly: every seed still training stands
+    at an evaluation, where its running training loss starts afresh. A round that holds only
+    divergences between evaluation points (a replicate seed whose loss went non-finite) leaves
+    the others mid-interval, and that interval's loss is not in their state."""
+    return all(t.finished for t in trainers) or any(not ev.diverged for _, ev in evaluations)
+
+
 def strip(report: dict[str, Any]) -> dict[str, Any]:
     """A report without what belongs to the trial that made it (where it ran, what it forked)."""
     own = (results.NODE_ID, results.TORCH_THREADS, results.DEVICE, results.PRECISION, results.PREFIX_SOURCE,
@@ -263,7 +271,8 @@ def _train(cur: Curriculum, device: torch.device, precision: str, seeds: list[in
         if stops(trainers[0]) and not ends:  # the generation's end: the next one starts from here
             member.leave(state_dict())
             ends = True
-        save = ends or any(ev.final for _, ev in evaluations) or time.monotonic() - saved_at >= checkpoint_every_s
+        save = ends or resumable(evaluations, trainers) and (
+            any(ev.final for _, ev in evaluations) or time.monotonic() - saved_at >= checkpoint_every_s)
         send(metrics, save, history[:-1])
         if save:
             saved_at = time.monotonic()
