@@ -29,21 +29,21 @@ of some float32 sums, as a different chunk size does, so a logit can move by rou
 only an exact tie could change a verdict (`tests/test_evaluate.py` checks against a plain
 full forward).
 
-In bf16 (``precision="bf16"``, what `eval.precision: bf16` selects: `screened_rows`), a
-pass with bf16 matrix products (`bf16_products`) scores every distinct row, and the rows
-near a tie run again in float32. The screen is a rule fitted to what was measured, not a
-bound: it gave float32's verdicts in every snapshot measured (below), but a logit that is the small
+In bf16 (``precision="bf16"``, what `eval.precision: bf16` selects: `screened_rows`), a pass
+with bf16 matrix products (`bf16_products`) scores every distinct row, and the rows near a
+tie run again in float32. The screen is a rule fitted to what was measured, not a bound: it
+gave float32's verdicts in every snapshot measured (below), but a logit that is the small
 difference of large products can move by more than it allows (a hand-set head whose two
-weights of 256 cancel to 0.5 in float32 and to 0 in bf16 scored 6 of 128 rows otherwise,
-none rescored). bf16 keeps 8 significant bits, and a plain bf16 pass does score some rows of
-trained models otherwise than float32 (4 to 127 rows in 9 of the 23 snapshots of
-`benchmarks/bf16_eval.py` on a CPU with native bf16; BENCHMARKS.md). A row is rescored
-when its bf16 margin (target logit minus the best other, least over its answer positions)
-is within `SCREEN` (0.25) of its largest |logit| of zero. In those 23 snapshots every row a
-plain bf16 pass scored otherwise had a bf16 margin of at most 0.0038 of its largest
-|logit|, 66 times below the screen. Margins can move further between the two (0.301 of the
-largest |logit| at most), but there far from a tie: the row that moved most went from
--21.7 in float32 to -18.0 in bf16, its largest |logit| 12.1.
+weights of 256 cancel to 0.5 in float32 and to 0 in bf16 scored 54 of its 128 test rows
+otherwise, none rescored). bf16 keeps 8 significant bits, and a plain bf16 pass does score
+some rows of trained models otherwise than float32 (4 to 127 rows in 9 of the 23 snapshots
+of `benchmarks/bf16_eval.py` on a CPU with native bf16; BENCHMARKS.md). A row is rescored
+when its bf16 margin (target logit minus the best other, least over its answer positions) is
+within `SCREEN` (0.25) of its largest |logit| of zero. In those 23 snapshots every row a
+plain bf16 pass scored otherwise had a bf16 margin of at most 0.0038 of its largest |logit|,
+66 times below the screen. Margins can move further between the two (0.301 of the largest
+|logit| at most), but there far from a tie: the row that moved most went from -21.7 in
+float32 to -18.0 in bf16, its largest |logit| 12.1.
 
 The cost is one bf16 pass plus a float32 pass over the rescored rows: 4 to 6% of them once
 a model has decided its rows, a quarter to a half while it is undecided. On the one CPU
