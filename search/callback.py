@@ -26,6 +26,13 @@ from its state, so the driver may hold no reference to it) and the runs of trial
 unfinished by an interruption are marked KILLED: no run stays RUNNING once a search ends,
 and a resume sets them RUNNING again. Progress goes to the terminal: trial starts and
 ends, and a status line at most every `status_every` seconds.
+
+A trial whose sampled values make an invalid curriculum (validation probes the domains'
+ends and choices, not every interior value: `search.spec`) is one failed trial, never the
+end of the search: its run holds the sampled values as params and the reason in the
+`INVALID_TAG` tag, the terminal says why, and the trial itself fails in its worker on the
+same `ConfigError`, so Tune records it as errored (its error file holds the reason too)
+and the other trials go on.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from typing import Any, TextIO
 
 from ray import tune
 
+from iterhead.curricula.errors import ConfigError
 from iterhead.curricula.io import dump_curriculum, flatten
 from iterhead.search.outcome import ended
 from iterhead.search.report import short
@@ -47,6 +55,8 @@ from iterhead.search.tracking import RunWriter
 from iterhead.trainable import results as r
 from iterhead.trainable.artifacts import ARTIFACTS
 from iterhead.curricula.trial import trial_curriculum
+
+INVALID_TAG = "iterhead.invalid_curriculum"  # on a trial's run: why its sampled values make no valid curriculum
 
 
 def metric_items(result: dict[str, Any]) -> dict[str, float]:
@@ -107,6 +117,7 @@ class MlflowSearchCallback(tune.Callback):
         self._last_flush = time.monotonic()
         self._tmp: Path | None = None
         self.ended: set[str] = set()  # run keys whose runs are ended
+        self.invalid: dict[str, str] = {}  # run key -> why its sampled values make no valid curriculum
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.SETTINGS}
@@ -138,7 +149,7 @@ class MlflowSearchCallback(tune.Callback):
         return self.runs[trial_id].result()
 
     def _find_or_create(self, target: str, name: str, tags: dict[str, str], params: dict[str, Any],
-                        parent: str, yaml_text: str) -> str:
+                        parent: str, yaml_text: str | None) -> str:
         """The run of a trial (or of one seed of it): found again by its tags, else made."""
         client = self.writer.client
         exp = self.writer.experiment_id(self.experiment)
@@ -151,7 +162,8 @@ class MlflowSearchCallback(tune.Callback):
             self.logged[target] = max(steps, default=-1)
             return run_id
         run_id = self.writer.create_run(self.experiment, name, tags, params, parent)
-        client.log_text(run_id, yaml_text, "curriculum.yaml")
+        if yaml_text is not None:
+            client.log_text(run_id, yaml_text, "curriculum.yaml")
         return run_id
 
     def _run(self, trial) -> Future:
@@ -160,7 +172,10 @@ class MlflowSearchCallback(tune.Callback):
         or for a PBT trial its member's run (params: the member's first curriculum)."""
         tid = run_key(trial)
         if tid not in self.runs:
-            cur = trial_curriculum(self.base, dict(trial.config), self.smoke)
+            try:
+                cur = trial_curriculum(self.base, dict(trial.config), self.smoke)
+            except ConfigError as err:
+                return self._invalid_run(trial, err)
             tags = {r.TRIAL_ID: tid, r.SEARCH: self.experiment,
                     r.KIND: r.KIND_CONFIGURATION if self.seeds else r.KIND_TRIAL}
             member = member_of(trial)
@@ -181,20 +196,42 @@ class MlflowSearchCallback(tune.Callback):
                         flatten(one), run.result(), dump_curriculum(one)))
         return self.runs[tid]
 
+    def _invalid_run(self, trial, err: ConfigError) -> Future:
+        """The run of a trial whose sampled values make no valid curriculum: those values as params and
+        the reason as a tag, no curriculum and no seed runs (it trains nothing). Its worker fails on
+        the same error, so Tune ends it as errored and `on_trial_error` marks the run FAILED."""
+        tid = run_key(trial)
+        reason = f"{err.field}: {err.message}" if err.field else err.message
+        self.invalid[tid] = reason
+        tags = {r.TRIAL_ID: tid, r.SEARCH: self.experiment,
+                r.KIND: r.KIND_CONFIGURATION if self.seeds else r.KIND_TRIAL}
+        run = self.writer.submit(self._find_or_create, tid, tid, tags, dict(trial.config), self.parent, None)
+        self.runs[tid] = run
+        # set apart from `tags`, which find the run again in a filter the reason's quotes would break
+        self.writer.submit(lambda: self.writer.client.set_tag(run.result(), INVALID_TAG, reason))
+        return run
+
     def _targets(self, trial) -> list[str]:
-        """The keys of every run a trial owns: its own, then its seeds'."""
+        """The keys of every run a trial owns: its own, then its seeds' (none for an invalid one)."""
+        if run_key(trial) in self.invalid:
+            return [run_key(trial)]
         return [run_key(trial)] + [seed_target(trial.trial_id, s) for s in self.seeds or []]
 
     # -- Tune hooks -------------------------------------------------------------------------
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._run(trial)
+        if run_key(trial) in self.invalid:
+            trial.max_failures = 0  # Tune's retries are for crashes; this trial would fail the same way again
         member = member_of(trial)
         if member is not None:
             self._member_started(member)
             return
         values = ", ".join(f"{k}={short(v)}" for k, v in trial.config.items())
         print(f"trial {trial.trial_id} started{': ' + values if values else ''}", file=self.out, flush=True)
+        if run_key(trial) in self.invalid:
+            print(f"trial {trial.trial_id}: these values make an invalid curriculum "
+                  f"({self.invalid[run_key(trial)]}); it will fail, and the search goes on", file=self.out, flush=True)
 
     def _member_started(self, member: dict[str, Any]) -> None:
         """A PBT member's first generation, or one that starts from another member's state."""
@@ -271,7 +308,10 @@ class MlflowSearchCallback(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._end(trial, "FAILED")
-        print(f"trial {trial.trial_id} FAILED (see its error file under the storage path)", file=self.out, flush=True)
+        reason = self.invalid.get(run_key(trial))
+        why = (f"its sampled values make an invalid curriculum: {reason}" if reason is not None
+               else "see its error file under the storage path")
+        print(f"trial {trial.trial_id} FAILED ({why})", file=self.out, flush=True)
 
     def _flush(self, trial_id: str | None = None) -> None:
         """Queue the buffered metrics (of one trial, or all) as one write per trial."""

@@ -24,12 +24,18 @@ change over time, and its population size is `num_samples`:
 
 Checked before anything starts: every space key addresses a curriculum field (stages by
 name), every domain is well formed, and the curriculum stays valid at each domain's ends
-and choices, so a bad space fails in a second, not in the middle of a search.
+and choices, each key alone and all keys together (`_check_joint`), so a bad space fails in
+a second, not in the middle of a search. A trial whose values make an invalid curriculum
+all the same (an interior value of a range: `model.d_model: {randint: [30, 32]}` with two
+heads draws 31) fails alone, with its reason, while the search goes on
+(`search.callback`).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import random
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -170,6 +176,7 @@ def _check_space(spec: SearchSpec, base: Curriculum, file: str) -> None:
                           "make it a grid or use random",
                           field=f"space.{key}", file=file)
     for key, domain in spec.space.items():
+        _check_space_key(key, domain, file)
         for value in domain.probes():
             try:
                 parse_curriculum(apply(data, {key: value}), file=file)
@@ -179,6 +186,77 @@ def _check_space(spec: SearchSpec, base: Curriculum, file: str) -> None:
                     raise ConfigError(f"the value {value!r} makes the curriculum invalid: "
                                       f"{err.field}: {err.message}", field=where, file=file) from None
                 raise ConfigError(err.message, field=where, file=file) from None
+    _check_joint(spec.space, data, file)
+
+
+def _check_space_key(key: str, domain: Domain, file: str) -> None:
+    """Keys a search may not vary whatever the base: a stage's name (every other key, the
+    sharing plan and the results address the stage by it), and mix shares outside [0, 1]
+    (`apply` trains every share from 1 up on the same mix, while MLflow would record the
+    drawn values as if they differed; PBT refuses them alike)."""
+    parts, where = key.split("."), f"space.{key}"
+    if parts[0] != "stages" or len(parts) < 3:
+        return
+    if parts[2:] == ["name"]:
+        raise ConfigError(f"a search cannot rename stage {parts[1]!r}: keys, results and shared prefixes "
+                          "address stages by name; vary the stage's fields instead (or write a base "
+                          "curriculum per name)", field=where, file=file)
+    if parts[2] == "mix" and len(parts) == 4:
+        values = list(domain.args)
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if any(not 0.0 <= v <= 1.0 for v in numbers):
+            raise ConfigError(f"a mix share lies in [0, 1] (got {values}): it is the task's fraction of the "
+                              "stage's examples, and every share from 1 up trains the same mix; narrow the "
+                              "domain", field=where, file=file)
+
+
+JOINT_PROBES = 4096  # combinations `_check_joint` tries; each costs ~0.05 ms, so ~0.2 s at most
+
+
+def joint_probes(space: dict[str, Domain], limit: int = JOINT_PROBES) -> list[dict[str, Any]]:
+    """Combinations of every key's probe values (`Domain.probes`): all of them when there are at
+    most `limit`, else `limit` drawn with a fixed seed, so a spec validates the same every time."""
+    keys = list(space)
+    values = [space[k].probes() for k in keys]
+    if math.prod(len(v) for v in values) <= limit:
+        return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+    rng = random.Random(0)
+    return [{k: rng.choice(v) for k, v in zip(keys, values)} for _ in range(limit)]
+
+
+def _check_joint(space: dict[str, Domain], data: dict[str, Any], file: str) -> None:
+    """Values that are valid alone can clash together (min_len 3 with max_len 2); a trial drawing
+    them would fail, so the first clashing combination of probes is refused here, cut down to
+    the keys that clash: a key is left out where the base's value in its place fails the same way."""
+    if len(space) < 2:
+        return
+    for combo in joint_probes(space):
+        error = _invalid(data, combo)
+        if error is None:
+            continue
+        for key in list(combo):  # drop the keys the clash does not need
+            rest = {k: v for k, v in combo.items() if k != key}
+            if len(rest) > 1 and str(_invalid(data, rest)) == str(error):
+                combo = rest
+        values = " with ".join(f"{k} = {_shown(v)}" for k, v in combo.items())
+        where = error.field if error.field in combo else list(combo)[-1]
+        raise ConfigError(f"{values} make the curriculum invalid ({error.field}: {error.message}), though each "
+                          f"is valid alone; narrow these domains so that every combination of their ends and "
+                          f"choices is valid", field=f"space.{where}", file=file)
+
+
+def _invalid(data: dict[str, Any], overrides: dict[str, Any]) -> ConfigError | None:
+    """Why the base with `overrides` is not a valid curriculum, or None if it is."""
+    try:
+        parse_curriculum(apply(data, overrides))
+    except ConfigError as err:
+        return err
+    return None
+
+
+def _shown(value: Any) -> str:
+    """A probe value for a message: floats short (an interior probe has many digits)."""
+    return f"{value:.6g}" if isinstance(value, float) else shown(value)
 
 
 def _check_pbt(spec: SearchSpec, base: Curriculum, file: str) -> None:
