@@ -249,7 +249,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
     except (RuntimeError, ValueError) as err:
         raise ConfigError(str(err), field="--device") from None
-    state = checkpoint.load(path, device)
+    state = _load_checkpoint(path, device)
     states = state["seeds"] if "seeds" in state else [state]  # a replicate trial saves each seed's state
     seeds = [s["curriculum"]["seed"] for s in states]
     if args.seed is not None:
@@ -271,6 +271,24 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         if skipped:
             print(f"not run: {', '.join(skipped)} (they rewrite a layer this {cur.model.n_layers}-layer model lacks)")
     return EXIT_OK
+
+
+def _load_checkpoint(path: Path, device) -> dict:
+    """The trainer state in `path`; `ConfigError` for a file that is not one (garbage, cut
+    short, another program's), rather than torch's unpickling traceback."""
+    import pickle
+
+    from iterhead.trainable import checkpoint
+
+    file = path / checkpoint.FILENAME
+    try:
+        state = checkpoint.load(path, device)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, OSError) as err:
+        raise ConfigError(f"{file} is not a readable checkpoint (torch.load: {type(err).__name__}); give a "
+                          "trial's checkpoint folder", field="--checkpoint") from None
+    if not isinstance(state, dict) or not ("seeds" in state or "curriculum" in state):
+        raise ConfigError(f"{file} holds no trainer state; give a trial's checkpoint folder", field="--checkpoint")
+    return state
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -29,7 +29,7 @@ from iterhead.curricula.errors import ConfigError
 from iterhead.curricula.trial import SMOKE_PBT
 from iterhead.search import outcome, sharing, signals
 from iterhead.search.spec import LoadedSearch, SearchSettings
-from iterhead.search.tracking import Heartbeat, RunWriter, ui_hint
+from iterhead.search.tracking import Heartbeat, RunWriter, sqlite_file, ui_hint
 from iterhead.trainable import results
 from iterhead.trainable.checkpoint import write_atomic
 
@@ -102,6 +102,7 @@ def search_folder(loaded: LoadedSearch, opts: SearchOptions) -> tuple[Path, dict
         raise ConfigError("give a local or shared-file-system folder (object-store URIs are not "
                           "supported yet)", field="--storage-path")
     root = Path(opts.storage_path or "ray_results").resolve()
+    writable_folder(root, "--storage-path")
     name = loaded.spec.name
     own = re.compile(rf"{re.escape(name)}-\d{{8}}-\d{{6}}x*")
     if not opts.resume:
@@ -120,10 +121,50 @@ def search_folder(loaded: LoadedSearch, opts: SearchOptions) -> tuple[Path, dict
         raise ConfigError(f"no unfinished search named {name!r} under {root}; run it without --resume",
                           field="--resume")
     _, folder, state = max(states, key=lambda s: s[0])
-    if state["uri"] != opts.uri:
+    if state["uri"] not in (opts.uri, absolute_uri(opts.uri)):  # a search's state holds it absolute
         raise ConfigError(f"the search was tracked in {state['uri']}; resume it with that --tracking-uri",
                           field="--tracking-uri")
     return folder, state
+
+
+def writable_folder(folder: Path, field: str) -> None:
+    """`ConfigError` unless `folder` is, or can be made, a folder to write in: checked before
+    Ray starts or any MLflow run exists, not found by a traceback halfway through."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        raise ConfigError(f"{existing} is not a folder; give a folder (or a path where one can be made)",
+                          field=field)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write in {existing}; give a folder you can write in", field=field)
+
+
+def absolute_uri(uri: str) -> str:
+    """`uri` with a relative sqlite path made absolute: a search resumed from another folder
+    then still names its own store, not a new one in that folder."""
+    file = sqlite_file(uri)
+    return f"sqlite:///{file.resolve()}" if file is not None and not file.is_absolute() else uri
+
+
+def check_parent_run(uri: str, state: dict[str, Any]) -> None:
+    """`ConfigError` unless the resumed search's parent run is in the store `uri` names (a
+    relative sqlite URI names another store in another folder). Creates no store."""
+    parent, tracked = state["parent_run_id"], state["uri"]
+    file = sqlite_file(uri)
+    where = (f"{tracked} is relative to the folder the search started in: run --resume from that folder"
+             if absolute_uri(tracked) != tracked else "restore the store it was tracked in, or run the search "
+             "again without --resume")
+    missing = f"the search's MLflow parent run {parent} is not in {uri}; {where}"
+    if file is not None and not file.is_file():
+        raise ConfigError(missing, field="--tracking-uri")
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient(uri).get_run(parent)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise ConfigError(missing, field="--tracking-uri") from None
 
 
 def quiet_libraries() -> None:
@@ -179,6 +220,9 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
     if not opts.address:  # checked before Ray starts
         check_resources(loaded, float(opts.num_cpus or os.cpu_count() or 1), float(local_gpus()), "this machine")
     folder, state = search_folder(loaded, opts)
+    opts = replace(opts, uri=absolute_uri(opts.uri))  # saved in the state, used by the restored callback
+    if state:
+        check_parent_run(opts.uri, state)
     writer = RunWriter(opts.uri)
     experiment = spec.name
     made = writer.submit(writer.experiment_id, experiment)  # store and experiment, once, here ...
@@ -235,12 +279,12 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
                                        resume_errored=not pbt)  # a failed member stays failed: the
             # population went on without it, and a re-run of its generation would be read by no one
         else:
+            folder.mkdir(parents=True)  # before the parent run: a folder that cannot be made leaves no run
             parent = writer.submit(writer.create_run, experiment, f"search:{spec.name}",
                                    {results.KIND: results.KIND_SEARCH, results.SPEC_TAG: str(loaded.path.resolve()),
                                     results.STORAGE_TAG: str(folder)},
                                    _spec_params(loaded, settings, opts)).result()
             heartbeat = Heartbeat(writer, parent)
-            folder.mkdir(parents=True)
             _save_state(folder, {"parent_run_id": parent, "uri": opts.uri, "spec": str(loaded.path.resolve()),
                                  "state": "running", "base": base, "budget": budget, "smoke": smoke,
                                  "penalty": penalty, "seeds": seeds, "precision": precision,

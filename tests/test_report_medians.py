@@ -54,3 +54,51 @@ def test_a_search_without_reports_plots_without_a_warning(tmp_path):
         warnings.simplefilter("error")  # matplotlib warns about a legend with nothing in it
         path = plot_against_params(tmp_path / "empty.png", [], ["optim.lr"])
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def store_with(tmp_path, search: bool) -> str:
+    """A real sqlite store with one experiment ``e``: a search parent run and one trial run
+    under it, or (not `search`) one run as `iterhead train` logs it, with no search."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("e", artifact_location=(tmp_path / "mlruns").as_uri())
+    if not search:
+        client.create_run(exp, run_name="train")
+        return uri
+    parent = client.create_run(exp, run_name="search:e", tags={r.KIND: r.KIND_SEARCH}).info.run_id
+    trial_run = client.create_run(exp, tags={r.PARENT_RUN: parent, r.KIND: r.KIND_TRIAL}).info.run_id
+    client.log_metric(trial_run, r.COMPUTE_TO_TARGET, 1e9)
+    return uri
+
+
+def test_report_on_an_experiment_without_a_search_exits_2_naming_run(tmp_path, capsys):
+    """Runs of `iterhead train` alone: one line saying to give --run, not a TypeError traceback."""
+    from iterhead.search.cli import main
+
+    uri = store_with(tmp_path, search=False)
+    capsys.readouterr()  # MLflow's notes on making the store above
+    assert main(["report", "--experiment", "e", "--tracking-uri", uri, "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no search" in err[0] and "--run" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_into_a_file_exits_2_and_leaves_it(tmp_path, capsys):
+    """-o naming a file: one line naming -o, the file as it was, nothing logged on the search."""
+    from mlflow import MlflowClient
+
+    from iterhead.search.cli import main
+
+    uri = store_with(tmp_path, search=True)
+    (tmp_path / "afile").write_text("mine\n")
+    capsys.readouterr()  # MLflow's notes on making the store above
+    assert main(["report", "--experiment", "e", "--tracking-uri", uri, "-o", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: -o:") and "afile is not a folder" in err[0], err
+    assert (tmp_path / "afile").read_text() == "mine\n"
+    client = MlflowClient(uri)
+    (parent,) = client.search_runs([client.get_experiment_by_name("e").experiment_id],
+                                   filter_string=f"tags.`{r.KIND}` = '{r.KIND_SEARCH}'")
+    assert client.list_artifacts(parent.info.run_id) == []

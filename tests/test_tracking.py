@@ -41,3 +41,65 @@ def test_artifacts_go_beside_the_sqlite_file_not_into_the_working_folder(tmp_pat
     writer.close()
     assert sorted(p.name for p in elsewhere.iterdir()) == ["note.txt"]
     assert sorted(p.name for p in (store / "mlruns").iterdir()) == ["my_runs_v2", "paper-1"]
+
+
+def interrupted_search(started, uri: str):
+    """A search's saved state in ``started/runs`` (as an interrupted search leaves it), tracked in
+    `uri` with its parent run in the store ``started/mlflow.db``; its spec file and its state."""
+    import json
+
+    import yaml
+
+    from support import PARITY_BASE
+
+    client = MlflowClient(f"sqlite:///{started}/mlflow.db")
+    exp = client.create_experiment("moved", artifact_location=(started / "mlruns").as_uri())
+    parent = client.create_run(exp, run_name="search:moved", tags={"iterhead.kind": "search"}).info.run_id
+    folder = started / "runs" / "moved-20250101-000000"
+    folder.mkdir(parents=True)
+    state = {"parent_run_id": parent, "uri": uri, "state": "running"}
+    (folder / "iterhead-search.json").write_text(json.dumps(state))
+    (started / "base.yaml").write_text(yaml.safe_dump(PARITY_BASE))
+    (started / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "moved", "base": "base.yaml", "space": {"stages.train.epochs": {"grid": [1]}},
+        "search": {"algorithm": "grid", "num_samples": 1, "scheduler": "none"}, "resources": {"cpu": 1}}))
+    return str(started / "spec.yaml"), state
+
+
+def no_ray(opts):
+    raise AssertionError("Ray was started")
+
+
+@pytest.mark.parametrize("relative", [True, False], ids=["relative-uri", "absolute-uri"])
+def test_resume_from_another_folder_exits_2_before_ray_and_makes_no_store(tmp_path, capsys, monkeypatch,
+                                                                          relative):
+    """The default ``sqlite:///mlflow.db`` names another store in another folder: one line saying
+    what to do, not MLflow's "Run ... not found" after Ray started, and no empty mlflow.db there."""
+    from iterhead.search import run
+    from iterhead.search.cli import main
+
+    started, elsewhere = tmp_path / "started", tmp_path / "elsewhere"
+    started.mkdir(), elsewhere.mkdir()
+    uri = "sqlite:///mlflow.db" if relative else f"sqlite:///{started}/mlflow.db"  # the latter: as saved now
+    spec, state = interrupted_search(started, uri)
+    monkeypatch.setattr(run, "start_ray", no_ray)  # a tripwire: the check must come first
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()  # MLflow's notes on making the store above
+    assert main(["search", spec, "--resume", "--storage-path", str(started / "runs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--tracking-uri" in err[0], err
+    assert ("run --resume from that folder" if relative else "resume it with that --tracking-uri") in err[0], err
+    assert list(elsewhere.iterdir()) == []
+    monkeypatch.chdir(started)  # where the store is: the parent run is found
+    run.check_parent_run(run.absolute_uri("sqlite:///mlflow.db"), state)
+
+
+def test_a_resumed_search_whose_parent_run_is_gone_exits_2(tmp_path):
+    from iterhead.curricula.errors import ConfigError
+    from iterhead.search import run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    MlflowClient(uri).create_experiment("other", artifact_location=(tmp_path / "mlruns").as_uri())
+    with pytest.raises(ConfigError, match="not in .*restore the store"):
+        run.check_parent_run(uri, {"parent_run_id": "0" * 32, "uri": uri})

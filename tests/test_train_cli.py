@@ -129,3 +129,43 @@ def test_sigterm_ends_the_run_killed(tmp_path):
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("term").experiment_id])
     assert run.info.status == "KILLED" and run.info.end_time is not None
+
+
+def search_spec(folder) -> str:
+    """A one-trial search spec (and its base) in `folder`; its path."""
+    import yaml
+
+    from support import PARITY_BASE
+
+    (folder / "base.yaml").write_text(yaml.safe_dump(PARITY_BASE))
+    (folder / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "bad-storage", "base": "base.yaml", "space": {"stages.train.epochs": {"grid": [1]}},
+        "search": {"algorithm": "grid", "num_samples": 1, "scheduler": "none"}, "resources": {"cpu": 1}}))
+    return str(folder / "spec.yaml")
+
+
+def no_ray(opts):
+    raise AssertionError("Ray was started")
+
+
+@pytest.mark.parametrize("where", ["afile", "afile/below"])
+def test_a_storage_path_that_is_a_file_exits_2_before_ray_or_mlflow(tmp_path, capsys, monkeypatch, where):
+    """Not a NotADirectoryError traceback after Ray started and a parent run was left FAILED."""
+    from iterhead.search import run
+
+    monkeypatch.setattr(run, "start_ray", no_ray)  # a tripwire: the check must come first
+    (tmp_path / "afile").write_text("mine\n")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    code = main(["search", search_spec(tmp_path), "--storage-path", str(tmp_path / where), "--tracking-uri", uri])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--storage-path" in err[0] and "afile is not a folder" in err[0]
+    assert (tmp_path / "afile").read_text() == "mine\n"
+    assert not (tmp_path / "mlflow.db").exists()  # no store, no parent run
+
+
+@pytest.mark.parametrize("content", [b"garbage\n", b"", b"PK\x03\x04" + b"x" * 64])
+def test_ablate_on_a_file_that_is_no_checkpoint_exits_2_with_one_line(tmp_path, capsys, content):
+    (tmp_path / "trainer.pt").write_bytes(content)
+    assert main(["ablate", "--checkpoint", str(tmp_path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--checkpoint" in err[0] and "not a readable checkpoint" in err[0], err
