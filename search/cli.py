@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="iterhead", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    v = sub.add_parser("validate", help="check curriculum and search files; exit 2 on the first bad one")
+    v = sub.add_parser("validate", help="check curriculum and search files; exit 2 if any is bad (each bad one gets its line)")
     v.add_argument("files", nargs="+", metavar="FILE")
 
     t = sub.add_parser("train", help="train one curriculum and log it to MLflow")
@@ -119,6 +119,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from iterhead.curricula.io import load_curriculum
     from iterhead.search.tracking import resolve_uri
+    from iterhead.trainable.results import MAX_BUDGET
 
     cur = load_curriculum(args.curriculum)
     uri = resolve_uri(args.tracking_uri)
@@ -126,8 +127,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError("must be at least 1", field="--threads")
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     check_precision(args.precision)
-    if args.budget is not None and not (0 < args.budget < float("inf")):
-        raise ConfigError(f"must be a positive number of FLOPs (got {args.budget:g})", field="--budget")
+    if args.budget is not None and not 0 < args.budget <= MAX_BUDGET:
+        raise ConfigError(f"must be a positive number of FLOPs up to {MAX_BUDGET:g} (got {args.budget:g})",
+                          field="--budget")
     import torch
 
     from iterhead.search.train import train, train_seeds
@@ -295,8 +297,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     from iterhead.search.reconcile import STALE_AFTER_S, reconcile
 
     stale = STALE_AFTER_S if args.stale_after is None else args.stale_after
-    if stale < 0:
-        raise ConfigError("must be at least 0", field="--stale-after")
+    if not 0 <= stale < float("inf"):  # NaN fails too
+        raise ConfigError(f"must be a number of seconds, at least 0 (got {stale:g})", field="--stale-after")
     marked = reconcile(existing_store(args.tracking_uri), args.experiment, stale)
     for m in marked:
         print(f"marked KILLED: {m.what} run {m.run_id} in {m.experiment!r} (no sign of life for {m.idle_s:.0f} s)")

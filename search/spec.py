@@ -46,6 +46,7 @@ from iterhead.curricula.errors import ConfigError, shown, unknown
 from iterhead.curricula.io import parse_curriculum, read_yaml_mapping, validation_error
 from iterhead.curricula.overrides import apply
 from iterhead.curricula.schema import Curriculum, Name, Spec
+from iterhead.trainable.results import MAX_BUDGET
 
 DOMAINS = ("uniform", "loguniform", "randint", "choice", "grid")
 
@@ -125,7 +126,7 @@ class PbtSettings(Spec):
 
 
 class Budget(Spec):
-    flops: Annotated[float, Field(gt=0)] | None = None
+    flops: Annotated[float, Field(gt=0, le=MAX_BUDGET)] | None = None
 
 
 class Resources(Spec):

@@ -105,3 +105,11 @@ def test_seed_runs_of_a_live_search_are_kept_and_of_a_dead_one_killed(tmp_path):
     marked = reconcile(client, ["nested"], now=later + 1000)  # the search's heartbeat went stale
     assert {(m.run_id, m.what) for m in marked} == {(search, "search"), (config, "configuration"), (seed, "seed")}
     assert all(client.get_run(x).info.status == "KILLED" for x in (search, config, seed))
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_a_stale_after_that_is_no_number_of_seconds_exits_2(tmp_path, capsys, value):
+    """NaN compares false with everything: it passed `< 0` and would have marked nothing."""
+    assert main(["reconcile", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--stale-after", value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--stale-after" in err[0]

@@ -56,6 +56,7 @@ BAD = {
                           "unknown scheduler 'hyperband'; choose one of asha, none, pbt"),
     "budget-zero": ("budget: {flops: 0}\n", "budget.flops", "greater than 0"),
     "budget-infinite": ("budget: {flops: .inf}\n", "budget.flops", "finite"),
+    "budget-huge": ("budget: {flops: 1.0e+308}\n", "budget.flops", "less than or equal to"),
     "budget-text": ("budget: {flops: lots}\n", "budget.flops", "(got 'lots')"),
     "negative-gpu": ("resources: {gpu: -1}\n", "resources.gpu", "greater than or equal to 0"),
     "zero-cpu": ("resources: {cpu: 0}\n", "resources.cpu", "greater than 0"),

@@ -68,6 +68,7 @@ def test_run_holds_params_history_and_artifacts(two_runs, tmp_path):
     (["--precision", "fp8"], "--precision"),
     (["--budget", "0"], "--budget"),
     (["--budget", "inf"], "--budget"),
+    (["--budget", "1e308"], "--budget"),  # twice it, the censored penalty, would be inf
 ])
 def test_bad_options_exit_2_before_anything_starts(tmp_path, capsys, monkeypatch, args, field):
     monkeypatch.chdir(tmp_path)

@@ -62,6 +62,11 @@ def meets_target(target_acc: float, target: float) -> bool:
     return target_acc >= target - TARGET_SLACK
 
 
+# The largest FLOP budget a search or `iterhead train --budget` takes: a censored trial reports
+# twice its budget (`summary.CENSOR_FACTOR`), which must stay finite, as Tune drops inf.
+MAX_BUDGET = 1e300
+
+
 # -- a trial's outcome, reported with every evaluation ---------------------------------------
 STEP = "step"
 STAGE = "stage"
