@@ -131,6 +131,9 @@ def test_invalid_trial_fails_alone_and_the_search_finishes(odd_search):
     assert by_value[31]["status"] == "ERROR" and by_value[32]["status"] == "TERMINATED"
     assert (f"trial {by_value[31]['trial_id']} FAILED (its sampled values make an invalid curriculum: "
             "model.d_model: d_model (31) must be divisible by n_heads (2))") in out
+    summary = out[out.index("reached the target"):]
+    assert any(line.split(" | ")[0].strip() == by_value[31]["trial_id"] and line.endswith("| failed")
+               for line in summary.splitlines())  # not a NaN passed off as a censored compute
     (state,) = folder.glob(f"runs/*/{STATE_FILE}")
     assert json.loads(state.read_text())["state"] == "finished"
     (error,) = folder.glob("runs/*/*d_model=31*/error.txt")
