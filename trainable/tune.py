@@ -128,7 +128,8 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float |
             state = checkpoint.load(folder, device)
             reports, last = Path(folder) / REPORTS, Path(folder) / LAST_REPORT
             history = json.loads(reports.read_text()) if reports.exists() else [json.loads(last.read_text())]
-        forked = {k: history[-1][k] for k in (results.FLOPS_FORKED, results.PREFIX_SOURCE) if k in history[-1]}
+        forked = {results.FLOPS_FORKED: 0.0,  # a checkpoint from before prefix sharing has neither
+                  **{k: history[-1][k] for k in (results.FLOPS_FORKED, results.PREFIX_SOURCE) if k in history[-1]}}
         history = [strip(h) for h in history]
     sharing, source = None, {}
     if share is not None:
