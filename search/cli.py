@@ -116,11 +116,28 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_BAD_INPUT if bad else EXIT_OK
 
 
+def wrong_kind(file: str, want_search: bool) -> None:
+    """`ConfigError` for a search spec given to `train`, or a curriculum given to `search`,
+    instead of the missing fields of the other kind."""
+    from iterhead.curricula.io import read_yaml_mapping
+    from iterhead.search.spec import is_search_spec
+
+    data = read_yaml_mapping(file)
+    search = is_search_spec(data)
+    if search and not want_search:
+        raise ConfigError("this is a search spec (it names a base curriculum), not a curriculum: run it "
+                          "with `iterhead search`", field="base", file=file)
+    if want_search and not search and "stages" in data and "space" not in data:  # else: a spec's own errors
+        raise ConfigError("this is a curriculum (it names no base), not a search spec: train it with "
+                          "`iterhead train`, or search over it from a spec whose base: names it", file=file)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from iterhead.curricula.io import load_curriculum
     from iterhead.search.tracking import resolve_uri
     from iterhead.trainable.results import MAX_BUDGET
 
+    wrong_kind(args.curriculum, want_search=False)
     cur = load_curriculum(args.curriculum)
     uri = resolve_uri(args.tracking_uri)
     if args.threads is not None and args.threads < 1:
@@ -176,6 +193,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from iterhead.search.spec import load_search
     from iterhead.search.tracking import resolve_uri
 
+    wrong_kind(args.spec, want_search=True)
     loaded = load_search(args.spec)
     uri = resolve_uri(args.tracking_uri)
     if args.num_cpus is not None and args.num_cpus < 1:

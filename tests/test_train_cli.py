@@ -78,6 +78,20 @@ def test_bad_options_exit_2_before_anything_starts(tmp_path, capsys, monkeypatch
     assert list(tmp_path.iterdir()) == []  # no store, no artifacts
 
 
+@pytest.mark.parametrize("command, file, says", [
+    ("train", ROOT / "examples" / "search_small.yaml", "this is a search spec"),
+    ("search", SMALL, "this is a curriculum"),
+])
+def test_a_file_of_the_other_kind_is_named_as_such(tmp_path, capsys, monkeypatch, command, file, says):
+    """A search spec given to `train` (or a curriculum to `search`) says so and names the
+    command to use, instead of listing the other kind's missing fields."""
+    monkeypatch.chdir(tmp_path)
+    assert main([command, str(file)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0] and "missing" not in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_batched_seeds_write_one_run_per_seed_like_single_runs(tmp_path, float64):
     """`--seeds 0,1` trains both seeds as one model; each seed's run matches its single run.
 
