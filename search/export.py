@@ -109,7 +109,8 @@ def find_candidates(client: Any, experiment: str, parent_run_id: str | None) -> 
         parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`{r.KIND}` = '{r.KIND_SEARCH}'",
                                      order_by=["attributes.start_time DESC"], max_results=1)
         if not parents:
-            raise ExportError(f"experiment {experiment!r} holds no search (no parent run); give --run")
+            raise ConfigError(f"experiment {experiment!r} holds no search (no search parent run); give --run "
+                              "with a search's parent run id", field="--experiment")
         parent_run_id = parents[0].info.run_id
     children = child_runs(client, exp.experiment_id, parent_run_id)
     if not children:

@@ -28,7 +28,7 @@ from typing import Any
 
 from iterhead.curricula.errors import ConfigError
 from iterhead.search import report, sharing
-from iterhead.search.export import Candidate, ExportError, child_runs, find_candidates, seed_runs
+from iterhead.search.export import Candidate, child_runs, find_candidates, seed_runs
 from iterhead.search.run import writable_folder
 from iterhead.trainable import results as r
 
@@ -104,11 +104,7 @@ def best_trial_figures(client: Any, run_id: str, folder: Path,
 def build(client: Any, experiment: str, out: Path, parent_run_id: str | None = None) -> Path:
     """Write the page into folder `out`, log its figures on the parent run; returns the page."""
     writable_folder(out, "-o")  # before reading the store: a bad OUT must not cost a slow read first
-    try:
-        parent, reached = find_candidates(client, experiment, parent_run_id)
-    except ExportError:  # only when no --run was given: e.g. runs of `iterhead train` alone
-        raise ConfigError(f"experiment {experiment!r} holds no search (no search parent run); give --run with "
-                          "a search's parent run id", field="--experiment") from None
+    parent, reached = find_candidates(client, experiment, parent_run_id)
     keys, rows = trial_rows(client, experiment, parent)
     if not rows:
         raise ConfigError(f"the search {experiment!r} has no trial runs yet", field="--experiment")

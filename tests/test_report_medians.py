@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
+
 from iterhead.search.report import medians_text, plot_against_params, seed_medians
 from iterhead.trainable import results as r
 
@@ -73,16 +75,18 @@ def store_with(tmp_path, search: bool) -> str:
     return uri
 
 
-def test_report_on_an_experiment_without_a_search_exits_2_naming_run(tmp_path, capsys):
-    """Runs of `iterhead train` alone: one line saying to give --run, not a TypeError traceback."""
+@pytest.mark.parametrize("command, out", [("report", "out"), ("export", "best.yaml")])
+def test_report_or_export_of_an_experiment_without_a_search_exits_2_naming_run(tmp_path, capsys, command, out):
+    """Runs of `iterhead train` alone: one line saying to give --run (bad input, exit 2), not
+    a TypeError traceback or exit 1."""
     from iterhead.search.cli import main
 
     uri = store_with(tmp_path, search=False)
     capsys.readouterr()  # MLflow's notes on making the store above
-    assert main(["report", "--experiment", "e", "--tracking-uri", uri, "-o", str(tmp_path / "out")]) == 2
+    assert main([command, "--experiment", "e", "--tracking-uri", uri, "-o", str(tmp_path / out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds no search" in err[0] and "--run" in err[0], err
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / out).exists()
 
 
 def test_report_into_a_file_exits_2_and_leaves_it(tmp_path, capsys):
