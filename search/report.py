@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
+import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -165,6 +166,12 @@ def medians_text(groups: Sequence[dict[str, Any]], keys: Sequence[str], replicat
     return "\n".join(lines)
 
 
+def median_band(values: Sequence[float]) -> tuple[float, float, float]:
+    """The median a plot draws over seeds, the table's (`results.over_seeds`): the lower one,
+    one seed's value, never a mean of a compute and the penalty; and the min and the max."""
+    return float(statistics.median_low(values)), min(values), max(values)
+
+
 def plot_medians(path: Path, rows: Sequence[dict[str, Any]], key: str) -> Path:
     """compute_to_target against one parameter: median and min-max over the other values
     (seeds, mostly) at each value; censored trials drawn as crosses at their penalty."""
@@ -177,12 +184,7 @@ def plot_medians(path: Path, rows: Sequence[dict[str, Any]], key: str) -> Path:
     xs = sorted(groups, key=lambda v: (isinstance(v, str), v))
     fig, ax = plt.subplots(figsize=(6, 3.6))
     positions = [x if isinstance(x, (int, float)) else i for i, x in enumerate(xs)]
-    med, lo, hi = [], [], []
-    for x in xs:
-        values = [float(row[r.COMPUTE_TO_TARGET]) for row in groups[x]]
-        med.append(float(np.median(values)))
-        lo.append(min(values))
-        hi.append(max(values))
+    med, lo, hi = zip(*(median_band([float(row[r.COMPUTE_TO_TARGET]) for row in groups[x]]) for x in xs))
     ax.plot(positions, med, marker="o", label="median over seeds")
     ax.fill_between(positions, lo, hi, alpha=0.2, label="min to max")
     censored = [(pos, float(row[r.COMPUTE_TO_TARGET])) for pos, x in zip(positions, xs)

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 
-from iterhead.search.report import medians_text, plot_against_params, seed_medians
+from iterhead.search.report import median_band, medians_text, plot_against_params, seed_medians
 from iterhead.trainable import results as r
 
 PENALTY = 1.0e12
@@ -35,6 +35,14 @@ def test_an_even_number_of_seeds_takes_the_lower_median_and_half_reached_counts(
         "| 0.003 | 2 | 1 | 5e+08 | 5e+08 | 1e+12 |",
         "| 0.001 | 4 | 2 | 3e+09 | 1e+09 | 1e+12 |",
         "| 0.01 | 2 | 0 | 1e+12 (censored) | 1e+12 | 1e+12 |"]
+
+
+def test_the_plot_draws_the_tables_median():
+    """The median line of `plot_medians` is the table's lower median: with one seed reached and
+    one censored it is the reached compute, not halfway to the penalty (np.median's 5e11)."""
+    rows = [trial(1e-3, 0, 1e9), trial(1e-3, 1, None)]
+    (group,) = seed_medians(rows, KEYS)
+    assert median_band([1e9, PENALTY]) == (group["median"], group["min"], group["max"]) == (1e9, 1e9, PENALTY)
 
 
 def test_a_replicate_search_reads_each_configurations_own_score():
