@@ -131,7 +131,12 @@ def header(c: Candidate, experiment: str, parent: str, rank: int, file: str, bud
     (with the search's budget, where it had one: past it a trial stops and is censored)."""
     threads = c.tags.get(r.THREADS_TAG, "1")
     precision = c.tags.get(r.PRECISION_TAG, "fp32")  # runs from before precision was tagged trained in fp32
-    options = f"--threads {threads} --precision {precision}" + (f" --budget {budget}" if budget else "")
+    # the device kind it trained on, pinned: `--device auto` would take a GPU wherever one is, and
+    # numbers repeat per device kind (README, Reproducibility)
+    kind = "cuda" if c.tags.get(r.DEVICE_TAG, "cpu").startswith("cuda") else "cpu"
+    where = "on CPU" if kind == "cpu" else "on a GPU of the model it trained on"
+    options = (f"--device {kind} --threads {threads} --precision {precision}"
+               + (f" --budget {budget}" if budget else ""))
     m = c.metrics
     lines = [f"exported by iterhead {version('iterhead')} on {time.strftime('%Y-%m-%d %H:%M:%S')}"]
     if c.is_configuration:
@@ -145,7 +150,7 @@ def header(c: Candidate, experiment: str, parent: str, rank: int, file: str, bud
             f"{m.get(r.SEEDS_REACHED, float('nan')):.0f} of {len(c.seeds)} seeds reached, "
             f"median target accuracy {m.get(r.TARGET_ACC, float('nan')):.4f}",
             f"compute_to_target by seed: {by_seed}",
-            f"reproduce every seed exactly on CPU: iterhead train {file} --seeds {seeds} {options}",
+            f"reproduce every seed exactly {where}: iterhead train {file} --seeds {seeds} {options}",
         ]
     else:
         who = (f"PBT member {c.trial_id}, its lineage (the stages it trained, copies of better members "
@@ -157,7 +162,7 @@ def header(c: Candidate, experiment: str, parent: str, rank: int, file: str, bud
             f"compute_to_target {m[r.COMPUTE_TO_TARGET]:.6e} FLOP, examples_to_target "
             f"{m.get(r.EXAMPLES_TO_TARGET, float('nan')):.0f}, "
             f"target accuracy {m.get(r.TARGET_ACC, float('nan')):.4f}",
-            f"reproduce exactly on CPU: iterhead train {file} {options}",
+            f"reproduce exactly {where}: iterhead train {file} {options}",
         ]
     return "".join(f"# {line}\n" for line in lines)
 

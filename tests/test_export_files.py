@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from iterhead.search.export import Candidate, safe_name, targets
+from iterhead.search.export import Candidate, header, safe_name, targets
+from iterhead.trainable import results as r
 from iterhead.trainable.checkpoint import write_atomic
 
 
@@ -65,3 +66,14 @@ def test_export_on_a_full_disk_fails_cleanly_and_keeps_the_old_file(tmp_path, mo
     monkeypatch.undo()
     assert main(["export", "--experiment", "e", "--tracking-uri", uri, "-o", str(out)]) == 0
     assert "trial t1" in out.read_text()
+
+
+@pytest.mark.parametrize("device, kind, where", [("cpu", "cpu", "on CPU"), ("cuda:1", "cuda", "on a GPU of the model")])
+def test_the_reproduce_command_pins_the_device_kind_it_trained_on(device, kind, where):
+    """`iterhead train` takes a GPU wherever one is (`--device auto`); a result repeats on its
+    own device kind only, so the command names it."""
+    c = Candidate("r1", "t1", {r.COMPUTE_TO_TARGET: 1e9}, {r.DEVICE_TAG: device, r.THREADS_TAG: "2",
+                                                            r.PRECISION_TAG: "bf16"})
+    (line,) = [x for x in header(c, "e", "p", 1, "best.yaml").splitlines() if x.startswith("# reproduce")]
+    assert where in line
+    assert line.endswith(f"iterhead train best.yaml --device {kind} --threads 2 --precision bf16")

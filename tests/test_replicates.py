@@ -138,7 +138,8 @@ def test_export_writes_the_command_that_retrains_every_seed_to_its_result(search
     precision = best.data.tags[r.PRECISION_TAG]  # auto, resolved on this machine: what a re-run here resolves
     prefix = "# reproduce every seed exactly on CPU: iterhead train best.yaml "
     (command,) = [line[len(prefix):].split() for line in text.splitlines() if line.startswith(prefix)]
-    assert command == ["--seeds", "0,1,2", "--threads", threads, "--precision", precision, "--budget", str(BUDGET)]
+    assert command == ["--seeds", "0,1,2", "--device", "cpu", "--threads", threads, "--precision", precision,
+                       "--budget", str(BUDGET)]
     by_seed = ", ".join(f"seed {s} " + (f"{m[r.COMPUTE_TO_TARGET]:.6e}" if m[r.REACHED] == 1.0 else "censored")
                         for s, m in sorted(mine.items()))
     assert f"# compute_to_target by seed: {by_seed}\n" in text
