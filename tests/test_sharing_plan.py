@@ -52,3 +52,18 @@ def test_accounting_counts_forked_prefixes_once():
     rows = [{r.FLOPS_SEEDS: 10.0, r.FLOPS_FORKED: 0.0}, {r.FLOPS_SEEDS: 12.0, r.FLOPS_FORKED: 8.0},
             {r.FLOPS_SEEDS: 5.0}]  # a trial that reported nothing of it (an old checkpoint)
     assert accounting(rows) == {r.FLOPS_CURRICULA: 27.0, r.FLOPS_TRAINED: 19.0}
+
+
+def test_a_trial_stopped_while_replaying_its_prefix_trained_nothing():
+    """A forked trial first replays the prefix's reports; each says it forked only the FLOPs of
+    the prefix up to it, so a trial that ASHA stops during the replay adds 0 to the FLOPs the
+    search trained, not minus the rest of the prefix."""
+    from iterhead.trainable.tune import replayed_fork
+
+    forked = {r.FLOPS_FORKED: 2.0e9, r.PREFIX_SOURCE: "trial x"}
+    early = {r.FLOPS_SEEDS: 5.0e8, **replayed_fork({r.FLOPS_SEEDS: 5.0e8}, forked)}
+    assert early == {r.FLOPS_SEEDS: 5.0e8, r.FLOPS_FORKED: 5.0e8, r.PREFIX_SOURCE: "trial x"}
+    assert accounting([early])[r.FLOPS_TRAINED] == 0.0
+    producer = {r.FLOPS_SEEDS: 2.0e9, r.FLOPS_FORKED: 0.0}
+    assert accounting([producer, early]) == {r.FLOPS_CURRICULA: 2.5e9, r.FLOPS_TRAINED: 2.0e9}
+    assert replayed_fork({r.FLOPS_SEEDS: 2.0e9}, forked)[r.FLOPS_FORKED] == 2.0e9  # the prefix's last report

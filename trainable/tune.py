@@ -183,6 +183,15 @@ def resumable(evaluations: list[tuple[int, Evaluation]], trainers: list[Trainer]
     return all(t.finished for t in trainers) or any(not ev.diverged for _, ev in evaluations)
 
 
+def replayed_fork(report: dict[str, Any], forked: dict[str, Any]) -> dict[str, Any]:
+    """What a replayed report of the prefix says it forked: the prefix's FLOPs up to that
+    report, not the whole prefix's. A trial stopped during its replay (by ASHA) would
+    otherwise report more forked than it trained, and the search's trained FLOPs
+    (`sharing.accounting`: trained minus forked) would come out too low, even negative."""
+    own = float(report.get(results.FLOPS_SEEDS, forked.get(results.FLOPS_FORKED, 0.0)))
+    return {**forked, results.FLOPS_FORKED: min(float(forked.get(results.FLOPS_FORKED, 0.0)), own)}
+
+
 def strip(report: dict[str, Any]) -> dict[str, Any]:
     """A report without what belongs to the trial that made it (where it ran, what it forked)."""
     own = (results.NODE_ID, results.TORCH_THREADS, results.DEVICE, results.PRECISION, results.PREFIX_SOURCE,
@@ -237,7 +246,7 @@ def _train(cur: Curriculum, device: torch.device, precision: str, seeds: list[in
 
     done = all(t.finished for t in trainers) or trainers[0].position.stage > last_stage(cur) or stops(trainers[0])
     for i, report in enumerate(replay):  # the prefix's reports, as its trial made them
-        metrics = {**report, **where, **forked}
+        metrics = {**report, **where, **replayed_fork(report, forked)}
         final = i == len(replay) - 1 and (done or over_budget(metrics))
         send(metrics, final, replay[:i])
         if final:
