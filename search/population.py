@@ -293,7 +293,10 @@ def member_rows(grid, run_ids: dict[str, str], keys: list[str]) -> list[dict[str
     rows = []
     for m, results in sorted(by_member.items()):
         last = max(results, key=lambda res: res.config["pbt"]["generation"])
-        metrics = last.metrics or {}
+        # its outcome and lineage from the last generation that reported: one that failed before
+        # its first report has no metrics, and reading them from it lost the member's lineage
+        reported = [res for res in results if r.FLOPS_SEEDS in (res.metrics or {})]
+        metrics = max(reported, key=lambda res: res.config["pbt"]["generation"]).metrics if reported else {}
         trained = sum(float((res.metrics or {}).get(r.FLOPS_SEEDS, 0.0)) - float((res.metrics or {}).get(
             r.FLOPS_FORKED, 0.0)) for res in results)
         lineage = float(metrics.get(r.FLOPS_SEEDS, 0.0))

@@ -15,7 +15,7 @@ import pytest
 from iterhead.curricula.data import stream
 from iterhead.curricula.trial import trial_curriculum
 from iterhead.search.explore import draw, perturb, project_shares
-from iterhead.search.population import Population, entry_name
+from iterhead.search.population import Population, entry_name, member_rows
 from iterhead.search.spec import Domain, PbtSettings
 from iterhead.trainable import results as r
 
@@ -219,3 +219,23 @@ def test_entries_no_trial_can_start_from_are_deleted_when_the_searcher_is_saved(
         assert all((folder / f"{c['start']}.pt").is_file() for c in take(restored) if c["start"])
     restored.save(str(tmp_path / "after-restore.pkl"))  # the first save after a restore deletes nothing
     assert sorted(p.stem for p in folder.iterdir()) == left
+
+
+def test_a_generation_that_failed_before_reporting_keeps_the_members_lineage():
+    """Member 0's generation 1 failed before its first report (Ray's result holds only its
+    config): the row keeps generation 0's outcome and lineage FLOPs, so nothing it trained is
+    lost from the search's accounting and no forked FLOPs come out negative."""
+    from ray.tune import Result
+
+    def config(generation: int) -> dict:
+        return {"pbt": {"member": 0, "generation": generation, "segments": [{"settings": {"optim.lr": 1e-3}}]}}
+
+    first = Result(metrics={"config": config(0), "training_iteration": 3, r.FLOPS_SEEDS: 1.5e9,
+                            r.FLOPS_FORKED: 0.0, r.REACHED: 0.0, r.COMPUTE_TO_TARGET: 6.3e9,
+                            r.TARGET_ACC: 0.1875, r.FLOPS: 1.5e9}, checkpoint=None, error=None, path="g0")
+    failed = Result(metrics={"config": config(1)}, checkpoint=None, error=RuntimeError("entry unreadable"),
+                    path="g1")
+    (row,) = member_rows([first, failed], {}, ["optim.lr"])
+    assert row["status"] == "ERROR" and row["generations"] == 2
+    assert (row[r.FLOPS_SEEDS], row[r.FLOPS_FORKED]) == (1.5e9, 0.0)
+    assert (row[r.REACHED], row[r.COMPUTE_TO_TARGET], row[r.TARGET_ACC]) == (0.0, 6.3e9, 0.1875)
