@@ -167,6 +167,23 @@ def check_parent_run(uri: str, state: dict[str, Any]) -> None:
         raise ConfigError(missing, field="--tracking-uri") from None
 
 
+def check_tune_state(folder: Path) -> None:
+    """`ConfigError` unless Tune's newest saved state in `folder` reads. Tune restores from it,
+    and where it is empty or cut short (the driver killed while Tune wrote it) Tune started the
+    search afresh inside the old one: a PBT search then reported a population of one, marked
+    itself finished and removed the others' entries."""
+    states = sorted(folder.glob("experiment_state-*.json"))  # the names sort by their time stamps
+    if not states:
+        raise ConfigError(f"Tune saved no state in {folder} before the search stopped; run it again "
+                          "without --resume", field="--resume")
+    try:
+        json.loads(states[-1].read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"Tune's saved state {states[-1].name} in {folder} is empty or cut short (the search "
+                          "was killed while Tune wrote it), so it cannot be resumed; run it again without "
+                          "--resume", field="--resume") from None
+
+
 def quiet_libraries() -> None:
     """Keep the terminal iterhead's: what runs, progress, the summary, where to look.
 
@@ -223,6 +240,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
     opts = replace(opts, uri=absolute_uri(opts.uri))  # saved in the state, used by the restored callback
     if state:
         check_parent_run(opts.uri, state)
+        check_tune_state(folder)
     writer = RunWriter(opts.uri)
     experiment = spec.name
     made = writer.submit(writer.experiment_id, experiment)  # store and experiment, once, here ...

@@ -95,6 +95,29 @@ def test_resume_from_another_folder_exits_2_before_ray_and_makes_no_store(tmp_pa
     run.check_parent_run(run.absolute_uri("sqlite:///mlflow.db"), state)
 
 
+@pytest.mark.parametrize("saved", [None, "", '{"trial_data": ['], ids=["none", "empty", "cut-short"])
+def test_a_resume_without_a_readable_tune_state_exits_2_before_ray(tmp_path, capsys, monkeypatch, saved):
+    """Tune restores from its newest experiment_state file; one that a SIGKILL left empty made
+    Tune start afresh inside the old search. One line naming --resume instead, before Ray."""
+    from iterhead.search import run
+    from iterhead.search.cli import main
+
+    spec, _ = interrupted_search(tmp_path, f"sqlite:///{tmp_path}/mlflow.db")
+    folder = tmp_path / "runs" / "moved-20250101-000000"
+    (folder / "experiment_state-2025-01-01_00-00-00.json").write_text('{"trial_data": []}')  # an older one reads
+    if saved is not None:
+        (folder / "experiment_state-2025-01-01_00-00-09.json").write_text(saved)
+    else:
+        (folder / "experiment_state-2025-01-01_00-00-00.json").unlink()
+    monkeypatch.setattr(run, "start_ray", no_ray)  # a tripwire: the check must come first
+    capsys.readouterr()  # MLflow's notes on making the store above
+    assert main(["search", spec, "--resume", "--storage-path", str(tmp_path / "runs"),
+                 "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resume" in err[0], err
+    assert ("saved no state" if saved is None else "empty or cut short") in err[0], err
+
+
 def test_a_resumed_search_whose_parent_run_is_gone_exits_2(tmp_path):
     from iterhead.curricula.errors import ConfigError
     from iterhead.search import run
