@@ -179,9 +179,11 @@ def check_tune_state(folder: Path) -> None:
     try:
         json.loads(states[-1].read_text())
     except (OSError, ValueError):
+        way = (f"remove it to resume from the one before ({states[-2].name}), or run the search again without "
+               "--resume" if len(states) > 1 else "run the search again without --resume")
         raise ConfigError(f"Tune's saved state {states[-1].name} in {folder} is empty or cut short (the search "
-                          "was killed while Tune wrote it), so it cannot be resumed; run it again without "
-                          "--resume", field="--resume") from None
+                          f"was killed while Tune wrote it), and Tune resumes from the newest; {way}",
+                          field="--resume") from None
 
 
 def quiet_libraries() -> None:

@@ -116,6 +116,8 @@ def test_a_resume_without_a_readable_tune_state_exits_2_before_ray(tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--resume" in err[0], err
     assert ("saved no state" if saved is None else "empty or cut short") in err[0], err
+    if saved is not None:  # the older state reads: the line says how to resume from it
+        assert "remove it to resume from the one before (experiment_state-2025-01-01_00-00-00.json)" in err[0]
 
 
 def test_a_resumed_search_whose_parent_run_is_gone_exits_2(tmp_path):
