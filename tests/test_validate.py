@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import copy
-import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from iterhead.curricula.errors import ConfigError, closest, shown, suggest, unknown
+from iterhead.curricula.errors import closest, shown, suggest, unknown
 from iterhead.curricula.schema import Curriculum
 from iterhead.curricula.tasks import KINDS
 from iterhead.search.cli import main
@@ -307,24 +306,6 @@ def test_valid_file_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     code, out, err = run_validate(capsys, path)
     assert (code, err) == (0, "")
     assert out.startswith(f"ok: {path}: ") and out.count("\n") == 1
-
-
-def test_yaml_merge_keys_are_plain_yaml(tmp_path: Path) -> None:
-    """`<<: *anchor` (a merge key, which yaml.safe_load reads) is not a tag the user wrote: a
-    stage built from another's anchor validates, its explicit keys winning over the merged
-    ones, and a duplicate key next to a merge is still refused."""
-    from iterhead.curricula.io import load_curriculum
-
-    stages = re.search(r"stages:\n(  - .*\n)+", EXAMPLE_TEXT).group(0)
-    merged = ("stages:\n  - &first {name: a, mix: {parity: 1.0}, epochs: 2}\n"
-              "  - {<<: *first, name: b, epochs: 3}\n")
-    path = tmp_path / "merged.yaml"
-    path.write_text(EXAMPLE_TEXT.replace(stages, merged))
-    cur = load_curriculum(path)
-    assert [(s.name, s.epochs, s.mix) for s in cur.stages] == [("a", 2, {"parity": 1.0}), ("b", 3, {"parity": 1.0})]
-    path.write_text(EXAMPLE_TEXT.replace(stages, merged.replace("epochs: 3}", "epochs: 3, epochs: 4}")))
-    with pytest.raises(ConfigError, match="duplicate key 'epochs'"):
-        load_curriculum(path)
 
 
 def test_good_and_bad_reports_only_the_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
