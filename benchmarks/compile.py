@@ -131,13 +131,14 @@ def run(args: argparse.Namespace) -> None:
     # the fp32 section keeps its heading; a bf16 one is per size and machine kind (bf16 units differ by kind)
     heading = HEADING if args.precision == "fp32" else (
         f"{HEADING}, bf16 steps, lengths 1..{args.max_len}, batch {args.batch}: {markdown.machine_kind()}")
+    steps = "fp32" if args.precision == "fp32" else "bf16 steps on a bf16 copy (the compiled model), fp32 weights"
     lines = [heading, "",
              f"`python benchmarks/compile.py --epochs {args.epochs} --max-len {args.max_len} --batch {args.batch} "
              f"--threads {args.threads}{'' if args.precision == 'fp32' else ' --precision bf16'}` on "
              f"{markdown.cpu_model()} ({os.cpu_count()} cores), torch "
              f"{torch.__version__}, load average {os.getloadavg()[0]:.2f} at the end. Lengths 1..{args.max_len}, "
              f"1024 training sequences per length, d_model 128, 2 layers, batch {args.batch}, dropout 0.1, "
-             f"{'fp32' if args.precision == 'fp32' else 'bf16 steps on a bf16 copy (the compiled model), fp32 weights'}. "
+             f"{steps}. "
              "Fresh trainers in turn; a compiled one's first epoch includes compiling (the first from an empty "
              "inductor cache; torch's precompiled headers may have been there already, so a fresh machine "
              "can pay more); the summed loss is over all its epochs (equal values: the same numbers).", "",

@@ -20,7 +20,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="iterhead", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    v = sub.add_parser("validate", help="check curriculum and search files; exit 2 if any is bad (each bad one gets its line)")
+    v = sub.add_parser("validate",
+                       help="check curriculum and search files; exit 2 if any is bad (each bad one gets its line)")
     v.add_argument("files", nargs="+", metavar="FILE")
 
     t = sub.add_parser("train", help="train one curriculum and log it to MLflow")
