@@ -65,3 +65,9 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def no_ray(opts: Any) -> None:
+    """Stands in for `search.run.start_ray` where a test checks that bad input stops a search
+    before Ray starts: a tripwire, not a stand-in for Ray."""
+    raise AssertionError("Ray was started")

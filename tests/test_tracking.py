@@ -7,6 +7,8 @@ from mlflow import MlflowClient
 
 from iterhead.search.tracking import RunWriter
 
+from support import no_ray
+
 
 def test_every_failed_write_is_reported_not_only_the_first(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -64,10 +66,6 @@ def interrupted_search(started, uri: str):
         "name": "moved", "base": "base.yaml", "space": {"stages.train.epochs": {"grid": [1]}},
         "search": {"algorithm": "grid", "num_samples": 1, "scheduler": "none"}, "resources": {"cpu": 1}}))
     return str(started / "spec.yaml"), state
-
-
-def no_ray(opts):
-    raise AssertionError("Ray was started")
 
 
 @pytest.mark.parametrize("relative", [True, False], ids=["relative-uri", "absolute-uri"])

@@ -7,7 +7,7 @@ from mlflow import MlflowClient
 
 from iterhead.search.cli import main
 
-from support import ROOT
+from support import ROOT, no_ray
 
 SMALL = ROOT / "examples" / "poly_then_parity_small.yaml"
 
@@ -157,10 +157,6 @@ def search_spec(folder) -> str:
         "name": "bad-storage", "base": "base.yaml", "space": {"stages.train.epochs": {"grid": [1]}},
         "search": {"algorithm": "grid", "num_samples": 1, "scheduler": "none"}, "resources": {"cpu": 1}}))
     return str(folder / "spec.yaml")
-
-
-def no_ray(opts):
-    raise AssertionError("Ray was started")
 
 
 @pytest.mark.parametrize("where", ["afile", "afile/below"])
