@@ -176,8 +176,7 @@ class MlflowSearchCallback(tune.Callback):
                 cur = trial_curriculum(self.base, dict(trial.config), self.smoke)
             except ConfigError as err:
                 return self._invalid_run(trial, err)
-            tags = {r.TRIAL_ID: tid, r.SEARCH: self.experiment,
-                    r.KIND: r.KIND_CONFIGURATION if self.seeds else r.KIND_TRIAL}
+            tags = self._trial_tags(tid)
             member = member_of(trial)
             if member is not None:
                 tags.update({r.KIND: r.KIND_MEMBER, r.MEMBER_TAG: str(member["member"])})
@@ -196,6 +195,11 @@ class MlflowSearchCallback(tune.Callback):
                         flatten(one), run.result(), dump_curriculum(one)))
         return self.runs[tid]
 
+    def _trial_tags(self, tid: str) -> dict[str, str]:
+        """What finds a trial's (or a configuration's) run again in the store."""
+        kind = r.KIND_CONFIGURATION if self.seeds else r.KIND_TRIAL
+        return {r.TRIAL_ID: tid, r.SEARCH: self.experiment, r.KIND: kind}
+
     def _invalid_run(self, trial, err: ConfigError) -> Future:
         """The run of a trial whose sampled values make no valid curriculum: those values as params and
         the reason as a tag, no curriculum and no seed runs (it trains nothing). Its worker fails on
@@ -203,9 +207,8 @@ class MlflowSearchCallback(tune.Callback):
         tid = run_key(trial)
         reason = f"{err.field}: {err.message}" if err.field else err.message
         self.invalid[tid] = reason
-        tags = {r.TRIAL_ID: tid, r.SEARCH: self.experiment,
-                r.KIND: r.KIND_CONFIGURATION if self.seeds else r.KIND_TRIAL}
-        run = self.writer.submit(self._find_or_create, tid, tid, tags, dict(trial.config), self.parent, None)
+        run = self.writer.submit(self._find_or_create, tid, tid, self._trial_tags(tid), dict(trial.config),
+                                 self.parent, None)
         self.runs[tid] = run
         # set apart from `tags`, which find the run again in a filter the reason's quotes would break
         self.writer.submit(lambda: self.writer.client.set_tag(run.result(), INVALID_TAG, reason))

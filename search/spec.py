@@ -179,14 +179,14 @@ def _check_space(spec: SearchSpec, base: Curriculum, file: str) -> None:
     for key, domain in spec.space.items():
         _check_space_key(key, domain, file)
         for value in domain.probes():
-            try:
-                parse_curriculum(apply(data, {key: value}), file=file)
-            except ConfigError as err:
-                where = f"space.{key}"
-                if err.field and err.field != key:
-                    raise ConfigError(f"the value {value!r} makes the curriculum invalid: "
-                                      f"{err.field}: {err.message}", field=where, file=file) from None
-                raise ConfigError(err.message, field=where, file=file) from None
+            err = _invalid(data, {key: value})
+            if err is None:
+                continue
+            where = f"space.{key}"
+            if err.field and err.field != key:
+                raise ConfigError(f"the value {value!r} makes the curriculum invalid: "
+                                  f"{err.field}: {err.message}", field=where, file=file)
+            raise ConfigError(err.message, field=where, file=file)
     _check_joint(spec.space, data, file)
 
 
@@ -203,12 +203,17 @@ def _check_space_key(key: str, domain: Domain, file: str) -> None:
                           "address stages by name; vary the stage's fields instead (or write a base "
                           "curriculum per name)", field=where, file=file)
     if parts[2] == "mix" and len(parts) == 4:
-        values = list(domain.args)
-        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        if any(not 0.0 <= v <= 1.0 for v in numbers):
-            raise ConfigError(f"a mix share lies in [0, 1] (got {values}): it is the task's fraction of the "
-                              "stage's examples, and every share from 1 up trains the same mix; narrow the "
-                              "domain", field=where, file=file)
+        _check_share(domain, where, file)
+
+
+def _check_share(domain: Domain, where: str, file: str) -> None:
+    """A mix share a search or PBT draws lies in [0, 1]: it is the task's fraction of the stage's
+    examples, so every value from 1 up would train the same mix."""
+    values = list(domain.args)
+    if any(not 0.0 <= v <= 1.0 for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)):
+        raise ConfigError(f"a mix share lies in [0, 1] (got {values}): it is the task's fraction of the "
+                          "stage's examples, and every share from 1 up trains the same mix; narrow the "
+                          "domain", field=where, file=file)
 
 
 JOINT_PROBES = 4096  # combinations `_check_joint` tries; each costs ~0.05 ms, so ~0.2 s at most
@@ -330,8 +335,7 @@ def _check_pbt(spec: SearchSpec, base: Curriculum, file: str) -> None:
             task = key.split(".", 1)[1]
             if task not in base.tasks:
                 raise ConfigError(unknown("task", task, base.tasks, listing="defined tasks:"), field=where, file=file)
-            if not (0.0 <= domain.args[0] and domain.args[1] <= 1.0):
-                raise ConfigError(f"a mix share lies in [0, 1] (got {list(domain.args)})", field=where, file=file)
+            _check_share(domain, where, file)
             value: Any = stage.mix.get(task, 0.0) / sum(stage.mix.values())
         else:
             value = (stage.lr or base.optim.lr) if key == "lr" else stage.train_modules
