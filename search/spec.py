@@ -45,7 +45,7 @@ from pydantic import Field, ValidationError, model_validator
 from iterhead.curricula.errors import ConfigError, shown, unknown
 from iterhead.curricula.io import parse_curriculum, read_yaml_mapping, validation_error
 from iterhead.curricula.overrides import apply
-from iterhead.curricula.schema import Curriculum, Name, Spec
+from iterhead.curricula.schema import Curriculum, Name, Spec, StageSpec
 from iterhead.trainable.results import MAX_BUDGET
 
 DOMAINS = ("uniform", "loguniform", "randint", "choice", "grid")
@@ -353,6 +353,19 @@ def _check_pbt(spec: SearchSpec, base: Curriculum, file: str) -> None:
                               field=where, file=file)
 
 
+def _check_trains(spec: SearchSpec, base: Curriculum, file: str) -> None:
+    """Some trial trains: a search whose every stage has epochs 0 at every value of the space
+    has nothing to compare, and its horizon (`space.horizon`), ASHA's max_t, would be 0."""
+    def most_epochs(stage: StageSpec) -> int:
+        domain = spec.space.get(f"stages.{stage.name}.epochs")
+        return stage.epochs if domain is None else max(domain.probes())
+
+    if all(most_epochs(stage) == 0 for stage in base.stages):
+        searched = " at every value of the space" if any(k.endswith(".epochs") for k in spec.space) else ""
+        raise ConfigError(f"every stage of the base has epochs: 0{searched}, so no trial trains; give a stage "
+                          "epochs, or search over one's", field="base", file=file)
+
+
 def load_search(path: str | Path) -> LoadedSearch:
     """Read and check a search spec and its base curriculum; `ConfigError` on bad input."""
     path = Path(path)
@@ -376,6 +389,7 @@ def load_search(path: str | Path) -> LoadedSearch:
         raise ConfigError(f"the base curriculum is invalid: {err}", field="base", file=file) from None
     _check_space(spec, base, file)
     _check_pbt(spec, base, file)
+    _check_trains(spec, base, file)
     return LoadedSearch(spec, base, base_path, path)
 
 

@@ -9,11 +9,12 @@ from typing import Literal, get_args, get_origin
 import pytest
 
 from iterhead.curricula.overrides import apply, blend
+from iterhead.search import run
 from iterhead.search.cli import main
 from iterhead.search.spec import SearchSettings, SearchSpec, load_search
 from iterhead.curricula.trial import trial_curriculum
 
-from support import ROOT
+from support import ROOT, no_ray
 
 BASE = ROOT / "examples" / "poly_then_parity_small.yaml"
 
@@ -118,9 +119,12 @@ BAD = {
 }
 
 
+NOTHING_TRAINS = ("  - {name: pretrain, mix: {polynomial: 1.0}, epochs: 0}\n"
+                  "  - {name: finetune, mix: {parity: 1.0}, epochs: 0}\n")
+
+
 BAD_PBT_BASES = {  # PBT specs that are bad because of their base: (its stages, the error's words)
-    "nothing-trains": ("  - {name: pretrain, mix: {polynomial: 1.0}, epochs: 0}\n"
-                       "  - {name: finetune, mix: {parity: 1.0}, epochs: 0}\n", "every stage of the base has epochs: 0"),
+    "nothing-trains": (NOTHING_TRAINS, "every stage of the base has epochs: 0"),
     "stage-named-like-a-segment": ("  - {name: finetune-m1-e4, mix: {polynomial: 1.0}, epochs: 60}\n"
                                    "  - {name: finetune, mix: {parity: 1.0}, epochs: 150}\n",
                                    "stage 'finetune-m1-e4' of the base has the form of the names PBT gives"),
@@ -136,6 +140,27 @@ def test_pbt_spec_with_a_bad_base_exits_2_with_one_line(tmp_path, capsys, stages
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{path}: pbt.stage: " in err[0] and words in err[0], err
+
+
+@pytest.mark.parametrize("body, words", [
+    ("space:\n  optim.lr: {loguniform: [5.0e-4, 3.0e-3]}\n", "epochs: 0, so no trial trains"),
+    ("space:\n  stages.pretrain.epochs: {choice: [0]}\n", "epochs: 0 at every value of the space"),
+], ids=["no-epochs-searched", "epochs-searched-at-0"])
+def test_search_whose_trials_train_nothing_exits_2_before_ray_starts(tmp_path, capsys, monkeypatch, body, words):
+    """Its horizon would be 0 FLOPs: ASHA refused it with a traceback after the search had begun."""
+    path = write_spec(tmp_path, body + "search: {algorithm: random, num_samples: 2, scheduler: asha}\n")
+    text = BASE.read_text()
+    start, end = text.index("stages:\n"), text.index("target:")
+    (tmp_path / "base.yaml").write_text(text[:start] + "stages:\n" + NOTHING_TRAINS + text[end:])
+    monkeypatch.setattr(run, "start_ray", no_ray)  # a tripwire: the check must come first
+    assert main(["search", str(path), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
+                 "--storage-path", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{path}: base: every stage of the base has " in err[0] and words in err[0], err
+    assert not (tmp_path / "m.db").exists() and not (tmp_path / "runs").exists()
+    # searching one stage's epochs over a range that leaves 0 makes the spec valid
+    path.write_text(path.read_text().replace(body, "space:\n  stages.pretrain.epochs: {randint: [0, 3]}\n"))
+    assert load_search(path).spec.space["stages.pretrain.epochs"].probes() == [0, 3]
 
 
 @pytest.mark.parametrize("body, field, words", BAD.values(), ids=BAD.keys())
