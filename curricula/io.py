@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from iterhead.curricula.errors import ConfigError, shown, unknown
-from iterhead.curricula.schema import Curriculum
+from iterhead.curricula.schema import BOOL_FOR_NUMBER, Curriculum
 from iterhead.curricula.tasks import KINDS
 
 
@@ -154,6 +154,8 @@ def _message(first: Any, model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[
         return unknown("field", loc[-1], _allowed_fields(model, loc), listing="allowed here:"), loc
     if kind == "missing":
         return "required field is missing", loc
+    if kind == BOOL_FOR_NUMBER:
+        return first["msg"], loc + tuple(first["ctx"]["where"])
     if kind in ("union_tag_invalid", "union_tag_not_found") and isinstance(given, dict):
         if kind == "union_tag_not_found":
             return f"required field is missing; choose one of {', '.join(KINDS)}", loc + ("kind",)

@@ -7,22 +7,53 @@ that name the field path, turned into one-line `ConfigError`s by `iterhead.curri
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+import types
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from iterhead.curricula.errors import ConfigError, shown, unknown
 from iterhead.curricula.tasks import KINDS, Task
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+BOOL_FOR_NUMBER = "bool_for_number"  # the pydantic error type of `Spec._no_bool_for_number`
 Name = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_\-]*$", max_length=64)]
 
 
+def _is_number(tp: Any) -> bool:
+    """Whether a field type is int or float (optional or constrained)."""
+    if get_origin(tp) is Annotated:
+        return _is_number(get_args(tp)[0])
+    if get_origin(tp) in (Union, types.UnionType):
+        return any(_is_number(a) for a in get_args(tp))
+    return tp in (int, float)
+
+
 class Spec(BaseModel):
-    """Base of every spec: unknown keys are errors, numbers must be finite."""
+    """Base of every spec: unknown keys are errors, numbers must be finite and be numbers."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, data: Any) -> Any:
+        """YAML's true and false are not numbers, though pydantic reads ``epochs: true`` as 1
+        (checked for a number field and for the values of a mapping of numbers, as mix).
+        The error's ``where`` is the field's path below this model (`io.validation_error`)."""
+        for name, value in data.items() if isinstance(data, dict) else ():
+            field = cls.model_fields.get(name)
+            tp, where = None if field is None else field.annotation, (name,)
+            if get_origin(tp) is dict and isinstance(value, dict):
+                key = next((k for k, v in value.items() if isinstance(v, bool)), None)
+                tp, value, where = get_args(tp)[1], value.get(key), (name, key)
+            if isinstance(value, bool) and _is_number(tp):
+                raise PydanticCustomError(
+                    BOOL_FOR_NUMBER,
+                    "a number is needed here, not the boolean {given} (YAML reads true, yes and on so)",
+                    {"given": str(value).lower(), "where": where})
+        return data
 
 
 class ModelSpec(Spec):

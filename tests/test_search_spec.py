@@ -59,6 +59,7 @@ BAD = {
     "budget-infinite": ("budget: {flops: .inf}\n", "budget.flops", "finite"),
     "budget-huge": ("budget: {flops: 1.0e+308}\n", "budget.flops", "less than or equal to"),
     "budget-text": ("budget: {flops: lots}\n", "budget.flops", "(got 'lots')"),
+    "num-samples-bool": ("search: {num_samples: true}\n", "search.num_samples", "a number is needed here"),
     "negative-gpu": ("resources: {gpu: -1}\n", "resources.gpu", "greater than or equal to 0"),
     "zero-cpu": ("resources: {cpu: 0}\n", "resources.cpu", "greater than 0"),
     "unknown-resource": ("resources: {tpu: 1}\n", "resources.tpu", "unknown field"),
