@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from iterhead.curricula.io import parse_curriculum
-from iterhead.trainable.devices import native_bf16, prepare_cuda_env, resolve_precision
+from iterhead.trainable.devices import native_bf16, prepare_env, resolve_precision
 from iterhead.trainable.loop import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,7 +69,7 @@ def main() -> None:
                     help="the data: paper is lengths 1..32, small lengths 1..8 (1024 sequences a length)")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     args = ap.parse_args()
-    prepare_cuda_env()  # before CUDA starts, as in `iterhead train`
+    prepare_env()  # before training starts, as in `iterhead train`
     device = torch.device(args.device)
     if not native_bf16(device):
         raise SystemExit(f"--device {args.device}: no native bf16 here, so there is nothing to compare")

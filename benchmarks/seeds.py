@@ -42,7 +42,7 @@ import torch
 
 from iterhead.curricula.io import load_curriculum, parse_curriculum
 from iterhead.curricula.schema import Curriculum
-from iterhead.trainable.devices import prepare_cuda_env
+from iterhead.trainable.devices import prepare_env
 from iterhead.trainable.loop import Trainer
 from iterhead.trainable.seeds import Seeds, choose_engine
 
@@ -139,7 +139,7 @@ def main() -> None:
                     help="torch CPU threads (default: torch's own; a search trial gets its `resources.cpu`)")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     args = ap.parse_args()
-    prepare_cuda_env()
+    prepare_env()
     if args.threads:
         torch.set_num_threads(args.threads)
     counts = [int(v) for v in args.seeds.split(",")]

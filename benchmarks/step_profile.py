@@ -30,7 +30,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from iterhead.curricula.io import parse_curriculum
-from iterhead.trainable.devices import native_bf16, prepare_cuda_env
+from iterhead.trainable.devices import native_bf16, prepare_env
 from iterhead.trainable.loop import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -90,7 +90,7 @@ def main() -> None:
     ap.add_argument("--config", choices=("paper", "small"), default="paper")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     args = ap.parse_args()
-    prepare_cuda_env()  # before CUDA starts, as in `iterhead train`
+    prepare_env()  # before training starts, as in `iterhead train`
     device = torch.device(args.device)
     config = PAPER if args.config == "paper" else SMALL
     heading, name = device_heading(HEADING, device)

@@ -53,7 +53,7 @@ import torch
 import yaml
 
 from iterhead.curricula.io import parse_curriculum
-from iterhead.trainable.devices import native_bf16, prepare_cuda_env, resolve_precision
+from iterhead.trainable.devices import native_bf16, prepare_env, resolve_precision
 from iterhead.trainable.loop import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -265,7 +265,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     args = ap.parse_args()
     configs = chosen(args.configs)
-    prepare_cuda_env()  # before the first CUDA work below, as in `iterhead train`
+    prepare_env()  # before the first training below, as in `iterhead train`
     devices = chosen_devices(args.devices)
     if args.only_process:
         return write([process_section(device) for device in devices], Path(args.out), devices)

@@ -151,9 +151,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from iterhead.search.train import train, train_seeds
-    from iterhead.trainable.devices import prepare_cuda_env, resolve_device, resolve_precision
+    from iterhead.trainable.devices import prepare_env, resolve_device, resolve_precision
 
-    prepare_cuda_env()  # before CUDA starts in this process
+    prepare_env()  # before training starts in this process
     try:
         device = resolve_device(args.device)
     except (RuntimeError, ValueError) as err:
@@ -262,10 +262,10 @@ def cmd_ablate(args: argparse.Namespace) -> int:
                           field="--checkpoint")
     from iterhead.curricula.io import parse_curriculum
     from iterhead.trainable.ablation import INTERVENTIONS, ablate
-    from iterhead.trainable.devices import prepare_cuda_env, resolve_device
+    from iterhead.trainable.devices import prepare_env, resolve_device
     from iterhead.trainable.loop import Trainer
 
-    prepare_cuda_env()  # before CUDA starts in this process
+    prepare_env()  # before training starts in this process
     try:
         device = resolve_device(args.device)
     except (RuntimeError, ValueError) as err:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -116,10 +118,40 @@ def test_cuda_runs_get_strict_deterministic_kernels_and_a_cublas_workspace(no_wo
     assert not torch.is_deterministic_algorithms_warn_only_enabled()
 
 
-def test_prepare_cuda_env_keeps_a_workspace_the_user_chose(monkeypatch):
+def test_prepare_env_keeps_a_workspace_the_user_chose(monkeypatch):
     monkeypatch.setenv(devices.CUBLAS_WORKSPACE_ENV, ":16:8")
-    devices.prepare_cuda_env()
+    devices.prepare_env()
     assert os.environ[devices.CUBLAS_WORKSPACE_ENV] == ":16:8"
+
+
+ONEDNN_SHAPES = """
+import sys
+import torch
+import torch.nn.functional as F
+if sys.argv[1] == "prepared":
+    from iterhead.trainable.devices import prepare_env
+    prepare_env()
+for _ in range(2):  # each shape twice: a miss the second time is a primitive the cache evicted
+    for n in range(1, {shapes} + 1):
+        F.gelu(torch.ones(n, 3))  # on a CPU, a oneDNN eltwise primitive per shape
+"""
+
+
+@pytest.mark.parametrize("how, misses_per_shape", [("prepared", 1), ("as-is", 2)])
+def test_prepare_env_keeps_more_onednn_primitives_than_the_default(tmp_path, how, misses_per_shape):
+    """1100 shapes, over oneDNN's default capacity of 1024: it rebuilds each the second time
+    round (the least recently used goes first), while `prepare_env`'s capacity keeps them all."""
+    shapes = 1100
+    env = {k: v for k, v in os.environ.items() if k != devices.ONEDNN_CACHE_ENV}
+    out = subprocess.run([sys.executable, "-c", ONEDNN_SHAPES.format(shapes=shapes), how], check=True,
+                         capture_output=True, text=True, env={**env, "ONEDNN_VERBOSE": "2"}, cwd=tmp_path).stdout
+    assert out.count("create:cache_miss") == misses_per_shape * shapes
+
+
+def test_prepare_env_keeps_a_primitive_cache_capacity_the_user_chose(monkeypatch):
+    monkeypatch.setenv(devices.ONEDNN_CACHE_ENV, "64")
+    devices.prepare_env()
+    assert os.environ[devices.ONEDNN_CACHE_ENV] == "64"
 
 
 def test_a_non_deterministic_cublas_workspace_is_refused(monkeypatch, restore_determinism):

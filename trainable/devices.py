@@ -10,7 +10,7 @@ or actor without GPUs, so CUDA there sees every GPU of the node).
 
 Determinism on CUDA: `deterministic_cuda` makes torch use deterministic kernels only (an
 op without one raises instead of running), and cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG``
-(`prepare_cuda_env`, called by the entry points before CUDA starts). With them, a CUDA
+(`prepare_env`, called by the entry points before training starts). With them, a CUDA
 run repeats bit for bit, and resumes exactly, on the same GPU model with the same torch
 and CUDA versions. Across GPU models, or between a GPU and the CPU, the numbers differ:
 CUDA's random numbers (dropout masks) are laid out by launch configurations that follow
@@ -28,6 +28,8 @@ from iterhead.trainable.results import PRECISIONS
 
 CUBLAS_WORKSPACE_ENV = "CUBLAS_WORKSPACE_CONFIG"
 CUBLAS_WORKSPACE = ":4096:8"
+ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+ONEDNN_CACHE_CAPACITY = "4096"  # oneDNN's default is 1024 (`prepare_env`)
 DETERMINISTIC_WORKSPACES = (":4096:8", ":16:8")  # the values torch's deterministic mode accepts
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 
@@ -90,13 +92,24 @@ def trial_device(gpu_ids: Sequence[int | str], cuda_available: bool, device_coun
     return torch.device("cuda", 0)
 
 
-def prepare_cuda_env() -> None:
-    """Set cuBLAS's workspace for deterministic products unless set; call before CUDA starts.
+def prepare_env() -> None:
+    """Settings a library reads once, when a process first uses it, each unless the user set it;
+    call before training starts.
 
-    cuBLAS reads it when a process first uses it; torch's deterministic mode refuses cuBLAS
-    calls without one of `DETERMINISTIC_WORKSPACES`. A no-op for CPU runs.
+    - cuBLAS's workspace for deterministic products: torch's deterministic mode refuses cuBLAS
+      calls without one of `DETERMINISTIC_WORKSPACES`.
+    - oneDNN's primitive cache, to `ONEDNN_CACHE_CAPACITY` primitives: on a CPU, bf16 matrix
+      products and GELU run as oneDNN primitives, one per shape, and one epoch of the paper
+      configuration (lengths 1..32) makes 924 of them, an fp32 evaluation 230 more (a bf16 one
+      919), past oneDNN's default of 1024, so the epoch after each evaluation rebuilt the ones
+      the evaluation had evicted (`benchmarks/primitive_cache.py`, BENCHMARKS.md). A bf16
+      product's primitive holds 0.4 to 0.8 MB (measured on an AMD EPYC with AVX-512 bf16), and
+      a bf16 evaluation meets new shapes as its rows stop at other places (30 to 80 more an
+      evaluation there), so a long run with `eval.precision: bf16` may come to hold the whole
+      capacity, 2 to 3 GB, where 1024 held under 1 GB; fp32's GELU primitives take a few kB.
     """
     os.environ.setdefault(CUBLAS_WORKSPACE_ENV, CUBLAS_WORKSPACE)
+    os.environ.setdefault(ONEDNN_CACHE_ENV, ONEDNN_CACHE_CAPACITY)
 
 
 def deterministic_cuda(device: torch.device) -> None:
@@ -107,7 +120,7 @@ def deterministic_cuda(device: torch.device) -> None:
     """
     if device.type != "cuda":
         return
-    prepare_cuda_env()
+    prepare_env()
     workspace = os.environ[CUBLAS_WORKSPACE_ENV]
     if workspace not in DETERMINISTIC_WORKSPACES:
         raise RuntimeError(f"{CUBLAS_WORKSPACE_ENV}={workspace} makes cuBLAS non-deterministic; unset it "

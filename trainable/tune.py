@@ -48,7 +48,7 @@ from iterhead.curricula.schema import Curriculum
 from iterhead.curricula.trial import trial_curriculum
 from iterhead.trainable import checkpoint, results
 from iterhead.trainable.artifacts import ARTIFACTS, write_artifacts, write_lineage
-from iterhead.trainable.devices import prepare_cuda_env, resolve_precision, trial_device
+from iterhead.trainable.devices import prepare_env, resolve_precision, trial_device
 from iterhead.trainable.loop import Evaluation, Trainer
 from iterhead.trainable.prefix import adopt, environment, points, worth_storing
 from iterhead.trainable.population import MemberTrial
@@ -110,7 +110,7 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float |
     population entry its config names, in the folder `population`, and leaves its own at the
     generation's end (`trainable.population`); only the first generation uses `share`.
     """
-    prepare_cuda_env()  # before CUDA starts in this worker
+    prepare_env()  # before training starts in this worker
     torch.set_num_threads(max(1, threads))
     cur = trial_curriculum(base, config, smoke)
     member = MemberTrial.from_config(config["pbt"], population) if "pbt" in config else None
