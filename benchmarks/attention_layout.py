@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import sys
 import time
@@ -33,13 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from iterhead.curricula.io import parse_curriculum
-from iterhead.trainable.devices import native_bf16
 from iterhead.trainable.loop import Trainer
 from iterhead.trainable.model import Attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from configs import CONFIGS, PAPER, curriculum  # noqa: E402
-from markdown import cpu_model, machine_kind, replace_section  # noqa: E402
+from markdown import cpu_run_line, write_kind_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## bf16 training: keys and values from two products against one split in two"
@@ -102,11 +100,9 @@ def main() -> None:
                f"p = {sign_test(wins, args.rounds):.3f}); the median of the rounds' wall-time ratios, two "
                f"products over one, is {ratio:.3f}.")
     print("\n".join(lines) + "\n\n" + summary)
-    replace_section(Path(args.out), f"{HEADING}: {machine_kind()}", [
-        f"{HEADING}: {machine_kind()}", "",
+    write_kind_section(args.out, HEADING, [
         f"`python benchmarks/attention_layout.py --rounds {args.rounds}` on {time.strftime('%Y-%m-%d')}: "
-        f"2 CPUs ({cpu_model()}; native bf16: {'yes' if native_bf16(torch.device('cpu')) else 'no'}), torch "
-        f"{torch.__version__}, 2 threads, load average {os.getloadavg()[0]:.2f} at the end. The paper "
+        f"{cpu_run_line(2)}. The paper "
         "configuration in bf16 (`trainable/mixed.py`), one epoch of each layout a round, the order "
         "alternating; both scale and mask the attention scores in place.",
         "", *lines, "", summary])

@@ -37,6 +37,19 @@ def machine_kind() -> str:
     return f"{name} with {isa}"
 
 
+def cpu_run_line(threads: int) -> str:
+    """The machine and its state at the end of a CPU run, for a section's first sentence."""
+    import os
+
+    import torch
+
+    from iterhead.trainable.devices import native_bf16
+
+    native = "yes" if native_bf16(torch.device("cpu")) else "no"
+    return (f"{os.cpu_count()} CPUs ({cpu_model()}; native bf16: {native}), torch {torch.__version__}, "
+            f"{threads} threads, load average {os.getloadavg()[0]:.2f} at the end")
+
+
 def replace_section(path: Path, heading: str, lines: list[str]) -> None:
     """Put a script's section (from `heading` to the next `## `) in place, or append it."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
@@ -48,6 +61,12 @@ def replace_section(path: Path, heading: str, lines: list[str]) -> None:
     end = text.find("\n## ", start + len(heading))
     rest = "" if end < 0 else "\n\n" + text[end + 1:]
     path.write_text(text[:start] + new + rest)
+
+
+def write_kind_section(out: str, heading: str, lines: list[str]) -> None:
+    """Write `lines` into BENCHMARKS.md-like `out` under `heading` and this machine's kind."""
+    title = f"{heading}: {machine_kind()}"
+    replace_section(Path(out), title, [title, "", *lines])
 
 
 def device_heading(heading: str, device: torch.device) -> tuple[str, str]:

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from markdown import machine_kind, replace_section  # beside this script
+from markdown import write_kind_section
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## The first Adam of a process: torch.optim against iterhead's"
@@ -70,8 +70,7 @@ def main() -> None:
         lines.append(f"| {label} | {statistics.median(cpu):.2f} ({min(cpu):.2f} to {max(cpu):.2f}) "
                      f"| {statistics.median(wall):.2f} | {'yes' if all(r['dynamo'] for r in runs[kind]) else 'no'} |")
     print("\n".join(lines))
-    replace_section(Path(args.out), f"{HEADING}: {machine_kind()}", [
-        f"{HEADING}: {machine_kind()}", "",
+    write_kind_section(args.out, HEADING, [
         f"`python benchmarks/optimizer_start.py --runs {args.runs}` on {time.strftime('%Y-%m-%d')}, torch "
         f"{__import__('torch').__version__}: {args.runs} fresh processes of each kind, alternating; each times its "
         "optimiser's construction and first step over the paper model's parameters, after importing torch "

@@ -34,12 +34,12 @@ from typing import Callable
 import torch
 
 from iterhead.curricula.io import parse_curriculum
-from iterhead.trainable.devices import ONEDNN_CACHE_CAPACITY, ONEDNN_CACHE_ENV, native_bf16, resolve_precision
+from iterhead.trainable.devices import ONEDNN_CACHE_CAPACITY, ONEDNN_CACHE_ENV, resolve_precision
 from iterhead.trainable.loop import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from configs import CONFIGS, D_MODEL, PAPER, curriculum  # noqa: E402
-from markdown import cpu_model, machine_kind, replace_section  # noqa: E402
+from markdown import cpu_run_line, write_kind_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## Training epochs after an evaluation: oneDNN's primitive cache at 1024 and at iterhead's"
@@ -137,11 +137,9 @@ def main() -> None:
                f"{ONEDNN_CACHE_CAPACITY} (the median over rounds of the ratio of each run's mean epoch): "
                f"{', '.join(ratios)}.")
     print("\n".join(lines) + "\n\n" + summary)
-    replace_section(Path(args.out), f"{HEADING}: {machine_kind()}", [
-        f"{HEADING}: {machine_kind()}", "",
+    write_kind_section(args.out, HEADING, [
         f"`python benchmarks/primitive_cache.py --rounds {args.rounds}` on {time.strftime('%Y-%m-%d')}: "
-        f"2 CPUs ({cpu_model()}; native bf16: {'yes' if native_bf16(torch.device('cpu')) else 'no'}), torch "
-        f"{torch.__version__}, 2 threads, load average {os.getloadavg()[0]:.2f} at the end. The paper "
+        f"{cpu_run_line(2)}. The paper "
         f"configuration trained in {precision} (precision auto), one process a run: a warm-up epoch, then "
         "twice an evaluation (accuracy and probes, at the evaluation precision of the row) and an epoch; the "
         "capacities alternate in order from round to round. The primitives rebuilt (cache misses) are counted "
