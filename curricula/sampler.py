@@ -6,7 +6,8 @@ epoch of any mix costs the same. The mix is stratified by length: at each length
 remainder), and each task fills its share with distinct rows of that length drawn at
 random. Rows are then sorted by length and cut into batches, so a batch holds neighbouring
 lengths only (one length, or two at a boundary, whenever a length has at least a batch of
-rows) and padding stays small; the batch order is shuffled.
+rows) and padding stays small; the batch order is shuffled. Tasks are taken in name order,
+so the order a mix lists them in changes nothing.
 """
 
 from __future__ import annotations
@@ -48,12 +49,13 @@ class EpochPlan:
 
 
 def shares(weights: dict[str, float], total: int) -> dict[str, int]:
-    """Split `total` slots by normalised weights, largest remainder, ties by task order."""
-    norm = sum(weights.values())
-    exact = {k: total * w / norm for k, w in weights.items()}
+    """Split `total` slots by normalised weights, largest remainder, ties by task name."""
+    ordered = sorted(weights.items())  # name order: the float sum too must not depend on the mapping's
+    norm = sum(w for _, w in ordered)
+    exact = {k: total * w / norm for k, w in ordered}
     out = {k: int(np.floor(v)) for k, v in exact.items()}
     left = total - sum(out.values())
-    order = sorted(exact, key=lambda k: -(exact[k] - out[k]))
+    order = sorted(exact, key=lambda k: (-(exact[k] - out[k]), k))
     for k in order[:left]:
         out[k] += 1
     return out
@@ -65,7 +67,7 @@ def plan_epoch(layout: Layout, mix: dict[str, float], batch_size: int,
 
     The batch order comes from `order_rng` when given, else from `rng` after the rows: two
     seeds with one `order_rng` get batches of the same sizes and lengths at every step."""
-    mix = {k: w for k, w in mix.items() if w > 0}
+    mix = {k: w for k, w in sorted(mix.items()) if w > 0}
     split = shares(mix, layout.per_len)
     rows, lengths = [], []
     for length in range(layout.min_len, layout.max_len + 1):

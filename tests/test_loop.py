@@ -61,6 +61,31 @@ def test_checkpoint_refuses_another_curriculum(tmp_path):
         Trainer(tiny(seed=3), state=checkpoint.load(tmp_path))
 
 
+def test_the_order_a_mix_lists_its_tasks_in_changes_nothing():
+    """It drew each task's rows in the mapping's order, so a reordered mix trained other rows,
+    though the curricula compare equal and share prefix keys."""
+    stages = [{"name": "s", "mix": {"parity": 0.5, "polynomial": 0.5}, "epochs": 2}]
+    reordered = [{"name": "s", "mix": {"polynomial": 0.5, "parity": 0.5}, "epochs": 2}]
+    assert tiny(stages=stages) == tiny(stages=reordered)
+    assert run_all(Trainer(tiny(stages=stages)))[-1]["loss/train"] == \
+        run_all(Trainer(tiny(stages=reordered)))[-1]["loss/train"]
+    layout = Layout({"a": 0, "b": 100, "c": 200}, min_len=1, max_len=5, per_len=20)
+    weights = {"a": 0.1, "b": 0.2, "c": 0.7}  # at 15 slots a and c tie for the last one (1.5 and 10.5)
+    backwards = dict(reversed(weights.items()))
+    assert shares(weights, 15) == shares(backwards, 15) == {"a": 2, "b": 3, "c": 10}
+    assert np.array_equal(plan_epoch(layout, weights, 16, stream(0, "t")).rows,
+                          plan_epoch(layout, backwards, 16, stream(0, "t")).rows)
+
+
+def test_checkpoint_refuses_the_tasks_in_another_order(tmp_path):
+    """The tasks' order sets their token ids and rows, so it is part of what a state continues."""
+    trainer = Trainer(tiny())
+    checkpoint.save(trainer.state_dict(), tmp_path)
+    swapped = {"polynomial": {"kind": "polynomial", "modulus": 11}, "parity": {"kind": "parity"}}
+    with pytest.raises(ValueError, match="lists its tasks in another order"):
+        Trainer(tiny(tasks=swapped), state=checkpoint.load(tmp_path))
+
+
 def test_epoch_costs_the_same_whatever_the_mix():
     costs = []
     for mix in ({"parity": 1.0}, {"polynomial": 1.0}, {"parity": 0.3, "polynomial": 0.7}):

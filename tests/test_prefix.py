@@ -51,6 +51,8 @@ def test_anything_that_changes_the_state_changes_the_key():
         cur_with(target={"task": "parity", "accuracy": 0.9}),
         tiny(stages=[{**STAGES[0], "mix": {"polynomial": 1.0, "parity": 0.0}}, STAGES[1]]),
         tiny(stages=[{**STAGES[0], "name": "warmup"}, STAGES[1]]),
+        # the same tasks listed the other way round: their tokens and rows differ
+        cur_with(tasks={"polynomial": {"kind": "polynomial", "modulus": 11}, "parity": {"kind": "parity"}}),
     ]
     for cur in changed:
         assert key_at(cur, 0, 2) != base, describe(cur, 0, 2)

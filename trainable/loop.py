@@ -303,6 +303,9 @@ class Trainer:
         saved = parse_curriculum(state["curriculum"], file="checkpoint")
         if saved != self.cur:
             raise ValueError("the checkpoint was written for a different curriculum")
+        if list(saved.tasks) != list(self.cur.tasks):  # equal mappings, but the order sets token ids
+            raise ValueError("the checkpoint was written for a different curriculum: it lists its tasks in "
+                             f"another order ({', '.join(saved.tasks)}), which sets their tokens and rows")
         self.model.load_state_dict(state["model"])
         self.position = Position(**state["position"])
         self.compute = Compute(**state["compute"])

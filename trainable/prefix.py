@@ -59,7 +59,8 @@ def describe(cur: Curriculum, stage: int, epoch: int) -> dict[str, Any]:
     optim = cur.optim.model_dump(mode="json", exclude={"lr"})
     done = [{**_stage(cur, s), "epochs": s.epochs} for s in cur.stages[:stage] if s.epochs > 0]
     return {"model": cur.model.model_dump(mode="json"), "data": cur.data.model_dump(mode="json"),
-            "tasks": {k: v.model_dump(mode="json") for k, v in sorted(cur.tasks.items())}, "optim": optim,
+            "tasks": {k: v.model_dump(mode="json") for k, v in sorted(cur.tasks.items())},
+            "task_order": list(cur.tasks), "optim": optim,  # the order sets the tasks' tokens and rows
             "eval": cur.eval.model_dump(mode="json"), "target": cur.target.model_dump(mode="json"),
             "stages": done, "current": {**_stage(cur, cur.stages[stage]), "epoch": epoch}}
 
