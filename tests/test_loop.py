@@ -13,6 +13,7 @@ from iterhead.curricula.data import answer_len, stream
 from iterhead.curricula.sampler import Layout, plan_epoch, shares
 from iterhead.trainable import checkpoint, evaluate, loop
 from iterhead.trainable.loop import Trainer
+from iterhead.trainable.seeds import Seeds
 from iterhead.trainable.summary import planned_flops, summary_metrics
 
 from support import tiny
@@ -84,6 +85,27 @@ def test_checkpoint_refuses_the_tasks_in_another_order(tmp_path):
     swapped = {"polynomial": {"kind": "polynomial", "modulus": 11}, "parity": {"kind": "parity"}}
     with pytest.raises(ValueError, match="lists its tasks in another order"):
         Trainer(tiny(tasks=swapped), state=checkpoint.load(tmp_path))
+
+
+@pytest.mark.parametrize("seeds", [None, [0, 1]])
+def test_weights_left_non_finite_by_an_epochs_last_step_are_a_divergence(monkeypatch, seeds):
+    """The epoch's loss is summed before each step, so it stayed finite; the NaN model was
+    then evaluated, and its argmax (token 0) scored the answers made of that token."""
+    real = Trainer.count
+
+    def count_then_poison(self, plan):  # after the epoch's last step, as an overflowing update would
+        real(self, plan)
+        with torch.no_grad():
+            self.model.head.weight.fill_(float("nan"))
+
+    monkeypatch.setattr(Trainer, "count", count_then_poison)
+    if seeds is None:
+        events = list(Trainer(tiny()).run())
+    else:
+        group = Seeds(tiny(), seeds, engine="lockstep")
+        events = [ev for round_ in group.run() for _, ev in round_]
+    assert events and all(ev.diverged and ev.final and ev.epoch == 1 for ev in events)
+    assert len(events) == (1 if seeds is None else 2)
 
 
 def test_epoch_costs_the_same_whatever_the_mix():

@@ -17,9 +17,11 @@ loss is accumulated on the device, so nothing waits on the host between steps; e
 runs in large no-grad chunks.
 
 Divergence: after each epoch (one host sync per epoch, none per step) the epoch's summed
-loss is checked; if it is NaN or infinite, training stops at once and a final evaluation
-marked ``diverged`` is yielded, with compute but no accuracy (a model with non-finite
-weights has none worth measuring). It is an outcome, not an error.
+loss is checked, and before an evaluation the weights too (`weights_finite`: an epoch's last
+step can leave them NaN after a finite loss, and a NaN model's argmax, token 0, scores the
+answers made of it); if either is NaN or infinite, training stops at once and a final
+evaluation marked ``diverged`` is yielded, with compute but no accuracy (a model with
+non-finite weights has none worth measuring). It is an outcome, not an error.
 
 Determinism: everything random derives from the curriculum seed: model init, each epoch's
 rows and order (stream "sampler", stage, epoch), and each epoch's dropout (stream "dropout",
@@ -245,6 +247,11 @@ class Trainer:
                 copy.pull()
             total += loss.detach()
         return total
+
+    def weights_finite(self) -> bool:
+        """Whether every weight is finite (one host sync)."""
+        with torch.no_grad():
+            return bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all())
 
     def diverged(self, stage: str) -> Evaluation:
         self.outcome.diverged = True

@@ -142,10 +142,12 @@ class Schedule:
                 out = []
                 for i, r in enumerate(group):
                     r.compute.seconds += seconds
+                    if finite[i] and ends:
+                        engine.sync(r)
+                        finite[i] = r.weights_finite()  # the epoch's last step may have left NaN weights
                     if not finite[i]:
                         out.append((r.cur.seed, r.diverged(stage.name)))
                     elif ends:
-                        engine.sync(r)
                         out.append((r.cur.seed, r.evaluate(stage.name, sums[i] / max(n_batches[i], 1), last)))
                 if shared:  # every seed stands where the lead does, with its evaluation
                     copy_lead(lead, runs)
