@@ -187,7 +187,29 @@ def _check_space(spec: SearchSpec, base: Curriculum, file: str) -> None:
                 raise ConfigError(f"the value {value!r} makes the curriculum invalid: "
                                   f"{err.field}: {err.message}", field=where, file=file)
             raise ConfigError(err.message, field=where, file=file)
+    _check_shares_leave_a_task(spec, base, file)
     _check_joint(spec.space, data, file)
+
+
+def _check_shares_leave_a_task(spec: SearchSpec, base: Curriculum, file: str) -> None:
+    """Searched shares of a stage's mix leave one of its tasks out, which takes what they leave
+    (`overrides.blend`): with every weighted task searched (or the only one), the drawn shares
+    would be rescaled to sum to 1 behind the values MLflow records. PBT refuses it alike."""
+    searched: dict[str, list[str]] = {}
+    for key in spec.space:
+        parts = key.split(".")
+        if parts[0] == "stages" and len(parts) == 4 and parts[2] == "mix":
+            searched.setdefault(parts[1], []).append(parts[3])
+    for name, tasks in searched.items():
+        stage = next((s for s in base.stages if s.name == name), None)
+        if stage is None or any(task not in tasks for task, share in stage.mix.items() if share > 0):
+            continue
+        trained = ", ".join(sorted(task for task, share in stage.mix.items() if share > 0))
+        raise ConfigError(f"stage {name!r} of the base trains only {trained}, which the space searches, so the "
+                          "drawn shares would be rescaled to sum to 1 behind the values recorded; leave one task "
+                          "of the stage's mix out of the space to take the rest (give the base's mix that task "
+                          "if it has none)",
+                          field=f"space.stages.{name}.mix.{tasks[0]}", file=file)
 
 
 def _check_space_key(key: str, domain: Domain, file: str) -> None:

@@ -59,6 +59,12 @@ BAD = {
     "budget-infinite": ("budget: {flops: .inf}\n", "budget.flops", "finite"),
     "budget-huge": ("budget: {flops: 1.0e+308}\n", "budget.flops", "less than or equal to"),
     "budget-text": ("budget: {flops: lots}\n", "budget.flops", "(got 'lots')"),
+    "share-of-the-only-task": ("space:\n  stages.pretrain.mix.polynomial: {uniform: [0.2, 0.8]}\n",
+                               "space.stages.pretrain.mix.polynomial",
+                               "stage 'pretrain' of the base trains only polynomial, which the space searches"),
+    "shares-of-every-task": ("space:\n  stages.finetune.mix.polynomial: {uniform: [0, 0.3]}\n"
+                             "  stages.finetune.mix.parity: {uniform: [0.5, 1]}\nsearch: {algorithm: random}\n",
+                             "space.stages.finetune.mix.polynomial", "drawn shares would be rescaled to sum to 1"),
     "num-samples-bool": ("search: {num_samples: true}\n", "search.num_samples", "a number is needed here"),
     "negative-gpu": ("resources: {gpu: -1}\n", "resources.gpu", "greater than or equal to 0"),
     "zero-cpu": ("resources: {cpu: 0}\n", "resources.cpu", "greater than 0"),
