@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -48,6 +49,18 @@ class SearchOptions:
     num_cpus: int | None = None  # the embedded Ray's CPUs (default: this machine's)
     precision: str = "auto"  # each trial resolves auto on its own device (`devices.resolve_precision`)
     share: bool = True  # trials start from each other's shared prefixes (`search.sharing`)
+
+
+def resume_command(loaded: LoadedSearch, opts: SearchOptions) -> str:
+    """The command that continues this search: `--resume` refuses another store, folder or cluster."""
+    where = [f"--tracking-uri {shlex.quote(opts.uri)}"]
+    if opts.storage_path:
+        where.append(f"--storage-path {shlex.quote(opts.storage_path)}")
+    if opts.address:
+        where.append(f"--address {shlex.quote(opts.address)}")
+    if opts.num_cpus is not None:
+        where.append(f"--num-cpus {opts.num_cpus}")
+    return f"iterhead search {shlex.quote(str(loaded.path))} --resume {' '.join(where)}"
 
 
 def settings_for(loaded: LoadedSearch, smoke: bool) -> SearchSettings:
@@ -354,8 +367,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
                 if started:
                     ray.shutdown()
     if status != "FINISHED":
-        print(f"\nsearch interrupted; continue it with: iterhead search {loaded.path} --resume"
-              + (f" --storage-path {opts.storage_path}" if opts.storage_path else ""), file=out)
+        print(f"\nsearch interrupted; continue it with: {resume_command(loaded, opts)}", file=out)
     outcome.print_summary(rows, keys, out, state.get("seeds") if state else seeds_for(loaded, opts.smoke),
                           "members" if pbt else None)
     if rows and pbt:

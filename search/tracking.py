@@ -39,8 +39,14 @@ def resolve_uri(uri: str | None) -> str:
         raise ConfigError(f"{uri!r} is not a tracking URI MLflow 3 accepts (file stores are refused); "
                           "use sqlite:///PATH.db or http://HOST:PORT", field="--tracking-uri")
     file = sqlite_file(uri)
+    if scheme == "sqlite" and file is None:
+        raise ConfigError(f"{uri!r} is an in-memory store, which keeps nothing once the process ends (and "
+                          "MLflow puts its artifacts in ./mlruns); use sqlite:///PATH.db", field="--tracking-uri")
     if file is not None and not file.parent.is_dir():
         raise ConfigError(f"the folder {str(file.parent)!r} of the sqlite store does not exist",
+                          field="--tracking-uri")
+    if file is not None and file.exists() and not file.is_file():
+        raise ConfigError(f"{str(file)!r} is a folder, not a sqlite database file; name a .db file",
                           field="--tracking-uri")
     return uri
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from typing import Literal, get_args, get_origin
@@ -10,7 +11,8 @@ import pytest
 
 from iterhead.curricula.overrides import apply, blend
 from iterhead.search import run
-from iterhead.search.cli import main
+from iterhead.search.cli import _parser, main
+from iterhead.search.run import SearchOptions, resume_command
 from iterhead.search.spec import SearchSettings, SearchSpec, load_search
 from iterhead.curricula.trial import trial_curriculum
 
@@ -311,3 +313,17 @@ def test_overrides_address_stages_by_name_and_mix_as_share():
     original = loaded.base.model_dump(mode="json")
     apply(original, {"optim.lr": 1.0})
     assert original == loaded.base.model_dump(mode="json")  # apply never changes its input
+
+
+def test_the_resume_command_names_the_store_folder_and_cluster_the_search_ran_with(tmp_path):
+    """Without --tracking-uri it pointed at the default store, which --resume refuses."""
+
+    folder = tmp_path / "a folder"  # a space the shell would split on
+    folder.mkdir()
+    path = write_spec(folder, "")
+    opts = SearchOptions(uri=f"sqlite:///{tmp_path}/my store.db", storage_path=str(tmp_path / "runs"),
+                         address="10.0.0.1:6379", num_cpus=3)
+    args = _parser().parse_args(shlex.split(resume_command(load_search(path), opts))[1:])
+    assert (args.command, args.spec, args.resume) == ("search", str(path), True)
+    assert (args.tracking_uri, args.storage_path, args.address, args.num_cpus) == (
+        opts.uri, opts.storage_path, opts.address, 3)

@@ -61,6 +61,9 @@ def test_run_holds_params_history_and_artifacts(two_runs, tmp_path):
     (["--device", "nonsense"], "--device"),
     (["--tracking-uri", "./mlruns"], "--tracking-uri"),
     (["--tracking-uri", "sqlite:////no/such/folder/mlflow.db"], "--tracking-uri"),
+    (["--tracking-uri", "sqlite:///:memory:"], "--tracking-uri"),  # kept nothing, artifacts in ./mlruns
+    (["--tracking-uri", "sqlite://"], "--tracking-uri"),
+    (["--tracking-uri", "sqlite:////tmp"], "--tracking-uri"),  # a folder: it trained, then failed to record
     (["--threads", "0"], "--threads"),
     (["--seeds", "0,zero"], "--seeds"),
     (["--seeds", "1,1"], "--seeds"),
