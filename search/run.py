@@ -14,6 +14,7 @@ run again, unfinished ones continue from their checkpoints, and MLflow keeps the
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -120,9 +121,13 @@ def search_folder(loaded: LoadedSearch, opts: SearchOptions) -> tuple[Path, dict
     own = re.compile(rf"{re.escape(name)}-\d{{8}}-\d{{6}}x*")
     if not opts.resume:
         folder = root / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        while folder.exists():
-            folder = folder.with_name(folder.name + "x")
-        return folder, None
+        root.mkdir(parents=True, exist_ok=True)
+        while True:  # made here, atomically: two searches started in one second get a folder each
+            try:
+                folder.mkdir()
+                return folder, None
+            except FileExistsError:
+                folder = folder.with_name(folder.name + "x")
     states = []
     for path in root.glob(f"{name}-*/{STATE_FILE}"):
         if not own.fullmatch(path.parent.name):  # another search whose name starts like this one
@@ -138,6 +143,24 @@ def search_folder(loaded: LoadedSearch, opts: SearchOptions) -> tuple[Path, dict
         raise ConfigError(f"the search was tracked in {state['uri']}; resume it with that --tracking-uri",
                           field="--tracking-uri")
     return folder, state
+
+
+DRIVER_LOCK = "driver.lock"  # in a search's folder, locked by the driver that runs it
+
+
+def hold_folder(folder: Path) -> int:
+    """Lock the search's folder for this driver (an exclusive `flock`, which the system drops
+    when the process ends, however it ends); the descriptor to close when the search ends.
+    `ConfigError` while another driver holds it: two drivers of one search wrote the same Tune
+    state and MLflow runs, training configurations twice and logging steps twice."""
+    fd = os.open(folder / DRIVER_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"the search in {folder} is still running (its driver holds {DRIVER_LOCK}); stop "
+                          "it, or wait for it to end, before resuming", field="--resume") from None
+    return fd
 
 
 def writable_folder(folder: Path, field: str) -> None:
@@ -253,9 +276,11 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
         check_resources(loaded, float(opts.num_cpus or os.cpu_count() or 1), float(local_gpus()), "this machine")
     folder, state = search_folder(loaded, opts)
     opts = replace(opts, uri=absolute_uri(opts.uri))  # saved in the state, used by the restored callback
+    stopping = contextlib.ExitStack()
     if state:
         check_parent_run(opts.uri, state)
         check_tune_state(folder)
+    stopping.callback(os.close, hold_folder(folder))  # the driver's, while it runs: a second --resume is refused
     writer = RunWriter(opts.uri)
     experiment = spec.name
     made = writer.submit(writer.experiment_id, experiment)  # store and experiment, once, here ...
@@ -273,7 +298,6 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
     status = "FAILED"
     started = False
     rows: list[dict[str, Any]] = []
-    stopping = contextlib.ExitStack()
     try:
         started = start_ray(opts)  # ... while Ray starts: both take seconds
         terminated = stopping.enter_context(signals.sigterm_as_ctrl_c())  # after ray.init's own handler
@@ -312,7 +336,6 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
                                        resume_errored=not pbt)  # a failed member stays failed: the
             # population went on without it, and a re-run of its generation would be read by no one
         else:
-            folder.mkdir(parents=True)  # before the parent run: a folder that cannot be made leaves no run
             parent = writer.submit(writer.create_run, experiment, f"search:{spec.name}",
                                    {results.KIND: results.KIND_SEARCH, results.SPEC_TAG: str(loaded.path.resolve()),
                                     results.STORAGE_TAG: str(folder)},
@@ -355,6 +378,8 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
         raise
     finally:
         stopping.close()
+        if parent is None:  # a new search that never began: its folder holds nothing
+            shutil.rmtree(folder, ignore_errors=True)
         try:
             if heartbeat is not None:
                 heartbeat.stop()

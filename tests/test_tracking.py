@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from mlflow import MlflowClient
 
@@ -126,3 +128,57 @@ def test_a_resumed_search_whose_parent_run_is_gone_exits_2(tmp_path):
     MlflowClient(uri).create_experiment("other", artifact_location=(tmp_path / "mlruns").as_uri())
     with pytest.raises(ConfigError, match="not in .*restore the store"):
         run.check_parent_run(uri, {"parent_run_id": "0" * 32, "uri": uri})
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from iterhead.search.run import hold_folder
+hold_folder(Path(sys.argv[1]))
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_resume_while_the_search_still_runs_exits_2_before_ray(tmp_path, capsys, monkeypatch):
+    """Its driver holds the folder's lock: a second driver resuming it wrote the same Tune state
+    and MLflow runs (configurations trained twice, steps logged twice). A driver killed hard
+    leaves no lock behind, so a crashed search resumes at once."""
+    import signal
+    import subprocess
+    import sys
+
+    from iterhead.search import run
+    from iterhead.search.cli import main
+
+    spec, _ = interrupted_search(tmp_path, f"sqlite:///{tmp_path}/mlflow.db")
+    folder = tmp_path / "runs" / "moved-20250101-000000"
+    (folder / "experiment_state-2025-01-01_00-00-00.json").write_text('{"trial_data": []}')
+    driver = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert driver.stdout.readline() == "held\n"
+        monkeypatch.setattr(run, "start_ray", no_ray)  # a tripwire: the check must come first
+        capsys.readouterr()  # MLflow's notes on making the store above
+        assert main(["search", spec, "--resume", "--storage-path", str(tmp_path / "runs"),
+                     "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--resume: the search in" in err[0] and "is still running" in err[0], err
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    os.close(run.hold_folder(folder))  # released with the process that held it
+
+
+def test_searches_started_in_one_second_get_a_folder_each(tmp_path, monkeypatch):
+    """The name is the start time; it was checked free but made later, after Ray had started, so
+    the second of two searches started together failed with FileExistsError."""
+    from iterhead.search import run
+    from iterhead.search.spec import load_search
+
+    spec, _ = interrupted_search(tmp_path, f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setattr(run.time, "strftime", lambda fmt: "20260101-000000")
+    opts = run.SearchOptions(uri=f"sqlite:///{tmp_path}/mlflow.db", storage_path=str(tmp_path / "new"))
+    first, _ = run.search_folder(load_search(spec), opts)
+    second, _ = run.search_folder(load_search(spec), opts)
+    assert (first.name, second.name) == ("moved-20260101-000000", "moved-20260101-000000x")
+    assert first.is_dir() and second.is_dir()
