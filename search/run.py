@@ -283,7 +283,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
     stopping.callback(os.close, hold_folder(folder))  # the driver's, while it runs: a second --resume is refused
     writer = RunWriter(opts.uri)
     experiment = spec.name
-    made = writer.submit(writer.experiment_id, experiment)  # store and experiment, once, here ...
+    made = writer.submit_untracked(writer.experiment_id, experiment)  # store and experiment, once, here ...
     import ray
     from ray import tune
 
@@ -301,7 +301,10 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
     try:
         started = start_ray(opts)  # ... while Ray starts: both take seconds
         terminated = stopping.enter_context(signals.sigterm_as_ctrl_c())  # after ray.init's own handler
-        made.result()  # before any trial can write
+        try:
+            made.result()  # before any trial can write
+        except ConfigError as err:  # a deleted experiment: the spec's name chose it
+            raise ConfigError(err.message, field="name", file=str(loaded.path)) from None
         from iterhead.search.reconcile import reconcile
 
         for m in writer.submit(reconcile, writer.client, [experiment]).result():

@@ -149,8 +149,8 @@ class RunWriter:
         exp = self._client.get_experiment_by_name(name)
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
-                raise RuntimeError(f"experiment {name!r} is deleted in {self.uri}; restore it "
-                                   "(mlflow experiments restore) or choose another name")
+                raise ConfigError(f"experiment {name!r} is deleted in {self.uri}; restore it (mlflow "
+                                  "experiments restore) or choose another name", field="--experiment")
             return exp.experiment_id
         return self._client.create_experiment(name, artifact_location=artifact_location(self.uri, name))
 
@@ -230,6 +230,8 @@ class Heartbeat:
 
     def _stamp(self) -> None:
         """A missed beat is only a warning: it must not stop the run it watches."""
+        if isinstance(self.run_id, Future) and self.run_id.exception() is not None:
+            return  # no run to beat for: its creation's error is reported where it was asked for
         try:
             run = self.run_id.result() if isinstance(self.run_id, Future) else self.run_id
             self.writer.client.set_tag(run, r.HEARTBEAT_TAG, str(int(time.time())))

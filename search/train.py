@@ -118,6 +118,7 @@ def train(cur: Curriculum, *, uri: str, experiment: str, device: torch.device,
     logged = LoggedRun(writer, cur, experiment, run_tags(cur, source, device, precision), cur.name)
     try:
         trainer = Trainer(cur, device, precision=precision)
+        logged.run.result()  # made meanwhile: a store or experiment that cannot take it fails before training
         print(f"training {cur.name!r} on {device} in {precision} ({trainer.n_params:,} non-embedding parameters)",
               file=out)
         for ev in trainer.run():
@@ -152,6 +153,8 @@ def train_seeds(cur: Curriculum, seeds: list[int], *, uri: str, experiment: str,
     summaries: dict[int, dict[str, float]] = {}
     try:
         batch = Seeds(cur, seeds, device, precision)
+        for logged in runs.values():  # made meanwhile: a store or experiment that cannot take them fails first
+            logged.run.result()
         print(f"training {cur.name!r} with seeds {seeds} ({batch.engine_name}) on {device} in {precision} "
               f"({batch.trainers[0].n_params:,} non-embedding parameters each)", file=out)
         for evaluations in batch.run():

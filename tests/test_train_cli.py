@@ -183,3 +183,17 @@ def test_ablate_on_a_file_that_is_no_checkpoint_exits_2_with_one_line(tmp_path, 
     assert main(["ablate", "--checkpoint", str(tmp_path), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--checkpoint" in err[0] and "not a readable checkpoint" in err[0], err
+
+
+@pytest.mark.parametrize("seeds", [[], ["--seeds", "0,1"]], ids=["one", "seeds"])
+def test_a_deleted_experiment_exits_2_before_training(tmp_path, capsys, seeds):
+    """It trained to the end first, then ended in MLflow's traceback (exit 1)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    client.delete_experiment(client.create_experiment("gone", artifact_location=(tmp_path / "mlruns").as_uri()))
+    capsys.readouterr()  # MLflow's notes on making the store
+    assert main(["train", str(SMALL), "--tracking-uri", uri, "--experiment", "gone", *seeds]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "--experiment: experiment 'gone' is deleted" in err[0], err
+    assert "training" not in captured.out
