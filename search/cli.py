@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -161,8 +162,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     where = dict(uri=uri, experiment=args.experiment or cur.name, device=device,
-                 source=str(Path(args.curriculum).resolve()), precision=resolve_precision(args.precision, device, cur.model.d_model),
-                 budget=args.budget)
+                 source=str(Path(args.curriculum).resolve()),
+                 precision=resolve_precision(args.precision, device, cur.model.d_model), budget=args.budget)
     with sigterm_as_ctrl_c():
         if seeds is None:
             train(cur, **where)
@@ -180,13 +181,18 @@ def check_precision(name: str) -> None:
 
 def parse_seeds(text: str) -> list[int]:
     """``0,1,2`` as distinct non-negative integers, or a `ConfigError` naming --seeds."""
-    try:
-        seeds = [int(v) for v in text.split(",")]
-    except ValueError:
+    values = [v.strip() for v in text.split(",")]
+    if not all(re.fullmatch(r"-?[0-9]+", v) for v in values):  # int() would also read 1_0 as 10, +1, ...
         raise ConfigError(f"{text!r} is not a comma-separated list of integers; write e.g. 0,1,2,3",
-                          field="--seeds") from None
+                          field="--seeds")
+    seeds = [int(v) for v in values]
     if len(set(seeds)) != len(seeds) or any(s < 0 or s >= 2**63 for s in seeds):
         raise ConfigError(f"seeds must be distinct integers in [0, 2^63); got {text!r}", field="--seeds")
+    from iterhead.search.spec import MAX_SEEDS
+
+    if len(seeds) > MAX_SEEDS:
+        raise ConfigError(f"at most {MAX_SEEDS} seeds train together, as in a search's seeds: (got {len(seeds)})",
+                          field="--seeds")
     return seeds
 
 
@@ -314,10 +320,15 @@ def _load_checkpoint(path: Path, device) -> dict:
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from iterhead.search.reconcile import STALE_AFTER_S, reconcile
+    from iterhead.search.tracking import heartbeat_every
 
     stale = STALE_AFTER_S if args.stale_after is None else args.stale_after
+    every = heartbeat_every()
     if not 0 <= stale < float("inf"):  # NaN fails too
         raise ConfigError(f"must be a number of seconds, at least 0 (got {stale:g})", field="--stale-after")
+    if stale < 2 * every:  # a live run's last beat can be nearly `every` old: it would be marked KILLED
+        raise ConfigError(f"must be at least {2 * every:g} s, twice the heartbeat interval, or a live run could "
+                          f"be marked KILLED between two beats (got {stale:g})", field="--stale-after")
     marked = reconcile(existing_store(args.tracking_uri), args.experiment, stale)
     for m in marked:
         print(f"marked KILLED: {m.what} run {m.run_id} in {m.experiment!r} (no sign of life for {m.idle_s:.0f} s)")

@@ -48,6 +48,8 @@ from iterhead.curricula.overrides import apply
 from iterhead.curricula.schema import Curriculum, Name, Spec, StageSpec
 from iterhead.trainable.results import MAX_BUDGET
 
+MAX_SEEDS = 64  # a configuration's seeds (`seeds:`), and `iterhead train --seeds`
+
 DOMAINS = ("uniform", "loguniform", "randint", "choice", "grid")
 
 
@@ -141,7 +143,7 @@ class SearchSpec(Spec):
     name: Name
     base: str
     # Replicates: every configuration trains on each of these seeds, and is scored over them.
-    seeds: Annotated[list[Seed], Field(min_length=1, max_length=64)] | None = None
+    seeds: Annotated[list[Seed], Field(min_length=1, max_length=MAX_SEEDS)] | None = None
     space: dict[str, Domain] = {}
     search: SearchSettings = SearchSettings()
     budget: Budget = Budget()

@@ -208,6 +208,11 @@ class RunWriter:
 HEARTBEAT_TAG = r.HEARTBEAT_TAG  # defined in `trainable.results`; importable here as before
 
 
+def heartbeat_every() -> float:
+    """Seconds between a live run's heartbeats: 30, or ``ITERHEAD_HEARTBEAT_S`` (for tests)."""
+    return float(os.environ.get("ITERHEAD_HEARTBEAT_S", "30"))
+
+
 class Heartbeat:
     """Stamps ``iterhead.heartbeat`` (Unix seconds) on a live run every `every` seconds.
 
@@ -217,7 +222,7 @@ class Heartbeat:
 
     def __init__(self, writer: RunWriter, run_id: Future | str, every: float | None = None) -> None:
         self.writer, self.run_id = writer, run_id
-        self.every = every if every is not None else float(os.environ.get("ITERHEAD_HEARTBEAT_S", "30"))
+        self.every = every if every is not None else heartbeat_every()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="iterhead-heartbeat", daemon=True)
         self._thread.start()

@@ -46,7 +46,7 @@ def wait_for_running(client: MlflowClient, experiment: str, deadline: float) -> 
     raise AssertionError(f"no live run of {experiment} appeared")
 
 
-def test_crashed_train_is_marked_and_a_live_one_is_not(tmp_path, capsys):
+def test_crashed_train_is_marked_and_a_live_one_is_not(tmp_path, capsys, monkeypatch):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     client.search_experiments()  # the store, made once before the two writers start
@@ -59,6 +59,7 @@ def test_crashed_train_is_marked_and_a_live_one_is_not(tmp_path, capsys):
         os.killpg(crashed.pid, signal.SIGKILL)
         crashed.wait()
         time.sleep(4)  # the crashed run's heartbeat goes stale; the live one keeps beating
+        monkeypatch.setenv("ITERHEAD_HEARTBEAT_S", "0.5")  # the runs' interval: --stale-after may be 3 s
         assert main(["reconcile", "--tracking-uri", uri, "--stale-after", "3"]) == 0
         assert runs_of(client, "crashed")[0].info.status == "KILLED"
         assert runs_of(client, "live")[0].info.status == "RUNNING"
@@ -107,7 +108,7 @@ def test_seed_runs_of_a_live_search_are_kept_and_of_a_dead_one_killed(tmp_path):
     assert all(client.get_run(x).info.status == "KILLED" for x in (search, config, seed))
 
 
-@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "0", "59"])
 def test_a_stale_after_that_is_no_number_of_seconds_exits_2(tmp_path, capsys, value):
     """NaN compares false with everything: it passed `< 0` and would have marked nothing."""
     assert main(["reconcile", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--stale-after", value]) == 2

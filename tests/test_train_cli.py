@@ -68,6 +68,8 @@ def test_run_holds_params_history_and_artifacts(two_runs, tmp_path):
     (["--seeds", "0,zero"], "--seeds"),
     (["--seeds", "1,1"], "--seeds"),
     (["--seeds", "-1"], "--seeds"),
+    (["--seeds", "1_0"], "--seeds"),  # int() reads it as 10
+    (["--seeds", ",".join(map(str, range(65)))], "--seeds"),
     (["--precision", "fp8"], "--precision"),
     (["--budget", "0"], "--budget"),
     (["--budget", "inf"], "--budget"),
