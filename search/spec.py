@@ -322,8 +322,11 @@ def _check_pbt(spec: SearchSpec, base: Curriculum, file: str) -> None:
                           "epochs: 0; give one stage epochs", field="pbt.stage", file=file)
     name = pbt.stage or training[-1]
     if name not in training:
-        raise ConfigError(unknown("stage", name, training, listing="stages that train:"), field="pbt.stage",
-                          file=file)
+        message = (f"stage {name!r} of the base has epochs: 0, and PBT changes the settings of a stage that "
+                   f"trains; name one of {', '.join(training)}, or give it epochs"
+                   if any(s.name == name for s in base.stages) else
+                   unknown("stage", name, training, listing="stages that train:"))
+        raise ConfigError(message, field="pbt.stage", file=file)
     stage, every = base.stage(name), base.eval.every_epochs
     longest = f"{name}-m{settings.num_samples - 1}-e{stage.epochs}"  # `search.population`'s segment names
     if len(longest) > 64:

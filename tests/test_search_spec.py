@@ -151,6 +151,16 @@ def test_pbt_spec_with_a_bad_base_exits_2_with_one_line(tmp_path, capsys, stages
     assert len(err) == 1 and f"{path}: pbt.stage: " in err[0] and words in err[0], err
 
 
+def test_pbt_naming_a_stage_that_trains_nothing_says_so(tmp_path, capsys):
+    """It said "unknown stage 'pretrain'" of a stage the base defines, with epochs: 0."""
+    path = write_spec(tmp_path, PBT.replace("{interval_epochs: 4,", "{stage: pretrain, interval_epochs: 4,"))
+    (tmp_path / "base.yaml").write_text(BASE.read_text().replace("epochs: 60}", "epochs: 0}"))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pbt.stage: stage 'pretrain' of the base has epochs: 0" in err[0], err
+    assert "name one of finetune, or give it epochs" in err[0]
+
+
 @pytest.mark.parametrize("body, words", [
     ("space:\n  optim.lr: {loguniform: [5.0e-4, 3.0e-3]}\n", "epochs: 0, so no trial trains"),
     ("space:\n  stages.pretrain.epochs: {choice: [0]}\n", "epochs: 0 at every value of the space"),
