@@ -15,6 +15,9 @@ from iterhead.curricula.errors import ConfigError
 from iterhead.search.signals import Terminated, sigterm_as_ctrl_c
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+# Whose exceptions are the tracking store's (unreachable server, locked or broken database): one
+# line and exit 1, not the client's traceback through its retries.
+STORE_MODULES = ("mlflow.", "sqlalchemy.", "sqlite3")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -353,6 +356,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - the tracking store's failures only; the rest go on up
+        if not type(err).__module__.startswith(STORE_MODULES):
+            raise
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        print(f"error: --tracking-uri: the MLflow store failed: {lines[0][:400]}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -199,3 +199,14 @@ def test_a_deleted_experiment_exits_2_before_training(tmp_path, capsys, seeds):
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and "--experiment: experiment 'gone' is deleted" in err[0], err
     assert "training" not in captured.out
+
+
+def test_an_unreachable_tracking_server_fails_in_one_line_before_training(tmp_path, capsys, monkeypatch):
+    """MLflow's traceback through its retries (139 lines), after the training it could not record."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(SMALL), "--tracking-uri", "http://127.0.0.1:9"]) == 1  # the discard port: refused
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --tracking-uri: the MLflow store failed: "), err
+    assert "training" not in captured.out
