@@ -39,7 +39,7 @@ def resolve_uri(uri: str | None) -> str:
         raise ConfigError(f"{uri!r} is not a tracking URI MLflow 3 accepts (file stores are refused); "
                           "use sqlite:///PATH.db or http://HOST:PORT", field="--tracking-uri")
     file = sqlite_file(uri)
-    if scheme == "sqlite" and file is None:
+    if uri.startswith("sqlite:") and file is None:  # sqlite://, sqlite:///:memory: (not sqlite+driver:)
         raise ConfigError(f"{uri!r} is an in-memory store, which keeps nothing once the process ends (and "
                           "MLflow puts its artifacts in ./mlruns); use sqlite:///PATH.db", field="--tracking-uri")
     if file is not None and not file.parent.is_dir():
