@@ -29,7 +29,7 @@ from typing import Any
 from iterhead.curricula.errors import ConfigError
 from iterhead.search import report, sharing
 from iterhead.search.export import Candidate, child_runs, find_candidates, seed_runs
-from iterhead.search.run import writable_folder
+from iterhead.search.folder import writable_folder
 from iterhead.trainable import results as r
 
 

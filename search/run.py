@@ -5,24 +5,21 @@ before Ray starts); the tracking store and experiment are created once from the 
 while Ray starts, before any trial writes (concurrent first-time sqlite schema creation
 races); then Ray (the embedded default, or `--address`) runs the trials.
 
-Each search gets its own folder under the storage path, ``<name>-<YYYYmmdd-HHMMSS>``, with
-Tune's state and a small `iterhead-search.json` (parent run, tracking URI, state).
-``--resume`` continues the newest unfinished search of that name: finished trials are not
-run again, unfinished ones continue from their checkpoints, and MLflow keeps the same runs.
+Each search gets its own folder under the storage path (`search.folder`), with Tune's state
+and a small `iterhead-search.json` (parent run, tracking URI, state). ``--resume`` continues
+the newest unfinished search of that name: finished trials are not run again, unfinished
+ones continue from their checkpoints, and MLflow keeps the same runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
-import re
 import shlex
 import shutil
 import sys
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -30,12 +27,13 @@ from typing import Any, TextIO
 from iterhead.curricula.errors import ConfigError
 from iterhead.curricula.trial import SMOKE_PBT
 from iterhead.search import outcome, sharing, signals
+from iterhead.search.folder import (STATE_FILE, absolute_uri, check_parent_run, check_tune_state, hold_folder,
+                                    search_folder)
 from iterhead.search.spec import LoadedSearch, SearchSettings
-from iterhead.search.tracking import Heartbeat, RunWriter, sqlite_file, ui_hint
+from iterhead.search.tracking import Heartbeat, RunWriter, ui_hint
 from iterhead.trainable import results
 from iterhead.trainable.checkpoint import write_atomic
 
-STATE_FILE = "iterhead-search.json"
 POPULATION = "population"  # a PBT search's population entries, inside its folder (`trainable/population.py`)
 SCRATCH = "artifacts"  # the MLflow callback's copies of trial artifacts awaiting upload
 
@@ -108,118 +106,6 @@ def check_resources(loaded: LoadedSearch, cpus: float, gpus: float, where: str) 
     if gpu > 1 and gpu != int(gpu):
         raise ConfigError("more than one GPU per trial must be a whole number", field="resources.gpu", file=file)
     return {"cpu": r.cpu, "gpu": gpu}
-
-
-def search_folder(loaded: LoadedSearch, opts: SearchOptions) -> tuple[Path, dict[str, Any] | None]:
-    """Where this search's Tune state lives, and its saved state when resuming."""
-    if opts.storage_path and "://" in opts.storage_path:
-        raise ConfigError("give a local or shared-file-system folder (object-store URIs are not "
-                          "supported yet)", field="--storage-path")
-    root = Path(opts.storage_path or "ray_results").resolve()
-    writable_folder(root, "--storage-path")
-    name = loaded.spec.name
-    own = re.compile(rf"{re.escape(name)}-\d{{8}}-\d{{6}}x*")
-    if not opts.resume:
-        folder = root / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        root.mkdir(parents=True, exist_ok=True)
-        while True:  # made here, atomically: two searches started in one second get a folder each
-            try:
-                folder.mkdir()
-                return folder, None
-            except FileExistsError:
-                folder = folder.with_name(folder.name + "x")
-    states = []
-    for path in root.glob(f"{name}-*/{STATE_FILE}"):
-        if not own.fullmatch(path.parent.name):  # another search whose name starts like this one
-            continue
-        state = json.loads(path.read_text())
-        if state.get("state") != "finished":
-            states.append((path.stat().st_mtime, path.parent, state))
-    if not states:
-        raise ConfigError(f"no unfinished search named {name!r} under {root}; run it without --resume",
-                          field="--resume")
-    _, folder, state = max(states, key=lambda s: s[0])
-    if state["uri"] not in (opts.uri, absolute_uri(opts.uri)):  # a search's state holds it absolute
-        raise ConfigError(f"the search was tracked in {state['uri']}; resume it with that --tracking-uri",
-                          field="--tracking-uri")
-    return folder, state
-
-
-DRIVER_LOCK = "driver.lock"  # in a search's folder, locked by the driver that runs it
-
-
-def hold_folder(folder: Path) -> int:
-    """Lock the search's folder for this driver (an exclusive `flock`, which the system drops
-    when the process ends, however it ends); the descriptor to close when the search ends.
-    `ConfigError` while another driver holds it: two drivers of one search wrote the same Tune
-    state and MLflow runs, training configurations twice and logging steps twice."""
-    fd = os.open(folder / DRIVER_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ConfigError(f"the search in {folder} is still running (its driver holds {DRIVER_LOCK}); stop "
-                          "it, or wait for it to end, before resuming", field="--resume") from None
-    return fd
-
-
-def writable_folder(folder: Path, field: str) -> None:
-    """`ConfigError` unless `folder` is, or can be made, a folder to write in: checked before
-    Ray starts or any MLflow run exists, not found by a traceback halfway through."""
-    existing = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())
-    if not existing.is_dir():
-        raise ConfigError(f"{existing} is not a folder; give a folder (or a path where one can be made)",
-                          field=field)
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write in {existing}; give a folder you can write in", field=field)
-
-
-def absolute_uri(uri: str) -> str:
-    """`uri` with a relative sqlite path made absolute: a search resumed from another folder
-    then still names its own store, not a new one in that folder."""
-    file = sqlite_file(uri)
-    return f"sqlite:///{file.resolve()}" if file is not None and not file.is_absolute() else uri
-
-
-def check_parent_run(uri: str, state: dict[str, Any]) -> None:
-    """`ConfigError` unless the resumed search's parent run is in the store `uri` names (a
-    relative sqlite URI names another store in another folder). Creates no store."""
-    parent, tracked = state["parent_run_id"], state["uri"]
-    file = sqlite_file(uri)
-    where = (f"{tracked} is relative to the folder the search started in: run --resume from that folder"
-             if absolute_uri(tracked) != tracked else "restore the store it was tracked in, or run the search "
-             "again without --resume")
-    missing = f"the search's MLflow parent run {parent} is not in {uri}; {where}"
-    if file is not None and not file.is_file():
-        raise ConfigError(missing, field="--tracking-uri")
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    try:
-        MlflowClient(uri).get_run(parent)
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        raise ConfigError(missing, field="--tracking-uri") from None
-
-
-def check_tune_state(folder: Path) -> None:
-    """`ConfigError` unless Tune's newest saved state in `folder` reads. Tune restores from it,
-    and where it is empty or cut short (the driver killed while Tune wrote it) Tune started the
-    search afresh inside the old one: a PBT search then reported a population of one, marked
-    itself finished and removed the others' entries."""
-    states = sorted(folder.glob("experiment_state-*.json"))  # the names sort by their time stamps
-    if not states:
-        raise ConfigError(f"Tune saved no state in {folder} before the search stopped; run it again "
-                          "without --resume", field="--resume")
-    try:
-        json.loads(states[-1].read_text())
-    except (OSError, ValueError):
-        way = (f"remove it to resume from the one before ({states[-2].name}), or run the search again without "
-               "--resume" if len(states) > 1 else "run the search again without --resume")
-        raise ConfigError(f"Tune's saved state {states[-1].name} in {folder} is empty or cut short (the search "
-                          f"was killed while Tune wrote it), and Tune resumes from the newest; {way}",
-                          field="--resume") from None
 
 
 def quiet_libraries() -> None:

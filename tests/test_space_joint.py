@@ -14,7 +14,8 @@ from mlflow import MlflowClient
 from iterhead.search.callback import INVALID_TAG
 from iterhead.search.cli import main
 from iterhead.search.run import STATE_FILE, SearchOptions, run_search
-from iterhead.search.spec import Domain, joint_probes, load_search
+from iterhead.search.spec import Domain, load_search
+from iterhead.search.spec_checks import joint_probes
 
 BASE = {
     "name": "joint-base", "seed": 0,

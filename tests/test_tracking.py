@@ -133,7 +133,7 @@ def test_a_resumed_search_whose_parent_run_is_gone_exits_2(tmp_path):
 HOLD = """
 import sys, time
 from pathlib import Path
-from iterhead.search.run import hold_folder
+from iterhead.search.folder import hold_folder
 hold_folder(Path(sys.argv[1]))
 print("held", flush=True)
 time.sleep(600)
@@ -172,11 +172,11 @@ def test_a_resume_while_the_search_still_runs_exits_2_before_ray(tmp_path, capsy
 def test_searches_started_in_one_second_get_a_folder_each(tmp_path, monkeypatch):
     """The name is the start time; it was checked free but made later, after Ray had started, so
     the second of two searches started together failed with FileExistsError."""
-    from iterhead.search import run
+    from iterhead.search import folder, run
     from iterhead.search.spec import load_search
 
     spec, _ = interrupted_search(tmp_path, f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.setattr(run.time, "strftime", lambda fmt: "20260101-000000")
+    monkeypatch.setattr(folder.time, "strftime", lambda fmt: "20260101-000000")
     opts = run.SearchOptions(uri=f"sqlite:///{tmp_path}/mlflow.db", storage_path=str(tmp_path / "new"))
     first, _ = run.search_folder(load_search(spec), opts)
     second, _ = run.search_folder(load_search(spec), opts)

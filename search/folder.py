@@ -1,0 +1,139 @@
+"""Where a search's state lives: its own folder under the storage path, and what is checked
+there before a search starts or resumes.
+
+A new search gets ``<name>-<YYYYmmdd-HHMMSS>`` (an ``x`` added while the name is taken), made
+at once; it holds Tune's state and `STATE_FILE` (parent run, tracking URI, state). Its driver
+locks it (`hold_folder`) while it runs. ``--resume`` picks the newest unfinished search of
+that name, in the same store, with a parent run there and a Tune state that reads.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from iterhead.curricula.errors import ConfigError
+from iterhead.search.tracking import sqlite_file
+
+if TYPE_CHECKING:
+    from iterhead.search.run import SearchOptions
+    from iterhead.search.spec import LoadedSearch
+
+STATE_FILE = "iterhead-search.json"
+
+
+def search_folder(loaded: LoadedSearch, opts: SearchOptions) -> tuple[Path, dict[str, Any] | None]:
+    """Where this search's Tune state lives, and its saved state when resuming."""
+    if opts.storage_path and "://" in opts.storage_path:
+        raise ConfigError("give a local or shared-file-system folder (object-store URIs are not "
+                          "supported yet)", field="--storage-path")
+    root = Path(opts.storage_path or "ray_results").resolve()
+    writable_folder(root, "--storage-path")
+    name = loaded.spec.name
+    own = re.compile(rf"{re.escape(name)}-\d{{8}}-\d{{6}}x*")
+    if not opts.resume:
+        folder = root / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        root.mkdir(parents=True, exist_ok=True)
+        while True:  # made here, atomically: two searches started in one second get a folder each
+            try:
+                folder.mkdir()
+                return folder, None
+            except FileExistsError:
+                folder = folder.with_name(folder.name + "x")
+    states = []
+    for path in root.glob(f"{name}-*/{STATE_FILE}"):
+        if not own.fullmatch(path.parent.name):  # another search whose name starts like this one
+            continue
+        state = json.loads(path.read_text())
+        if state.get("state") != "finished":
+            states.append((path.stat().st_mtime, path.parent, state))
+    if not states:
+        raise ConfigError(f"no unfinished search named {name!r} under {root}; run it without --resume",
+                          field="--resume")
+    _, folder, state = max(states, key=lambda s: s[0])
+    if state["uri"] not in (opts.uri, absolute_uri(opts.uri)):  # a search's state holds it absolute
+        raise ConfigError(f"the search was tracked in {state['uri']}; resume it with that --tracking-uri",
+                          field="--tracking-uri")
+    return folder, state
+
+
+DRIVER_LOCK = "driver.lock"  # in a search's folder, locked by the driver that runs it
+
+
+def hold_folder(folder: Path) -> int:
+    """Lock the search's folder for this driver (an exclusive `flock`, which the system drops
+    when the process ends, however it ends); the descriptor to close when the search ends.
+    `ConfigError` while another driver holds it: two drivers of one search wrote the same Tune
+    state and MLflow runs, training configurations twice and logging steps twice."""
+    fd = os.open(folder / DRIVER_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"the search in {folder} is still running (its driver holds {DRIVER_LOCK}); stop "
+                          "it, or wait for it to end, before resuming", field="--resume") from None
+    return fd
+
+
+def writable_folder(folder: Path, field: str) -> None:
+    """`ConfigError` unless `folder` is, or can be made, a folder to write in: checked before
+    Ray starts or any MLflow run exists, not found by a traceback halfway through."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        raise ConfigError(f"{existing} is not a folder; give a folder (or a path where one can be made)",
+                          field=field)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write in {existing}; give a folder you can write in", field=field)
+
+
+def absolute_uri(uri: str) -> str:
+    """`uri` with a relative sqlite path made absolute: a search resumed from another folder
+    then still names its own store, not a new one in that folder."""
+    file = sqlite_file(uri)
+    return f"sqlite:///{file.resolve()}" if file is not None and not file.is_absolute() else uri
+
+
+def check_parent_run(uri: str, state: dict[str, Any]) -> None:
+    """`ConfigError` unless the resumed search's parent run is in the store `uri` names (a
+    relative sqlite URI names another store in another folder). Creates no store."""
+    parent, tracked = state["parent_run_id"], state["uri"]
+    file = sqlite_file(uri)
+    where = (f"{tracked} is relative to the folder the search started in: run --resume from that folder"
+             if absolute_uri(tracked) != tracked else "restore the store it was tracked in, or run the search "
+             "again without --resume")
+    missing = f"the search's MLflow parent run {parent} is not in {uri}; {where}"
+    if file is not None and not file.is_file():
+        raise ConfigError(missing, field="--tracking-uri")
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient(uri).get_run(parent)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise ConfigError(missing, field="--tracking-uri") from None
+
+
+def check_tune_state(folder: Path) -> None:
+    """`ConfigError` unless Tune's newest saved state in `folder` reads. Tune restores from it,
+    and where it is empty or cut short (the driver killed while Tune wrote it) Tune started the
+    search afresh inside the old one: a PBT search then reported a population of one, marked
+    itself finished and removed the others' entries."""
+    states = sorted(folder.glob("experiment_state-*.json"))  # the names sort by their time stamps
+    if not states:
+        raise ConfigError(f"Tune saved no state in {folder} before the search stopped; run it again "
+                          "without --resume", field="--resume")
+    try:
+        json.loads(states[-1].read_text())
+    except (OSError, ValueError):
+        way = (f"remove it to resume from the one before ({states[-2].name}), or run the search again without "
+               "--resume" if len(states) > 1 else "run the search again without --resume")
+        raise ConfigError(f"Tune's saved state {states[-1].name} in {folder} is empty or cut short (the search "
+                          f"was killed while Tune wrote it), and Tune resumes from the newest; {way}",
+                          field="--resume") from None
