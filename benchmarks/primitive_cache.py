@@ -123,7 +123,8 @@ def main() -> None:
         for capacity in CAPACITIES:
             got = runs[eval_precision, capacity]
             epochs = [s for g in got for s in g["epochs"]]
-            lines.append(f"| {eval_precision} | {capacity}{' (oneDNN default)' if capacity == DEFAULT_CAPACITY else ''} "
+            named = f"{capacity} (oneDNN default)" if capacity == DEFAULT_CAPACITY else capacity
+            lines.append(f"| {eval_precision} | {named} "
                          f"| {statistics.median(epochs):.2f} ({min(epochs):.2f} to {max(epochs):.2f}) "
                          f"| {', '.join(sorted({str(g['rebuilt']) for g in got}))} "
                          f"| {statistics.median(s for g in got for s in g['evals']):.2f} "
