@@ -137,3 +137,19 @@ def check_tune_state(folder: Path) -> None:
         raise ConfigError(f"Tune's saved state {states[-1].name} in {folder} is empty or cut short (the search "
                           f"was killed while Tune wrote it), and Tune resumes from the newest; {way}",
                           field="--resume") from None
+
+
+def check_resume_options(opts: SearchOptions, state: dict[str, Any]) -> None:
+    """`ConfigError` for a flag given with ``--resume`` that the search did not start with: a
+    resume trains what the search began with (its saved state), which would silently win."""
+    began = {"--smoke": state.get("smoke", False), "--precision": state.get("precision", "fp32"),
+             "--no-share": not state.get("share", False)}
+    given = {"--smoke": opts.smoke or None, "--precision": None if opts.precision == "auto" else opts.precision,
+             "--no-share": (not opts.share) or None}
+    for flag, value in given.items():
+        if value is not None and value != began[flag]:
+            was = f"with --precision {began[flag]}" if flag == "--precision" else (
+                "with it" if began[flag] else "without it")
+            raise ConfigError(f"the search began {was}, and a resume trains what it began with; leave {flag} out",
+                              field=flag)
+

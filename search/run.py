@@ -27,8 +27,8 @@ from typing import Any, TextIO
 from iterhead.curricula.errors import ConfigError
 from iterhead.curricula.trial import SMOKE_PBT
 from iterhead.search import outcome, sharing, signals
-from iterhead.search.folder import (STATE_FILE, absolute_uri, check_parent_run, check_tune_state, hold_folder,
-                                    search_folder)
+from iterhead.search.folder import (STATE_FILE, absolute_uri, check_parent_run, check_resume_options,
+                                    check_tune_state, hold_folder, search_folder)
 from iterhead.search.spec import LoadedSearch, SearchSettings
 from iterhead.search.tracking import Heartbeat, RunWriter, ui_hint
 from iterhead.trainable import results
@@ -164,6 +164,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
     opts = replace(opts, uri=absolute_uri(opts.uri))  # saved in the state, used by the restored callback
     stopping = contextlib.ExitStack()
     if state:
+        check_resume_options(opts, state)
         check_parent_run(opts.uri, state)
         check_tune_state(folder)
     stopping.callback(os.close, hold_folder(folder))  # the driver's, while it runs: a second --resume is refused

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -182,3 +183,24 @@ def test_searches_started_in_one_second_get_a_folder_each(tmp_path, monkeypatch)
     second, _ = run.search_folder(load_search(spec), opts)
     assert (first.name, second.name) == ("moved-20260101-000000", "moved-20260101-000000x")
     assert first.is_dir() and second.is_dir()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--precision", "bf16"], "--precision: the search began with --precision fp32"),
+    (["--smoke"], "--smoke: the search began without it"),
+    (["--no-share"], "--no-share: the search began without it"),
+])
+def test_a_resume_with_a_flag_the_search_did_not_start_with_exits_2(tmp_path, capsys, monkeypatch, flags, words):
+    """The saved state wins on a resume, so the flag was ignored without a word."""
+    from iterhead.search import run
+    from iterhead.search.cli import main
+
+    spec, state = interrupted_search(tmp_path, f"sqlite:///{tmp_path}/mlflow.db")
+    saved = tmp_path / "runs" / "moved-20250101-000000" / "iterhead-search.json"
+    saved.write_text(json.dumps({**state, "precision": "fp32", "smoke": False, "share": True}))
+    monkeypatch.setattr(run, "start_ray", no_ray)  # a tripwire: the check must come first
+    capsys.readouterr()
+    assert main(["search", spec, "--resume", "--storage-path", str(tmp_path / "runs"),
+                 "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0] and "leave" in err[0], err
