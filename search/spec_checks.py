@@ -13,7 +13,7 @@ import itertools
 import math
 import random
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 from iterhead.curricula.errors import ConfigError, shown, unknown
 from iterhead.curricula.io import parse_curriculum
@@ -79,14 +79,26 @@ def _check_shares_leave_a_task(spec: SearchSpec, base: Curriculum, file: str) ->
             searched.setdefault(parts[1], []).append(parts[3])
     for name, tasks in searched.items():
         stage = next((s for s in base.stages if s.name == name), None)
-        if stage is None or any(task not in tasks for task, share in stage.mix.items() if share > 0):
+        if stage is None or not takes_every_task(stage, tasks):
             continue
-        trained = ", ".join(sorted(task for task, share in stage.mix.items() if share > 0))
+        trained = ", ".join(sorted(_weighted(stage)))
         raise ConfigError(f"stage {name!r} of the base trains only {trained}, which the space searches, so the "
                           "drawn shares would be rescaled to sum to 1 behind the values recorded; leave one task "
                           "of the stage's mix out of the space to take the rest (give the base's mix that task "
                           "if it has none)",
                           field=f"space.stages.{name}.mix.{tasks[0]}", file=file)
+
+
+def _weighted(stage: StageSpec) -> list[str]:
+    """The tasks a stage trains (a positive weight in its mix)."""
+    return [task for task, share in stage.mix.items() if share > 0]
+
+
+def takes_every_task(stage: StageSpec, tasks: Iterable[str]) -> bool:
+    """Whether drawn shares of `tasks` leave no task of the stage's mix to take the rest
+    (`overrides.blend` would then rescale them behind the values recorded)."""
+    drawn = set(tasks)
+    return all(task in drawn for task in _weighted(stage))
 
 
 def _check_space_key(key: str, domain: Domain, file: str) -> None:
@@ -212,7 +224,7 @@ def _check_pbt(spec: SearchSpec, base: Curriculum, file: str) -> None:
         raise ConfigError(f"stage {clash!r} of the base has the form of the names PBT gives the segments of "
                           f"stage {name!r}; rename it", field="pbt.stage", file=file)
     mutated = {key.split(".", 1)[1] for key in pbt.mutate if key.startswith("mix.")}
-    if mutated and all(task in mutated for task, share in stage.mix.items() if share > 0):
+    if mutated and takes_every_task(stage, mutated):
         raise ConfigError(f"leave one task of stage {name!r}'s mix out of pbt.mutate: it takes the share the "
                           f"mutated ones leave (with every task mutated, the shares would be rescaled to sum "
                           f"to 1 behind the drawn values)", field="pbt.mutate", file=file)

@@ -106,7 +106,8 @@ def prepare_env() -> None:
       product's primitive holds 0.4 to 0.8 MB (measured on an AMD EPYC with AVX-512 bf16), and
       a bf16 evaluation meets new shapes as its rows stop at other places (30 to 80 more an
       evaluation there), so a long run with `eval.precision: bf16` may come to hold the whole
-      capacity, 2 to 3 GB, where 1024 held under 1 GB; fp32's GELU primitives take a few kB.
+      capacity, 4096 x 0.4 to 0.8 MB = 1.6 to 3.3 GB, where 1024 held under 1 GB; fp32's GELU
+      primitives take a few kB.
     """
     os.environ.setdefault(CUBLAS_WORKSPACE_ENV, CUBLAS_WORKSPACE)
     os.environ.setdefault(ONEDNN_CACHE_ENV, ONEDNN_CACHE_CAPACITY)
