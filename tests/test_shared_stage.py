@@ -20,7 +20,8 @@ from iterhead.search.run import SearchOptions, run_search
 from iterhead.search.spec import load_search
 from iterhead.trainable import results as r
 from iterhead.trainable.loop import Trainer
-from iterhead.trainable.prefix import points
+from iterhead.trainable.prefix import adopt, points
+from iterhead.trainable.schedule import Position
 from iterhead.trainable.seeds import Seeds
 from iterhead.trainable.summary import planned_flops
 from iterhead.trainable.tune import trained_flops
@@ -101,6 +102,30 @@ def test_a_resumed_group_continues_exactly() -> None:
     after = history(Seeds(cur, [1, 2], engine="lockstep", state=state).run())
     for seed in (1, 2):
         assert [same(m, True) for m in before[seed] + after[seed]] == [same(m, True) for m in whole[seed]]
+
+
+def test_a_group_forked_where_a_shorter_shared_stage_ends_goes_on_as_if_unforked() -> None:
+    """A shared pretraining of 2 epochs ends where a 4-epoch one is halfway: both have the same
+    prefix key there, so a search forks the longer from the shorter's state. That state must
+    hold the lead's Adam state, though the copies stand at their stage's end (where loading a
+    state drops the stage's optimiser); a fresh Adam halfway would train other numbers."""
+    def cur(epochs: int) -> Curriculum:
+        return tiny(stages=[{**STAGES[0], "epochs": epochs, "seed": 0}, STAGES[1]],
+                    eval={"every_epochs": 1, "probe_per_len": 4})
+
+    short, long = cur(2), cur(4)
+    assert next(p.key for p in points(short) if (p.stage, p.epoch) == (0, 2)) == \
+        next(p.key for p in points(long) if (p.stage, p.epoch) == (0, 2))
+    whole = history(Seeds(long, [1, 2], engine="lockstep").run())
+    producer = Seeds(short, [1, 2], engine="lockstep")
+    for _ in producer.run():
+        if producer.trainers[0].position == Position(0, 2):
+            break
+    state = adopt(producer.state_dict(), long, [1, 2])
+    assert all(s["optimizer"] is not None for s in state["seeds"])
+    forked = history(Seeds(long, [1, 2], engine="lockstep", state=state).run())
+    for seed in (1, 2):
+        assert [same(m, True) for m in forked[seed]] == [same(m, True) for m in whole[seed][2:]]
 
 
 def test_the_stacked_engine_starts_from_the_same_copy(float64) -> None:

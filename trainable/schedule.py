@@ -166,8 +166,8 @@ class Schedule:
                     n_batches = [0] * len(group)
                 watch.start()
             watch.stop()
-            for r in {*runs, *group}:
-                r.position = Position(index + 1, 0)
+            for r in {*runs, *group}:  # the next stage starts with a fresh optimiser
+                r.enter_stage(index + 1)
 
 
 def shared_lead(runs: list[Trainer]) -> Trainer | None:
@@ -202,5 +202,9 @@ def copy_lead(lead: Trainer, runs: list[Trainer]) -> None:
     state = lead.state_dict()
     for r in runs:
         if r is not lead:
-            r.load_state_dict(reseeded(state, r.cur.seed))
-            r.position = Position(lead.position.stage, lead.position.epoch)  # not yet moved on to the next stage
+            own = reseeded(state, r.cur.seed)
+            r.load_state_dict(own)
+            # not yet moved on to the next stage, nor rid of the stage's optimiser (which loading a state at
+            # a stage's last epoch drops): a trial forked here whose stage goes on keeps the lead's Adam state
+            r.position = Position(lead.position.stage, lead.position.epoch)
+            r._optim_state = own["optimizer"]
