@@ -350,8 +350,14 @@ class MlflowSearchCallback(tune.Callback):
         for trial in cut:
             if run_key(trial) in self.runs and run_key(trial) not in self.ended:
                 self._end(trial, "KILLED")
-        for trial in trials:  # PBT members still open: the population ended before their training did
-            if run_key(trial) not in self.ended and run_key(trial) in self.runs:  # (or, if cut, the search)
+        # PBT members still open: the population ended before their training did (or, if cut, the
+        # search). After a resume that includes a member whose last generation ran before the stop,
+        # whose run this driver has not touched (found again by its tags), but not a failed one.
+        failed = {run_key(t) for t in trials if t.status == "ERROR"}
+        for trial in trials:
+            key = run_key(trial)
+            if key not in self.ended and key not in failed and (
+                    key in self.runs or member_of(trial) is not None and trial.last_result):
                 self._end(trial, "KILLED" if cut else "FINISHED")
         self.close()
 

@@ -19,9 +19,12 @@ from iterhead.trainable import results
 
 def ended(last_result: dict[str, Any] | None, errored: bool) -> bool:
     """Whether a trial ended (or failed), from its last result. Not Tune's trial state: after a
-    graceful stop (Ctrl-C, SIGTERM) Tune holds the trials it stopped as TERMINATED. It marks a
-    last result done only where the trial ended or its scheduler stopped it."""
-    return errored or bool((last_result or {}).get("done"))
+    graceful stop (Ctrl-C, SIGTERM) Tune holds the trials it stopped as TERMINATED. A trial's
+    last report says it ended (`results.TRIAL_ENDS`); Tune marks a last result done where its
+    scheduler stopped the trial, and where a trial returned, but that mark can miss the saved
+    state a resume restores (made in place, after the last report was saved)."""
+    last = last_result or {}
+    return errored or bool(last.get("done")) or bool(last.get(results.TRIAL_ENDS))
 
 
 def trial_rows(grid, writer: RunWriter, experiment: str, parent: str, keys: list[str],

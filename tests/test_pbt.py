@@ -193,28 +193,42 @@ def test_report_shows_the_members_and_the_best_lineage(search, tmp_path):
     assert 'alt="best_accuracy_by_length"' not in page
 
 
-def test_a_sigkilled_pbt_search_resumes_to_the_same_population(search, tmp_path):
-    rows, _, _, _ = search
+@pytest.mark.parametrize("sig, at", [(signal.SIGKILL, "copies member"), (signal.SIGTERM, " finished:")],
+                         ids=["sigkill-mid-population", "sigterm-at-its-end"])
+def test_a_stopped_pbt_search_resumes_to_the_same_population(search, tmp_path, sig, at):
+    """SIGKILL (driver and Ray at once) once a generation is decided and the next trains, or
+    SIGTERM (a graceful stop) once a member reached the target, when the members that already
+    trained their last generation get no trial after the resume; then `--resume`. Tune is made
+    to save its state at every step (``TUNE_GLOBAL_CHECKPOINT_S=0``), so a state saved after a
+    trial's last report and before Tune marked it done is certain: the resume must still see
+    that trial as ended, from the trial's own last report."""
+    rows, client0, _, _ = search
     write(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     iterhead = str(Path(sys.executable).parent / "iterhead")
     args = [iterhead, "search", "spec.yaml", "--storage-path", "runs", "--tracking-uri", uri, "--num-cpus", "2"]
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0"}
     driver = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+                              start_new_session=True, env=env)
     seen = []
     for line in driver.stdout:
         seen.append(line)
-        if "copies member" in line:  # a generation decided; the next is training
-            os.killpg(driver.pid, signal.SIGKILL)
+        if at in line:
+            if sig == signal.SIGKILL:
+                os.killpg(driver.pid, signal.SIGKILL)
+            else:
+                driver.send_signal(sig)
             break
-    driver.wait(timeout=60)
-    assert driver.returncode == -signal.SIGKILL, "".join(seen)
-    resumed = subprocess.run(args + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    seen += driver.stdout.readlines()
+    driver.wait(timeout=120)
+    assert driver.returncode == (-sig if sig == signal.SIGKILL else 128 + sig), "".join(seen)
+    resumed = subprocess.run(args + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("pbt").experiment_id])
     by_member = members(client)
     assert len(runs) == 1 + MEMBERS and sorted(by_member) == list(range(MEMBERS))  # no duplicate runs
+    # every member FINISHED, also one whose last generation ended before the stop
     assert all(x.info.status == "FINISHED" for x in runs), [(x.info.run_name, x.info.status) for x in runs]
     expected = {int(row["trial_id"].split("-")[1]): (row[r.REACHED], row[r.COMPUTE_TO_TARGET], row[r.FLOPS])
                 for row in rows}
@@ -223,6 +237,12 @@ def test_a_sigkilled_pbt_search_resumes_to_the_same_population(search, tmp_path)
         assert sorted(steps) == list(range(len(steps))), (m, sorted(steps))  # each step once
         got = (run.data.metrics[r.REACHED], run.data.metrics[r.COMPUTE_TO_TARGET], run.data.metrics[r.FLOPS])
         assert got == expected[m], m  # the population went on exactly as without the kill
+    parent, parent0 = (next(x for x in c.search_runs([c.get_experiment_by_name("pbt").experiment_id])
+                            if x.data.tags.get(r.KIND) == r.KIND_SEARCH) for c in (client, client0))
+    # what the search trained, and its lineages' worth, as without the stop (a trial re-run from the
+    # prefix it stored itself before the stop trained that prefix: `tune.fork_record`)
+    for key in (r.FLOPS_TRAINED, r.FLOPS_CURRICULA):
+        assert parent.data.metrics[key] == parent0.data.metrics[key], key
 
 
 SHIPPED = sorted((ROOT / "examples").rglob("*pbt*.yaml"))

@@ -107,6 +107,21 @@ def test_over_seeds_uses_the_lower_median_and_counts_half_as_reached():
     assert score.compute_to_target == 10.0 and not score.reached and score.target_acc == 0.3
 
 
+def test_a_trial_is_trained_out_when_every_seed_is_not_only_its_first():
+    """A restored (or forked) replicate trial decides from its seeds' states whether anything is
+    left to train. A seed that reached the target early stands where it reached; the others
+    trained on to the end without reaching: nothing is left, whichever seed comes first."""
+    from iterhead.trainable.schedule import Position
+    from iterhead.trainable.tune import trained_out
+
+    cur = parse_curriculum(BASE, file="test")
+    early, late, fresh = (Trainer(cur.model_copy(update={"seed": s})) for s in SEEDS)
+    early.outcome.reached, early.position = True, Position(0, 2)
+    late.position = Position(1, 0)  # past its only stage
+    assert trained_out([early, late]) and trained_out([late, early])
+    assert not trained_out([early, late, fresh])
+
+
 def best_configuration(runs):
     """What export ranks first: the lowest median among reached configurations (ties: higher
     target accuracy, then trial id)."""

@@ -67,3 +67,17 @@ def test_a_trial_stopped_while_replaying_its_prefix_trained_nothing():
     producer = {r.FLOPS_SEEDS: 2.0e9, r.FLOPS_FORKED: 0.0}
     assert accounting([producer, early]) == {r.FLOPS_CURRICULA: 2.5e9, r.FLOPS_TRAINED: 2.0e9}
     assert replayed_fork({r.FLOPS_SEEDS: 2.0e9}, forked)[r.FLOPS_FORKED] == 2.0e9  # the prefix's last report
+
+
+def test_a_trial_restarted_from_a_prefix_it_stored_itself_forked_nothing():
+    """A trial retried (or resumed) before its first checkpoint starts from the deepest stored
+    state of its curriculum, which it may have stored itself: that prefix is its own training,
+    counted once by the search, not a fork that no trial counts as trained."""
+    from iterhead.trainable.tune import fork_record
+
+    entry = {"source": {"trial": "t1", "node": "n"}, "reports": [{r.FLOPS_SEEDS: 1.0e9}, {r.FLOPS_SEEDS: 2.0e9}]}
+    own = fork_record(entry, "pretrain", 4, "t1")
+    assert own == {r.FLOPS_FORKED: 0.0}
+    assert accounting([{r.FLOPS_SEEDS: 3.0e9, **own}]) == {r.FLOPS_CURRICULA: 3.0e9, r.FLOPS_TRAINED: 3.0e9}
+    other = fork_record(entry, "pretrain", 4, "t2")
+    assert other == {r.FLOPS_FORKED: 2.0e9, r.PREFIX_SOURCE: "t1 on node n, stage pretrain epoch 4"}

@@ -78,6 +78,10 @@ SECONDS_TO_TARGET = "seconds_to_target"
 TARGET_ACC = "target_acc"
 SEEDS_REACHED = "seeds_reached"  # replicate trials: how many seeds reached the target
 MEMBER_ENDS = "member_ends"  # a PBT trial: 1 when the member's training ended, 0 at an interval's end
+# 1 in a trial's last report: Tune's own `done` can be lost from its saved state (it marks a
+# finished function trial done in place, after the state may have been saved), so a resumed
+# search reads a trial's end from here (`search.outcome.ended`)
+TRIAL_ENDS = "trial_ends"
 SUMMARY = (REACHED, DIVERGED, COMPUTE_TO_TARGET, EXAMPLES_TO_TARGET, SECONDS_TO_TARGET, TARGET_ACC,
            SEEDS_REACHED)
 

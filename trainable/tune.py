@@ -147,10 +147,7 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float |
             point, entry = sharing.start(device)
             if entry is not None:
                 state, replay = adopt(entry["state"], cur, seeds), list(entry["reports"])
-                src = entry["source"]
-                forked = {results.FLOPS_FORKED: float(replay[-1][results.FLOPS_SEEDS]),
-                          results.PREFIX_SOURCE: f"{src['trial']} on node {src['node']}, "
-                                                 f"stage {cur.stages[point.stage].name} epoch {point.epoch}"}
+                forked = fork_record(entry, cur.stages[point.stage].name, point.epoch, source["trial"])
         elif sharing is not None:
             sharing.resume()
         _train(cur, device, precision, seeds, state, history, replay, forked, penalty, budget, checkpoint_every_s,
@@ -158,6 +155,25 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float |
     finally:
         if sharing is not None:
             sharing.close()
+
+
+def trained_out(trainers: list[Trainer]) -> bool:
+    """Whether no evaluation follows for any seed: each reached the target, diverged or passed its
+    last stage. Not the first seed's position alone: a replicate seed that reached early stands
+    where it reached, before the end the others trained to."""
+    return all(t.finished or t.position.stage > last_stage(t.cur) for t in trainers)
+
+
+def fork_record(entry: dict[str, Any], stage: str, epoch: int, trial: str) -> dict[str, Any]:
+    """What a trial starting from a stored prefix `entry` (at `epoch` of `stage`) reports it forked:
+    the prefix's FLOPs and where it came from. An entry the trial stored itself (before a
+    retry, or a resume, that found no checkpoint of its own) is its own training, not a fork:
+    the search's trained FLOPs (`search.sharing.accounting`) would otherwise count it nowhere."""
+    src = entry["source"]
+    if src["trial"] == trial:
+        return {results.FLOPS_FORKED: 0.0}
+    return {results.FLOPS_FORKED: float(entry["reports"][-1][results.FLOPS_SEEDS]),
+            results.PREFIX_SOURCE: f"{src['trial']} on node {src['node']}, stage {stage} epoch {epoch}"}
 
 
 def trained_flops(trainers: list[Trainer]) -> float:
@@ -195,7 +211,7 @@ def replayed_fork(report: dict[str, Any], forked: dict[str, Any]) -> dict[str, A
 def strip(report: dict[str, Any]) -> dict[str, Any]:
     """A report without what belongs to the trial that made it (where it ran, what it forked)."""
     own = (results.NODE_ID, results.TORCH_THREADS, results.DEVICE, results.PRECISION, results.PREFIX_SOURCE,
-           results.FLOPS_FORKED)
+           results.FLOPS_FORKED, results.TRIAL_ENDS)
     return {k: v for k, v in report.items() if k not in own}
 
 
@@ -244,19 +260,22 @@ def _train(cur: Curriculum, device: torch.device, precision: str, seeds: list[in
     def stops(trainer: Trainer) -> bool:
         return member is not None and member.stops_at(trainer.position)
 
-    done = all(t.finished for t in trainers) or trainers[0].position.stage > last_stage(cur) or stops(trainers[0])
+    done = trained_out(trainers) or stops(trainers[0])
     for i, report in enumerate(replay):  # the prefix's reports, as its trial made them
         metrics = {**report, **where, **replayed_fork(report, forked)}
         final = i == len(replay) - 1 and (done or over_budget(metrics))
+        if final:
+            metrics[results.TRIAL_ENDS] = 1.0
         send(metrics, final, replay[:i])
         if final:
             return
     if history and (done or over_budget(history[-1])):  # restored after it had finished
         if stops(trainers[0]) and not member.has_left():  # killed between its last report and its entry
             member.leave(state_dict())
-        tune.report({**history[-1], **where, **forked})
+        tune.report({**history[-1], **where, **forked, results.TRIAL_ENDS: 1.0})
         return
     step = int(history[-1][results.STEP]) + 1 if history else 0  # a replicate trial counts its reports
+    over = {t.cur.seed for t in trainers if t.finished}  # seeds no evaluation follows for
     saved_at = time.monotonic()
     for evaluations in rounds:
         if seeds is None:
@@ -281,6 +300,9 @@ def _train(cur: Curriculum, device: torch.device, precision: str, seeds: list[in
         if stops(trainers[0]) and not ends:  # the generation's end: the next one starts from here
             member.leave(state_dict())
             ends = True
+        over.update(seed for seed, ev in evaluations if ev.final)
+        if ends or len(over) == len(trainers):  # the trial's last report
+            metrics[results.TRIAL_ENDS] = 1.0
         save = ends or resumable(evaluations, trainers) and (
             any(ev.final for _, ev in evaluations) or time.monotonic() - saved_at >= checkpoint_every_s)
         send(metrics, save, history[:-1])
