@@ -229,7 +229,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
             parent = writer.submit(writer.create_run, experiment, f"search:{spec.name}",
                                    {results.KIND: results.KIND_SEARCH, results.SPEC_TAG: str(loaded.path.resolve()),
                                     results.STORAGE_TAG: str(folder)},
-                                   _spec_params(loaded, settings, opts)).result()
+                                   _spec_params(loaded, settings, opts, base)).result()
             heartbeat = Heartbeat(writer, parent)
             _save_state(folder, {"parent_run_id": parent, "uri": opts.uri, "spec": str(loaded.path.resolve()),
                                  "state": "running", "base": base, "budget": budget, "smoke": smoke,
@@ -301,9 +301,25 @@ def _save_state(folder: Path, state: dict[str, Any]) -> None:
     write_atomic(folder / STATE_FILE, lambda f: f.write(json.dumps(state, indent=1).encode()))
 
 
-def _spec_params(loaded: LoadedSearch, settings: SearchSettings, opts: SearchOptions) -> dict[str, Any]:
-    params: dict[str, Any] = {f"space.{k}": f"{d.kind} {d.args}" for k, d in loaded.spec.space.items()}
-    params.update({f"search.{k}": v for k, v in settings.model_dump().items()})
+PBT_UNUSED = ("algorithm", "grace_fraction", "reduction_factor")  # search settings a PBT search does not read
+
+
+def _spec_params(loaded: LoadedSearch, settings: SearchSettings, opts: SearchOptions,
+                 base: dict[str, Any]) -> dict[str, Any]:
+    """The parent run's params: how the search searched (a PBT search: its `pbt` settings as it
+    runs them, not the searcher and ASHA settings it does not use), its budget and resources."""
+    spec = loaded.spec
+    params: dict[str, Any] = {f"space.{k}": f"{d.kind} {d.args}" for k, d in spec.space.items()}
+    search = settings.model_dump()
+    if spec.pbt is not None:
+        from iterhead.search import population
+
+        search = {k: v for k, v in search.items() if k not in PBT_UNUSED}
+        params.update({"pbt.interval_epochs": population.interval_for(spec.pbt, opts.smoke),
+                       "pbt.quantile": spec.pbt.quantile, "pbt.resample_probability": spec.pbt.resample_probability,
+                       "pbt.stage": population.pbt_stage(spec.pbt, base),
+                       **{f"pbt.mutate.{k}": f"{d.kind} {d.args}" for k, d in spec.pbt.mutate.items()}})
+    params.update({f"search.{k}": v for k, v in search.items()})
     params.update({"budget.flops": loaded.spec.budget.flops, "base": str(loaded.base_path), "smoke": opts.smoke,
                    "seeds": ",".join(map(str, loaded.spec.seeds)) if loaded.spec.seeds else "",
                    "precision": opts.precision})

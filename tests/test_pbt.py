@@ -182,6 +182,19 @@ def test_the_search_accounts_for_every_generation_and_the_shared_warm_up_once(se
     assert parent.data.metrics[r.FLOPS_TRAINED] == pytest.approx(lineages - (MEMBERS - 1) * 2 * epoch, rel=1e-12)
 
 
+def test_the_parent_run_records_how_the_population_searched(search):
+    """The parent's params hold the PBT settings as the search ran them, and none of the
+    searcher and ASHA settings that a PBT search does not read."""
+    _, client, _, _ = search
+    exp = client.get_experiment_by_name("pbt").experiment_id
+    parent, = client.search_runs([exp], filter_string=f"tags.`{r.KIND}` = '{r.KIND_SEARCH}'")
+    params = parent.data.params
+    assert (params["pbt.interval_epochs"], params["pbt.quantile"], params["pbt.stage"]) == ("2", "0.25", "train")
+    assert params["pbt.mutate.lr"] == "loguniform (0.0003, 0.003)" and "pbt.mutate.mix.polynomial" in params
+    assert params["search.scheduler"] == "pbt" and params["search.num_samples"] == str(MEMBERS)
+    assert not {"search.algorithm", "search.grace_fraction", "search.reduction_factor"} & set(params)
+
+
 def test_report_shows_the_members_and_the_best_lineage(search, tmp_path):
     rows, client, _, _ = search
     assert main(["report", "--experiment", "pbt", "--tracking-uri", client.tracking_uri,
