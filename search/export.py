@@ -29,6 +29,7 @@ only once complete, so an interrupted export never leaves half a file or spoils 
 from __future__ import annotations
 
 import re
+import shlex
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -105,6 +106,8 @@ def find_candidates(client: Any, experiment: str, parent_run_id: str | None) -> 
         raise ConfigError(f"no experiment named {experiment!r} in the tracking store", field="--experiment")
     if parent_run_id is not None and not re.fullmatch(r"[0-9a-f]{32}", parent_run_id):
         raise ConfigError(f"{parent_run_id!r} is not an MLflow run id (32 hex digits)", field="--run")
+    if parent_run_id is not None:
+        check_search_run(client, exp.experiment_id, experiment, parent_run_id)
     if parent_run_id is None:
         parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`{r.KIND}` = '{r.KIND_SEARCH}'",
                                      order_by=["attributes.start_time DESC"], max_results=1)
@@ -124,6 +127,27 @@ def find_candidates(client: Any, experiment: str, parent_run_id: str | None) -> 
     for c in reached:
         c.seeds = seeds.get(c.run_id, [])
     return parent_run_id, reached
+
+
+def check_search_run(client: Any, experiment_id: str, experiment: str, run_id: str) -> None:
+    """`ConfigError` unless `run_id` is a search's parent run in this experiment: a configuration
+    run (a replicate search's, whose children are its seeds) would be read as a search whose
+    trials are its seeds, and `iterhead report` would log its page into it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise ConfigError(f"no run {run_id} in the tracking store", field="--run") from None
+    kind = run.data.tags.get(r.KIND)
+    if run.info.experiment_id != experiment_id:
+        raise ConfigError(f"run {run_id} is not in experiment {experiment!r}", field="--run")
+    if kind != r.KIND_SEARCH:
+        what = f"a {kind} run" if kind else "not an iterhead run"
+        raise ConfigError(f"run {run_id} is {what}, not a search's parent run; give the parent run of the "
+                          "search (its name starts with 'search:')", field="--run")
 
 
 def header(c: Candidate, experiment: str, parent: str, rank: int, file: str, budget: str | None = None) -> str:
@@ -172,9 +196,10 @@ def safe_name(text: str) -> str:
     return name[:80] or "trial"
 
 
-def targets(out: Path, chosen: list[Candidate]) -> list[Path]:
-    """Where each chosen trial goes: OUT itself for one, OUT/<rank>-<trial>.yaml otherwise."""
-    if len(chosen) == 1 and out.suffix in (".yaml", ".yml"):
+def targets(out: Path, chosen: list[Candidate], top_k: int) -> list[Path]:
+    """Where each chosen trial goes: OUT itself with ``--top-k 1``, else OUT/<rank>-<trial>.yaml
+    (a folder whatever the number of trials that reached the target)."""
+    if top_k == 1:
         return [out]
     root = out.resolve()
     paths = []
@@ -186,11 +211,26 @@ def targets(out: Path, chosen: list[Candidate]) -> list[Path]:
     return paths
 
 
+def check_folder(out: Path, paths: list[Path]) -> None:
+    """`ConfigError` where the folder OUT holds ranked files of an earlier export that this one
+    would not replace: mixed in, two files would claim one rank. The same export again replaces
+    its own files; nothing else is removed."""
+    if not out.is_dir():
+        return
+    stale = sorted(p.name for p in out.glob("[0-9][0-9]-*.yaml") if p.resolve() not in set(paths))
+    if stale:
+        shown = ", ".join(stale[:3]) + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
+        raise ConfigError(f"{out} holds files of another export ({shown}) that this one would not replace; give "
+                          "a new or empty folder, or remove them", field="-o")
+
+
 def export(client: Any, experiment: str, out: Path, *, top_k: int = 1,
            parent_run_id: str | None = None) -> list[Path]:
     """Write the `top_k` best reached trials of the search; returns the files written."""
     if top_k == 1 and out.suffix not in (".yaml", ".yml"):
         raise ConfigError("with --top-k 1, give a file name ending in .yaml", field="-o")
+    if top_k == 1 and out.is_dir():
+        raise ConfigError(f"{out} is a folder; with --top-k 1, give a file name ending in .yaml", field="-o")
     if top_k > 1 and out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is not a folder; --top-k above 1 writes a folder", field="-o")
     if not out.parent.is_dir():
@@ -201,14 +241,17 @@ def export(client: Any, experiment: str, out: Path, *, top_k: int = 1,
     if not reached:
         raise ExportError(f"no trial of {experiment!r} reached its target; nothing to export")
     chosen = reached[:top_k]
-    paths = targets(out, chosen)
+    paths = targets(out, chosen, top_k)
+    if top_k > 1:
+        check_folder(out, paths)
     texts = []
     for rank, (c, path) in enumerate(zip(chosen, paths), 1):
         with tempfile.TemporaryDirectory(prefix="iterhead-export-") as tmp:
             local = client.download_artifacts(c.run_id, "curriculum.yaml", tmp)
             cur = parse_curriculum(parse_yaml_mapping(Path(local).read_text(), file=local), file=local)
-        texts.append(header(c, experiment, parent, rank, path.name, budget) + dump_curriculum(cur))
-    if len(paths) > 1 or paths[0] != out:
+        shown = out if top_k == 1 else out / path.name  # as given, so the command runs where export ran
+        texts.append(header(c, experiment, parent, rank, shlex.quote(str(shown)), budget) + dump_curriculum(cur))
+    if top_k > 1:
         out.mkdir(exist_ok=True)
     for path, text in zip(paths, texts):
         write_atomic(path, lambda f, text=text: f.write(text.encode()))

@@ -15,9 +15,17 @@ from iterhead.trainable.checkpoint import write_atomic
 def test_trial_names_cannot_escape_the_folder(tmp_path):
     evil = [Candidate("r1", "../../etc/passwd", {}, {}), Candidate("r2", "/abs/path", {}, {}),
             Candidate("r3", "..", {}, {})]
-    paths = targets(tmp_path / "out", evil)
+    paths = targets(tmp_path / "out", evil, 3)
     assert all(p.parent == (tmp_path / "out").resolve() for p in paths)
     assert safe_name("a/b\\c..d") == "a_b_c..d" and safe_name("..") == "trial"
+
+
+def test_top_k_above_one_writes_a_folder_however_few_trials_reached(tmp_path):
+    """The kind of OUT follows --top-k, not how many trials reached the target: the same command
+    gives a folder whatever the search it reads."""
+    one = [Candidate("r1", "t_00000", {}, {})]
+    assert targets(tmp_path / "top3.yaml", one, 3) == [(tmp_path / "top3.yaml" / "01-t_00000.yaml").resolve()]
+    assert targets(tmp_path / "best.yaml", one, 1) == [tmp_path / "best.yaml"]
 
 
 def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):

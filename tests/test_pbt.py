@@ -158,7 +158,7 @@ def test_the_best_lineage_exports_and_retrains_to_the_same_compute_to_target(sea
     header = [line for line in out.read_text().splitlines() if line.startswith("# reproduce")]
     assert best["trial_id"] in out.read_text() and "PBT member" in out.read_text()
     command = header[0].split(": ", 1)[1].split()
-    assert command[:3] == ["iterhead", "train", "best.yaml"] and "--budget" in command
+    assert command[:3] == ["iterhead", "train", str(out)] and "--budget" in command  # OUT as given
     assert main(["validate", str(out)]) == 0
     assert main(["train", str(out), *command[3:], "--tracking-uri", f"sqlite:///{tmp_path}/retrain.db",
                  "--experiment", "retrain"]) == 0

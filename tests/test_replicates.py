@@ -151,7 +151,7 @@ def test_export_writes_the_command_that_retrains_every_seed_to_its_result(search
     assert f"configuration {best.data.tags[r.TRIAL_ID]}, MLflow run {best.info.run_id}" in text
     assert threads == "1"  # resources.cpu = 1
     precision = best.data.tags[r.PRECISION_TAG]  # auto, resolved on this machine: what a re-run here resolves
-    prefix = "# reproduce every seed exactly on CPU: iterhead train best.yaml "
+    prefix = f"# reproduce every seed exactly on CPU: iterhead train {out} "
     (command,) = [line[len(prefix):].split() for line in text.splitlines() if line.startswith(prefix)]
     assert command == ["--seeds", "0,1,2", "--device", "cpu", "--threads", threads, "--precision", precision,
                        "--budget", str(BUDGET)]
@@ -169,6 +169,21 @@ def test_export_writes_the_command_that_retrains_every_seed_to_its_result(search
         assert retrained[seed].info.run_name == f"{BASE['name']}-seed{seed}"
         assert retrained[seed].data.metrics[r.REACHED] == m[r.REACHED], seed
         assert retrained[seed].data.metrics[r.COMPUTE_TO_TARGET] == m[r.COMPUTE_TO_TARGET], seed  # censored too
+
+
+def test_a_configuration_run_is_no_search_to_export_or_report(search, tmp_path, capsys):
+    """--run takes a search's parent run: a configuration run's children are its seeds, which
+    export and report would read as trials (and report would log its page into that run)."""
+    from iterhead.search.cli import main
+
+    _, runs, client, _ = search
+    config = best_configuration(runs)
+    common = ["--experiment", "replicates", "--tracking-uri", client.tracking_uri, "--run", config.info.run_id]
+    assert main(["export", *common, "-o", str(tmp_path / "x.yaml")]) == 2
+    assert main(["report", *common, "-o", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("configuration run, not a search's parent run" in line for line in err), err
+    assert list(tmp_path.iterdir()) == [] and not client.list_artifacts(config.info.run_id, "report")
 
 
 def test_report_has_one_median_row_per_configuration(search, tmp_path):

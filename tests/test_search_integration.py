@@ -138,6 +138,11 @@ def test_export_top_k_writes_a_folder_that_round_trips(search, tmp_path):
         again = tmp_path / f"again-{f.name}"
         again.write_text(dump_curriculum(cur))
         assert load_curriculum(again) == cur
+    export = ["export", "--experiment", "it-search", "--tracking-uri", client.tracking_uri, "--top-k", "5",
+              "-o", str(folder)]
+    assert main(export) == 0 and sorted(folder.glob("*.yaml")) == files  # the same export replaces its own
+    (folder / "07-another.yaml").write_text("kept: 1\n")  # a file of another export: two would claim a rank
+    assert main(export) == 2 and (folder / "07-another.yaml").read_text() == "kept: 1\n"
 
 
 def test_export_refuses_bad_targets(search, tmp_path, capsys):
@@ -151,9 +156,11 @@ def test_export_refuses_bad_targets(search, tmp_path, capsys):
     assert main(["export", "--experiment", "nope", "--tracking-uri", uri, "-o", str(tmp_path / "x.yaml")]) == 2
     assert main(["export", "--experiment", "it-search", "--tracking-uri", uri, "--run", "x' or '1'='1",
                  "-o", str(tmp_path / "x.yaml")]) == 2
+    (tmp_path / "folder.yaml").mkdir()
+    assert main(["export", "--experiment", "it-search", "--tracking-uri", uri, "-o", str(tmp_path / "folder.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 4 and all(line.startswith("error: ") for line in err)
-    assert list(tmp_path.iterdir()) == []
+    assert len(err) == 5 and all(line.startswith("error: ") for line in err)
+    assert [p.name for p in tmp_path.iterdir()] == ["folder.yaml"] and not any((tmp_path / "folder.yaml").iterdir())
 
 
 def test_report_page_lists_every_trial_and_embeds_the_figures(search, tmp_path):
