@@ -29,7 +29,7 @@ from iterhead.curricula.trial import SMOKE_PBT
 from iterhead.search import outcome, sharing, signals
 from iterhead.search.folder import (STATE_FILE, absolute_uri, check_parent_run, check_resume_options,
                                     check_tune_state, hold_folder, search_folder)
-from iterhead.search.spec import LoadedSearch, SearchSettings
+from iterhead.search.spec import LoadedSearch, Resources, SearchSettings
 from iterhead.search.tracking import Heartbeat, RunWriter, ui_hint
 from iterhead.trainable import results
 from iterhead.trainable.checkpoint import write_atomic
@@ -167,6 +167,9 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
         check_resume_options(opts, state)
         check_parent_run(opts.uri, state)
         check_tune_state(folder)
+        if "resources" in state:  # a resume trains with the threads it began with, whatever the spec says now
+            loaded = LoadedSearch(spec.model_copy(update={"resources": Resources(**state["resources"])}),
+                                  loaded.base, loaded.base_path, loaded.path)
     stopping.callback(os.close, hold_folder(folder))  # the driver's, while it runs: a second --resume is refused
     writer = RunWriter(opts.uri)
     experiment = spec.name
@@ -234,7 +237,8 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
             _save_state(folder, {"parent_run_id": parent, "uri": opts.uri, "spec": str(loaded.path.resolve()),
                                  "state": "running", "base": base, "budget": budget, "smoke": smoke,
                                  "penalty": penalty, "seeds": seeds, "precision": precision,
-                                 "share": share, "plan": plan, "pbt": pbt, "keys": keys})
+                                 "share": share, "plan": plan, "pbt": pbt, "keys": keys,
+                                 "resources": spec.resources.model_dump()})
             how = (f"PBT over stage {population.pbt_stage(spec.pbt, base)!r}, {settings.num_samples} members compared "
                    f"every {population.interval_for(spec.pbt, smoke)} epochs" if pbt else
                    f"{settings.num_samples} sample(s), {settings.algorithm} + {settings.scheduler}")

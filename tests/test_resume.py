@@ -12,6 +12,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from iterhead.trainable.results import THREADS_TAG
+
 from support import PARITY_BASE, alive
 
 pytestmark = pytest.mark.integration
@@ -70,6 +72,10 @@ def test_stopped_search_resumes_into_the_same_runs(tmp_path, seeds, sig):
         # every trial's searched value, also of the one waiting for a CPU at the stop (it never reported)
         assert len(table) >= 3 and all(int(row.split(" | ")[1]) in EPOCHS for row in table), text[-3000:]
 
+        # a resume trains as the search began, whatever the spec says now: one torch thread a trial
+        spec = yaml.safe_load((tmp_path / "spec.yaml").read_text())
+        (tmp_path / "spec.yaml").write_text(yaml.safe_dump({**spec, "resources": {"cpu": 2}}))
+
     resumed = subprocess.run(iterhead(*args, "--resume"), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
 
@@ -78,6 +84,7 @@ def test_stopped_search_resumes_into_the_same_runs(tmp_path, seeds, sig):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == len(EPOCHS) and all(r.info.status == "FINISHED" for r in runs)
+    assert {r.data.tags.get(THREADS_TAG) for r in children} == {"1"}
     if not seeds:
         for child in children:
             epochs = int(child.data.params["stages.train.epochs"])
