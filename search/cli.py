@@ -226,6 +226,8 @@ def existing_store(tracking_uri: str | None):
     file = sqlite_file(uri)
     if uri.startswith("sqlite:///") and (file is None or not file.is_file()):  # an in-memory store holds nothing
         raise ConfigError(f"no tracking store at {uri}", field="--tracking-uri")
+    if file is not None and file.stat().st_size == 0:  # MLflow would write its tables into it
+        raise ConfigError(f"{file} is an empty file, not a tracking store", field="--tracking-uri")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a few small artifacts
     from mlflow import MlflowClient
 
