@@ -105,6 +105,6 @@ def print_summary(rows: list[dict[str, Any]], keys: list[str], out: TextIO,
                 *([f"{int(n)} of {len(seeds)}" if n == n else "?"] if seeds else []),
                 "yes" if ok else "no",
                 "unfinished" if row["status"] == "UNFINISHED" else
-                "failed" if row["status"] == "ERROR" and not row[results.COMPUTE_TO_TARGET] >= 0 else
+                "failed" if row["status"] == "ERROR" and not ok else  # its last report's penalty is no censoring
                 f"{row[results.COMPUTE_TO_TARGET]:.3e}" + ("" if ok else " (censored)")]
         print("  " + " | ".join(vals), file=out)
