@@ -350,16 +350,26 @@ class MlflowSearchCallback(tune.Callback):
         for trial in cut:
             if run_key(trial) in self.runs and run_key(trial) not in self.ended:
                 self._end(trial, "KILLED")
-        # PBT members still open: the population ended before their training did (or, if cut, the
-        # search). After a resume that includes a member whose last generation ran before the stop,
-        # whose run this driver has not touched (found again by its tags), but not a failed one.
-        failed = {run_key(t) for t in trials if t.status == "ERROR"}
-        for trial in trials:
-            key = run_key(trial)
-            if key not in self.ended and key not in failed and (
-                    key in self.runs or member_of(trial) is not None and trial.last_result):
+        for trial in trials:  # PBT members still open: the population ended before their training did
+            if run_key(trial) not in self.ended and run_key(trial) in self.runs:  # (or, if cut, the search)
                 self._end(trial, "KILLED" if cut else "FINISHED")
+        if not cut:
+            for trial in self._stopped_earlier(trials):
+                self._end(trial, "FINISHED")
         self.close()
+
+    def _stopped_earlier(self, trials) -> list:
+        """After a resume, the PBT members whose last generation ended before the stop, that the
+        population then ended without training them again: their runs, which this driver has not
+        touched (found again by their tags), stand as the stop left them. Not a failed member, nor
+        one whose own training ended (its run ended with it)."""
+        latest: dict[str, Any] = {}
+        for t in trials:
+            member = member_of(t)
+            if member is not None and member["generation"] >= member_of(latest.get(run_key(t), t))["generation"]:
+                latest[run_key(t)] = t
+        return [t for key, t in latest.items() if key not in self.runs and key not in self.ended
+                and t.status == "TERMINATED" and t.last_result and not t.last_result.get(r.MEMBER_ENDS)]
 
     def close(self) -> None:
         """Wait for every write (raising the first error), then drop the copied artifacts."""

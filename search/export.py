@@ -217,7 +217,8 @@ def check_folder(out: Path, paths: list[Path]) -> None:
     its own files; nothing else is removed."""
     if not out.is_dir():
         return
-    stale = sorted(p.name for p in out.glob("[0-9][0-9]-*.yaml") if p.resolve() not in set(paths))
+    ranked = (p for p in out.glob("*.yaml") if re.fullmatch(r"\d{2,}-.*\.yaml", p.name))  # `targets`' names
+    stale = sorted(p.name for p in ranked if p.resolve() not in set(paths))
     if stale:
         shown = ", ".join(stale[:3]) + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
         raise ConfigError(f"{out} holds files of another export ({shown}) that this one would not replace; give "

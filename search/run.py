@@ -158,7 +158,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
     settings = settings_for(loaded, opts.smoke)
     pbt = settings.scheduler == "pbt"
     keys = list(spec.pbt.mutate) if pbt else list(spec.space)  # what the summary shows of each trial
-    if not opts.address:  # checked before Ray starts
+    if not opts.address and not opts.resume:  # checked before Ray starts (a resume's: below)
         check_resources(loaded, float(opts.num_cpus or os.cpu_count() or 1), float(local_gpus()), "this machine")
     folder, state = search_folder(loaded, opts)
     opts = replace(opts, uri=absolute_uri(opts.uri))  # saved in the state, used by the restored callback
@@ -170,6 +170,8 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
         if "resources" in state:  # a resume trains with the threads it began with, whatever the spec says now
             loaded = LoadedSearch(spec.model_copy(update={"resources": Resources(**state["resources"])}),
                                   loaded.base, loaded.base_path, loaded.path)
+        if not opts.address:
+            check_resources(loaded, float(opts.num_cpus or os.cpu_count() or 1), float(local_gpus()), "this machine")
     stopping.callback(os.close, hold_folder(folder))  # the driver's, while it runs: a second --resume is refused
     writer = RunWriter(opts.uri)
     experiment = spec.name

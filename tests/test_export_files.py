@@ -28,6 +28,20 @@ def test_top_k_above_one_writes_a_folder_however_few_trials_reached(tmp_path):
     assert targets(tmp_path / "best.yaml", one, 1) == [tmp_path / "best.yaml"]
 
 
+def test_a_folder_of_another_export_is_refused_at_any_rank(tmp_path):
+    from iterhead.curricula.errors import ConfigError
+    from iterhead.search.export import check_folder
+
+    out = tmp_path / "top"
+    out.mkdir()
+    mine = targets(out, [Candidate("r1", "t_00000", {}, {})], 200)
+    (out / "notes.yaml").write_text("kept: 1\n")  # no export's: no rank
+    check_folder(out, mine)
+    (out / "100-t_00009.yaml").write_text("rank: 100\n")
+    with pytest.raises(ConfigError, match="100-t_00009.yaml"):
+        check_folder(out, mine)
+
+
 def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "best.yaml"
     path.write_text("old: 1\n")

@@ -74,7 +74,7 @@ def test_stopped_search_resumes_into_the_same_runs(tmp_path, seeds, sig):
 
         # a resume trains as the search began, whatever the spec says now: one torch thread a trial
         spec = yaml.safe_load((tmp_path / "spec.yaml").read_text())
-        (tmp_path / "spec.yaml").write_text(yaml.safe_dump({**spec, "resources": {"cpu": 2}}))
+        (tmp_path / "spec.yaml").write_text(yaml.safe_dump({**spec, "resources": {"cpu": 4}}))  # > --num-cpus
 
     resumed = subprocess.run(iterhead(*args, "--resume"), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]

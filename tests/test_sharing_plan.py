@@ -81,3 +81,9 @@ def test_a_trial_restarted_from_a_prefix_it_stored_itself_forked_nothing():
     assert accounting([{r.FLOPS_SEEDS: 3.0e9, **own}]) == {r.FLOPS_CURRICULA: 3.0e9, r.FLOPS_TRAINED: 3.0e9}
     other = fork_record(entry, "pretrain", 4, "t2")
     assert other == {r.FLOPS_FORKED: 2.0e9, r.PREFIX_SOURCE: "t1 on node n, stage pretrain epoch 4"}
+    # t2 trains on from t1's prefix, stores its own entry further on, and restarts from it: what it
+    # forked from t1 is still forked, and counted once, by t1
+    later = {"source": {"trial": "t2", "node": "n", "forked": other}, "reports": [{r.FLOPS_SEEDS: 3.0e9}]}
+    assert fork_record(later, "pretrain", 6, "t2") == other
+    rows = [{r.FLOPS_SEEDS: 3.0e9, **own}, {r.FLOPS_SEEDS: 4.0e9, **fork_record(later, "pretrain", 6, "t2")}]
+    assert accounting(rows)[r.FLOPS_TRAINED] == 3.0e9 + 2.0e9

@@ -33,7 +33,9 @@ from typing import Any, Callable
 from iterhead.trainable.checkpoint import write_atomic
 from iterhead.trainable.prefix import Point, entry_key
 
-FORMAT = "iterhead-prefix-1"
+# 2: the copies of a shared stage's lead keep its optimiser at the stage's end, and the source says
+# what its writer forked; a format-1 entry may hold a fresh-Adam copy, so it is set aside
+FORMAT = "iterhead-prefix-2"
 LEASE_S = 30.0  # a claim not renewed for this long belongs to a dead trial
 POLL_S = 0.5  # how often a waiting trial looks again
 

@@ -167,11 +167,12 @@ def trained_out(trainers: list[Trainer]) -> bool:
 def fork_record(entry: dict[str, Any], stage: str, epoch: int, trial: str) -> dict[str, Any]:
     """What a trial starting from a stored prefix `entry` (at `epoch` of `stage`) reports it forked:
     the prefix's FLOPs and where it came from. An entry the trial stored itself (before a
-    retry, or a resume, that found no checkpoint of its own) is its own training, not a fork:
-    the search's trained FLOPs (`search.sharing.accounting`) would otherwise count it nowhere."""
+    retry, or a resume, that found no checkpoint of its own) is its own training, not a fork,
+    but for what it had forked itself when it stored it (``forked`` in the entry's source): the
+    search's trained FLOPs (`search.sharing.accounting`) count each prefix once that way."""
     src = entry["source"]
     if src["trial"] == trial:
-        return {results.FLOPS_FORKED: 0.0}
+        return dict(src.get("forked", {results.FLOPS_FORKED: 0.0}))
     return {results.FLOPS_FORKED: float(entry["reports"][-1][results.FLOPS_SEEDS]),
             results.PREFIX_SOURCE: f"{src['trial']} on node {src['node']}, stage {stage} epoch {epoch}"}
 
@@ -296,7 +297,7 @@ def _train(cur: Curriculum, device: torch.device, precision: str, seeds: list[in
         metrics = {**history[-1], **where, **forked}
         if sharing is not None:
             at = by_seed[evaluations[0][0]].position
-            sharing.write(at.stage, at.epoch, state_dict, history, source, ends=ends)
+            sharing.write(at.stage, at.epoch, state_dict, history, {**source, "forked": forked}, ends=ends)
         if stops(trainers[0]) and not ends:  # the generation's end: the next one starts from here
             member.leave(state_dict())
             ends = True
