@@ -272,3 +272,14 @@ def test_answer_spans_score_the_reference_rows_at_any_depth(n_layers):
     want, margin = reference(t.model, t.eval_table)
     compare(correct_rows(t.model, t.eval_table), want, margin)
     assert_right_rows_run_whole(t.model, t.eval_table)
+
+
+def test_a_gpu_chunk_fits_its_memory_budget_at_any_width():
+    """The paper's width keeps the largest chunk; a wide multi-head model takes fewer tokens a
+    chunk, so that its gathered table rows and per-head outputs stay within the budget."""
+    from iterhead.trainable.evaluate import CUDA_CHUNK_BYTES, CUDA_CHUNK_TOKENS, cuda_chunk_tokens
+
+    assert cuda_chunk_tokens(128, 1, 4, CUDA_CHUNK_BYTES) == CUDA_CHUNK_TOKENS
+    wide = cuda_chunk_tokens(768, 12, 4, CUDA_CHUNK_BYTES)
+    assert 2**10 < wide < CUDA_CHUNK_TOKENS and wide * 4 * 768 * (2 + 24 + 4 + 6) <= CUDA_CHUNK_BYTES
+    assert cuda_chunk_tokens(768, 12, 4, 2**20) == 2**10  # a floor: a chunk always holds some rows

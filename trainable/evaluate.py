@@ -68,7 +68,8 @@ from iterhead.trainable.model import Transformer
 
 
 CPU_CHUNK_TOKENS = 2**13  # measured on a 2-core EPYC: 2^12 .. 2^14 tie, 2^15 and above are slower
-CUDA_CHUNK_TOKENS = 2**19
+CUDA_CHUNK_TOKENS = 2**19  # at most; fewer where a chunk's tensors would pass `CUDA_CHUNK_BYTES`
+CUDA_CHUNK_BYTES = 8 * 2**30  # and a quarter of the GPU's memory, which fractional trials share
 
 
 @dataclass(frozen=True)
@@ -157,8 +158,24 @@ class EvalTable:
         return [(int(v), int(a), int(b)) for v, a, b in zip(values, starts, stops)]
 
 
-def default_chunk_tokens(device: torch.device) -> int:
-    return CUDA_CHUNK_TOKENS if device.type == "cuda" else CPU_CHUNK_TOKENS
+def default_chunk_tokens(device: torch.device, model: torch.nn.Module | None = None) -> int:
+    if device.type != "cuda":
+        return CPU_CHUNK_TOKENS
+    spec = getattr(model, "spec", None)
+    if spec is None:
+        return CUDA_CHUNK_TOKENS
+    memory = torch.cuda.get_device_properties(device).total_memory
+    return cuda_chunk_tokens(spec.d_model, spec.n_heads, spec.mlp_ratio, min(CUDA_CHUNK_BYTES, memory // 4))
+
+
+def cuda_chunk_tokens(d_model: int, n_heads: int, mlp_ratio: int, budget: int) -> int:
+    """Tokens a chunk may hold on a GPU for its largest float32 tensors to fit in `budget` bytes.
+    A token holds a first-block table row ((2 + heads) x d_model, `Transformer._gather`), the
+    attention output per head before their sum (heads x d_model) and the MLP's and residual
+    stream's activations: at the paper's width `CUDA_CHUNK_TOKENS` take 3.7 GB, but at
+    d_model 768 with 12 heads they would take 58 GB."""
+    per_token = 4 * d_model * (2 + 2 * n_heads + mlp_ratio + 6)
+    return max(2**10, min(CUDA_CHUNK_TOKENS, budget // per_token))
 
 
 SCREEN = 0.25  # a bf16 verdict stands when |margin| > SCREEN x the row's largest |logit| (module docstring)
@@ -178,7 +195,7 @@ def correct_rows(model: torch.nn.Module, table: EvalTable, chunk_tokens: int | N
     if precision != "fp32":
         raise ValueError(f"an evaluation runs in fp32 or bf16, not {precision!r}")
     verdicts = _distinct_flags(table)
-    _score(model, table, chunk_tokens or default_chunk_tokens(table.tokens.device), verdicts)
+    _score(model, table, chunk_tokens or default_chunk_tokens(table.tokens.device, model), verdicts)
     return spread_rows(table, verdicts)
 
 
@@ -189,7 +206,7 @@ def screened_rows(model: torch.nn.Module, table: EvalTable,
 
     A distinct row whose bf16 margin (`row_margins`) is within `SCREEN` of its largest
     |logit| of zero, or not finite, runs again in float32 and that verdict counts."""
-    chunk_tokens = chunk_tokens or default_chunk_tokens(table.tokens.device)
+    chunk_tokens = chunk_tokens or default_chunk_tokens(table.tokens.device, model)
     with bf16_products(model):
         margins = row_margins(model, table, chunk_tokens)
     verdicts, again = [], {}
@@ -278,7 +295,7 @@ def row_margins(model: torch.nn.Module, table: EvalTable,
     """Per length group, each distinct row's margin (target logit minus the best other, least
     over its answer positions; above 0 is a correct row) and its largest |logit|, in float32
     from logits in the model's own dtype."""
-    chunk_tokens = chunk_tokens or default_chunk_tokens(table.tokens.device)
+    chunk_tokens = chunk_tokens or default_chunk_tokens(table.tokens.device, model)
     out = [(torch.empty(len(g.inputs), device=g.inputs.device), torch.empty(len(g.inputs), device=g.inputs.device))
            for g in table.groups]
     with _eval_mode(model):
@@ -360,7 +377,7 @@ def own_answers(model: torch.nn.Module, table: EvalTable) -> EvalTable:
     decided all its rows, for benchmarks and tests."""
     own = [torch.empty_like(g.targets) for g in table.groups]
     with _eval_mode(model):
-        for gi, ids, logits in _answer_logits(model, table, default_chunk_tokens(table.tokens.device)):
+        for gi, ids, logits in _answer_logits(model, table, default_chunk_tokens(table.tokens.device, model)):
             own[gi][ids] = logits.argmax(-1)
     return replace(table, groups=[replace(g, targets=o) for g, o in zip(table.groups, own)])
 
