@@ -103,9 +103,15 @@ def check_resources(loaded: LoadedSearch, cpus: float, gpus: float, where: str) 
     if gpu > gpus:
         raise ConfigError(f"a trial asks for {gpu:g} GPUs but {where} has {gpus:g}; lower resources.gpu",
                           field="resources.gpu", file=file)
-    if gpu > 1 and gpu != int(gpu):
-        raise ConfigError("more than one GPU per trial must be a whole number", field="resources.gpu", file=file)
     return {"cpu": r.cpu, "gpu": gpu}
+
+
+def largest_node(nodes: list[dict[str, Any]]) -> tuple[float, float]:
+    """The most CPUs and the most GPUs one live node has (`ray.nodes()`): a trial runs on one
+    node, so the cluster's totals would pass a trial that no node can place."""
+    alive = [node.get("Resources", {}) for node in nodes if node.get("Alive")]
+    return (max((res.get("CPU", 0.0) for res in alive), default=0.0),
+            max((res.get("GPU", 0.0) for res in alive), default=0.0))
 
 
 def quiet_libraries() -> None:
@@ -201,8 +207,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
 
         for m in writer.submit(reconcile, writer.client, [experiment]).result():
             print(f"marked KILLED: a {m.what} run a crash left RUNNING ({m.run_id})", file=out)
-        resources = check_resources(loaded, ray.cluster_resources().get("CPU", 0.0),
-                                    ray.cluster_resources().get("GPU", 0.0), "the Ray cluster")
+        resources = check_resources(loaded, *largest_node(ray.nodes()), "the Ray cluster's largest node")
         # a resume trains what the search started with, whatever the files say now
         base = state["base"] if state else loaded.base.model_dump(mode="json")
         budget = state["budget"] if state else spec.budget.flops

@@ -129,6 +129,12 @@ class Resources(Spec):
     cpu: Annotated[float, Field(gt=0, le=1024)] = 1.0
     gpu: Annotated[float, Field(ge=0, le=64)] = 0.0
 
+    @model_validator(mode="after")
+    def _one_gpu(self) -> "Resources":
+        if self.gpu > 1:  # `devices.trial_device` trains on the first of the trial's GPUs: more would sit idle
+            raise ValueError(f"a trial trains on one GPU or a share of one; set gpu to at most 1 (got {self.gpu:g})")
+        return self
+
 
 Seed = Annotated[int, Field(ge=0, lt=2**63)]
 

@@ -70,6 +70,7 @@ BAD = {
     "num-samples-bool": ("search: {num_samples: true}\n", "search.num_samples", "a number is needed here"),
     "negative-gpu": ("resources: {gpu: -1}\n", "resources.gpu", "greater than or equal to 0"),
     "zero-cpu": ("resources: {cpu: 0}\n", "resources.cpu", "greater than 0"),
+    "two-gpus": ("resources: {gpu: 2}\n", "resources", "a trial trains on one GPU or a share of one"),
     "unknown-resource": ("resources: {tpu: 1}\n", "resources.tpu", "unknown field"),
     "whole-section": ("space:\n  model: {choice: [1]}\n", "space.model", "single value, not a whole section (fields: d_model,"),
     "field-of-a-value": ("space:\n  optim.lr.x: {uniform: [0.1, 0.2]}\n", "space.optim.lr.x",
@@ -301,6 +302,19 @@ def test_impossible_resources_fail_fast_before_ray(tmp_path):
     err = out.stderr.strip().splitlines()
     assert len(err) == 1 and "resources.cpu" in err[0]
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_resources_are_checked_against_the_largest_live_node_not_the_cluster_totals():
+    """A trial runs on one node: two single-GPU nodes cannot place a trial asking for more
+    than one GPU, nor four 4-CPU nodes one asking for 8 CPUs; a dead node counts for nothing."""
+    from iterhead.search.run import largest_node
+
+    def node(cpu: float, gpu: float = 0.0, alive: bool = True) -> dict:
+        return {"Alive": alive, "Resources": {"CPU": cpu, **({"GPU": gpu} if gpu else {})}}
+
+    assert largest_node([node(4, 1), node(4, 1), node(4), node(4)]) == (4.0, 1.0)
+    assert largest_node([node(2), node(16, 8, alive=False)]) == (2.0, 0.0)
+    assert largest_node([]) == (0.0, 0.0)
 
 
 def test_every_shipped_file_validates():
