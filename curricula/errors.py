@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import reprlib
 from typing import Iterable
 
 
@@ -32,9 +33,21 @@ class ConfigError(ValueError):
         return ": ".join(parts + [self.message])
 
 
+def _short_repr() -> reprlib.Repr:
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 3, 8, 8, 8, 8
+    r.maxstring = r.maxother = r.maxlong = 80
+    return r
+
+
+_SHORT = _short_repr()
+
+
 def shown(value: object, limit: int = 60) -> str:
-    """`value` as the user wrote it (its repr), cut short so a message stays one readable line."""
-    text = repr(value).replace("\n", " ")
+    """`value` as the user wrote it (its repr), cut short so a message stays one readable line.
+    Bounded while it is made, not after: YAML aliases can nest a small file into a value whose
+    full repr would not fit in memory."""
+    text = _SHORT.repr(value).replace("\n", " ")
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 

@@ -31,6 +31,15 @@ def _is_number(tp: Any) -> bool:
     return tp in (int, float)
 
 
+def _number_items(tp: Any) -> bool:
+    """Whether a field type is a list or tuple of numbers (optional or constrained)."""
+    if get_origin(tp) is Annotated:
+        return _number_items(get_args(tp)[0])
+    if get_origin(tp) in (Union, types.UnionType):
+        return any(_number_items(a) for a in get_args(tp))
+    return get_origin(tp) in (list, tuple) and any(_is_number(a) for a in get_args(tp) if a is not Ellipsis)
+
+
 class Spec(BaseModel):
     """Base of every spec: unknown keys are errors, numbers must be finite and be numbers."""
 
@@ -40,7 +49,8 @@ class Spec(BaseModel):
     @classmethod
     def _no_bool_for_number(cls, data: Any) -> Any:
         """YAML's true and false are not numbers, though pydantic reads ``epochs: true`` as 1
-        (checked for a number field and for the values of a mapping of numbers, as mix).
+        (checked for a number field, the values of a mapping of numbers, as mix, and the items
+        of a list or tuple of numbers, as seeds).
         The error's ``where`` is the field's path below this model (`io.validation_error`)."""
         for name, value in data.items() if isinstance(data, dict) else ():
             field = cls.model_fields.get(name)
@@ -48,6 +58,9 @@ class Spec(BaseModel):
             if get_origin(tp) is dict and isinstance(value, dict):
                 key = next((k for k, v in value.items() if isinstance(v, bool)), None)
                 tp, value, where = get_args(tp)[1], value.get(key), (name, key)
+            elif isinstance(value, (list, tuple)) and _number_items(tp):  # seeds, a domain's ends
+                at = next((i for i, v in enumerate(value) if isinstance(v, bool)), None)
+                tp, value, where = float, None if at is None else value[at], (name, at)
             if isinstance(value, bool) and _is_number(tp):
                 raise PydanticCustomError(
                     BOOL_FOR_NUMBER,
@@ -90,10 +103,17 @@ class CopySpec(Spec):
 TaskSpec = Annotated[Union[ParitySpec, PolynomialSpec, CopySpec], Field(discriminator="kind")]
 
 
+# Adam's step is lr / (1 - beta1) in float32 (at most 3.4e38): a bound far past any rate that trains
+MAX_LR = 1e6
+LearningRate = Annotated[float, Field(gt=0.0, le=MAX_LR)]
+# `trainable.results.TARGET_SLACK` (1e-12) below: a smaller target would count as met at accuracy 0
+MIN_TARGET = 1e-9
+
+
 class OptimSpec(Spec):
-    lr: PositiveFloat = 3.0e-4
+    lr: LearningRate = 3.0e-4
     batch_size: PositiveInt = 256
-    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    weight_decay: Annotated[float, Field(ge=0.0, le=MAX_LR)] = 0.0
     # Who draws an epoch's batch order: each seed its own ("seeded"), or one stream shared by
     # every seed ("shared"), which lets batched seeds step through equal shapes unpadded.
     batch_order: Literal["seeded", "shared"] = "seeded"
@@ -106,7 +126,7 @@ class StageSpec(Spec):
     name: Name
     mix: dict[str, Annotated[float, Field(ge=0.0, le=MAX_MIX_WEIGHT)]]
     epochs: Annotated[int, Field(ge=0)]
-    lr: PositiveFloat | None = None
+    lr: LearningRate | None = None
     train_modules: list[str] | None = None
     # A shared stage: it trains as the run of this seed does (that seed's data, initial
     # weights, batches and dropout), whatever the curriculum's seed, and every replicate seed
@@ -118,7 +138,7 @@ class StageSpec(Spec):
 
 class TargetSpec(Spec):
     task: str
-    accuracy: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    accuracy: Annotated[float, Field(ge=MIN_TARGET, le=1.0)] = 1.0
     # Score the target over test lengths from this one up (default: every length). Under a
     # disjoint split the shortest lengths hold out one or a few inputs, so their accuracy
     # flips between 0 and 1 and decides a target over all lengths alone.

@@ -125,13 +125,14 @@ def wrong_kind(file: str, want_search: bool) -> None:
     """`ConfigError` for a search spec given to `train`, or a curriculum given to `search`,
     instead of the missing fields of the other kind."""
     from iterhead.curricula.io import read_yaml_mapping
-    from iterhead.search.spec import is_search_spec
+    from iterhead.search.spec import SPEC_ONLY, is_search_spec
 
     data = read_yaml_mapping(file)
     search = is_search_spec(data)
     if search and not want_search:
-        raise ConfigError("this is a search spec (it names a base curriculum), not a curriculum: run it "
-                          "with `iterhead search`", field="base", file=file)
+        key = next(k for k in SPEC_ONLY if k in data)
+        raise ConfigError(f"this is a search spec (it has {key}:, which no curriculum has), not a curriculum: "
+                          "run it with `iterhead search`", field=key, file=file)
     if want_search and not search and "stages" in data and "space" not in data:  # else: a spec's own errors
         raise ConfigError("this is a curriculum (it names no base), not a search spec: train it with "
                           "`iterhead train`, or search over it from a spec whose base: names it", file=file)
@@ -147,6 +148,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     uri = resolve_uri(args.tracking_uri)
     if args.threads is not None and args.threads < 1:
         raise ConfigError("must be at least 1", field="--threads")
+    if args.experiment is not None and not 0 < len(args.experiment) <= MAX_EXPERIMENT_NAME:
+        raise ConfigError(f"an MLflow experiment name has 1 to {MAX_EXPERIMENT_NAME} characters "
+                          f"(got {len(args.experiment)})", field="--experiment")
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     check_precision(args.precision)
     if args.budget is not None and not 0 < args.budget <= MAX_BUDGET:
@@ -173,6 +177,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             train_seeds(cur, seeds, **where)
     return EXIT_OK
+
+
+MAX_EXPERIMENT_NAME = 500  # MLflow's limit; past it the store refuses the name after the data is built
 
 
 def check_precision(name: str) -> None:

@@ -39,7 +39,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from iterhead.curricula.errors import ConfigError
+from iterhead.curricula.errors import ConfigError, shown
 from iterhead.curricula.io import parse_curriculum, read_yaml_mapping, validation_error
 from iterhead.curricula.schema import Curriculum, Name, Spec
 from iterhead.search.spec_checks import check_spec
@@ -69,6 +69,8 @@ class Domain(Spec):
         value = getattr(self, kind)
         if kind in ("uniform", "loguniform", "randint") and not value[0] < value[1]:
             raise ValueError(f"{kind} needs low < high (got {list(value)})")
+        if kind == "randint" and not (-2**63 <= value[0] and value[1] < 2**63 - 1):  # Tune draws up to high + 1
+            raise ValueError(f"randint ends must fit in a 64-bit integer (got {list(value)})")
         if kind == "loguniform" and value[0] <= 0:
             raise ValueError(f"loguniform needs low > 0 (got {value[0]})")
         if kind in ("choice", "grid") and not value:
@@ -167,8 +169,12 @@ def load_search(path: str | Path) -> LoadedSearch:
         spec = SearchSpec.model_validate(data)
     except ValidationError as err:
         raise validation_error(err, SearchSpec, file=file) from None
-    base_path = (path.parent / spec.base).resolve()
-    if not base_path.is_file():
+    try:
+        base_path = (path.parent / spec.base).resolve()
+        found = base_path.is_file()
+    except (OSError, ValueError, RuntimeError) as err:  # a name too long, a NUL byte, a symlink loop
+        raise ConfigError(f"no curriculum file at {shown(spec.base)} ({err})", field="base", file=file) from None
+    if not found:
         raise ConfigError(f"no curriculum file at {str(base_path)!r} (base is relative to the spec)",
                           field="base", file=file)
     try:
@@ -183,6 +189,10 @@ def load_search(path: str | Path) -> LoadedSearch:
     return LoadedSearch(spec, base, base_path, path)
 
 
+SPEC_ONLY = ("base", "space", "search", "pbt", "seeds", "budget", "resources")  # no curriculum has these
+
+
 def is_search_spec(data: dict[str, Any]) -> bool:
-    """Search specs name a base curriculum; curricula never have that field."""
-    return "base" in data
+    """Search specs name a base curriculum and its search; curricula never have those fields (a
+    spec that forgot `base:` is still read as a spec, and told so)."""
+    return any(key in data for key in SPEC_ONLY)

@@ -70,8 +70,9 @@ def _check_space(spec: SearchSpec, base: Curriculum, file: str) -> None:
 
 def _check_shares_leave_a_task(spec: SearchSpec, base: Curriculum, file: str) -> None:
     """Searched shares of a stage's mix leave one of its tasks out, which takes what they leave
-    (`overrides.blend`): with every weighted task searched (or the only one), the drawn shares
-    would be rescaled to sum to 1 behind the values MLflow records. PBT refuses it alike."""
+    (`overrides.blend`), and sum to at most 1: with every weighted task searched (or the only
+    one), or shares that can sum past 1, the drawn shares would be rescaled behind the values
+    MLflow records. PBT refuses the first alike."""
     searched: dict[str, list[str]] = {}
     for key in spec.space:
         parts = key.split(".")
@@ -79,14 +80,19 @@ def _check_shares_leave_a_task(spec: SearchSpec, base: Curriculum, file: str) ->
             searched.setdefault(parts[1], []).append(parts[3])
     for name, tasks in searched.items():
         stage = next((s for s in base.stages if s.name == name), None)
-        if stage is None or not takes_every_task(stage, tasks):
-            continue
-        trained = ", ".join(sorted(_weighted(stage)))
-        raise ConfigError(f"stage {name!r} of the base trains only {trained}, which the space searches, so the "
-                          "drawn shares would be rescaled to sum to 1 behind the values recorded; leave one task "
-                          "of the stage's mix out of the space to take the rest (give the base's mix that task "
-                          "if it has none)",
-                          field=f"space.stages.{name}.mix.{tasks[0]}", file=file)
+        if stage is not None and takes_every_task(stage, tasks):
+            trained = ", ".join(sorted(_weighted(stage)))
+            raise ConfigError(f"stage {name!r} of the base trains only {trained}, which the space searches, so the "
+                              "drawn shares would be rescaled to sum to 1 behind the values recorded; leave one "
+                              "task of the stage's mix out of the space to take the rest (give the base's mix that "
+                              "task if it has none)",
+                              field=f"space.stages.{name}.mix.{tasks[0]}", file=file)
+        most = sum(max(float(v) for v in spec.space[f"stages.{name}.mix.{task}"].probes()) for task in tasks)
+        if len(tasks) > 1 and most > 1:
+            raise ConfigError(f"the searched shares of stage {name!r} ({', '.join(tasks)}) can sum to {most:g}, "
+                              "past 1, where they would be rescaled behind the values recorded; narrow their "
+                              "domains so that their upper ends sum to at most 1",
+                              field=f"space.stages.{name}.mix.{tasks[0]}", file=file)
 
 
 def _weighted(stage: StageSpec) -> list[str]:
@@ -272,7 +278,7 @@ def _check_trains(spec: SearchSpec, base: Curriculum, file: str) -> None:
     has nothing to compare, and its horizon (`space.horizon`), ASHA's max_t, would be 0."""
     def most_epochs(stage: StageSpec) -> int:
         domain = spec.space.get(f"stages.{stage.name}.epochs")
-        return stage.epochs if domain is None else max(domain.probes())
+        return stage.epochs if domain is None else max(int(v) for v in domain.probes())  # as the schema reads them
 
     if all(most_epochs(stage) == 0 for stage in base.stages):
         searched = " at every value of the space" if any(k.endswith(".epochs") for k in spec.space) else ""

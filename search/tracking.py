@@ -33,22 +33,30 @@ MAX_METRICS, MAX_PARAMS, MAX_PARAM_CHARS = 1000, 100, 6000
 
 def resolve_uri(uri: str | None) -> str:
     """The tracking URI to use, checked: `ConfigError` for one MLflow cannot use."""
+    field = "--tracking-uri" if uri else "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else None
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    field = field or "--tracking-uri"
     scheme = uri.split(":", 1)[0].split("+", 1)[0] if ":" in uri else uri  # `databricks` alone
     if scheme not in SCHEMES:
         raise ConfigError(f"{uri!r} is not a tracking URI MLflow 3 accepts (file stores are refused); "
-                          "use sqlite:///PATH.db or http://HOST:PORT", field="--tracking-uri")
+                          "use sqlite:///PATH.db or http://HOST:PORT", field=field)
     file = sqlite_file(uri)
     if uri.startswith("sqlite:") and file is None:  # sqlite://, sqlite:///:memory: (not sqlite+driver:)
         raise ConfigError(f"{uri!r} is an in-memory store, which keeps nothing once the process ends (and "
-                          "MLflow puts its artifacts in ./mlruns); use sqlite:///PATH.db", field="--tracking-uri")
+                          "MLflow puts its artifacts in ./mlruns); use sqlite:///PATH.db", field=field)
     if file is not None and not file.parent.is_dir():
-        raise ConfigError(f"the folder {str(file.parent)!r} of the sqlite store does not exist",
-                          field="--tracking-uri")
+        raise ConfigError(f"the folder {str(file.parent)!r} of the sqlite store does not exist", field=field)
     if file is not None and file.exists() and not file.is_file():
-        raise ConfigError(f"{str(file)!r} is a folder, not a sqlite database file; name a .db file",
-                          field="--tracking-uri")
+        raise ConfigError(f"{str(file)!r} is a folder, not a sqlite database file; name a .db file", field=field)
+    if file is not None and file.is_file() and file.stat().st_size and not is_sqlite(file):
+        raise ConfigError(f"{str(file)!r} is not a sqlite database; name a .db file, or a new one", field=field)
     return uri
+
+
+def is_sqlite(file: Path) -> bool:
+    """Whether `file` starts as every sqlite database does."""
+    with open(file, "rb") as f:
+        return f.read(16) == b"SQLite format 3\x00"
 
 
 def sqlite_file(uri: str) -> Path | None:

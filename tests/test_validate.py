@@ -181,7 +181,7 @@ CASES = [
          also=("(got [0.001])",)),
     Case("modulus-one", edit(("tasks.polynomial.modulus", 1)), "tasks.polynomial.modulus",
          "greater than or equal to 2"),
-    Case("target-accuracy-zero", edit(("target.accuracy", 0.0)), "target.accuracy", "greater than 0"),
+    Case("target-accuracy-zero", edit(("target.accuracy", 0.0)), "target.accuracy", "greater than or equal to"),
     Case("target-accuracy-above-one", edit(("target.accuracy", 1.5)), "target.accuracy",
          "less than or equal to 1"),
     # stages and cross-field checks

@@ -1,0 +1,114 @@
+"""Input at the edges of what the schema allows: each is exit 2 with one line naming the file
+(or flag) and the field, before anything trains or any store is touched."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from iterhead.search.cli import main
+
+from support import PARITY_BASE
+
+MIX = {"name": "b", "seed": 0, **{k: v for k, v in PARITY_BASE.items() if k not in ("name", "seed")},
+       "tasks": {"parity": {"kind": "parity"}, "polynomial": {"kind": "polynomial"}, "copy": {"kind": "copy"}},
+       "stages": [{"name": "train", "mix": {"parity": 1.0, "polynomial": 1.0, "copy": 1.0}, "epochs": 2}]}
+
+
+def write(folder: Path, name: str, data: Any) -> Path:
+    path = folder / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def spec(folder: Path, **fields: Any) -> Path:
+    write(folder, "base.yaml", MIX)
+    return write(folder, "spec.yaml", {"name": "s", "base": "base.yaml", **fields})
+
+
+def error_of(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """The one stderr line of a command that must exit 2."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    return err
+
+
+CURRICULA = {  # the curriculum's change: what the line must say
+    "lr-past-float32": ({"optim": {**PARITY_BASE["optim"], "lr": 1e38}}, "optim.lr: "),
+    "weight-decay-past-float32": ({"optim": {**PARITY_BASE["optim"], "weight_decay": 1e300}}, "optim.weight_decay: "),
+    "stage-lr-past-float32": ({"stages": [{**PARITY_BASE["stages"][0], "lr": 1e39}]}, "stages[0].lr: "),
+    "target-below-the-slack": ({"target": {"task": "parity", "accuracy": 1e-13}}, "target.accuracy: "),
+}
+
+
+@pytest.mark.parametrize("change, words", CURRICULA.values(), ids=list(CURRICULA))
+def test_curricula_that_would_fail_or_mislead_in_training(tmp_path, capsys, change, words):
+    path = write(tmp_path, "c.yaml", {**PARITY_BASE, **change})
+    assert words in error_of(capsys, ["validate", str(path)])
+
+
+def test_a_file_of_nested_aliases_is_refused_at_once(tmp_path):
+    """A 900-byte file whose aliases nest a billion items: the message shows a bounded piece of
+    the value, where the whole repr ran out of memory (a subprocess, so that a regression fails
+    here instead of taking the machine)."""
+    def nested(i: int) -> str:  # 10^(i + 1) items
+        return "&a0 [x, x, x, x, x, x, x, x, x, x]" if i == 0 else f"&a{i} [{nested(i - 1)}" + f", *a{i - 1}" * 9 + "]"
+
+    text = yaml.safe_dump({k: v for k, v in PARITY_BASE.items() if k != "seed"}) + f"seed: {nested(8)}\n"
+    path = write(tmp_path, "laugh.yaml", text)
+    out = subprocess.run([str(Path(sys.executable).parent / "iterhead"), "validate", str(path)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "seed: " in out.stderr, out.stderr[-500:]
+
+
+SPECS = {  # the spec's fields: what the line must say
+    "shares-past-one": ({"space": {"stages.train.mix.parity": {"uniform": [0.0, 1.0]},
+                                   "stages.train.mix.polynomial": {"uniform": [0.0, 0.6]}},
+                         "search": {"algorithm": "random"}},
+                        "can sum to 1.6, past 1"),
+    "bool-seed": ({"seeds": [0, True]}, "not the boolean true"),
+    "bool-randint": ({"space": {"stages.train.epochs": {"randint": [False, True]}},
+                      "search": {"algorithm": "random"}}, "not the boolean false"),
+    "randint-past-int64": ({"space": {"stages.train.epochs": {"randint": [0, 10**23]}},
+                            "search": {"algorithm": "random"}}, "fit in a 64-bit integer"),
+}
+
+
+@pytest.mark.parametrize("fields, words", SPECS.values(), ids=list(SPECS))
+def test_specs_that_would_search_other_values_than_recorded_or_fail_after_ray(tmp_path, capsys, fields, words):
+    assert words in error_of(capsys, ["validate", str(spec(tmp_path, **fields))])
+
+
+def test_a_choice_of_epochs_written_as_text_and_numbers_validates(tmp_path, capsys):
+    """The schema reads "3" as 3, and so does the check that some trial trains."""
+    path = spec(tmp_path, space={"stages.train.epochs": {"choice": ["3", 3]}}, search={"algorithm": "random"})
+    assert main(["validate", str(path)]) == 0
+
+
+@pytest.mark.parametrize("base", ["a\0b.yaml", "x" * 5000 + ".yaml"], ids=["nul-byte", "name-too-long"])
+def test_a_base_no_file_can_have_is_named(tmp_path, capsys, base):
+    path = write(tmp_path, "spec.yaml", {"name": "s", "base": base})
+    assert ": base: no curriculum file at " in error_of(capsys, ["validate", str(path)])
+
+
+def test_a_spec_without_base_is_told_it_needs_one(tmp_path, capsys):
+    path = write(tmp_path, "spec.yaml", {"name": "s", "space": {"optim.lr": {"uniform": [0.001, 0.01]}}})
+    assert ": base: " in error_of(capsys, ["validate", str(path)])
+
+
+def test_train_checks_its_experiment_name_and_store_before_building_anything(tmp_path, capsys, monkeypatch):
+    path = write(tmp_path, "c.yaml", PARITY_BASE)
+    uri = f"sqlite:///{tmp_path}/m.db"
+    err = error_of(capsys, ["train", str(path), "--tracking-uri", uri, "--experiment", "x" * 501])
+    assert "--experiment: " in err and not (tmp_path / "m.db").exists()
+    write(tmp_path, "notes.db", "not a database\n")
+    err = error_of(capsys, ["train", str(path), "--tracking-uri", f"sqlite:///{tmp_path}/notes.db"])
+    assert "is not a sqlite database" in err and (tmp_path / "notes.db").read_text() == "not a database\n"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path}/mlruns")
+    assert error_of(capsys, ["train", str(path)]).startswith("error: MLFLOW_TRACKING_URI: ")
