@@ -103,8 +103,9 @@ class CopySpec(Spec):
 TaskSpec = Annotated[Union[ParitySpec, PolynomialSpec, CopySpec], Field(discriminator="kind")]
 
 
-# Adam's step is lr / (1 - beta1) in float32 (at most 3.4e38): a bound far past any rate that trains
-MAX_LR = 1e6
+# Adam's first step is lr / (1 - beta1) = 10 x lr, and the weight decay a factor, in float32 (at most
+# 3.4e38): a bound far past any rate that trains, with room for rates that make a run diverge on purpose
+MAX_LR = 1e30
 LearningRate = Annotated[float, Field(gt=0.0, le=MAX_LR)]
 # `trainable.results.TARGET_SLACK` (1e-12) below: a smaller target would count as met at accuracy 0
 MIN_TARGET = 1e-9
