@@ -43,6 +43,17 @@ def _torch_threads():
     yield
 
 
+@pytest.fixture
+def restore_determinism():
+    """torch's deterministic-algorithms setting as it was before the test (it is process-wide)."""
+    import torch
+
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A real local Ray of this module's own: 2 CPUs, no dashboard, a small object store."""

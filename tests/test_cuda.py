@@ -20,7 +20,8 @@ from iterhead.trainable.seeds import Seeds
 from support import tiny
 
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.usefixtures("restore_determinism")]  # CUDA trainers turn deterministic kernels on
 DATA = {"min_len": 1, "max_len": 4, "train_per_len": 40, "test_per_len": 32, "cot": True}
 NO_DROPOUT = {"d_model": 32, "n_layers": 2, "n_heads": 2, "dropout": 0.0}
 COUNTED = ("compute/flops", "compute/examples", "compute/tokens")

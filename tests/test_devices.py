@@ -101,14 +101,6 @@ def no_workspace(monkeypatch):
     monkeypatch.delenv(devices.CUBLAS_WORKSPACE_ENV)
 
 
-@pytest.fixture
-def restore_determinism():
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-
-
 def test_cuda_runs_get_strict_deterministic_kernels_and_a_cublas_workspace(no_workspace, restore_determinism):
     """Strict: with warn_only the fused attention backward keeps its non-deterministic default."""
     torch.use_deterministic_algorithms(False)

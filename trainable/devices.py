@@ -137,7 +137,10 @@ def native_bf16(device: torch.device) -> bool:
     T4 makes bf16 tensors), so it is asked about `device`, without emulation."""
     if device.type == "cuda":
         with torch.cuda.device(device):
-            return torch.cuda.is_bf16_supported(including_emulation=False)
+            try:
+                return torch.cuda.is_bf16_supported(including_emulation=False)
+            except TypeError:  # a torch before that argument: natively from compute capability 8.0 (Ampere)
+                return torch.version.hip is not None or torch.cuda.get_device_capability(device) >= (8, 0)
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 

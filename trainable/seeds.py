@@ -169,7 +169,8 @@ class Stacked:
         """One epoch's optimiser steps for the seeds; their summed batch losses [K]."""
         cur, device = runs[0].cur, runs[0].device
         cot, p = cur.data.cot, cur.model.dropout
-        seeds = torch.tensor([self.row[id(t)] for t in runs], device=device)[:, None]  # rows of the tables
+        # rows of the tables; copied as the batches are, so that CUDA does not wait on the host here
+        seeds = to_device(np.array([self.row[id(t)] for t in runs], dtype=np.int64), device)[:, None]
         steps, picks, valid = epoch_steps([plan for plan, _ in plans])
         picks, valid = to_device(picks, device), to_device(valid, device)  # [S, K, B]
         rows = to_device(np.stack([plan.rows for plan, _ in plans]), device)  # [K, n]
