@@ -73,12 +73,13 @@ def log_summary(writer: RunWriter, parent: str, rows: list[dict[str, Any]], keys
     """Trial counts, the search's FLOPs accounting, `trials.csv` and the plots, on the parent run."""
     from iterhead.search import report
 
-    scored = [row for row in rows if row[results.COMPUTE_TO_TARGET] == row[results.COMPUTE_TO_TARGET]]  # drop NaN
+    scored = [row for row in rows  # what a trial that ended scored: not a failed one's last penalty, nor NaN
+              if row["status"] == "TERMINATED" and row[results.COMPUTE_TO_TARGET] == row[results.COMPUTE_TO_TARGET]]
     with tempfile.TemporaryDirectory(prefix="iterhead-summary-") as tmp:
         folder = Path(tmp)
         report.write_table(folder / "trials.csv", rows, keys)
         report.plot_against_params(folder / "compute_to_target.png", scored, keys)
-        report.plot_fraction_reached(folder / "fraction_reached.png", scored)
+        report.plot_fraction_reached(folder / "fraction_reached.png", scored, len(rows))
         n_reached = sum(1 for row in scored if row[results.REACHED] == 1.0)
         writer.submit(writer.log_metrics, parent, {results.TRIALS: len(rows), results.TRIALS_REACHED: n_reached,
                                                    **flops}, 0)

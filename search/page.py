@@ -31,6 +31,7 @@ from iterhead.search import report, sharing
 from iterhead.search.export import Candidate, child_runs, find_candidates, seed_runs
 from iterhead.search.folder import writable_folder
 from iterhead.trainable import results as r
+from iterhead.trainable.checkpoint import write_atomic
 
 
 def trial_rows(client: Any, experiment: str, parent: str) -> tuple[list[str], list[dict[str, Any]]]:
@@ -109,12 +110,12 @@ def build(client: Any, experiment: str, out: Path, parent_run_id: str | None = N
     if not rows:
         raise ConfigError(f"the search {experiment!r} has no trial runs yet", field="--experiment")
     out.mkdir(parents=True, exist_ok=True)
-    scored = [row for row in rows if row[r.COMPUTE_TO_TARGET] == row[r.COMPUTE_TO_TARGET]]  # not NaN: reported
+    scored = [row for row in rows if ended(row)]  # not a running, killed or failed one's provisional penalty
     with tempfile.TemporaryDirectory(prefix="iterhead-report-") as tmp:
         folder = Path(tmp)
         figures = [report.plot_medians(folder / f"compute_to_target_vs_{_safe(k)}.png", scored, k)
                    for k in keys if k != "seed"]
-        figures.append(report.plot_fraction_reached(folder / "fraction_reached.png", scored))
+        figures.append(report.plot_fraction_reached(folder / "fraction_reached.png", scored, len(rows)))
         probes: dict[str, float] = {}
         best = best_run(reached[0]) if reached else None
         if best:
@@ -125,11 +126,11 @@ def build(client: Any, experiment: str, out: Path, parent_run_id: str | None = N
         page = out / "report.html"
         medians = report.seed_medians(scored, keys)
         shared = _sharing(client.get_run(parent).data.metrics, rows, is_population(rows))
-        page.write_text(render(experiment, parent, keys, rows, figures, probes, best[1] if best else None, medians,
-                               shared))
+        text = render(experiment, parent, keys, rows, figures, probes, best[1] if best else None, medians, shared)
         table = (members_text(rows) if is_population(rows) else
                  report.medians_text(medians, keys, report.is_replicate(rows)))
-        (out / "medians.md").write_text(table + "\n")
+        write_atomic(page, lambda f: f.write(text.encode()))  # an interrupted report leaves no cut page
+        write_atomic(out / "medians.md", lambda f: f.write((table + "\n").encode()))
         client.log_artifacts(parent, str(folder), "report")
         client.log_artifact(parent, str(page), "report")
     return page
@@ -167,7 +168,11 @@ def render(experiment: str, parent: str, keys: list[str], rows: list[dict[str, A
     population = is_population(rows)
     one, what = (("configuration", "configurations") if replicates else ("member", "members") if population
                  else ("trial", "trials"))
-    n_reached = sum(1 for row in rows if row[r.REACHED] == 1.0)
+    n_reached = sum(1 for row in rows if ended(row) and row[r.REACHED] == 1.0)
+    n_censored = sum(1 for row in rows if ended(row)) - n_reached
+    n_failed = sum(1 for row in rows if row["status"] == "FAILED")
+    n_open = len(rows) - n_reached - n_censored - n_failed
+    others = "".join(f", {n} {word}" for n, word in ((n_failed, "failed"), (n_open, "unfinished")) if n)
     imgs = "\n".join(f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,'
                      f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{html.escape(p.stem)}'
                      "</figcaption></figure>" for p in figures)
@@ -200,8 +205,8 @@ def render(experiment: str, parent: str, keys: list[str], rows: list[dict[str, A
 img{{max-width:520px}}table{{border-collapse:collapse;font-size:12px}}td,th{{border:1px solid #ccc;padding:2px 6px}}
 </style></head><body>
 <h1>Search {html.escape(experiment)}</h1>
-<p>Parent run {html.escape(parent)}; {len(rows)} {what}, {n_reached} reached the target, {len(rows) - n_reached}
-censored (drawn as crosses at their penalty, never dropped). Written {time.strftime('%Y-%m-%d %H:%M')}.</p>
+<p>Parent run {html.escape(parent)}; {len(rows)} {what}, {n_reached} reached the target, {n_censored}
+censored (drawn as crosses at their penalty, never dropped){others}. Written {time.strftime('%Y-%m-%d %H:%M')}.</p>
 <p>{html.escape(shared)}</p>
 {summary}
 <h2>Figures</h2>
@@ -228,8 +233,17 @@ def _sharing(metrics: dict[str, float], rows: list[dict[str, Any]], population: 
     return "Shared prefixes: " + sharing.summary_line(flops, sum(1 for row in rows if row["forked_from"])) + "."
 
 
+def ended(row: dict[str, Any]) -> bool:
+    """Whether a row's run ended with a result: its last report's compute_to_target is its score.
+    A running or killed run reports the censoring penalty until it reaches, and a failed one's
+    last report holds it too: neither was censored."""
+    return row["status"] == "FINISHED" and row[r.COMPUTE_TO_TARGET] == row[r.COMPUTE_TO_TARGET]  # and not NaN
+
+
 def _outcome(row: dict[str, Any]) -> str:
     """A row's outcome in words; a configuration's with how many of its seeds reached."""
+    if not ended(row):
+        return "failed" if row["status"] == "FAILED" else "unfinished" if row["status"] != "FINISHED" else "no report"
     word = "diverged" if row[r.DIVERGED] == 1.0 else ("yes" if row[r.REACHED] == 1.0 else "no (censored)")
     if "seed_outcomes" in row:
         word += f" ({row[r.SEEDS_REACHED]:.0f} of {len(row['seed_outcomes'])} seeds)"

@@ -54,12 +54,14 @@ def plot_against_params(path: Path, rows: Sequence[dict[str, Any]], keys: Sequen
     keys = list(keys) or ["trial"]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys):
+        where, ticks = axis([row.get(key, i) for i, row in enumerate(rows)])
         for reached, marker, label in ((1.0, "o", "reached"), (0.0, "x", "censored (penalty)")):
-            sel = [row for row in rows if float(row.get(r.REACHED, 0)) == reached]
-            xs = [_numeric(row.get(key, i)) for i, row in enumerate(sel)]
-            ys = [float(row[r.COMPUTE_TO_TARGET]) for row in sel]
+            sel = [i for i, row in enumerate(rows) if float(row.get(r.REACHED, 0)) == reached]
+            ys = [float(rows[i][r.COMPUTE_TO_TARGET]) for i in sel]
             if sel:
-                ax.scatter(xs, ys, marker=marker, label=f"{label} ({len(sel)})")
+                ax.scatter([where[i] for i in sel], ys, marker=marker, label=f"{label} ({len(sel)})")
+        if ticks is not None:
+            ax.set_xticks(range(len(ticks)), ticks, fontsize=7)
         ax.set_xlabel(key, fontsize=8)
         ax.set_ylabel("compute_to_target (FLOPs)", fontsize=8)
         ax.set_yscale("log")
@@ -70,10 +72,11 @@ def plot_against_params(path: Path, rows: Sequence[dict[str, Any]], keys: Sequen
     return path
 
 
-def plot_fraction_reached(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
-    """Fraction of all trials that had reached the target by each amount of compute."""
+def plot_fraction_reached(path: Path, rows: Sequence[dict[str, Any]], n: int | None = None) -> Path:
+    """Fraction of all `n` trials (default: the rows) that had reached the target by each amount
+    of compute: a trial that failed, or has not finished, counts in `n` and never reaches."""
     plt = _plt()
-    n = len(rows)
+    n = len(rows) if n is None else n
     hits = np.sort([float(row[r.COMPUTE_TO_TARGET]) for row in rows if float(row.get(r.REACHED, 0)) == 1.0])
     fig, ax = plt.subplots(figsize=(6, 3.6))
     if len(hits):
@@ -98,6 +101,16 @@ def short(value: Any) -> str:
 
 def _numeric(value: Any) -> Any:
     return value if isinstance(value, (int, float)) else str(value)
+
+
+def axis(values: Sequence[Any]) -> tuple[list[float], list[str] | None]:
+    """Where a parameter's values sit on a plot's x axis: the numbers themselves, or, where any
+    value is no number (None, text, a list, a boolean), each at its place among the sorted texts
+    of all, with those texts as the ticks (numbers and texts on one axis would collide or fail)."""
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return [float(v) for v in values], None
+    ticks = sorted({str(v) for v in values})
+    return [float(ticks.index(str(v))) for v in values], ticks
 
 
 def is_replicate(rows: Sequence[dict[str, Any]]) -> bool:
@@ -183,7 +196,8 @@ def plot_medians(path: Path, rows: Sequence[dict[str, Any]], key: str) -> Path:
         return plot_against_params(path, rows, [key])
     xs = sorted(groups, key=lambda v: (isinstance(v, str), v))
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    positions = [x if isinstance(x, (int, float)) else i for i, x in enumerate(xs)]
+    numbers = axis(xs)[1] is None
+    positions = [float(x) if numbers else float(i) for i, x in enumerate(xs)]  # texts and numbers never mixed
     med, lo, hi = zip(*(median_band([float(row[r.COMPUTE_TO_TARGET]) for row in groups[x]]) for x in xs))
     ax.plot(positions, med, marker="o", label="median over seeds")
     ax.fill_between(positions, lo, hi, alpha=0.2, label="min to max")
@@ -191,7 +205,7 @@ def plot_medians(path: Path, rows: Sequence[dict[str, Any]], key: str) -> Path:
                 for row in groups[x] if float(row.get(r.REACHED, 0)) != 1.0]
     if censored:
         ax.scatter(*zip(*censored), marker="x", color="red", s=50, zorder=3, label="censored (penalty)")
-    if not all(isinstance(x, (int, float)) for x in xs):
+    if not numbers:
         ax.set_xticks(positions, [str(x) for x in xs], fontsize=7)
     ax.set_yscale("log")
     ax.set_xlabel(key, fontsize=8)

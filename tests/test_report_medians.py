@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 
-from iterhead.search.report import median_band, medians_text, plot_against_params, seed_medians
+from iterhead.search.report import median_band, medians_text, plot_against_params, plot_medians, seed_medians
 from iterhead.trainable import results as r
 
 PENALTY = 1.0e12
@@ -114,3 +114,32 @@ def test_report_into_a_file_exits_2_and_leaves_it(tmp_path, capsys):
     (parent,) = client.search_runs([client.get_experiment_by_name("e").experiment_id],
                                    filter_string=f"tags.`{r.KIND}` = '{r.KIND_SEARCH}'")
     assert client.list_artifacts(parent.info.run_id) == []
+
+
+def page_row(trial: str, status: str, reached: float, c2t: float, min_len: object) -> dict:
+    return {"trial_id": trial, "run_id": trial, "kind": r.KIND_TRIAL, "status": status, r.REACHED: reached,
+            r.DIVERGED: 0.0, r.COMPUTE_TO_TARGET: c2t, r.TARGET_ACC: 0.5, r.FLOPS: c2t, "forked_from": "",
+            "target.min_len": min_len}
+
+
+def test_only_trials_that_ended_are_scored_and_the_others_are_named(tmp_path):
+    """A running, killed or failed trial's last report holds the censoring penalty: the page calls
+    them unfinished or failed, not censored, and leaves them out of the medians; the fraction
+    reached is over every trial. A key searched over null and numbers plots as categories."""
+    from iterhead.search import page
+    from iterhead.search.report import plot_fraction_reached
+
+    rows = [page_row("a", "FINISHED", 1.0, 1e9, None), page_row("b", "FINISHED", 0.0, 1e12, 2),
+            page_row("c", "RUNNING", 0.0, 1e12, 2), page_row("d", "KILLED", 0.0, 1e12, None),
+            page_row("e", "FAILED", 0.0, 1e12, 2)]
+    scored = [row for row in rows if page.ended(row)]
+    assert [row["trial_id"] for row in scored] == ["a", "b"]
+    assert [page._outcome(row) for row in rows] == ["yes", "no (censored)", "unfinished", "unfinished", "failed"]
+    medians = seed_medians(scored, ["target.min_len"])
+    assert {str(g["target.min_len"]): g["count"] for g in medians} == {"2": 1, "None": 1}
+    html = page.render("e", "p", ["target.min_len"], rows, [], {}, None, medians)
+    assert "5 trials, 1 reached the target, 1\ncensored" in html and ", 1 failed, 2 unfinished." in html
+    for rows_drawn in (rows, rows + rows):  # sampled values (a scatter), repeated ones (medians and a band)
+        assert plot_medians(tmp_path / "m.png", rows_drawn, "target.min_len").exists()  # TypeError before
+    assert plot_against_params(tmp_path / "p.png", rows, ["target.min_len"]).exists()
+    plot_fraction_reached(tmp_path / "f.png", scored, len(rows))  # 1 of 5, not 1 of 2
