@@ -139,6 +139,21 @@ def check_tune_state(folder: Path) -> None:
                           field="--resume") from None
 
 
+def ended_before(folder: Path) -> set[str]:
+    """The trials that Tune's newest saved state in `folder` holds as TERMINATED: they ended before
+    the stop (a graceful stop saves the trials it stops as running) and Tune runs none of them
+    again. A search begun before trials said so in their last report (`results.TRIAL_ENDS`) may
+    hold them without Tune's `done` (`outcome.ended`); without this a resume of it could never
+    finish. Empty where the state does not read as expected (Tune's own format)."""
+    states = sorted(folder.glob("experiment_state-*.json"))
+    try:
+        saved = json.loads(states[-1].read_text())["trial_data"]
+        trials = [json.loads(t) if isinstance(t, str) else t for t, _ in saved]
+        return {str(t["trial_id"]) for t in trials if t.get("status") == "TERMINATED"}
+    except (IndexError, KeyError, TypeError, ValueError, OSError):
+        return set()
+
+
 def check_resume_options(opts: SearchOptions, state: dict[str, Any]) -> None:
     """`ConfigError` for a flag given with ``--resume`` that the search did not start with: a
     resume trains what the search began with (its saved state), which would silently win."""

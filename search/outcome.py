@@ -28,8 +28,9 @@ def ended(last_result: dict[str, Any] | None, errored: bool) -> bool:
 
 
 def trial_rows(grid, writer: RunWriter, experiment: str, parent: str, keys: list[str],
-               pbt: bool = False) -> list[dict[str, Any]]:
-    """One row per trial: its searched values, outcome and MLflow run (PBT: one per member)."""
+               pbt: bool = False, finished: set[str] = frozenset()) -> list[dict[str, Any]]:
+    """One row per trial: its searched values, outcome and MLflow run (PBT: one per member); a
+    trial in `finished` ended before a resume (`folder.ended_before`)."""
     def children() -> dict[str, str]:
         exp = writer.experiment_id(experiment)
         runs = writer.client.search_runs([exp], filter_string=f"tags.`{results.PARENT_RUN}` = '{parent}'",
@@ -45,7 +46,7 @@ def trial_rows(grid, writer: RunWriter, experiment: str, parent: str, keys: list
     for result, trial in zip(grid, _trials(grid)):
         m = result.metrics or {}
         trial_id = m.get("trial_id") or (trial.trial_id if trial else Path(result.path).name)
-        status = "ERROR" if result.error else "TERMINATED" if ended(m, False) else "UNFINISHED"
+        status = "ERROR" if result.error else "TERMINATED" if ended(m, False) or trial_id in finished else "UNFINISHED"
         row = {"trial_id": trial_id, "status": status, "run_id": run_ids.get(trial_id, "")}
         config = result.config or (trial.config if trial else {})
         row.update({k: config.get(k) for k in keys})

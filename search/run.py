@@ -28,7 +28,7 @@ from iterhead.curricula.errors import ConfigError
 from iterhead.curricula.trial import SMOKE_PBT
 from iterhead.search import outcome, sharing, signals
 from iterhead.search.folder import (STATE_FILE, absolute_uri, check_parent_run, check_resume_options,
-                                    check_tune_state, hold_folder, search_folder)
+                                    check_tune_state, ended_before, hold_folder, search_folder)
 from iterhead.search.spec import LoadedSearch, Resources, SearchSettings
 from iterhead.search.tracking import Heartbeat, RunWriter, ui_hint
 from iterhead.trainable import results
@@ -178,6 +178,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
                                   loaded.base, loaded.base_path, loaded.path)
         if not opts.address:
             check_resources(loaded, float(opts.num_cpus or os.cpu_count() or 1), float(local_gpus()), "this machine")
+    finished = ended_before(folder) if state else set()  # read before Tune saves its state again
     stopping.callback(os.close, hold_folder(folder))  # the driver's, while it runs: a second --resume is refused
     writer = RunWriter(opts.uri)
     experiment = spec.name
@@ -266,8 +267,10 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
                                           failure_config=tune.FailureConfig(max_failures=settings.max_failures)),
             )
         grid = tuner.fit()
-        rows = outcome.trial_rows(grid, writer, experiment, parent, keys, pbt)
-        complete = not terminated.is_set() and all(outcome.ended(res.metrics, res.error is not None) for res in grid)
+        rows = outcome.trial_rows(grid, writer, experiment, parent, keys, pbt, finished)
+        complete = not terminated.is_set() and all(
+            outcome.ended(res.metrics, res.error is not None) or (res.metrics or {}).get("trial_id") in finished
+            for res in grid)
         if complete:
             outcome.log_summary(writer, parent, rows, keys, sharing.accounting(rows))
             _save_state(folder, {**json.loads((folder / STATE_FILE).read_text()), "state": "finished"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from iterhead.trainable.results import THREADS_TAG
+from iterhead.trainable.results import THREADS_TAG, TRIAL_ENDS
 
 from support import PARITY_BASE, alive
 
@@ -25,11 +26,29 @@ def iterhead(*args: str) -> list[str]:
     return [str(Path(sys.executable).parent / "iterhead"), *args]
 
 
-@pytest.mark.parametrize("seeds, sig", [(None, signal.SIGKILL), ([0, 1], signal.SIGKILL), (None, signal.SIGTERM)],
-                         ids=["one-seed-trials", "replicates", "sigterm"])
-def test_stopped_search_resumes_into_the_same_runs(tmp_path, seeds, sig):
+def forget_ends(folder: Path) -> int:
+    """Drop Tune's `done` and the trials' own end mark from the last results of the TERMINATED
+    trials in Tune's newest saved state, as a state saved by an earlier version in the race
+    `outcome.ended` describes holds them; how many trials it changed."""
+    path = sorted(folder.glob("*/experiment_state-*.json"))[-1]
+    state = json.loads(path.read_text())
+    changed = 0
+    for pair in state["trial_data"]:
+        meta = json.loads(pair[1])
+        if json.loads(pair[0])["status"] == "TERMINATED":
+            meta["last_result"] = {k: v for k, v in meta["last_result"].items() if k not in ("done", TRIAL_ENDS)}
+            pair[1], changed = json.dumps(meta), changed + 1
+    path.write_text(json.dumps(state))
+    return changed
+
+
+@pytest.mark.parametrize("seeds, sig, older", [(None, signal.SIGKILL, False), ([0, 1], signal.SIGKILL, False),
+                                               (None, signal.SIGTERM, False), (None, signal.SIGTERM, True)],
+                         ids=["one-seed-trials", "replicates", "sigterm", "sigterm-state-of-an-earlier-version"])
+def test_stopped_search_resumes_into_the_same_runs(tmp_path, seeds, sig, older):
     """SIGKILL (the driver and its Ray at once) or SIGTERM (a batch scheduler's stop, to the
-    driver alone: a graceful stop, as Ctrl-C gives), then `--resume`."""
+    driver alone: a graceful stop, as Ctrl-C gives), then `--resume`; also from a saved state
+    whose finished trials say neither `done` nor their end (`folder.ended_before`)."""
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(PARITY_BASE))
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
         "name": "resumable", "base": "base.yaml", **({"seeds": seeds} if seeds else {}),
@@ -72,6 +91,8 @@ def test_stopped_search_resumes_into_the_same_runs(tmp_path, seeds, sig):
         # every trial's searched value, also of the one waiting for a CPU at the stop (it never reported)
         assert len(table) >= 3 and all(int(row.split(" | ")[1]) in EPOCHS for row in table), text[-3000:]
 
+        if older:
+            assert forget_ends(tmp_path / "runs") >= 1
         # a resume trains as the search began, whatever the spec says now: one torch thread a trial
         spec = yaml.safe_load((tmp_path / "spec.yaml").read_text())
         (tmp_path / "spec.yaml").write_text(yaml.safe_dump({**spec, "resources": {"cpu": 4}}))  # > --num-cpus

@@ -157,7 +157,8 @@ def test_export_refuses_bad_targets(search, tmp_path, capsys):
     assert main(["export", "--experiment", "it-search", "--tracking-uri", uri, "--run", "x' or '1'='1",
                  "-o", str(tmp_path / "x.yaml")]) == 2
     (tmp_path / "folder.yaml").mkdir()
-    assert main(["export", "--experiment", "it-search", "--tracking-uri", uri, "-o", str(tmp_path / "folder.yaml")]) == 2
+    folder = str(tmp_path / "folder.yaml")
+    assert main(["export", "--experiment", "it-search", "--tracking-uri", uri, "-o", folder]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 5 and all(line.startswith("error: ") for line in err)
     assert [p.name for p in tmp_path.iterdir()] == ["folder.yaml"] and not any((tmp_path / "folder.yaml").iterdir())
