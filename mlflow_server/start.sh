@@ -31,10 +31,18 @@ mkdir -p "$data/artifacts"
 data=$(cd "$data" && pwd)
 store="sqlite:///$data/mlflow.db"
 
+# A port already served: `mlflow server` reports it and still exits 0, while /health answers from
+# the other server (another store). Refuse it here, loudly.
+if "$bin/python" -c "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 2)" \
+    "$host" "$port" 2>/dev/null; then
+  echo "start.sh: something already listens on $host:$port; choose another --port" >&2; exit 1
+fi
+
 # Create the schema once, before the server's workers start: concurrent first-time
-# creation of a sqlite store races.
-"$bin/python" -c "import sys; from mlflow import MlflowClient; MlflowClient(sys.argv[1]).search_experiments()" "$store" >/dev/null 2>&1 \
-  || "$bin/python" -c "import sys; from mlflow import MlflowClient; MlflowClient(sys.argv[1]).search_experiments()" "$store"
+# creation of a sqlite store races. The Default experiment it makes stores its artifacts
+# through the server (mlflow-artifacts:), as the server's own would, not in ./mlruns here.
+schema='import sys; from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as S; S(sys.argv[1], "mlflow-artifacts:/")'
+"$bin/python" -c "$schema" "$store" >/dev/null 2>&1 || "$bin/python" -c "$schema" "$store"
 
 # MLflow 3's server starts a job runner and several task consumers for its GenAI features;
 # experiment tracking needs none of them. Set MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true to keep them.

@@ -80,6 +80,20 @@ def test_server_listens_on_loopback_only(server):
     assert addresses == {"0100007F"}, addresses  # 127.0.0.1, nothing on 0.0.0.0 or ::
 
 
+def test_the_default_experiment_stores_its_artifacts_through_the_server(server):
+    """Clients need no access to the folder start.sh ran in (mlflow_server/README.md)."""
+    url, _, _ = server
+    assert MlflowClient(url).get_experiment("0").artifact_location == "mlflow-artifacts:/0"
+
+
+def test_a_port_already_served_is_refused(server):
+    """`mlflow server` itself exits 0 on a port in use, leaving the other server to answer."""
+    _, port, data = server
+    out = subprocess.run([str(ROOT / "mlflow_server" / "start.sh"), "--port", str(port), "--data", str(data / "x")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and f"already listens on 127.0.0.1:{port}" in out.stderr
+
+
 def test_bad_port_is_refused():
     out = subprocess.run([str(ROOT / "mlflow_server" / "start.sh"), "--port", "http"],
                          capture_output=True, text=True)
