@@ -55,7 +55,9 @@ def search_folder(loaded: LoadedSearch, opts: SearchOptions) -> tuple[Path, dict
     if not states:
         raise ConfigError(f"no unfinished search named {name!r} under {root}; run it without --resume",
                           field="--resume")
-    _, folder, state = max(states, key=lambda s: s[0])
+    # the newest one Tune saved a state in: one stopped before (its folder holds no Tune state)
+    # can never be resumed, and must not hide an older one that can; alone, `check_tune_state` says so
+    _, folder, state = max(states, key=lambda s: (any(s[1].glob("experiment_state-*.json")), s[0]))
     if state["uri"] not in (opts.uri, absolute_uri(opts.uri)):  # a search's state holds it absolute
         raise ConfigError(f"the search was tracked in {state['uri']}; resume it with that --tracking-uri",
                           field="--tracking-uri")

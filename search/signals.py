@@ -23,10 +23,13 @@ class Terminated(KeyboardInterrupt):
 def sigterm_as_ctrl_c() -> Iterator[threading.Event]:
     """Within the block, SIGTERM does what Ctrl-C does at that moment: a graceful stop where a
     SIGINT handler is installed (Tune's, during a search), else `Terminated`. The event says
-    whether one came. Must be entered after `ray.init`, whose own SIGTERM handler it replaces."""
+    whether one came; a SIGTERM after the first does nothing. Must be entered after `ray.init`,
+    whose own SIGTERM handler it replaces."""
     seen = threading.Event()
 
     def stop(signum: int, frame: Any) -> None:
+        if seen.is_set():  # the stop is under way: a second signal (a scheduler's repeat) would cut its cleanup
+            return
         seen.set()
         handler = signal.getsignal(signal.SIGINT)
         if callable(handler) and handler is not signal.default_int_handler:

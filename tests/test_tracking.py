@@ -204,3 +204,42 @@ def test_a_resume_with_a_flag_the_search_did_not_start_with_exits_2(tmp_path, ca
                  "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0] and "leave" in err[0], err
+
+
+def test_a_resume_skips_a_newer_search_stopped_before_tune_saved_anything(tmp_path):
+    """A search stopped right after it began leaves a folder with no Tune state, which no resume
+    can use: the older search of that name that Tune did save is the one resumed."""
+    import json
+
+    from iterhead.search.folder import search_folder
+    from iterhead.search.run import SearchOptions
+    from iterhead.search.spec import load_search
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec, state = interrupted_search(tmp_path, uri)
+    older = tmp_path / "runs" / "moved-20250101-000000"
+    (older / "experiment_state-2025-01-01_00-00-00.json").write_text('{"trial_data": []}')
+    newer = tmp_path / "runs" / "moved-20250102-000000"
+    newer.mkdir()
+    (newer / "iterhead-search.json").write_text(json.dumps(state))  # written after the older one: newer mtime
+    folder, found = search_folder(load_search(spec), SearchOptions(uri=uri, storage_path=str(tmp_path / "runs"),
+                                                                   resume=True))
+    assert folder == older and found == state
+
+
+def test_a_second_sigterm_does_not_cut_the_stop_the_first_began():
+    """Schedulers repeat SIGTERM; the first starts the graceful stop, the others do nothing."""
+    import os
+    import signal as sig
+
+    from iterhead.search.signals import sigterm_as_ctrl_c
+
+    calls = []
+    previous = sig.signal(sig.SIGINT, lambda signum, frame: calls.append(signum))  # as Tune's handler
+    try:
+        with sigterm_as_ctrl_c() as seen:
+            os.kill(os.getpid(), sig.SIGTERM)
+            os.kill(os.getpid(), sig.SIGTERM)
+        assert seen.is_set() and calls == [sig.SIGINT]
+    finally:
+        sig.signal(sig.SIGINT, previous)
