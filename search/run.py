@@ -19,6 +19,7 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -266,7 +267,11 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
                                           verbose=0, checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                           failure_config=tune.FailureConfig(max_failures=settings.max_failures)),
             )
-        grid = tuner.fit()
+        sigint = signal.getsignal(signal.SIGINT)
+        try:
+            grid = tuner.fit()
+        finally:  # Tune leaves its own handler, which a SIGTERM (`signals`) would call on a search already over
+            signal.signal(signal.SIGINT, sigint)
         rows = outcome.trial_rows(grid, writer, experiment, parent, keys, pbt, finished)
         complete = not terminated.is_set() and all(
             outcome.ended(res.metrics, res.error is not None) or (res.metrics or {}).get("trial_id") in finished

@@ -7,6 +7,7 @@ in lockstep on the CPU, so each seed's numbers equal a separate single-seed run 
 from __future__ import annotations
 
 import io
+import signal
 import statistics
 
 import pytest
@@ -31,6 +32,9 @@ BASE = {**PARITY_BASE, "stages": [{"name": "train", "mix": {"parity": 1.0}, "epo
 BUDGET = 1.0e12
 
 
+SIGINT_HANDLERS: list = []  # (before, after) the search fixture's run
+
+
 @pytest.fixture(scope="module")
 def search(ray_local, tmp_path_factory):
     """A grid of two configurations, each trained on three seeds."""
@@ -43,11 +47,20 @@ def search(ray_local, tmp_path_factory):
         "budget": {"flops": BUDGET}}))
     uri = f"sqlite:///{folder}/mlflow.db"
     out = io.StringIO()
+    before = signal.getsignal(signal.SIGINT)
     rows = run_search(load_search(folder / "spec.yaml"), SearchOptions(uri=uri, storage_path=str(folder / "ray")),
                       out=out)
+    SIGINT_HANDLERS.append((before, signal.getsignal(signal.SIGINT)))
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("replicates").experiment_id])
     return rows, runs, client, out.getvalue()
+
+
+def test_the_search_gives_back_the_sigint_handler_it_found(search):
+    """Tune's fit leaves its own SIGINT handler, which would stop a search that is over (a
+    SIGTERM during the summary is passed to it: `signals`)."""
+    before, after = SIGINT_HANDLERS[-1]
+    assert after is before
 
 
 def kind(runs, which):
