@@ -218,7 +218,8 @@ def check_folder(out: Path, paths: list[Path]) -> None:
     if not out.is_dir():
         return
     ranked = (p for p in out.glob("*.yaml") if re.fullmatch(r"\d{2,}-.*\.yaml", p.name))  # `targets`' names
-    stale = sorted(p.name for p in ranked if p.resolve() not in set(paths))
+    mine = set(paths)
+    stale = sorted(p.name for p in ranked if p.resolve() not in mine)
     if stale:
         shown = ", ".join(stale[:3]) + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
         raise ConfigError(f"{out} holds files of another export ({shown}) that this one would not replace; give "

@@ -110,7 +110,7 @@ def build(client: Any, experiment: str, out: Path, parent_run_id: str | None = N
     if not rows:
         raise ConfigError(f"the search {experiment!r} has no trial runs yet", field="--experiment")
     out.mkdir(parents=True, exist_ok=True)
-    scored = [row for row in rows if ended(row)]  # not a running, killed or failed one's provisional penalty
+    scored = [row for row in rows if is_scored(row)]  # not a running, killed or failed one's provisional penalty
     with tempfile.TemporaryDirectory(prefix="iterhead-report-") as tmp:
         folder = Path(tmp)
         figures = [report.plot_medians(folder / f"compute_to_target_vs_{_safe(k)}.png", scored, k)
@@ -168,8 +168,8 @@ def render(experiment: str, parent: str, keys: list[str], rows: list[dict[str, A
     population = is_population(rows)
     one, what = (("configuration", "configurations") if replicates else ("member", "members") if population
                  else ("trial", "trials"))
-    n_reached = sum(1 for row in rows if ended(row) and row[r.REACHED] == 1.0)
-    n_censored = sum(1 for row in rows if ended(row)) - n_reached
+    n_reached = sum(1 for row in rows if is_scored(row) and row[r.REACHED] == 1.0)
+    n_censored = sum(1 for row in rows if is_scored(row)) - n_reached
     n_failed = sum(1 for row in rows if row["status"] == "FAILED")
     n_open = len(rows) - n_reached - n_censored - n_failed
     others = "".join(f", {n} {word}" for n, word in ((n_failed, "failed"), (n_open, "unfinished")) if n)
@@ -233,7 +233,7 @@ def _sharing(metrics: dict[str, float], rows: list[dict[str, Any]], population: 
     return "Shared prefixes: " + sharing.summary_line(flops, sum(1 for row in rows if row["forked_from"])) + "."
 
 
-def ended(row: dict[str, Any]) -> bool:
+def is_scored(row: dict[str, Any]) -> bool:
     """Whether a row's run ended with a result: its last report's compute_to_target is its score.
     A running or killed run reports the censoring penalty until it reaches, and a failed one's
     last report holds it too: neither was censored."""
@@ -242,7 +242,7 @@ def ended(row: dict[str, Any]) -> bool:
 
 def _outcome(row: dict[str, Any]) -> str:
     """A row's outcome in words; a configuration's with how many of its seeds reached."""
-    if not ended(row):
+    if not is_scored(row):
         return "failed" if row["status"] == "FAILED" else "unfinished" if row["status"] != "FINISHED" else "no report"
     word = "diverged" if row[r.DIVERGED] == 1.0 else ("yes" if row[r.REACHED] == 1.0 else "no (censored)")
     if "seed_outcomes" in row:

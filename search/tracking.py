@@ -33,9 +33,8 @@ MAX_METRICS, MAX_PARAMS, MAX_PARAM_CHARS = 1000, 100, 6000
 
 def resolve_uri(uri: str | None) -> str:
     """The tracking URI to use, checked: `ConfigError` for one MLflow cannot use."""
-    field = "--tracking-uri" if uri else "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else None
+    field = "MLFLOW_TRACKING_URI" if not uri and os.environ.get("MLFLOW_TRACKING_URI") else "--tracking-uri"
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-    field = field or "--tracking-uri"
     scheme = uri.split(":", 1)[0].split("+", 1)[0] if ":" in uri else uri  # `databricks` alone
     if scheme not in SCHEMES:
         raise ConfigError(f"{uri!r} is not a tracking URI MLflow 3 accepts (file stores are refused); "

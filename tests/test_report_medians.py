@@ -132,7 +132,7 @@ def test_only_trials_that_ended_are_scored_and_the_others_are_named(tmp_path):
     rows = [page_row("a", "FINISHED", 1.0, 1e9, None), page_row("b", "FINISHED", 0.0, 1e12, 2),
             page_row("c", "RUNNING", 0.0, 1e12, 2), page_row("d", "KILLED", 0.0, 1e12, None),
             page_row("e", "FAILED", 0.0, 1e12, 2)]
-    scored = [row for row in rows if page.ended(row)]
+    scored = [row for row in rows if page.is_scored(row)]
     assert [row["trial_id"] for row in scored] == ["a", "b"]
     assert [page._outcome(row) for row in rows] == ["yes", "no (censored)", "unfinished", "unfinished", "failed"]
     medians = seed_medians(scored, ["target.min_len"])
