@@ -36,12 +36,23 @@ def last_sign_of_life(run: Any) -> float:
     return float(beat) if beat else run.info.start_time / 1000.0
 
 
+def all_experiments(client: Any, page: int = 1000) -> list[Any]:
+    """Every experiment of the store, page by page (one search gives at most a page: 1000 by default)."""
+    out, token = [], None
+    while True:
+        found = client.search_experiments(max_results=page, page_token=token)
+        out += list(found)
+        token = found.token
+        if not token:
+            return out
+
+
 def reconcile(client: Any, experiments: list[str] | None = None, stale_after: float = STALE_AFTER_S,
               now: float | None = None) -> list[Marked]:
     """Mark stale RUNNING iterhead runs KILLED; returns what was marked."""
     now = now or time.time()
     if experiments is None:
-        exps = client.search_experiments()
+        exps = all_experiments(client)
     else:
         exps = [client.get_experiment_by_name(n) for n in experiments]
         missing = [n for n, e in zip(experiments, exps) if e is None]

@@ -114,3 +114,16 @@ def test_a_stale_after_that_is_no_number_of_seconds_exits_2(tmp_path, capsys, va
     assert main(["reconcile", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--stale-after", value]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--stale-after" in err[0]
+
+
+def test_without_experiment_names_every_experiment_is_read_page_by_page(tmp_path):
+    """A store answers one search with a page of experiments (1000 by default); reconcile reads
+    all of them, not the first page."""
+    from mlflow import MlflowClient
+
+    from iterhead.search.reconcile import all_experiments
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    made = {client.create_experiment(f"e{i}", artifact_location=(tmp_path / "mlruns").as_uri()) for i in range(5)}
+    found = {exp.experiment_id for exp in all_experiments(client, page=2)}
+    assert made <= found and len(found) == 6  # and the Default experiment
