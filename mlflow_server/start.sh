@@ -26,14 +26,22 @@ if ! [[ $port =~ ^[0-9]+$ ]] || (( port < 1 || port > 65535 )); then
 fi
 
 here=$(cd "$(dirname "$0")" && pwd)
-if [[ -x $here/../.venv/bin/mlflow ]]; then bin=$here/../.venv/bin; else bin=$(dirname "$(command -v mlflow)"); fi
+if [[ -x $here/../.venv/bin/mlflow ]]; then
+  bin=$here/../.venv/bin; py=("$bin/python")
+else
+  found=$(command -v mlflow) || { echo "start.sh: no mlflow here: run make setup, or install mlflow" >&2; exit 1; }
+  bin=$(dirname "$found")
+  # the interpreter mlflow runs with, from its first line (a pipx install has no python beside it)
+  read -r -a py <<< "$(sed -n '1s/^#! *//p' "$found")"
+  "${py[@]}" -c 'import mlflow' 2>/dev/null || py=(python3)
+fi
 mkdir -p "$data/artifacts"
 data=$(cd "$data" && pwd)
 store="sqlite:///$data/mlflow.db"
 
 # A port already served: `mlflow server` reports it and still exits 0, while /health answers from
 # the other server (another store). Refuse it here, loudly.
-if "$bin/python" -c "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 2)" \
+if "${py[@]}" -c "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 2)" \
     "$host" "$port" 2>/dev/null; then
   echo "start.sh: something already listens on $host:$port; choose another --port" >&2; exit 1
 fi
@@ -42,7 +50,7 @@ fi
 # creation of a sqlite store races. The Default experiment it makes stores its artifacts
 # through the server (mlflow-artifacts:), as the server's own would, not in ./mlruns here.
 schema='import sys; from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as S; S(sys.argv[1], "mlflow-artifacts:/")'
-"$bin/python" -c "$schema" "$store" >/dev/null 2>&1 || "$bin/python" -c "$schema" "$store"
+"${py[@]}" -c "$schema" "$store" >/dev/null 2>&1 || "${py[@]}" -c "$schema" "$store"
 
 # MLflow 3's server starts a job runner and several task consumers for its GenAI features;
 # experiment tracking needs none of them. Set MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true to keep them.

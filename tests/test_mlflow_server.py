@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
@@ -92,6 +94,21 @@ def test_a_port_already_served_is_refused(server):
     out = subprocess.run([str(ROOT / "mlflow_server" / "start.sh"), "--port", str(port), "--data", str(data / "x")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and f"already listens on 127.0.0.1:{port}" in out.stderr
+
+
+def test_an_mlflow_found_on_the_path_runs_with_its_own_interpreter(server, tmp_path):
+    """Outside this checkout (no .venv beside the script) start.sh takes mlflow from PATH, and its
+    interpreter from mlflow's first line: a pipx install has no python beside it."""
+    _, port, data = server
+    script = tmp_path / "start.sh"
+    script.write_text((ROOT / "mlflow_server" / "start.sh").read_text())
+    script.chmod(0o755)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "mlflow").symlink_to(Path(sys.executable).parent / "mlflow")  # no python beside it
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
+    out = subprocess.run([str(script), "--port", str(port), "--data", str(data / "y")], capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert out.returncode == 1 and f"already listens on 127.0.0.1:{port}" in out.stderr, out.stderr  # it ran python
 
 
 def test_bad_port_is_refused():
