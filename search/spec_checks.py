@@ -278,7 +278,8 @@ def _check_trains(spec: SearchSpec, base: Curriculum, file: str) -> None:
     has nothing to compare, and its horizon (`space.horizon`), ASHA's max_t, would be 0."""
     def most_epochs(stage: StageSpec) -> int:
         domain = spec.space.get(f"stages.{stage.name}.epochs")
-        return stage.epochs if domain is None else max(int(v) for v in domain.probes())  # as the schema reads them
+        return stage.epochs if domain is None else max(  # as the schema reads them: "2.0" is 2
+            StageSpec.model_validate({**stage.model_dump(), "epochs": v}).epochs for v in domain.probes())
 
     if all(most_epochs(stage) == 0 for stage in base.stages):
         searched = " at every value of the space" if any(k.endswith(".epochs") for k in spec.space) else ""

@@ -30,11 +30,14 @@ def input_tokens(lengths: np.ndarray, cot: bool) -> np.ndarray:
 
 
 def flops(lengths: np.ndarray, cot: bool, n_params: int, n_layers: int, d_model: int,
-          training: bool = True) -> float:
-    """Analytic FLOPs for sequences of the given input lengths (module docstring)."""
-    t = input_tokens(lengths, cot).astype(np.float64)
+          training: bool = True, copies: int = 1) -> float:
+    """Analytic FLOPs for sequences of the given input lengths, each `copies` times (module
+    docstring). The token sums are exact integers, so `copies` gives what the repeated lengths
+    would, without an array as long as every sequence of an epoch."""
+    t = input_tokens(lengths, cot).astype(np.int64)
+    tokens, pairs = int(t.sum()) * copies, int((t * (t + 1)).sum()) * copies
     factor = 3.0 if training else 1.0
-    return float(factor * (2.0 * n_params * t.sum() + 2.0 * n_layers * d_model * (t * (t + 1)).sum()))
+    return float(factor * (2.0 * n_params * float(tokens) + 2.0 * n_layers * d_model * float(pairs)))
 
 
 @dataclass

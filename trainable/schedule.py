@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 
 
 def last_stage(cur: Curriculum) -> int:
-    """Index of the last stage that trains at all."""
-    return max(i for i, s in enumerate(cur.stages) if s.epochs > 0)
+    """Index of the last stage that trains at all; -1 where none does (a search trial whose
+    drawn values give every stage epochs 0 trains nothing and is over at once)."""
+    return max((i for i, s in enumerate(cur.stages) if s.epochs > 0), default=-1)
 
 
 @dataclass

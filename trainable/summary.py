@@ -26,8 +26,7 @@ def planned_flops(cur: Curriculum) -> float:
     """Training FLOPs of the whole curriculum, every stage to its last epoch."""
     d, m = cur.data, cur.model
     n = count_params(m.d_model, m.n_layers, m.mlp_ratio, vocab_for(cur).size)
-    lengths = np.repeat(np.arange(d.min_len, d.max_len + 1), d.train_per_len)
-    per_epoch = flops(lengths, d.cot, n, m.n_layers, m.d_model)
+    per_epoch = flops(np.arange(d.min_len, d.max_len + 1), d.cot, n, m.n_layers, m.d_model, copies=d.train_per_len)
     return per_epoch * sum(s.epochs for s in cur.stages)
 
 

@@ -311,3 +311,8 @@ def _train(cur: Curriculum, device: torch.device, precision: str, seeds: list[in
             saved_at = time.monotonic()
         if ends:
             return
+    if not history:  # no stage trains (each drawn at epochs 0): nothing to evaluate, censored at once
+        report = Report(step=0, stage=cur.stages[-1].name, reached=False, diverged=False, compute_to_target=penalty,
+                        target_acc=0.0, metrics={**trainers[0].compute.metrics(), results.FLOPS_SEEDS: 0.0},
+                        seeds_reached=0 if seeds is not None else None)
+        tune.report({**report.to_dict(), **where, **forked, results.TRIAL_ENDS: 1.0})
