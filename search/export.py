@@ -39,6 +39,7 @@ from typing import Any
 
 from iterhead.curricula.errors import ConfigError
 from iterhead.curricula.io import dump_curriculum, parse_curriculum, parse_yaml_mapping
+from iterhead.search.tracking import all_runs
 from iterhead.trainable import results as r
 from iterhead.trainable.checkpoint import write_atomic
 
@@ -73,8 +74,7 @@ class ExportError(RuntimeError):
 
 def child_runs(client: Any, experiment_id: str, parent_run_id: str) -> list[Any]:
     """The runs directly under one run: a search's trials or configurations, a configuration's seeds."""
-    return client.search_runs([experiment_id], filter_string=f"tags.`{r.PARENT_RUN}` = '{parent_run_id}'",
-                              max_results=50_000)
+    return all_runs(client, experiment_id, f"tags.`{r.PARENT_RUN}` = '{parent_run_id}'")
 
 
 def seed_runs(client: Any, experiment_id: str, configuration_run_ids: set[str]) -> dict[str, list[SeedRun]]:
@@ -82,8 +82,7 @@ def seed_runs(client: Any, experiment_id: str, configuration_run_ids: set[str]) 
     out: dict[str, list[SeedRun]] = {run_id: [] for run_id in configuration_run_ids}
     if not configuration_run_ids:
         return out
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{r.KIND}` = '{r.KIND_SEED}'",
-                              max_results=50_000)
+    runs = all_runs(client, experiment_id, f"tags.`{r.KIND}` = '{r.KIND_SEED}'")
     for run in runs:
         parent = run.data.tags.get(r.PARENT_RUN)
         if parent in out:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from iterhead.search.report import short
-from iterhead.search.tracking import RunWriter
+from iterhead.search.tracking import RunWriter, all_runs
 from iterhead.trainable import results
 
 
@@ -33,8 +33,7 @@ def trial_rows(grid, writer: RunWriter, experiment: str, parent: str, keys: list
     trial in `finished` ended before a resume (`folder.ended_before`)."""
     def children() -> dict[str, str]:
         exp = writer.experiment_id(experiment)
-        runs = writer.client.search_runs([exp], filter_string=f"tags.`{results.PARENT_RUN}` = '{parent}'",
-                                         max_results=50_000)
+        runs = all_runs(writer.client, exp, f"tags.`{results.PARENT_RUN}` = '{parent}'")
         return {run.data.tags.get(results.TRIAL_ID, ""): run.info.run_id for run in runs}
 
     run_ids = writer.submit(children).result()

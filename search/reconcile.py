@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from iterhead.curricula.errors import ConfigError
+from iterhead.search.tracking import all_runs, every_page
 from iterhead.trainable import results as r
 
 STALE_AFTER_S = 300.0
@@ -38,13 +39,7 @@ def last_sign_of_life(run: Any) -> float:
 
 def all_experiments(client: Any, page: int = 1000) -> list[Any]:
     """Every experiment of the store, page by page (one search gives at most a page: 1000 by default)."""
-    out, token = [], None
-    while True:
-        found = client.search_experiments(max_results=page, page_token=token)
-        out += list(found)
-        token = found.token
-        if not token:
-            return out
+    return every_page(lambda n, token: client.search_experiments(max_results=n, page_token=token), page)
 
 
 def reconcile(client: Any, experiments: list[str] | None = None, stale_after: float = STALE_AFTER_S,
@@ -60,8 +55,7 @@ def reconcile(client: Any, experiments: list[str] | None = None, stale_after: fl
             raise ConfigError(f"no experiment named {missing[0]!r} in the tracking store", field="--experiment")
     marked: list[Marked] = []
     for exp in exps:
-        running = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'",
-                                     max_results=50_000)
+        running = all_runs(client, exp.experiment_id, "attributes.status = 'RUNNING'")
         ours = [run for run in running if any(k in run.data.tags for k in MARKS)]
         by_id = {run.info.run_id: run for run in running}
         for run in ours:

@@ -29,6 +29,26 @@ from iterhead.trainable import results as r
 DEFAULT_URI = "sqlite:///mlflow.db"
 SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")  # MLflow 3's stores
 MAX_METRICS, MAX_PARAMS, MAX_PARAM_CHARS = 1000, 100, 6000
+RUNS_PAGE = 50_000  # the most runs one MLflow search returns (its SEARCH_MAX_RESULTS_THRESHOLD)
+
+
+def every_page(search: Callable[[int, str | None], Any], page: int) -> list[Any]:
+    """Every item of an MLflow search, page by page: `search(max_results, page_token)` gives at
+    most a page and the token of the next one."""
+    out, token = [], None
+    while True:
+        found = search(page, token)
+        out += list(found)
+        token = found.token
+        if not token:
+            return out
+
+
+def all_runs(client: Any, experiment_id: str, filter_string: str, page: int | None = None) -> list[Any]:
+    """Every run of an experiment that `filter_string` matches: a search's trials, or an
+    experiment's seed runs, can be more than one search returns (`RUNS_PAGE`)."""
+    return every_page(lambda n, token: client.search_runs([experiment_id], filter_string=filter_string,
+                                                          max_results=n, page_token=token), page or RUNS_PAGE)
 
 
 def resolve_uri(uri: str | None) -> str:

@@ -127,3 +127,23 @@ def test_without_experiment_names_every_experiment_is_read_page_by_page(tmp_path
     made = {client.create_experiment(f"e{i}", artifact_location=(tmp_path / "mlruns").as_uri()) for i in range(5)}
     found = {exp.experiment_id for exp in all_experiments(client, page=2)}
     assert made <= found and len(found) == 6  # and the Default experiment
+
+
+def test_runs_are_read_page_by_page_so_a_live_search_keeps_its_trials(tmp_path, monkeypatch):
+    """One MLflow search returns at most `RUNS_PAGE` runs (50,000 in MLflow). Reconcile, export
+    and the summary read every page: a live search's parent missing from a first page would
+    make its RUNNING trials look orphaned, and reconcile would mark them KILLED."""
+    from iterhead.search import export, tracking
+    from iterhead.search.reconcile import reconcile
+    from iterhead.trainable import results as r
+
+    monkeypatch.setattr(tracking, "RUNS_PAGE", 2)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("e", artifact_location=(tmp_path / "mlruns").as_uri())
+    parent = client.create_run(exp, tags={r.KIND: r.KIND_SEARCH, r.HEARTBEAT_TAG: str(time.time())}).info.run_id
+    for seed in range(5):
+        client.create_run(exp, tags={r.KIND: r.KIND_SEED, r.PARENT_RUN: parent, r.SEED: str(seed)})
+    assert len(client.search_runs([exp], max_results=2)) == 2  # one search gives one page
+    assert reconcile(client, ["e"]) == []  # every trial's parent is found, alive
+    assert len(export.child_runs(client, exp, parent)) == 5
+    assert [s.seed for s in export.seed_runs(client, exp, {parent})[parent]] == list(range(5))
