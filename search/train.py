@@ -52,8 +52,11 @@ class LoggedRun:
         self.status = "FAILED"
 
     def log(self, ev: Evaluation) -> None:
+        """Log `ev` stamped now, not when the background writer gets to it (seconds later while
+        the store is slow), so MLflow's wall-time axis shows when each evaluation happened."""
         self.last = ev
-        self.writer.submit(lambda: self.writer.log_metrics(self.run.result(), ev.metrics, ev.step))
+        now_ms = int(time.time() * 1000)
+        self.writer.submit(lambda: self.writer.log_metrics(self.run.result(), ev.metrics, ev.step, now_ms))
 
     def finish(self, trainer: Trainer, budget: float | None = None) -> dict[str, float]:
         """Log the summary metrics and the artifacts; returns the summary."""

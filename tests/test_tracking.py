@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 from mlflow import MlflowClient
@@ -28,6 +29,33 @@ def test_every_failed_write_is_reported_not_only_the_first(tmp_path):
     writer.close()
     history = MlflowClient(uri).get_metric_history(run, "m")
     assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 2.0)]
+
+
+def test_an_evaluation_is_stamped_when_it_is_logged_not_when_the_writer_gets_to_it(tmp_path):
+    """The writer is a background thread; a store busy for a second must not move the
+    evaluation's wall time on MLflow's time axis by that second."""
+    import threading
+
+    from iterhead.search.train import LoggedRun
+    from iterhead.trainable.loop import Evaluation
+
+    from support import tiny
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    writer = RunWriter(uri)
+    logged = LoggedRun(writer, tiny(), "w", {}, "r")
+    busy = threading.Event()
+    writer.submit(busy.wait, 60)  # the store is busy until the evaluation below is logged
+    before_ms = time.time() * 1000
+    logged.log(Evaluation(0, "pretrain", 1, {"m": 1.0}))
+    after_ms = time.time() * 1000
+    time.sleep(0.5)  # the writer gets to it half a second later, at the earliest
+    busy.set()
+    logged.status = "FINISHED"
+    logged.end()
+    writer.close()
+    [metric] = MlflowClient(uri).get_metric_history(logged.run.result(), "m")
+    assert before_ms - 1 <= metric.timestamp <= after_ms  # milliseconds, truncated
 
 
 def test_artifacts_go_beside_the_sqlite_file_not_into_the_working_folder(tmp_path, monkeypatch):
