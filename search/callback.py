@@ -30,7 +30,7 @@ ends, and a status line at most every `status_every` seconds.
 A trial whose sampled values make an invalid curriculum (validation probes the domains'
 ends and choices, not every interior value: `search.spec`) is one failed trial, never the
 end of the search: its run holds the sampled values as params and the reason in the
-`INVALID_TAG` tag, the terminal says why, and the trial itself fails in its worker on the
+`results.INVALID_TAG` tag, the terminal says why, and the trial itself fails in its worker on the
 same `ConfigError`, so Tune records it as errored (its error file holds the reason too)
 and the other trials go on.
 """
@@ -55,8 +55,6 @@ from iterhead.search.tracking import RunWriter
 from iterhead.trainable import results as r
 from iterhead.trainable.artifacts import ARTIFACTS
 from iterhead.curricula.trial import trial_curriculum
-
-INVALID_TAG = "iterhead.invalid_curriculum"  # on a trial's run: why its sampled values make no valid curriculum
 
 
 def metric_items(result: dict[str, Any]) -> dict[str, float]:
@@ -211,7 +209,7 @@ class MlflowSearchCallback(tune.Callback):
                                  self.parent, None)
         self.runs[tid] = run
         # set apart from `tags`, which find the run again in a filter the reason's quotes would break
-        self.writer.submit(lambda: self.writer.client.set_tag(run.result(), INVALID_TAG, reason))
+        self.writer.submit(lambda: self.writer.client.set_tag(run.result(), r.INVALID_TAG, reason))
         return run
 
     def _targets(self, trial) -> list[str]:

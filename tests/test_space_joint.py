@@ -11,11 +11,11 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from iterhead.search.callback import INVALID_TAG
 from iterhead.search.cli import main
 from iterhead.search.run import STATE_FILE, SearchOptions, run_search
 from iterhead.search.spec import Domain, load_search
 from iterhead.search.spec_checks import joint_probes
+from iterhead.trainable import results
 
 BASE = {
     "name": "joint-base", "seed": 0,
@@ -154,7 +154,7 @@ def test_invalid_trial_run_is_failed_with_its_values_and_reason(odd_search):
     bad = next(row for row in rows if row["model.d_model"] == 31)
     (run,) = [r for r in runs if r.data.tags.get("iterhead.trial_id") == bad["trial_id"]]
     assert run.info.status == "FAILED" and run.data.params == {"model.d_model": "31"}
-    assert run.data.tags[INVALID_TAG] == "model.d_model: d_model (31) must be divisible by n_heads (2)"
+    assert run.data.tags[results.INVALID_TAG] == "model.d_model: d_model (31) must be divisible by n_heads (2)"
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert not client.list_artifacts(run.info.run_id)  # no curriculum to show: there is none
     good = next(row for row in rows if row["model.d_model"] == 32)

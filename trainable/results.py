@@ -119,6 +119,7 @@ STORAGE_TAG = "iterhead.storage"  # the folder of the search's Tune state, on it
 HEARTBEAT_TAG = "iterhead.heartbeat"  # Unix seconds of a live run's last beat (`search.tracking.Heartbeat`)
 BATCHED_SEEDS_TAG = "iterhead.batched_seeds"  # `iterhead train --seeds`: the seeds trained together
 ENGINE_TAG = "iterhead.engine"  # `iterhead train --seeds`: how they stepped (`trainable.seeds.choose_engine`)
+INVALID_TAG = "iterhead.invalid_curriculum"  # on a trial's run: why its sampled values make no valid curriculum
 
 _SEED_KEY = re.compile(r"^seed_(\d+)/(.+)$")
 
