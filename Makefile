@@ -3,13 +3,14 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TORCH_PIP_ARGS ?=  # e.g. --index-url https://download.pytorch.org/whl/cpu for PyTorch's CPU-only build
 
 .PHONY: setup demo test test-slow bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0   # the CPU build; before anything pulls a CUDA one
+	$(BIN)/python -m pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)   # first: the package's torch range then keeps it
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
