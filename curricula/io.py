@@ -1,11 +1,14 @@
 """Reading and writing curricula as YAML, with one-line errors that name file and field.
 
 YAML is read with a safe loader only (no tags that build Python objects) that also rejects
-duplicate keys, which plain PyYAML would silently resolve to the last one.
+duplicate keys, which plain PyYAML would silently resolve to the last one, and reads numbers
+in exponent form as YAML 1.2 does: PyYAML follows YAML 1.1, where ``1e-3`` and ``1.0e3`` are
+strings, so ``lr: {choice: [1e-3, 3e-3]}`` was two strings that no float compared equal to.
 """
 
 from __future__ import annotations
 
+import re
 import types
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -43,6 +46,9 @@ def _construct_mapping(loader: _StrictSafeLoader, node: yaml.MappingNode, deep: 
 
 
 _StrictSafeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+# after YAML 1.1's own float and int patterns, which still read everything they read
+EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+_StrictSafeLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789."))
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:

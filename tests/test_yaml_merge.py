@@ -29,3 +29,18 @@ def test_yaml_merge_keys_are_plain_yaml(tmp_path: Path) -> None:
     path.write_text(EXAMPLE_TEXT.replace(stages, merged.replace("epochs: 3}", "epochs: 3, epochs: 4}")))
     with pytest.raises(ConfigError, match="duplicate key 'epochs'"):
         load_curriculum(path)
+
+
+def test_numbers_in_exponent_form_are_numbers(tmp_path: Path) -> None:
+    """PyYAML reads YAML 1.1, where `1e-3` is a string; the user means 0.001. A PBT choice of
+    learning rates so written holds the base's 0.001, and every other YAML 1.1 reading stays."""
+    from iterhead.curricula.io import parse_yaml_mapping
+    from iterhead.search.spec import load_search
+
+    read = parse_yaml_mapping("a: [1e-3, 1.0e3, 2E5, -1e-3, .5e1, 1.0e-3, 10, 1_000, e5, 1e, 1.5, '1e-3']")["a"]
+    assert read == [0.001, 1000.0, 200000.0, -0.001, 5.0, 0.001, 10, 1000, "e5", "1e", 1.5, "1e-3"]
+    assert [type(v) for v in read[:6]] == [float] * 6 and type(read[6]) is int
+    (tmp_path / "base.yaml").write_text(EXAMPLE_TEXT)
+    (tmp_path / "pbt.yaml").write_text("name: p\nbase: base.yaml\nsearch: {scheduler: pbt, num_samples: 2}\n"
+                                       "pbt: {interval_epochs: 2, mutate: {lr: {choice: [1e-3, 2e-3]}}}\n")
+    assert load_search(tmp_path / "pbt.yaml").spec.pbt.mutate["lr"].args == [0.001, 0.002]
