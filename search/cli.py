@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from iterhead.curricula.errors import ConfigError
+from iterhead.search.endpoints import address_field, check_store, ray_address, uri_field
 from iterhead.search.signals import Terminated, sigterm_as_ctrl_c
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -47,8 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="run a curriculum search on Ray Tune, tracked in MLflow")
     s.add_argument("spec", metavar="SPEC.yaml")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
-    s.add_argument("--address", help="join an existing Ray cluster (HOST:PORT, or auto for the one `ray start` "
-                                    "last started here); default: $RAY_ADDRESS, else a new embedded local Ray")
+    s.add_argument("--address", help="join an existing Ray cluster (HOST:PORT of its head, or auto for the one "
+                                    "`ray start` last recorded on this machine); default: $RAY_ADDRESS, else a "
+                                    "new embedded local Ray (also `local`)")
     s.add_argument("--storage-path", help="where Tune keeps trial results and checkpoints (default: ./ray_results)")
     s.add_argument("--smoke", action="store_true", help="2 trials, tiny data, 2 epochs a stage: a quick check")
     s.add_argument("--resume", action="store_true", help="continue an interrupted search from its storage path")
@@ -156,6 +158,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.budget is not None and not 0 < args.budget <= MAX_BUDGET:
         raise ConfigError(f"must be a positive number of FLOPs up to {MAX_BUDGET:g} (got {args.budget:g})",
                           field="--budget")
+    check_store(uri, uri_field(args.tracking_uri))
     import torch
 
     from iterhead.search.train import train, train_seeds
@@ -218,7 +221,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     from iterhead.search.run import SearchOptions, run_search
 
     check_precision(args.precision)
-    address = args.address or os.environ.get("RAY_ADDRESS") or None  # never a stale temp-folder address
+    # never a stale temp-folder address
+    address = ray_address(args.address or os.environ.get("RAY_ADDRESS"), address_field(args.address))
+    check_store(uri, uri_field(args.tracking_uri))
     run_search(loaded, SearchOptions(uri=uri, address=address, storage_path=args.storage_path,
                                      smoke=args.smoke, resume=args.resume, num_cpus=args.num_cpus,
                                      precision=args.precision, share=args.share))
@@ -235,6 +240,7 @@ def existing_store(tracking_uri: str | None):
         raise ConfigError(f"no tracking store at {uri}", field="--tracking-uri")
     if file is not None and file.stat().st_size == 0:  # MLflow would write its tables into it
         raise ConfigError(f"{file} is an empty file, not a tracking store", field="--tracking-uri")
+    check_store(uri, uri_field(tracking_uri))
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a few small artifacts
     from mlflow import MlflowClient
 
@@ -369,7 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not type(err).__module__.startswith(STORE_MODULES):
             raise
         lines = str(err).strip().splitlines() or [type(err).__name__]
-        print(f"error: --tracking-uri: the MLflow store failed: {lines[0][:400]}", file=sys.stderr)
+        field = uri_field(getattr(args, "tracking_uri", None))
+        print(f"error: {field}: the MLflow store failed: {lines[0][:400]}", file=sys.stderr)
         return EXIT_FAILED
 
 

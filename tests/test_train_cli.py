@@ -201,11 +201,25 @@ def test_a_deleted_experiment_exits_2_before_training(tmp_path, capsys, seeds):
     assert "training" not in captured.out
 
 
-def test_an_unreachable_tracking_server_fails_in_one_line_before_training(tmp_path, capsys, monkeypatch):
-    """MLflow's traceback through its retries (139 lines), after the training it could not record."""
+def test_a_server_that_is_no_tracking_store_fails_in_one_line_before_training(tmp_path, capsys, monkeypatch):
+    """MLflow's traceback through its retries (139 lines), after the training it could not record.
+    The server answers (so `endpoints.check_store` lets it by), but with 501 to every call."""
+    import http.server
+    import threading
+
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.chdir(tmp_path)
-    assert main(["train", str(SMALL), "--tracking-uri", "http://127.0.0.1:9"]) == 1  # the discard port: refused
+    class Refuses(http.server.BaseHTTPRequestHandler):  # 501 to every call
+        def log_message(self, *args) -> None:  # not on the command's stderr
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuses)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert main(["train", str(SMALL), "--tracking-uri", f"http://127.0.0.1:{server.server_port}"]) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --tracking-uri: the MLflow store failed: "), err

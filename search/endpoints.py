@@ -1,0 +1,100 @@
+"""Whether the Ray cluster and the tracking store a command names answer, before it starts.
+
+Both clients retry for minutes before they give up: `ray.init` on an address nothing answers
+at tries 20 times, about 40 s each, and MLflow retries an HTTP call 7 times with backoff (about
+4 minutes for a refused port, more for a host that does not answer). A wrong address or URI
+is bad input, so it is found here in seconds, with one line naming the flag (or the
+environment variable it came from), before a folder, a store or a Ray is made.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from iterhead.curricula.errors import ConfigError
+
+ANSWER_S = 5.0  # how long a cluster's head or a tracking server has to accept a connection
+
+
+def address_field(given: str | None) -> str:
+    return "--address" if given else "RAY_ADDRESS"
+
+
+def uri_field(given: str | None) -> str:
+    return "MLFLOW_TRACKING_URI" if not given and os.environ.get("MLFLOW_TRACKING_URI") else "--tracking-uri"
+
+
+def ray_address(address: str | None, field: str) -> str | None:
+    """The cluster to join, checked: None for the embedded local Ray (no address, or ``local``,
+    which is what Ray calls a new local instance), else the HOST:PORT of a cluster's head that
+    accepts a connection. ``auto`` is the cluster `ray start` last recorded on this machine,
+    not any Ray process found running here (another driver's embedded Ray, which ends with it)."""
+    if not address or address == "local":
+        return None
+    if "://" in address:
+        raise ConfigError(f"{address!r}: give the HOST:PORT of the cluster's head (its GCS port, 6379 by "
+                          "default) or auto; Ray Client (ray://) and HTTP addresses are not used", field=field)
+    if address == "auto":
+        from ray._private.utils import read_ray_address
+
+        address = read_ray_address() or ""
+        if not address:
+            raise ConfigError("auto: no cluster started with `ray start` is recorded on this machine; give the "
+                              "HOST:PORT of the cluster's head", field=field)
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")  # an IPv6 host, [::1]:6379
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{address!r} is not HOST:PORT (the cluster head's GCS port, 6379 by default) or auto",
+                          field=field)
+    try:
+        socket.create_connection((host, int(port)), timeout=ANSWER_S).close()
+    except OSError as err:
+        raise ConfigError(f"nothing answers at {address} ({err.strerror or type(err).__name__}); is the cluster's "
+                          "head up, and is this its GCS port (6379 by default)?", field=field) from None
+    return address
+
+
+def check_store(uri: str, field: str) -> None:
+    """An HTTP tracking server must answer a connection, and a database store's driver must be
+    installed (MLflow would otherwise fail after Ray started, with the driver's traceback)."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0]
+    if scheme in ("http", "https"):
+        _check_server(uri, field)
+    elif scheme in ("postgresql", "mysql", "mssql"):
+        import sqlalchemy
+
+        try:
+            sqlalchemy.create_engine(uri).dispose()  # loads the driver; connects to nothing
+        except ImportError as err:
+            raise ConfigError(f"{uri!r} needs the Python package {err.name or 'of its database driver'!r}, which "
+                              "is not installed", field=field) from None
+        except sqlalchemy.exc.ArgumentError as err:
+            raise ConfigError(f"{uri!r} is not a database URL: {err}", field=field) from None
+
+
+def _check_server(uri: str, field: str) -> None:
+    """One request to the server's /health, without retries. Only a server that cannot be
+    reached is refused here: one that answers (even 401 behind a proxy that wants a login, or
+    404 where the health page sits elsewhere) is left to MLflow's own calls."""
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        parts.port  # noqa: B018 - raises ValueError for a port that is no number or out of range
+    except ValueError as err:
+        raise ConfigError(f"{uri!r} is not a URL: {err}", field=field) from None
+    if not parts.hostname:
+        raise ConfigError(f"{uri!r} names no host", field=field)
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=ANSWER_S).close()  # noqa: S310 - http(s) only
+    except urllib.error.HTTPError:
+        return  # it answered
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        if isinstance(reason, ssl.SSLError):  # it answered; MLflow has its own certificate settings
+            return
+        raise ConfigError(f"no tracking server answers at {uri} ({reason}); start it (mlflow_server/start.sh) or "
+                          "fix the URI", field=field) from None

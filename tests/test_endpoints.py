@@ -1,0 +1,107 @@
+"""A Ray address or a tracking URI that cannot work is bad input: exit 2 with one line naming
+where it came from, in seconds, before a folder, a store or a Ray is made (`search.endpoints`).
+Ray's and MLflow's clients would retry for minutes and end in tracebacks."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import yaml
+
+from iterhead.search import run
+from iterhead.search.cli import main
+from iterhead.search.endpoints import ray_address
+
+from support import PARITY_BASE, free_port, no_ray
+
+
+@pytest.fixture
+def spec(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(run, "start_ray", no_ray)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(PARITY_BASE))
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"name": "s", "base": "base.yaml"}))
+    return tmp_path / "spec.yaml"
+
+
+def refused() -> str:
+    return f"127.0.0.1:{free_port()}"  # nothing listens there now
+
+
+def one_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize("address, words", [
+    ("foo", "is not HOST:PORT"), ("127.0.0.1", "is not HOST:PORT"), ("127.0.0.1:99999", "is not HOST:PORT"),
+    ("ray://127.0.0.1:10001", "Ray Client (ray://)"), ("http://127.0.0.1:8265", "Ray Client (ray://)"),
+    (None, "nothing answers at 127.0.0.1:"),
+])
+def test_a_ray_address_that_cannot_work_exits_2_before_anything_is_made(spec, capsys, address, words):
+    uri = f"sqlite:///{spec.parent}/mlflow.db"
+    assert main(["search", str(spec), "--tracking-uri", uri, "--address", address or refused()]) == 2
+    err = one_error(capsys)
+    assert err.startswith("error: --address: ") and words in err, err
+    assert sorted(p.name for p in spec.parent.iterdir()) == ["base.yaml", "spec.yaml"]  # no store, no folder
+
+
+def test_an_address_from_the_environment_is_named_as_such(spec, capsys, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", refused())
+    assert main(["search", str(spec), "--tracking-uri", f"sqlite:///{spec.parent}/mlflow.db"]) == 2
+    assert one_error(capsys).startswith("error: RAY_ADDRESS: nothing answers at ")
+
+
+def test_local_is_the_embedded_ray_and_auto_is_only_a_recorded_cluster(monkeypatch, tmp_path):
+    """`ray.init(address="auto")` falls back to any Ray process running here, such as another
+    driver's embedded Ray, which ends with that driver; iterhead's auto is what `ray start` recorded."""
+    import socket
+
+    from ray._private.utils import get_ray_address_file
+
+    from iterhead.curricula.errors import ConfigError
+
+    assert ray_address("local", "--address") is None and ray_address(None, "RAY_ADDRESS") is None
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    recorded = get_ray_address_file(None)
+    assert recorded.startswith(str(tmp_path)) and not os.path.exists(recorded)
+    with pytest.raises(ConfigError, match="no cluster started with `ray start` is recorded"):
+        ray_address("auto", "--address")
+    with socket.create_server(("127.0.0.1", 0)) as head:  # answers as a cluster's head would, to a connection
+        os.makedirs(os.path.dirname(recorded), exist_ok=True)
+        with open(recorded, "w") as f:
+            f.write(f"127.0.0.1:{head.getsockname()[1]}")
+        assert ray_address("auto", "--address") == f"127.0.0.1:{head.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("command", ["train", "search", "export", "report", "reconcile"])
+def test_a_tracking_server_nothing_answers_at_exits_2_at_once(spec, capsys, command):
+    uri = f"http://{refused()}"
+    args = {"train": [str(spec.parent / "base.yaml")], "search": [str(spec)], "export": ["--experiment", "s", "-o", str(spec.parent / "best.yaml")],
+            "report": ["--experiment", "s"], "reconcile": []}[command]
+    assert main([command, *args, "--tracking-uri", uri]) == 2
+    err = one_error(capsys)
+    assert err.startswith(f"error: --tracking-uri: no tracking server answers at {uri} "), err
+
+
+@pytest.mark.parametrize("uri, words", [
+    ("http://", "names no host"), ("http://127.0.0.1:99999", "is not a URL"),
+    ("postgresql+nosuchdriver://u@127.0.0.1/db", "is not a database URL"),
+])
+def test_a_tracking_uri_that_cannot_work_is_named_from_where_it_came(spec, capsys, monkeypatch, uri, words):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main(["search", str(spec)]) == 2
+    err = one_error(capsys)
+    assert err.startswith("error: MLFLOW_TRACKING_URI: ") and words in err, err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("MySQLdb") is not None, reason="needs a machine without MySQLdb")
+def test_a_database_store_without_its_driver_exits_2_before_ray(spec, capsys):
+    assert main(["search", str(spec), "--tracking-uri", "mysql://u@127.0.0.1/db"]) == 2
+    assert "needs the Python package 'MySQLdb'" in one_error(capsys)
+
