@@ -150,7 +150,11 @@ def start_ray(opts: SearchOptions) -> bool:
     if ray.is_initialized():
         return False
     if opts.address:
-        ray.init(address=opts.address, log_to_driver=False, configure_logging=False)
+        try:
+            ray.init(address=opts.address, log_to_driver=False, configure_logging=False)
+        except ConnectionError as err:  # something answers there, but no Ray (`endpoints.ray_address`)
+            lines = str(err).strip().splitlines() or [type(err).__name__]
+            raise ConfigError(f"no Ray cluster at {opts.address}: {lines[0][:300]}", field="--address") from None
         return True
     ray.init(address="local", num_cpus=opts.num_cpus or os.cpu_count() or 1, num_gpus=local_gpus(),
              include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -196,6 +200,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
     parent = state["parent_run_id"] if state else None
     heartbeat: Heartbeat | None = None
     status = "FAILED"
+    ours = False  # whether the parent run is this driver's to end: made, or set RUNNING again by this resume
     started = False
     rows: list[dict[str, Any]] = []
     try:
@@ -232,6 +237,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
                                  checkpoint_every_s=settings.checkpoint_every_s), resources)
         if state:
             writer.submit(lambda: writer.client.update_run(parent, status="RUNNING")).result()
+            ours = True
             heartbeat = Heartbeat(writer, parent)
             print(f"resuming search {spec.name!r} from {folder}; MLflow parent run {parent}", file=out, flush=True)
             tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True,
@@ -242,6 +248,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
                                    {results.KIND: results.KIND_SEARCH, results.SPEC_TAG: str(loaded.path.resolve()),
                                     results.STORAGE_TAG: str(folder)},
                                    _spec_params(loaded, settings, opts, base)).result()
+            ours = True
             heartbeat = Heartbeat(writer, parent)
             _save_state(folder, {"parent_run_id": parent, "uri": opts.uri, "spec": str(loaded.path.resolve()),
                                  "state": "running", "base": base, "budget": budget, "smoke": smoke,
@@ -292,7 +299,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
         try:
             if heartbeat is not None:
                 heartbeat.stop()
-            if parent is not None:  # unchecked: an earlier write error must not hide the first error
+            if ours:  # unchecked: an earlier write error must not hide the first error
                 writer.submit(writer.end_run, parent, status, check=False)
         finally:
             try:
