@@ -9,7 +9,7 @@ import re
 import signal
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from iterhead.curricula.errors import ConfigError
 from iterhead.search.endpoints import address_field, check_store, ray_address, uri_field
@@ -294,20 +294,26 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
     except (RuntimeError, ValueError) as err:
         raise ConfigError(str(err), field="--device") from None
-    state = _load_checkpoint(path, device)
-    states = state["seeds"] if "seeds" in state else [state]  # a replicate trial saves each seed's state
-    seeds = [s["curriculum"]["seed"] for s in states]
+    file = path / checkpoint.FILENAME
+    states = _load_checkpoint(file, device)
+    curricula = [parse_curriculum(s["curriculum"], file=str(file)) for s in states]
+    seeds = [cur.seed for cur in curricula]
     if args.seed is not None:
         if args.seed not in seeds:
             raise ConfigError(f"this checkpoint holds seed(s) {', '.join(map(str, seeds))}, not {args.seed}",
                               field="--seed")
-        states = [states[seeds.index(args.seed)]]
-    for one in states:
-        cur = parse_curriculum(one["curriculum"], file=str(path / checkpoint.FILENAME))
+        states, curricula = [states[seeds.index(args.seed)]], [curricula[seeds.index(args.seed)]]
+    for cur, one in zip(curricula, states):
         if not cur.data.cot:
             raise ConfigError("the interventions need chain-of-thought sequences (data.cot: true)",
                               field="--checkpoint")
-        table = ablate(Trainer(cur, device, one))
+        trainer = Trainer(cur, device)
+        try:  # the weights and counters must fit the model its curriculum builds
+            trainer.load_state_dict(one)
+        except (RuntimeError, TypeError, ValueError, KeyError) as err:
+            why = f"seed {cur.seed}'s state does not fit its curriculum: {type(err).__name__}"
+            raise _unreadable(file, why) from None
+        table = ablate(trainer)
         tasks = list(table["none"])
         print(f"seed {cur.seed}\nintervention        " + "  ".join(f"{t:>16}" for t in tasks))
         for name in table:
@@ -318,22 +324,26 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _load_checkpoint(path: Path, device) -> dict:
-    """The trainer state in `path`; `ConfigError` for a file that is not one (garbage, cut
-    short, another program's), rather than torch's unpickling traceback."""
-    import pickle
-
+def _load_checkpoint(file: Path, device: Any) -> list[dict[str, Any]]:
+    """The trainer states in `file`; `ConfigError` for a file that is not a checkpoint (garbage,
+    cut short, another program's, bytes changed since it was written) rather than a traceback."""
     from iterhead.trainable import checkpoint
 
-    file = path / checkpoint.FILENAME
     try:
-        state = checkpoint.load(path, device)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, OSError) as err:
-        raise ConfigError(f"{file} is not a readable checkpoint (torch.load: {type(err).__name__}); give a "
-                          "trial's checkpoint folder", field="--checkpoint") from None
-    if not isinstance(state, dict) or not ("seeds" in state or "curriculum" in state):
-        raise ConfigError(f"{file} holds no trainer state; give a trial's checkpoint folder", field="--checkpoint")
-    return state
+        loaded = checkpoint.read(file, device)
+    except checkpoint.Corrupt as err:
+        raise _unreadable(file, err.why) from None
+    except Exception as err:  # a foreign file trips torch.load's parser in many ways (IndexError, struct.error ...)
+        raise _unreadable(file, f"torch.load: {type(err).__name__}") from None
+    try:
+        return checkpoint.trainer_states(loaded)
+    except ValueError as err:
+        raise _unreadable(file, str(err)) from None
+
+
+def _unreadable(file: Path, why: str) -> ConfigError:
+    return ConfigError(f"{file} is not a readable checkpoint ({why}); give a trial's checkpoint folder",
+                       field="--checkpoint")
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:

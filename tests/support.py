@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import struct
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +73,19 @@ def no_ray(opts: Any) -> None:
     """Stands in for `search.run.start_ray` where a test checks that bad input stops a search
     before Ray starts: a tripwire, not a stand-in for Ray."""
     raise AssertionError("Ray was started")
+
+
+def damage_a_record(path: Path) -> str:
+    """Flip bytes in the middle of the largest tensor record of a file torch.save wrote, leaving its
+    stored CRC32 as it was (what a bad disk or a botched copy does); returns the record's name.
+    torch.load reads such a file without complaint, as other weights."""
+    with zipfile.ZipFile(path) as archive:
+        record = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    header = record.header_offset  # the local header: 30 bytes, then the name and the extra field
+    name, extra = struct.unpack("<HH", raw[header + 26:header + 30])
+    middle = header + 30 + name + extra + record.file_size // 2
+    for i in range(middle, middle + 8):
+        raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    return record.filename

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
 import pytest
 import torch
 
@@ -11,7 +15,7 @@ from iterhead.trainable.ablation import accuracy_under, ideal, zero_eoi, zero_it
 from iterhead.trainable.loop import Trainer
 from iterhead.trainable.seeds import Seeds
 
-from support import tiny
+from support import damage_a_record, tiny
 
 L = 3  # inputs [task, x1 x2 x3, EoI, s1 s2]: 7 positions, EoI at 4
 
@@ -84,3 +88,67 @@ def test_ablate_reads_each_seed_of_a_replicate_checkpoint(tmp_path, capsys):
     assert picked == capsys.readouterr().out == both[both.index("seed 1\n"):]
     assert main(["ablate", "--checkpoint", str(tmp_path / "both"), "--seed", "7"]) == 2
     assert "--seed" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A real checkpoint folder of a trained tiny curriculum (read-only to the tests: they copy it)."""
+    trainer = Trainer(tiny())
+    for _ in trainer.run():
+        pass
+    return checkpoint.save(trainer.state_dict(), tmp_path_factory.mktemp("trained")).parent
+
+
+def refused(args: list[str], capsys) -> str:
+    """`iterhead ablate` exits 2 with one line on stderr naming --checkpoint, and prints no table."""
+    assert main(["ablate", "--device", "cpu", *args]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "--checkpoint" in err[0] and "not a readable checkpoint" in err[0], err
+    assert captured.out == ""
+    return err[0]
+
+
+def test_a_checkpoint_whose_bytes_changed_is_refused_naming_the_record(trained, tmp_path, capsys):
+    """torch.load reads a flipped weight record as other numbers; ablate printed their table, exit 0."""
+    shutil.copytree(trained, tmp_path / "copy")
+    file = tmp_path / "copy" / checkpoint.FILENAME
+    record = damage_a_record(file)
+    line = refused(["--checkpoint", str(file.parent)], capsys)
+    assert str(file) in line and f"record {record} fails its CRC32 check" in line
+    assert main(["ablate", "--device", "cpu", "--checkpoint", str(trained)]) == 0  # the intact one still reads
+    assert "seed 0" in capsys.readouterr().out
+
+
+def _drop(part: str) -> Callable[[dict[str, Any]], Any]:
+    return lambda state: {k: v for k, v in state.items() if k != part}
+
+
+WRONG_SHAPES: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "seeds-a-string": lambda state: {"seeds": "abc"},
+    "seeds-empty": lambda state: {"seeds": []},  # printed nothing and exited 0
+    "seeds-not-states": lambda state: {"seeds": [state, 5]},
+    "a-list": lambda state: [state],
+    "no-model": _drop("model"),
+    "no-position": _drop("position"),
+    "no-optimizer": _drop("optimizer"),
+    "position-with-foreign-fields": lambda state: {**state, "position": {"stage": 0, "epoch": 1, "step": 3}},
+    "weights-of-another-model": lambda state: {**state, "model": Trainer(tiny(model={
+        "d_model": 16, "n_layers": 2, "n_heads": 2, "dropout": 0.1})).model.state_dict()},
+}
+
+
+@pytest.mark.parametrize("reshape", WRONG_SHAPES.values(), ids=WRONG_SHAPES.keys())
+def test_a_checkpoint_of_the_wrong_shape_exits_2_with_one_line(trained, tmp_path, capsys, reshape):
+    """A loadable file whose object is not trainer states: one line, not a TypeError or KeyError traceback."""
+    state = checkpoint.load(trained)
+    checkpoint.save(reshape(state), tmp_path)
+    refused(["--checkpoint", str(tmp_path)], capsys)
+
+
+def test_a_state_whose_curriculum_is_not_one_exits_2_naming_the_file(trained, tmp_path, capsys):
+    """The seed was read from it before it was parsed: a KeyError traceback."""
+    checkpoint.save({**checkpoint.load(trained), "curriculum": {"name": "x"}}, tmp_path)
+    assert main(["ablate", "--device", "cpu", "--checkpoint", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{tmp_path / checkpoint.FILENAME}: tasks: required field is missing" in err[0], err

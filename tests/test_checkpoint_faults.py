@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,8 +14,9 @@ import torch
 
 from iterhead.trainable import checkpoint
 from iterhead.trainable.loop import Trainer
+from iterhead.trainable.population import MemberTrial
 
-from support import tiny
+from support import damage_a_record, tiny
 
 
 def without_time(metrics):
@@ -101,3 +103,22 @@ def test_files_written_atomically_get_the_mode_open_would_give(tmp_path, umask):
     subprocess.run([sys.executable, "-c", code], check=True)
     assert target.read_text() == "new"
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_checkpoint_whose_bytes_changed_is_refused_not_loaded(tmp_path):
+    """torch.load does not check the CRC32 torch.save stores per record: a flipped weight loads as
+    another number. A Tune restore (`checkpoint.load`) and a PBT member's start refuse it."""
+    trainer = Trainer(tiny())
+    next(trainer.run())
+    file = checkpoint.save(trainer.state_dict(), tmp_path / "trial")
+    record = damage_a_record(file)
+    with pytest.raises(checkpoint.Corrupt, match=re.escape(f"{file}: record {record} fails its CRC32 check")):
+        checkpoint.load(file.parent)
+
+    parent = MemberTrial(tmp_path / "population", 0, 0, "m0-g0", None, None, (0, 1), [])
+    child = MemberTrial(tmp_path / "population", 0, 1, "m0-g1", "m0-g0", None, None, [])
+    parent.leave(trainer.state_dict())
+    assert child.start_state(trainer.cur, torch.device("cpu")) is not None  # intact: it starts there
+    record = damage_a_record(parent.path("m0-g0"))
+    with pytest.raises(RuntimeError, match=f"cannot be read \\(Corrupt: .*record {record} fails its CRC32"):
+        child.start_state(trainer.cur, torch.device("cpu"))

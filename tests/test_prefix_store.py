@@ -24,7 +24,7 @@ import torch
 from iterhead.trainable.prefix import Point, entry_key, points
 from iterhead.trainable.prefix_store import FORMAT, POLL_S, Claim, PrefixStore, Sharing
 
-from support import tiny
+from support import damage_a_record, tiny
 
 ENV = "test-environment"
 LEASE = 2.0
@@ -142,6 +142,18 @@ def test_corrupt_and_foreign_entries_are_ignored_loudly(tmp_path: Path) -> None:
         assert not store.has(key)  # set aside, so the next trial to get there writes a good one
     store.put("torn", {"w": torch.ones(2)}, [], {})
     assert torch.equal(store.get("torn")["state"]["w"], torch.ones(2))
+
+
+def test_an_entry_whose_bytes_changed_is_set_aside_like_an_unreadable_one(tmp_path: Path) -> None:
+    """torch.load reads a record whose CRC32 fails as other numbers: a trial would have trained on."""
+    store = PrefixStore(tmp_path)
+    store.put("k", {"w": torch.randn(1000)}, [], {})
+    record = damage_a_record(store.path("k"))
+    with pytest.warns(UserWarning, match=f"unreadable \\(Corrupt: .*record {record} fails its CRC32"):
+        assert store.get("k") is None
+    assert not store.has("k") and len(list(store.entries.glob("k.pt.bad-*"))) == 1
+    store.put("k", {"w": torch.ones(2)}, [], {})  # the next trial to get there writes a good one
+    assert torch.equal(store.get("k")["state"]["w"], torch.ones(2))
 
 
 def test_start_falls_back_past_a_corrupt_entry_to_the_next_one_down(tmp_path: Path) -> None:

@@ -179,7 +179,7 @@ def test_a_storage_path_that_is_a_file_exits_2_before_ray_or_mlflow(tmp_path, ca
     assert not (tmp_path / "mlflow.db").exists()  # no store, no parent run
 
 
-@pytest.mark.parametrize("content", [b"garbage\n", b"", b"PK\x03\x04" + b"x" * 64])
+@pytest.mark.parametrize("content", [b"garbage\n", b"", b"PK\x03\x04" + b"x" * 64, b"seed: 0\n"])
 def test_ablate_on_a_file_that_is_no_checkpoint_exits_2_with_one_line(tmp_path, capsys, content):
     (tmp_path / "trainer.pt").write_bytes(content)
     assert main(["ablate", "--checkpoint", str(tmp_path), "--device", "cpu"]) == 2

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from iterhead.curricula.schema import Curriculum
-from iterhead.trainable.checkpoint import write_atomic
+from iterhead.trainable.checkpoint import read, write_atomic
 from iterhead.trainable.schedule import Position
 
 FORMAT = "iterhead-population-1"
@@ -66,7 +66,7 @@ class MemberTrial:
             return None
         path = self.path(self.start)
         try:
-            entry = torch.load(path, map_location=device, weights_only=True)
+            entry = read(path, device)  # refuses bytes changed since it was written (CRC32)
         except Exception as e:
             raise RuntimeError(f"population entry {path} cannot be read ({type(e).__name__}: {e}); "
                                "the generation before this one must have written it") from e

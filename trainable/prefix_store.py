@@ -6,9 +6,9 @@ cluster that shares that folder reaches it. Two kinds of file:
 - ``entries/<key>.pt``: one prefix's state (every seed of the trial), the reports the
   trial made up to it, and where it came from. Written atomically (`checkpoint.write_atomic`:
   a temporary file, synced, renamed), so a writer killed mid-write leaves no readable
-  entry. An entry that does not load, or that carries another format or key, is ignored
-  with a warning, never trusted, and set aside (renamed ``*.bad-<pid>``) so that the next
-  trial to reach that point writes a good one.
+  entry. An entry that does not load (a record failing its CRC32 check included), or that
+  carries another format or key, is ignored with a warning, never trusted, and set aside
+  (renamed ``*.bad-<pid>``) so that the next trial to reach that point writes a good one.
 - ``claims/<owner>.json``: a live trial's promise of the entries it is on its way to
   writing, with a lease: the file's modification time, renewed by a daemon thread while
   the trial's thread runs. A claimant that dies stops renewing and loses its claims after
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from iterhead.trainable.checkpoint import write_atomic
+from iterhead.trainable.checkpoint import read, write_atomic
 from iterhead.trainable.prefix import Point, entry_key
 
 # 2: the copies of a shared stage's lead keep its optimiser at the stage's end, and the source says
@@ -81,13 +81,11 @@ class PrefixStore:
 
     def get(self, key: str, device: Any = "cpu") -> dict[str, Any] | None:
         """The entry under `key`, or None if there is none or it cannot be trusted (warned)."""
-        import torch
-
         path = self.path(key)
         if not path.exists():
             return None
         try:
-            entry = torch.load(path, map_location=device, weights_only=True)
+            entry = read(path, device)  # bytes changed since it was written (a CRC32 fails) count as torn
         except Exception as e:  # a torn or foreign file: ignore it, loudly
             return self._set_aside(path, f"unreadable ({type(e).__name__}: {e})")
         if not isinstance(entry, dict) or entry.get("format") != FORMAT or entry.get("key") != key:
