@@ -24,6 +24,8 @@ Writes are confined and atomic: one file for ``--top-k 1`` (OUT is that file), o
 folder OUT of files named after rank and trial, with every name sanitised and checked to
 stay inside OUT; each file goes to a temporary name in its folder and is renamed into place
 only once complete, so an interrupted export never leaves half a file or spoils an old one.
+A file OUT that exists is replaced only if it is an earlier export (its first line is the
+header's), never a curriculum of the user's or a search's base file.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from iterhead.curricula.io import dump_curriculum, parse_curriculum, parse_yaml_
 from iterhead.search.tracking import all_runs
 from iterhead.trainable import results as r
 from iterhead.trainable.checkpoint import write_atomic
+
+EXPORTED = "exported by iterhead"  # an export's first line is "# EXPORTED <version> on <time>" (`header`)
 
 
 @dataclass
@@ -161,7 +165,7 @@ def header(c: Candidate, experiment: str, parent: str, rank: int, file: str, bud
     options = (f"--device {kind} --threads {threads} --precision {precision}"
                + (f" --budget {budget}" if budget else ""))
     m = c.metrics
-    lines = [f"exported by iterhead {version('iterhead')} on {time.strftime('%Y-%m-%d %H:%M:%S')}"]
+    lines = [f"{EXPORTED} {version('iterhead')} on {time.strftime('%Y-%m-%d %H:%M:%S')}"]
     if c.is_configuration:
         seeds = ",".join(str(s.seed) for s in c.seeds)
         by_seed = ", ".join(f"seed {s.seed} " + (f"{s.compute_to_target:.6e}" if s.reached else "censored")
@@ -225,6 +229,24 @@ def check_folder(out: Path, paths: list[Path]) -> None:
                           "a new or empty folder, or remove them", field="-o")
 
 
+def check_file(out: Path) -> None:
+    """`ConfigError` where the file OUT exists and is not an earlier export: it may be the user's
+    own curriculum or the search's base file, which the export would replace for good. An
+    earlier export is replaced, as in a folder the same export replaces its own files."""
+    if not out.exists():
+        return
+    if not out.is_file():  # a FIFO would block the read below; a device is no place for a curriculum
+        raise ConfigError(f"{out} exists and is not a file; give a new file name ending in .yaml", field="-o")
+    try:
+        with out.open("rb") as f:
+            first = f.readline(200)
+    except OSError:
+        first = b""
+    if not first.startswith(f"# {EXPORTED} ".encode()):
+        raise ConfigError(f"{out} exists and is not an earlier iterhead export (its first line is not '# {EXPORTED} "
+                          "...'); give a new file name, or move the file away first", field="-o")
+
+
 def export(client: Any, experiment: str, out: Path, *, top_k: int = 1,
            parent_run_id: str | None = None) -> list[Path]:
     """Write the `top_k` best reached trials of the search; returns the files written."""
@@ -236,6 +258,8 @@ def export(client: Any, experiment: str, out: Path, *, top_k: int = 1,
         raise ConfigError(f"{out} exists and is not a folder; --top-k above 1 writes a folder", field="-o")
     if not out.parent.is_dir():
         raise ConfigError(f"the folder {str(out.parent)!r} does not exist", field="-o")
+    if top_k == 1:
+        check_file(out)  # before the store is read: nothing is written where it would replace another's file
     parent, reached = find_candidates(client, experiment, parent_run_id)
     budget = client.get_run(parent).data.params.get("budget.flops")
     budget = budget if budget not in (None, "", "None") else None

@@ -56,12 +56,14 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["best.yaml"]  # no temporary left behind
 
 
-def test_export_on_a_full_disk_fails_cleanly_and_keeps_the_old_file(tmp_path, monkeypatch, capsys):
-    """Through the CLI, from a real store: exit 1, one line, the earlier export untouched."""
+EARLIER = "# exported by iterhead 0.1.0 on 2024-01-01 00:00:00\nold: 1\n"  # an earlier export's file
+
+
+def store_with_a_reached_trial(tmp_path) -> str:
+    """A real sqlite store holding a search whose one trial (t1) reached the target; its URI."""
     from mlflow import MlflowClient
 
     from iterhead.curricula.io import dump_curriculum
-    from iterhead.search.cli import main
 
     from support import tiny
 
@@ -73,8 +75,16 @@ def test_export_on_a_full_disk_fails_cleanly_and_keeps_the_old_file(tmp_path, mo
     client.log_metric(child, "reached", 1.0)
     client.log_metric(child, "compute_to_target", 1.0e9)
     client.log_text(child, dump_curriculum(tiny()), "curriculum.yaml")
+    return uri
+
+
+def test_export_on_a_full_disk_fails_cleanly_and_keeps_the_old_file(tmp_path, monkeypatch, capsys):
+    """Through the CLI, from a real store: exit 1, one line, the earlier export untouched."""
+    from iterhead.search.cli import main
+
+    uri = store_with_a_reached_trial(tmp_path)
     out = tmp_path / "best.yaml"
-    out.write_text("old: 1\n")
+    out.write_text(EARLIER)
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -83,10 +93,43 @@ def test_export_on_a_full_disk_fails_cleanly_and_keeps_the_old_file(tmp_path, mo
     code = main(["export", "--experiment", "e", "--tracking-uri", uri, "-o", str(out)])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert code == 1 and len(err) == 1 and "No space left on device" in err[0]
-    assert out.read_text() == "old: 1\n"
+    assert out.read_text() == EARLIER
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     monkeypatch.undo()
     assert main(["export", "--experiment", "e", "--tracking-uri", uri, "-o", str(out)]) == 0
+    assert "trial t1" in out.read_text()
+
+
+def test_export_over_a_file_that_is_no_export_exits_2_and_keeps_it(tmp_path, capsys):
+    """-o naming the user's own curriculum (or the search's base file) replaced it, exit 0."""
+    from iterhead.curricula.io import dump_curriculum
+    from iterhead.search.cli import main
+
+    from support import tiny
+
+    uri = store_with_a_reached_trial(tmp_path)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("# my schedule, tuned by hand\n" + dump_curriculum(tiny(name="mine")))
+    before = mine.read_bytes()
+    capsys.readouterr()  # MLflow's notes on making the store
+    assert main(["export", "--experiment", "e", "--tracking-uri", uri, "-o", str(mine)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: -o: {mine} exists and is not an earlier iterhead export"), err
+    assert mine.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary either
+
+
+def test_export_replaces_an_earlier_export(tmp_path, capsys):
+    """Re-exporting to the same file is how an export is brought up to date: it is replaced."""
+    from iterhead.search.cli import main
+
+    uri = store_with_a_reached_trial(tmp_path)
+    out = tmp_path / "best.yaml"
+    out.write_text(EARLIER)
+    assert main(["export", "--experiment", "e", "--tracking-uri", uri, "-o", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# exported by iterhead ") and "trial t1" in text and "old: 1" not in text
+    assert main(["export", "--experiment", "e", "--tracking-uri", uri, "-o", str(out)]) == 0  # its own, again
     assert "trial t1" in out.read_text()
 
 
