@@ -40,7 +40,7 @@ def trial_rows(grid, writer: RunWriter, experiment: str, parent: str, keys: list
     if pbt:
         from iterhead.search.population import member_rows
 
-        return member_rows(grid, run_ids, keys)
+        return member_rows(grid, run_ids, keys, finished)
     rows = []
     for result, trial in zip(grid, _trials(grid)):
         m = result.metrics or {}
@@ -58,6 +58,15 @@ def trial_rows(grid, writer: RunWriter, experiment: str, parent: str, keys: list
         row["reports"] = m.get("training_iteration", 0)
         rows.append(row)
     return rows
+
+
+def ran_to_end(grid, rows: list[dict[str, Any]], finished: set[str] = frozenset()) -> bool:
+    """Whether the search ran to its end once Tune returns (it returns on Ctrl-C too): every trial
+    ended, and no row is unfinished. PBT members between generations have no trial running while
+    the searcher has the next ones to propose: a Ctrl-C there left every trial ended, and the
+    search was summarised and marked finished (never to be resumed) with its population half trained."""
+    return all(row["status"] != "UNFINISHED" for row in rows) and all(
+        ended(res.metrics, res.error is not None) or (res.metrics or {}).get("trial_id") in finished for res in grid)
 
 
 def _trials(grid) -> list[Any]:
@@ -95,8 +104,9 @@ def print_summary(rows: list[dict[str, Any]], keys: list[str], out: TextIO,
     reached = [row for row in rows if row[results.REACHED] == 1.0]
     seeds = seeds or []
     what = what or ("configurations (median over their seeds)" if seeds else "trials")
-    print(f"\n{len(reached)} of {len(rows)} {what} reached the target "
-          f"({len(rows) - len(reached)} censored or failed); by compute_to_target:", file=out)
+    unfinished = sum(1 for row in rows if row["status"] == "UNFINISHED")  # neither censored nor failed: cut short
+    print(f"\n{len(reached)} of {len(rows)} {what} reached the target ({len(rows) - len(reached) - unfinished} "
+          f"censored or failed{f', {unfinished} unfinished' if unfinished else ''}); by compute_to_target:", file=out)
     print("  " + " | ".join(["trial", *keys, *(["seeds reached"] if seeds else []), "reached", "compute_to_target"]),
           file=out)
     for row in sorted(rows, key=lambda row: (-(row[results.REACHED] == 1.0), row[results.COMPUTE_TO_TARGET])):

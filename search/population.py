@@ -57,6 +57,7 @@ from iterhead.curricula.data import stream
 from iterhead.curricula.overrides import blend
 from iterhead.curricula.trial import SMOKE_PBT, shrink, trial_curriculum
 from iterhead.search.explore import draw, perturb, project_shares
+from iterhead.search.outcome import ended
 from iterhead.search.spec import LoadedSearch, PbtSettings, SearchSettings
 from iterhead.trainable import results as r
 from iterhead.trainable.prefix import points
@@ -281,15 +282,19 @@ def prefix_plan(loaded: LoadedSearch, base: dict[str, Any], smoke: bool) -> list
     return [before[-1].key] if before else None
 
 
-def member_rows(grid, run_ids: dict[str, str], keys: list[str]) -> list[dict[str, Any]]:
+def member_rows(grid, run_ids: dict[str, str], keys: list[str], finished: set[str] = frozenset()
+                ) -> list[dict[str, Any]]:
     """One row per member from its trials (generations): its last trial's outcome and settings,
     its lineage's FLOPs, and what its own trials trained (the rest it took from the members it
-    started from: ``compute/flops_forked``, so the search's accounting sums what was trained)."""
+    started from: ``compute/flops_forked``, so the search's accounting sums what was trained).
+    A member whose training had not ended when the search stopped is UNFINISHED, as a cut trial
+    of any other search is (a trial in `finished` ended before a resume: `folder.ended_before`)."""
     by_member: dict[int, list[Any]] = {}
     for result in grid:
         member = (result.config or {}).get("pbt")
         if member is not None:
             by_member.setdefault(int(member["member"]), []).append(result)
+    ends = population_end(by_member)
     rows = []
     for m, results in sorted(by_member.items()):
         last = max(results, key=lambda res: res.config["pbt"]["generation"])
@@ -301,7 +306,8 @@ def member_rows(grid, run_ids: dict[str, str], keys: list[str]) -> list[dict[str
             r.FLOPS_FORKED, 0.0)) for res in results)
         lineage = float(metrics.get(r.FLOPS_SEEDS, 0.0))
         name = f"member-{m}"
-        row = {"trial_id": name, "status": "ERROR" if last.error else "TERMINATED", "run_id": run_ids.get(name, ""),
+        status = "ERROR" if last.error else "TERMINATED" if member_ended(last, ends, finished) else "UNFINISHED"
+        row = {"trial_id": name, "status": status, "run_id": run_ids.get(name, ""),
                **{k: last.config["pbt"]["segments"][-1]["settings"].get(k) for k in keys},
                "switches": sum(1 for res in results if res.config["pbt"].get("donor") is not None),
                "generations": len(results), "forked_from": "", "reports": metrics.get("training_iteration", 0)}
@@ -310,6 +316,26 @@ def member_rows(grid, run_ids: dict[str, str], keys: list[str]) -> list[dict[str
         row.update({r.FLOPS_SEEDS: lineage, r.FLOPS_FORKED: lineage - trained})
         rows.append(row)
     return rows
+
+
+def population_end(by_member: dict[int, list[Any]]) -> int | None:
+    """The generation after which the population ended because a member reached the target in
+    it (`Population.next_generation`), or None: none reached in the trials there are."""
+    return min((res.config["pbt"]["generation"] for results in by_member.values() for res in results
+                if (res.metrics or {}).get(r.REACHED) == 1.0), default=None)
+
+
+def member_ended(last: Any, ends: int | None, finished: set[str]) -> bool:
+    """Whether a member's training was over, from its last trial (`last`): that trial said the
+    member ended (`results.MEMBER_ENDS`: it reached the target, diverged, spent the budget or
+    trained its whole lineage), or it ended at the end of the generation in which the population
+    ended (`ends`). Not Tune's trial state: a stopped search holds the trials it stopped as
+    TERMINATED, and a member whose generation ended waits for its next trial, not yet made."""
+    metrics = last.metrics or {}
+    if metrics.get(r.MEMBER_ENDS):
+        return True
+    over = ended(metrics, False) or metrics.get("trial_id") in finished
+    return over and ends is not None and last.config["pbt"]["generation"] >= ends
 
 
 def summary_line(flops: dict[str, float], rows: list[dict[str, Any]]) -> str:

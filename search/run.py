@@ -280,9 +280,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
         finally:  # Tune leaves its own handler, which a SIGTERM (`signals`) would call on a search already over
             signal.signal(signal.SIGINT, sigint)
         rows = outcome.trial_rows(grid, writer, experiment, parent, keys, pbt, finished)
-        complete = not terminated.is_set() and all(
-            outcome.ended(res.metrics, res.error is not None) or (res.metrics or {}).get("trial_id") in finished
-            for res in grid)
+        complete = not terminated.is_set() and outcome.ran_to_end(grid, rows, finished)
         if complete:
             outcome.log_summary(writer, parent, rows, keys, sharing.accounting(rows))
             _save_state(folder, {**json.loads((folder / STATE_FILE).read_text()), "state": "finished"})

@@ -102,6 +102,7 @@ def test_one_run_per_member_and_members_copy_each_other(search, tmp_path):
     assert all(x.info.status == "FINISHED" for x in runs)
     assert all(x.data.tags[r.PARENT_RUN] == parent.info.run_id for x in by_member.values())
     assert len(rows) == MEMBERS and parent.data.metrics[r.TRIALS] == MEMBERS
+    assert all(row["status"] == "TERMINATED" for row in rows)  # the population ended: no member unfinished
     lineages = {m: yaml.safe_load(artifact(client, x.info.run_id, "lineage.yaml", tmp_path / str(m)).read_text())
                 for m, x in by_member.items()}
     copied = [m for m, lineage in lineages.items() if len(lineage["segments"]) > 1]
@@ -257,6 +258,42 @@ def test_a_stopped_pbt_search_resumes_to_the_same_population(search, tmp_path, s
     # prefix it stored itself before the stop trained that prefix: `tune.fork_record`)
     for key in (r.FLOPS_TRAINED, r.FLOPS_CURRICULA):
         assert parent.data.metrics[key] == parent0.data.metrics[key], key
+
+
+class CtrlCAt(io.StringIO):
+    """The terminal's output, which presses Ctrl-C (SIGINT to this process) when `at` is printed."""
+
+    def __init__(self, at: str) -> None:
+        super().__init__()
+        self.at, self.pressed = at, False
+
+    def write(self, text: str) -> int:
+        if self.at in text and not self.pressed:
+            self.pressed = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().write(text)
+
+
+def test_a_pbt_search_stopped_between_comparisons_ends_with_every_member_unfinished(ray_local, tmp_path):
+    """Ctrl-C once the first comparison is made (a member copies another; none reached the target
+    there, or no generation would follow): every member has more to train, so the summary says
+    unfinished for each, not the censoring penalty of a member that ended, and the search is not
+    summarised on its parent run nor marked finished; the members' runs say KILLED alike."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = CtrlCAt("copies member")
+    with pytest.raises(KeyboardInterrupt):
+        run_search(load_search(write(tmp_path)), SearchOptions(uri=uri, storage_path=str(tmp_path / "ray")), out=out)
+    text = out.getvalue()
+    assert out.pressed and "search interrupted" in text, text
+    summary = [line for line in text.splitlines() if line.startswith("  member-")]
+    assert len(summary) == MEMBERS and all(line.endswith(" | no | unfinished") for line in summary), text
+    client = MlflowClient(uri)
+    assert {run.info.status for run in members(client).values()} == {"KILLED"}
+    (parent,) = client.search_runs([client.get_experiment_by_name("pbt").experiment_id],
+                                   filter_string=f"tags.`{r.KIND}` = '{r.KIND_SEARCH}'")
+    assert parent.info.status == "KILLED" and r.TRIALS not in parent.data.metrics
+    (state,) = (tmp_path / "ray").glob("pbt-*/iterhead-search.json")
+    assert json.loads(state.read_text())["state"] != "finished"
 
 
 SHIPPED = sorted((ROOT / "examples").rglob("*pbt*.yaml"))

@@ -7,10 +7,12 @@ hand-made results (what trials would report), so every branch is reached in a se
 
 from __future__ import annotations
 
+import io
 import itertools
 
 import numpy as np
 import pytest
+from ray.tune import Result
 
 from iterhead.curricula.data import stream
 from iterhead.curricula.trial import trial_curriculum
@@ -239,3 +241,53 @@ def test_a_generation_that_failed_before_reporting_keeps_the_members_lineage():
     assert row["status"] == "ERROR" and row["generations"] == 2
     assert (row[r.FLOPS_SEEDS], row[r.FLOPS_FORKED]) == (1.5e9, 0.0)
     assert (row[r.REACHED], row[r.COMPUTE_TO_TARGET], row[r.TARGET_ACC]) == (0.0, 6.3e9, 0.1875)
+
+
+def member_result(member: int, generation: int, error: Exception | None = None, **metrics) -> Result:
+    """What Tune's result grid holds for one member's trial of one generation: its last report."""
+    trial = f"m{member}g{generation}"
+    config = {"pbt": {"member": member, "generation": generation, "segments": [{"settings": {"lr": 1e-3}}]}}
+    return Result(metrics={"config": config, "trial_id": trial, "training_iteration": 2, r.FLOPS_SEEDS: 1e9,
+                           r.FLOPS_FORKED: 0.0, r.REACHED: 0.0, r.COMPUTE_TO_TARGET: 5e9, r.TARGET_ACC: 0.5,
+                           r.FLOPS: 1e9, r.MEMBER_ENDS: 0.0, **metrics}, checkpoint=None, error=error, path=trial)
+
+
+def test_members_the_stop_cut_are_unfinished_and_those_whose_training_ended_are_not():
+    """A search stopped in generation 1 where member 0 reached the target: the population ends
+    with that generation, so member 1, whose generation-1 trial ended, is done; member 2's trial
+    was cut mid-interval; member 3's trial ended before a resume (Tune's saved state says so, its
+    report does not). Stopped in a generation where none reached, a member whose interval ended
+    still has its next generation to train; one that diverged is done."""
+    from iterhead.search.outcome import print_summary
+
+    at_end = {r.TRIAL_ENDS: 1.0}
+    reached = [member_result(0, 0, **at_end), member_result(0, 1, **at_end, **{r.REACHED: 1.0, r.MEMBER_ENDS: 1.0}),
+               member_result(1, 0, **at_end), member_result(1, 1, **at_end),
+               member_result(2, 0, **at_end), member_result(2, 1),
+               member_result(3, 0, **at_end), member_result(3, 1)]
+    rows = member_rows(reached, {}, ["lr"], finished={"m3g1"})
+    assert [row["status"] for row in rows] == ["TERMINATED", "TERMINATED", "UNFINISHED", "TERMINATED"]
+    diverged = {r.DIVERGED: 1.0, r.MEMBER_ENDS: 1.0}
+    none_reached = [member_result(0, 0, **at_end), member_result(1, 0, **at_end, **diverged),
+                    member_result(2, 0, **at_end), member_result(2, 1, **at_end),
+                    member_result(3, 0, **at_end), member_result(3, 1, RuntimeError("died"))]
+    rows = member_rows(none_reached, {}, ["lr"])
+    assert [row["status"] for row in rows] == ["UNFINISHED", "TERMINATED", "UNFINISHED", "ERROR"]
+    out = io.StringIO()
+    print_summary(rows, ["lr"], out, what="members")
+    lines = {line.split(" | ")[0].strip(): line for line in out.getvalue().splitlines() if "member-" in line}
+    assert lines["member-0"].endswith("| no | unfinished") and lines["member-2"].endswith("| no | unfinished")
+    assert lines["member-1"].endswith("(censored)") and lines["member-3"].endswith("| no | failed")
+
+
+def test_a_search_stopped_between_generations_has_not_run_to_its_end():
+    """Ctrl-C after generation 0's last trial ended and before Tune made generation 1's: every
+    trial ended, but the members have more to train. A search whose population ended (a member
+    reached the target) has run to its end."""
+    from iterhead.search.outcome import ran_to_end
+
+    at_end = {r.TRIAL_ENDS: 1.0}
+    between = [member_result(m, 0, **at_end) for m in range(4)]
+    assert not ran_to_end(between, member_rows(between, {}, ["lr"]))
+    over = [*between[1:], member_result(0, 0, **at_end, **{r.REACHED: 1.0, r.MEMBER_ENDS: 1.0})]
+    assert ran_to_end(over, member_rows(over, {}, ["lr"]))
