@@ -1,8 +1,8 @@
 """Whether the Ray cluster and the tracking store a command names answer, before it starts.
 
 Both clients retry for minutes before they give up: `ray.init` on an address nothing answers
-at tries 20 times, about 40 s each, and MLflow retries an HTTP call 7 times with backoff (about
-4 minutes for a refused port, more for a host that does not answer). A wrong address or URI
+at tries 20 times, each behind several connection timeouts, and MLflow retries an HTTP call 7
+times with backoff (about 4 minutes for a refused port, more for a host that does not answer). A wrong address or URI
 is bad input, so it is found here in seconds, with one line naming the flag (or the
 environment variable it came from), before a folder, a store or a Ray is made.
 """

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from iterhead.curricula.errors import ConfigError
+from iterhead.search.endpoints import uri_field
 from iterhead.trainable import results as r
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -53,7 +54,7 @@ def all_runs(client: Any, experiment_id: str, filter_string: str, page: int | No
 
 def resolve_uri(uri: str | None) -> str:
     """The tracking URI to use, checked: `ConfigError` for one MLflow cannot use."""
-    field = "MLFLOW_TRACKING_URI" if not uri and os.environ.get("MLFLOW_TRACKING_URI") else "--tracking-uri"
+    field = uri_field(uri)
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
     scheme = uri.split(":", 1)[0].split("+", 1)[0] if ":" in uri else uri  # `databricks` alone
     if scheme not in SCHEMES:
