@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import socket
-import ssl
-import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -60,7 +58,7 @@ def ray_address(address: str | None, field: str) -> str | None:
 
 
 def check_store(uri: str, field: str) -> None:
-    """An HTTP tracking server must answer a connection, and a database store's driver must be
+    """An HTTP tracking server's host must accept a connection, and a database store's driver must be
     installed (MLflow would otherwise fail after Ray started, with the driver's traceback)."""
     scheme = uri.split(":", 1)[0].split("+", 1)[0]
     if scheme in ("http", "https"):
@@ -71,30 +69,39 @@ def check_store(uri: str, field: str) -> None:
         try:
             sqlalchemy.create_engine(uri).dispose()  # loads the driver; connects to nothing
         except ImportError as err:
-            raise ConfigError(f"{uri!r} needs the Python package {err.name or 'of its database driver'!r}, which "
-                              "is not installed", field=field) from None
+            package = err.name or "of its database driver"
+            raise ConfigError(f"{_without_login(uri)!r} needs the Python package {package!r}, which is not installed",
+                              field=field) from None
         except sqlalchemy.exc.ArgumentError as err:
-            raise ConfigError(f"{uri!r} is not a database URL: {err}", field=field) from None
+            raise ConfigError(f"{_without_login(uri)!r} is not a database URL: {err}", field=field) from None
 
 
 def _check_server(uri: str, field: str) -> None:
-    """One request to the server's /health, without retries. Only a server that cannot be
-    reached is refused here: one that answers (even 401 behind a proxy that wants a login, or
-    404 where the health page sits elsewhere) is left to MLflow's own calls."""
+    """The server's host must accept a TCP connection within `ANSWER_S`. Only that is asked, not
+    an HTTP answer: a login in the URI, a client certificate, a path prefix or a slow answer are
+    MLflow's to handle, and each would make an HTTP probe refuse a server that works. Where a
+    proxy stands between (``http_proxy`` and the like, not bypassed for the host), the server is
+    not reached directly, so nothing is checked."""
     try:
         parts = urllib.parse.urlsplit(uri)
-        parts.port  # noqa: B018 - raises ValueError for a port that is no number or out of range
+        port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as err:
-        raise ConfigError(f"{uri!r} is not a URL: {err}", field=field) from None
+        raise ConfigError(f"{_without_login(uri)!r} is not a URL: {err}", field=field) from None
     if not parts.hostname:
-        raise ConfigError(f"{uri!r} names no host", field=field)
+        raise ConfigError(f"{_without_login(uri)!r} names no host", field=field)
+    proxies = urllib.request.getproxies()
+    if proxies.get(parts.scheme) and not urllib.request.proxy_bypass(parts.hostname):
+        return
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=ANSWER_S).close()  # noqa: S310 - http(s) only
-    except urllib.error.HTTPError:
-        return  # it answered
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        if isinstance(reason, ssl.SSLError):  # it answered; MLflow has its own certificate settings
-            return
-        raise ConfigError(f"no tracking server answers at {uri} ({reason}); start it (mlflow_server/start.sh) or "
-                          "fix the URI", field=field) from None
+        socket.create_connection((parts.hostname, port), timeout=ANSWER_S).close()
+    except OSError as err:
+        raise ConfigError(f"no tracking server answers at {_without_login(uri)} ({err.strerror or err}); start it "
+                          "(mlflow_server/start.sh) or fix the URI", field=field) from None
+
+
+def _without_login(uri: str) -> str:
+    """`uri` as it may be printed: a password in it (http://user:password@host) is not shown."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))

@@ -105,3 +105,27 @@ def test_a_database_store_without_its_driver_exits_2_before_ray(spec, capsys):
     assert main(["search", str(spec), "--tracking-uri", "mysql://u@127.0.0.1/db"]) == 2
     assert "needs the Python package 'MySQLdb'" in one_error(capsys)
 
+
+
+def test_a_server_that_accepts_a_connection_passes_whatever_it_answers(monkeypatch):
+    """Only the connection is checked: a login in the URI, a client certificate, a path prefix or a
+    slow answer are MLflow's to handle (this server accepts and never answers)."""
+    import socket
+
+    from iterhead.search.endpoints import check_store
+
+    for proxy in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        for uri in (f"http://127.0.0.1:{port}", f"http://user:secret@127.0.0.1:{port}/mlflow",
+                    f"https://127.0.0.1:{port}"):
+            check_store(uri, "--tracking-uri")  # no ConfigError
+
+
+def test_a_password_in_the_uri_is_not_printed(spec, capsys, monkeypatch):
+    for proxy in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    assert main(["search", str(spec), "--tracking-uri", f"http://user:secret@{refused()}"]) == 2
+    err = one_error(capsys)
+    assert "no tracking server answers at http://user:***@127.0.0.1:" in err and "secret" not in err, err
