@@ -221,7 +221,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from iterhead.search.run import SearchOptions, run_search
 
     check_precision(args.precision)
-    # never a stale temp-folder address
+    # None: the embedded Ray, never an address a killed `ray start` left in Ray's temp folder
     address = ray_address(args.address or os.environ.get("RAY_ADDRESS"), address_field(args.address))
     check_store(uri, uri_field(args.tracking_uri))
     run_search(loaded, SearchOptions(uri=uri, address=address, storage_path=args.storage_path,
