@@ -285,7 +285,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         raise ConfigError(f"no {checkpoint.FILENAME} in {path}; give a trial's checkpoint folder",
                           field="--checkpoint")
     from iterhead.curricula.io import parse_curriculum
-    from iterhead.trainable.ablation import INTERVENTIONS, ablate
+    from iterhead.trainable.ablation import ablate, not_applicable
     from iterhead.trainable.devices import prepare_env, resolve_device
     from iterhead.trainable.loop import Trainer
 
@@ -318,7 +318,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         print(f"seed {cur.seed}\nintervention        " + "  ".join(f"{t:>16}" for t in tasks))
         for name in table:
             print(f"{name:<20}" + "  ".join(f"{table[name][t]:>16.1%}" for t in tasks))
-        skipped = [name for name in INTERVENTIONS if name not in table]
+        skipped = not_applicable(cur.model.n_layers)
         if skipped:
             print(f"not run: {', '.join(skipped)} (they rewrite a layer this {cur.model.n_layers}-layer model lacks)")
     return EXIT_OK

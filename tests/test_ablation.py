@@ -11,7 +11,7 @@ import torch
 
 from iterhead.search.cli import main
 from iterhead.trainable import checkpoint
-from iterhead.trainable.ablation import accuracy_under, ideal, zero_eoi, zero_iteration
+from iterhead.trainable.ablation import accuracy_under, ideal, interventions, zero_eoi, zero_iteration
 from iterhead.trainable.loop import Trainer
 from iterhead.trainable.seeds import Seeds
 
@@ -43,6 +43,17 @@ def test_ideal_maps_are_one_hot_rows():
     assert ideal(0)(uniform())[0, 0][6, 4] == 1.0 and ideal(1)(uniform())[0, 0][5, 2] == 1.0
 
 
+def test_each_pattern_is_zeroed_in_every_layer_the_model_has():
+    """Zeroed only where the paper's circuit puts it (x_t in layer 1), a model whose x_t head sits
+    in layer 0 read as having none: each layer gets its own row."""
+    three = interventions(3)
+    for layer in range(3):
+        assert three[f"zero_eoi_l{layer}"] == {layer: zero_eoi}
+        assert three[f"zero_iteration_l{layer}"] == {layer: zero_iteration}
+    assert [sorted(three[name]) for name in ("ideal_l0", "ideal_l1", "ideal_both")] == [[0], [1], [0, 1]]
+    assert len(three) == 9 and "ideal_l1" not in interventions(1)
+
+
 def test_ablate_command_reports_every_intervention(tmp_path, capsys):
     trainer = Trainer(tiny())
     for _ in trainer.run():
@@ -50,8 +61,9 @@ def test_ablate_command_reports_every_intervention(tmp_path, capsys):
     checkpoint.save(trainer.state_dict(), tmp_path)
     assert main(["ablate", "--checkpoint", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    for name in ("none", "zero_eoi_l0", "zero_iteration_l1", "ideal_l0", "ideal_l1", "ideal_both"):
-        assert name in out
+    rows = [line.split()[0] for line in out.splitlines()[2:]]
+    assert rows == ["none", "zero_eoi_l0", "zero_eoi_l1", "zero_iteration_l0", "zero_iteration_l1",
+                    "ideal_l0", "ideal_l1", "ideal_both"]
     assert main(["ablate", "--checkpoint", str(tmp_path / "nothing")]) == 2
 
 
@@ -66,9 +78,7 @@ def test_a_one_layer_model_is_not_reported_under_layer_1_interventions(tmp_path,
     checkpoint.save(trainer.state_dict(), tmp_path)
     assert main(["ablate", "--checkpoint", str(tmp_path)]) == 0
     rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]]
-    assert rows[:3] == ["none", "zero_eoi_l0", "ideal_l0"]
-    assert rows[3:] == ["not"]  # the line naming what did not run
-    assert "zero_iteration_l1" not in rows and "ideal_both" not in rows
+    assert rows == ["none", "zero_eoi_l0", "zero_iteration_l0", "ideal_l0", "not"]  # "not run: ..."
 
 
 def test_ablate_reads_each_seed_of_a_replicate_checkpoint(tmp_path, capsys):

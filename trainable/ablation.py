@@ -4,14 +4,17 @@ Through the hook points, each intervention rewrites an attention pattern while t
 set is evaluated (chain-of-thought sequences ``[task, x_1 .. x_L, EoI, s_1 .. s_L]``, EoI at
 position L+1, the position predicting s_t at L+t):
 
-- ``zero_eoi_l0``: layer 0's attention from the CoT positions to EoI set to 0;
-- ``zero_iteration_l1``: layer 1's attention from the position predicting s_t to x_t set to 0;
+- ``zero_eoi_l{l}``: layer l's attention from the CoT positions to EoI set to 0;
+- ``zero_iteration_l{l}``: layer l's attention from the position predicting s_t to x_t set to 0;
 - ``ideal_l0`` / ``ideal_l1`` / ``ideal_both``: the ideal iteration-head maps patched in
   (layer 0: every CoT position attends only to EoI; layer 1: the position predicting s_t
   attends only to x_t; other positions attend to themselves).
 
-If the trained model computes with iteration heads, zeroing them drops accuracy and the
-ideal maps keep it. Evaluation runs the last layer on a window of query positions; the
+Each pattern is zeroed in every layer in turn, not only where the paper's circuit puts it: a
+trained model chooses its own layers (models here often attend from s_t's position to x_t in
+layer 0, whose probe ``iteration/l0h0`` then reads high), and zeroing only layer 1 would read
+as "no iteration head" when the head sits in layer 0. If the trained model computes with
+iteration heads, zeroing them drops accuracy and the ideal maps keep it. Evaluation runs the last layer on a window of query positions; the
 rewrites use absolute positions, so they apply the same either way.
 """
 
@@ -64,13 +67,24 @@ def ideal(layer: int) -> Rewrite:
     return rewrite
 
 
-INTERVENTIONS: dict[str, dict[int, Rewrite]] = {
-    "zero_eoi_l0": {0: zero_eoi},
-    "zero_iteration_l1": {1: zero_iteration},
+ZEROED: dict[str, Rewrite] = {"zero_eoi": zero_eoi, "zero_iteration": zero_iteration}
+IDEAL: dict[str, dict[int, Rewrite]] = {  # the paper's two-layer circuit, at its layers
     "ideal_l0": {0: ideal(0)},
     "ideal_l1": {1: ideal(1)},
     "ideal_both": {0: ideal(0), 1: ideal(1)},
 }
+
+
+def interventions(n_layers: int) -> dict[str, dict[int, Rewrite]]:
+    """Each pattern zeroed in each of the model's layers, then the ideal maps whose layers it has."""
+    out = {f"{role}_l{layer}": {layer: fn} for role, fn in ZEROED.items() for layer in range(n_layers)}
+    out.update({name: rewrites for name, rewrites in IDEAL.items() if max(rewrites) < n_layers})
+    return out
+
+
+def not_applicable(n_layers: int) -> list[str]:
+    """The ideal maps a model of `n_layers` lacks a layer for (a 1-layer model has no layer 1)."""
+    return [name for name, rewrites in IDEAL.items() if max(rewrites) >= n_layers]
 
 
 def accuracy_under(trainer: Trainer, rewrites: dict[int, Rewrite]) -> dict[str, float]:
@@ -89,17 +103,11 @@ def accuracy_under(trainer: Trainer, rewrites: dict[int, Rewrite]) -> dict[str, 
     return {k: v for k, v in metrics.items() if k.count("/") == 1}
 
 
-def applicable(n_layers: int) -> list[str]:
-    """The interventions a model of `n_layers` has every layer for (a 1-layer model has no
-    layer 1 to rewrite)."""
-    return [name for name, rewrites in INTERVENTIONS.items() if max(rewrites) < n_layers]
-
-
 def ablate(trainer: Trainer) -> dict[str, dict[str, float]]:
-    """Accuracy per task with no intervention and under each `applicable` intervention."""
+    """Accuracy per task with no intervention and under each of the model's `interventions`."""
     if not trainer.cur.data.cot:
         raise ValueError("the interventions are defined on chain-of-thought sequences (data.cot: true)")
     out = {"none": accuracy_under(trainer, {})}
-    for name in applicable(len(trainer.model.blocks)):
-        out[name] = accuracy_under(trainer, INTERVENTIONS[name])
+    for name, rewrites in interventions(len(trainer.model.blocks)).items():
+        out[name] = accuracy_under(trainer, rewrites)
     return out
