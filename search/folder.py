@@ -170,3 +170,35 @@ def check_resume_options(opts: SearchOptions, state: dict[str, Any]) -> None:
             raise ConfigError(f"the search began {was}, and a resume trains what it began with; leave {flag} out",
                               field=flag)
 
+
+
+RESUME_READS = {"search.checkpoint_every_s"}  # the one spec field a resume reads again
+
+
+def spec_edits(loaded: LoadedSearch, state: dict[str, Any]) -> dict[str, list[str]]:
+    """Per file, the fields that differ from what the search began with (a search begun by an
+    earlier version saved its base only). A resume trains what it began with, so an edit made
+    for the resume would otherwise be dropped without a word."""
+    out = {str(loaded.base_path): _differ(state.get("base", {}), loaded.base.model_dump(mode="json"))}
+    if "search_spec" in state:
+        out[str(loaded.path)] = [f for f in _differ(state["search_spec"], loaded.spec.model_dump(mode="json"))
+                                 if f not in RESUME_READS]
+    return {file: fields for file, fields in out.items() if fields}
+
+
+def _differ(began: Any, now: Any) -> list[str]:
+    """Dotted names of the leaves that differ (list items by their `name` where they have one:
+    the names the space's keys use, as in ``stages.finetune.epochs``)."""
+    a, b = _leaves(began), _leaves(now)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k, _MISSING) != b.get(k, _MISSING))
+
+
+_MISSING = object()
+
+
+def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, list) and all(isinstance(v, dict) and "name" in v for v in value) and value:
+        value = {str(v["name"]): v for v in value}
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in _leaves(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}

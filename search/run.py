@@ -29,7 +29,7 @@ from iterhead.curricula.errors import ConfigError
 from iterhead.curricula.trial import SMOKE_PBT
 from iterhead.search import outcome, sharing, signals
 from iterhead.search.folder import (STATE_FILE, absolute_uri, check_parent_run, check_resume_options,
-                                    check_tune_state, ended_before, hold_folder, search_folder)
+                                    check_tune_state, ended_before, hold_folder, search_folder, spec_edits)
 from iterhead.search.spec import LoadedSearch, Resources, SearchSettings
 from iterhead.search.tracking import Heartbeat, RunWriter, ui_hint
 from iterhead.trainable import results
@@ -178,6 +178,10 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
         check_resume_options(opts, state)
         check_parent_run(opts.uri, state)
         check_tune_state(folder)
+        for file, fields in spec_edits(loaded, state).items():
+            shown = ", ".join(fields[:6]) + (f" and {len(fields) - 6} more" if len(fields) > 6 else "")
+            print(f"note: {file} changed since the search began ({shown}); a resume trains what it began "
+                  "with: run the search without --resume to train the change", file=out)
         if "resources" in state:  # a resume trains with the threads it began with, whatever the spec says now
             loaded = LoadedSearch(spec.model_copy(update={"resources": Resources(**state["resources"])}),
                                   loaded.base, loaded.base_path, loaded.path)
@@ -254,7 +258,8 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
                                  "state": "running", "base": base, "budget": budget, "smoke": smoke,
                                  "penalty": penalty, "seeds": seeds, "precision": precision,
                                  "share": share, "plan": plan, "pbt": pbt, "keys": keys,
-                                 "resources": spec.resources.model_dump()})
+                                 "resources": spec.resources.model_dump(),
+                                 "search_spec": spec.model_dump(mode="json")})
             how = (f"PBT over stage {population.pbt_stage(spec.pbt, base)!r}, {settings.num_samples} members compared "
                    f"every {population.interval_for(spec.pbt, smoke)} epochs" if pbt else
                    f"{settings.num_samples} sample(s), {settings.algorithm} + {settings.scheduler}")

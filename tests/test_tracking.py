@@ -271,3 +271,30 @@ def test_a_second_sigterm_does_not_cut_the_stop_the_first_began():
         assert seen.is_set() and calls == [sig.SIGINT]
     finally:
         sig.signal(sig.SIGINT, previous)
+
+
+def test_a_resume_names_the_edits_it_will_not_train(tmp_path):
+    """A resume trains what the search began with: edits to the spec or its base were dropped
+    without a word. The one field a resume reads again is not named."""
+    import yaml
+
+    from iterhead.search.folder import spec_edits
+    from iterhead.search.spec import load_search
+
+    spec, _ = interrupted_search(tmp_path, f"sqlite:///{tmp_path}/mlflow.db")
+    began = load_search(spec)
+    state = {"base": began.base.model_dump(mode="json"), "search_spec": began.spec.model_dump(mode="json")}
+    assert spec_edits(began, state) == {}
+    data = yaml.safe_load((tmp_path / "spec.yaml").read_text())
+    data["space"]["stages.train.epochs"] = {"grid": [1, 2]}
+    data["search"]["checkpoint_every_s"] = 5.0
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data))
+    base = yaml.safe_load((tmp_path / "base.yaml").read_text())
+    base["optim"]["lr"] = 0.5
+    base["stages"][0]["epochs"] += 1
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    edits = spec_edits(load_search(spec), state)
+    name = base["stages"][0]["name"]
+    assert edits == {str(tmp_path / "base.yaml"): ["optim.lr", f"stages.{name}.epochs"],
+                     spec: ["space.stages.train.epochs.grid"]}, edits
+    assert list(spec_edits(load_search(spec), {"base": state["base"]})) == [str(tmp_path / "base.yaml")]
