@@ -70,3 +70,19 @@ def test_planned_compute_needs_no_array_of_every_sequence():
     huge = tiny(data={**d.model_dump(), "train_per_len": 10**12})
     # exact integer token counts, then a few float64 products: within a few ulps of the scaled value
     assert math.isclose(planned_flops(huge), planned_flops(cur) * 10**12 / d.train_per_len, rel_tol=1e-12)
+
+
+def test_a_curriculum_that_trains_no_epoch_is_censored_above_zero(tmp_path, capsys):
+    """`iterhead train` of a curriculum whose stages all have 0 epochs logged the penalty 0
+    (twice its planned FLOPs), the value a model that met the target untrained reports:
+    it is charged one epoch instead."""
+    from iterhead.trainable.summary import CENSOR_FACTOR, epoch_flops
+
+    cur = tiny(stages=[{"name": "s", "mix": {"parity": 1.0}, "epochs": 0}])
+    (tmp_path / "zero.yaml").write_text(yaml.safe_dump(cur.model_dump(mode="json")))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["train", str(tmp_path / "zero.yaml"), "--tracking-uri", uri]) == 0, capsys.readouterr().err
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name(cur.name).experiment_id])
+    assert run.data.metrics[r.REACHED] == 0.0 and run.data.metrics.get(r.FLOPS, 0.0) == 0.0
+    assert run.data.metrics[r.COMPUTE_TO_TARGET] == CENSOR_FACTOR * epoch_flops(cur) > 0

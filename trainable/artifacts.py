@@ -13,7 +13,7 @@ from iterhead.trainable import plots
 from iterhead.trainable import results as r
 from iterhead.trainable.loop import Trainer
 from iterhead.trainable.probes import example_maps
-from iterhead.trainable.summary import planned_flops
+from iterhead.trainable.summary import epoch_flops
 
 ARTIFACTS = "artifacts"  # the folder name inside a final checkpoint
 
@@ -53,7 +53,7 @@ def write_lineage(trainer: Trainer, segments: list[dict[str, Any]], member: int,
     those FLOPs."""
     folder.mkdir(parents=True, exist_ok=True)
     cur = trainer.cur
-    per_epoch = planned_flops(cur) / sum(s.epochs for s in cur.stages)  # every epoch costs the same
+    per_epoch = epoch_flops(cur)
     first = [s.name for s in cur.stages].index(segments[0]["name"])
     before = sum(s.epochs for s in cur.stages[:first])
     rows = [{"stage": seg["name"], "from_epoch": seg["start"], "epochs": cur.stages[first + i].epochs,

@@ -22,17 +22,24 @@ from iterhead.trainable.loop import Outcome
 CENSOR_FACTOR = 2.0
 
 
-def planned_flops(cur: Curriculum) -> float:
-    """Training FLOPs of the whole curriculum, every stage to its last epoch."""
+def epoch_flops(cur: Curriculum) -> float:
+    """Training FLOPs of one epoch: `train_per_len` sequences of every length, whatever the mix,
+    so every epoch of every stage costs the same."""
     d, m = cur.data, cur.model
     n = count_params(m.d_model, m.n_layers, m.mlp_ratio, vocab_for(cur).size)
-    per_epoch = flops(np.arange(d.min_len, d.max_len + 1), d.cot, n, m.n_layers, m.d_model, copies=d.train_per_len)
-    return per_epoch * sum(s.epochs for s in cur.stages)
+    return flops(np.arange(d.min_len, d.max_len + 1), d.cot, n, m.n_layers, m.d_model, copies=d.train_per_len)
+
+
+def planned_flops(cur: Curriculum) -> float:
+    """Training FLOPs of the whole curriculum, every stage to its last epoch."""
+    return epoch_flops(cur) * sum(s.epochs for s in cur.stages)
 
 
 def censored_value(cur: Curriculum, budget_flops: float | None = None) -> float:
-    """What an unreached trial reports as compute_to_target (module docstring)."""
-    return CENSOR_FACTOR * (budget_flops if budget_flops else planned_flops(cur))
+    """What an unreached trial reports as compute_to_target (module docstring). A curriculum
+    that trains no epoch is charged one: its planned 0 would rank it with a model that met the
+    target before any training (compute_to_target 0), and ahead of every trial that trained."""
+    return CENSOR_FACTOR * (budget_flops if budget_flops else max(planned_flops(cur), epoch_flops(cur)))
 
 
 def summary_metrics(cur: Curriculum, outcome: Outcome, budget_flops: float | None = None) -> dict[str, float]:
