@@ -222,9 +222,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     check_precision(args.precision)
     # None: the embedded Ray, never an address a killed `ray start` left in Ray's temp folder
-    address = ray_address(args.address or os.environ.get("RAY_ADDRESS"), address_field(args.address))
+    field = address_field(args.address)
+    address = ray_address(args.address or os.environ.get("RAY_ADDRESS"), field)
     check_store(uri, uri_field(args.tracking_uri))
-    run_search(loaded, SearchOptions(uri=uri, address=address, storage_path=args.storage_path,
+    run_search(loaded, SearchOptions(uri=uri, address=address, address_field=field, storage_path=args.storage_path,
                                      smoke=args.smoke, resume=args.resume, num_cpus=args.num_cpus,
                                      precision=args.precision, share=args.share))
     return EXIT_OK

@@ -43,6 +43,7 @@ SCRATCH = "artifacts"  # the MLflow callback's copies of trial artifacts awaitin
 class SearchOptions:
     uri: str
     address: str | None = None
+    address_field: str = "--address"  # where the address came from, for the error that names it
     storage_path: str | None = None
     smoke: bool = False
     resume: bool = False
@@ -154,7 +155,7 @@ def start_ray(opts: SearchOptions) -> bool:
             ray.init(address=opts.address, log_to_driver=False, configure_logging=False)
         except ConnectionError as err:  # something answers there, but no Ray (`endpoints.ray_address`)
             lines = str(err).strip().splitlines() or [type(err).__name__]
-            raise ConfigError(f"no Ray cluster at {opts.address}: {lines[0][:300]}", field="--address") from None
+            raise ConfigError(f"no Ray cluster at {opts.address}: {lines[0][:300]}", field=opts.address_field) from None
         return True
     ray.init(address="local", num_cpus=opts.num_cpus or os.cpu_count() or 1, num_gpus=local_gpus(),
              include_dashboard=False, log_to_driver=False, configure_logging=False)
