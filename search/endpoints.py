@@ -1,10 +1,11 @@
 """Whether the Ray cluster and the tracking store a command names answer, before it starts.
 
 Both clients retry for minutes before they give up: `ray.init` on an address nothing answers
-at tries 20 times, each behind several connection timeouts, and MLflow retries an HTTP call 7
-times with backoff (about 4 minutes for a refused port, more for a host that does not answer). A wrong address or URI
-is bad input, so it is found here in seconds, with one line naming the flag (or the
-environment variable it came from), before a folder, a store or a Ray is made.
+at, or where something other than a Ray head answers, tries 20 times, each behind several
+connection timeouts, and MLflow retries an HTTP call 7 times with backoff (about 4 minutes
+for a refused port, more for a host that does not answer). A wrong address or URI is bad
+input, so it is found here in seconds, with one line naming the flag (or the environment
+variable it came from), before a folder, a store or a Ray is made.
 """
 
 from __future__ import annotations
@@ -50,11 +51,37 @@ def ray_address(address: str | None, field: str) -> str | None:
         raise ConfigError(f"{address!r} is not HOST:PORT (the cluster head's GCS port, 6379 by default) or auto",
                           field=field)
     try:
-        socket.create_connection((host, int(port)), timeout=ANSWER_S).close()
+        grpc = _answers_grpc(host, int(port))
     except OSError as err:
         raise ConfigError(f"nothing answers at {address} ({err.strerror or type(err).__name__}); is the cluster's "
                           "head up, and is this its GCS port (6379 by default)?", field=field) from None
+    if not grpc:
+        raise ConfigError(f"something answers at {address}, but not as a Ray cluster's head (no gRPC there: a "
+                          "dashboard's port is not it); give the head's GCS port (6379 by default)", field=field)
     return address
+
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # and an empty SETTINGS frame
+H2_SETTINGS = 4  # the frame type a gRPC server answers the preface with
+
+
+def _answers_grpc(host: str, port: int) -> bool:
+    """Whether the server at host:port accepts a connection (`OSError` if not) and answers an
+    HTTP/2 preface with a SETTINGS frame, as a head's GCS (a gRPC server) does at once. Anything
+    else there (a dashboard, a web server, a silent port) made `ray.init` retry for minutes.
+    With ``RAY_USE_TLS`` the GCS speaks TLS first, so only the connection is checked."""
+    with socket.create_connection((host, port), timeout=ANSWER_S) as conn:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return True
+        conn.settimeout(ANSWER_S)
+        head = b""
+        try:
+            conn.sendall(H2_PREFACE)
+            while len(head) < 9 and (chunk := conn.recv(9 - len(head))):
+                head += chunk
+        except OSError:  # reset or silent: no gRPC server
+            return False
+        return len(head) == 9 and head[3] == H2_SETTINGS
 
 
 def check_store(uri: str, field: str) -> None:

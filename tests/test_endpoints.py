@@ -57,11 +57,9 @@ def test_an_address_from_the_environment_is_named_as_such(spec, capsys, monkeypa
     assert one_error(capsys).startswith("error: RAY_ADDRESS: nothing answers at ")
 
 
-def test_local_is_the_embedded_ray_and_auto_is_only_a_recorded_cluster(monkeypatch, tmp_path):
+def test_local_is_the_embedded_ray_and_auto_is_only_a_recorded_cluster(monkeypatch, tmp_path, ray_local):
     """`ray.init(address="auto")` falls back to any Ray process running here, such as another
     driver's embedded Ray, which ends with that driver; iterhead's auto is what `ray start` recorded."""
-    import socket
-
     from ray._private.utils import get_ray_address_file
 
     from iterhead.curricula.errors import ConfigError
@@ -72,11 +70,11 @@ def test_local_is_the_embedded_ray_and_auto_is_only_a_recorded_cluster(monkeypat
     assert recorded.startswith(str(tmp_path)) and not os.path.exists(recorded)
     with pytest.raises(ConfigError, match="no cluster started with `ray start` is recorded"):
         ray_address("auto", "--address")
-    with socket.create_server(("127.0.0.1", 0)) as head:  # answers as a cluster's head would, to a connection
-        os.makedirs(os.path.dirname(recorded), exist_ok=True)
-        with open(recorded, "w") as f:
-            f.write(f"127.0.0.1:{head.getsockname()[1]}")
-        assert ray_address("auto", "--address") == f"127.0.0.1:{head.getsockname()[1]}"
+    head = ray_local.get_runtime_context().gcs_address  # this module's local Ray, as `ray start` records one
+    os.makedirs(os.path.dirname(recorded), exist_ok=True)
+    with open(recorded, "w") as f:
+        f.write(head)
+    assert ray_address("auto", "--address") == head
 
 
 @pytest.mark.parametrize("command", ["train", "search", "export", "report", "reconcile"])
@@ -129,3 +127,39 @@ def test_a_password_in_the_uri_is_not_printed(spec, capsys, monkeypatch):
     assert main(["search", str(spec), "--tracking-uri", f"http://user:secret@{refused()}"]) == 2
     err = one_error(capsys)
     assert "no tracking server answers at http://user:***@127.0.0.1:" in err and "secret" not in err, err
+
+
+@pytest.mark.parametrize("speaks", ["http", "nothing"])
+def test_an_address_where_something_else_answers_exits_2_and_a_ray_head_passes(spec, capsys, monkeypatch,
+                                                                               ray_local, speaks):
+    """A web server (a dashboard's port, say) or a port that accepts and stays silent speaks no
+    gRPC: `ray.init` retried there for minutes. A real head's GCS (this module's local Ray)
+    answers the HTTP/2 preface."""
+    import http.server
+    import socket
+    import threading
+
+    import ray
+
+    from iterhead.search import endpoints
+
+    monkeypatch.setattr(endpoints, "ANSWER_S", 0.5)  # the silent port's wait
+    if speaks == "http":
+        quiet = type("Quiet", (http.server.BaseHTTPRequestHandler,), {"log_message": lambda *a: None})
+        web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), quiet)
+        threading.Thread(target=web.serve_forever, daemon=True).start()
+        port, close = web.server_address[1], lambda: (web.shutdown(), web.server_close())
+    else:
+        silent = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; no one reads or writes
+        port, close = silent.getsockname()[1], silent.close
+    try:
+        address = f"127.0.0.1:{port}"
+        assert main(["search", str(spec), "--tracking-uri", f"sqlite:///{spec.parent}/mlflow.db",
+                     "--address", address]) == 2
+        err = one_error(capsys)
+        assert err.startswith(f"error: --address: something answers at {address}, but not as a Ray"), err
+        assert sorted(p.name for p in spec.parent.iterdir()) == ["base.yaml", "spec.yaml"]
+    finally:
+        close()
+    gcs = ray.get_runtime_context().gcs_address
+    assert ray_address(gcs, "--address") == gcs
