@@ -171,7 +171,6 @@ def check_resume_options(opts: SearchOptions, state: dict[str, Any]) -> None:
                               field=flag)
 
 
-
 RESUME_READS = {"search.checkpoint_every_s"}  # the one spec field a resume reads again
 
 

@@ -14,8 +14,9 @@ Each pattern is zeroed in every layer in turn, not only where the paper's circui
 trained model chooses its own layers (models here often attend from s_t's position to x_t in
 layer 0, whose probe ``iteration/l0h0`` then reads high), and zeroing only layer 1 would read
 as "no iteration head" when the head sits in layer 0. If the trained model computes with
-iteration heads, zeroing them drops accuracy and the ideal maps keep it. Evaluation runs the last layer on a window of query positions; the
-rewrites use absolute positions, so they apply the same either way.
+iteration heads, zeroing them drops accuracy and the ideal maps keep it. Evaluation runs the
+last layer on a window of query positions; the rewrites use absolute positions, so they
+apply the same either way.
 """
 
 from __future__ import annotations
