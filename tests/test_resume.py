@@ -100,9 +100,9 @@ def test_stopped_search_resumes_into_the_same_runs(tmp_path, seeds, sig, older):
     resumed = subprocess.run(iterhead(*args, "--resume"), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     notes = [line for line in resumed.stdout.splitlines() if line.startswith("note:")]  # the edit it did not train
-    assert notes == ([] if sig == signal.SIGKILL else ["note: spec.yaml changed since the search began (resources.cpu); "
-                                                       "a resume trains what it began with: run the search without "
-                                                       "--resume to train the change"]), notes
+    edited = ["note: spec.yaml changed since the search began (resources.cpu); a resume trains what it began "
+              "with: run the search without --resume to train the change"]
+    assert notes == ([] if sig == signal.SIGKILL else edited), notes
 
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("iterhead.kind") == "search"]
