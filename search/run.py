@@ -86,12 +86,17 @@ def seeds_for(loaded: LoadedSearch, smoke: bool) -> list[int] | None:
 
 
 def local_gpus() -> int:
-    """NVIDIA GPUs this process may use, without importing torch (a bad spec must fail fast)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    """NVIDIA GPUs this process may use, without importing torch (a bad spec must fail fast): the
+    machine's (the driver's list, or the device files a container is given), at most as many as
+    ``CUDA_VISIBLE_DEVICES`` names. The variable alone counted GPUs on a machine with none, and
+    every trial that asked for one failed three times."""
     gpus = Path("/proc/driver/nvidia/gpus")
-    return len(list(gpus.iterdir())) if gpus.is_dir() else 0
+    present = max(len(list(gpus.iterdir())) if gpus.is_dir() else 0,
+                  len([d for d in Path("/dev").glob("nvidia*") if d.name[len("nvidia"):].isdigit()]))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return present
+    return min(present, len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"]))
 
 
 def check_resources(loaded: LoadedSearch, cpus: float, gpus: float, where: str) -> dict[str, float]:

@@ -218,3 +218,16 @@ def test_bf16_pays_on_cuda_only_for_wide_models():
     assert wide_enough("cuda", 768) and wide_enough("cuda", 1024)
     assert wide_enough("cuda", BF16_MIN_D_MODEL_CUDA) and not wide_enough("cuda", BF16_MIN_D_MODEL_CUDA - 1)
     assert wide_enough("cpu", BF16_MIN_D_MODEL) and not wide_enough("cpu", BF16_MIN_D_MODEL // 2)
+
+
+def test_cuda_visible_devices_counts_no_more_gpus_than_the_machine_has(monkeypatch):
+    """The variable alone counted GPUs on a machine without one: a search's trials asking for a
+    GPU were each assigned one, and each failed three times."""
+    from iterhead.search.run import local_gpus
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    present = local_gpus()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(present + 3))))
+    assert local_gpus() == present
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert local_gpus() == 0
