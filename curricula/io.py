@@ -51,13 +51,24 @@ EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE]
 _StrictSafeLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789."))
 
 
+MAX_YAML_BYTES = 16 * 2**20  # far above any curriculum or spec; a bigger file is not one
+
+
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """The top-level mapping of a YAML file; `ConfigError` for anything else."""
+    """The top-level mapping of a YAML file; `ConfigError` for anything else. Only a regular
+    file is read, and only so much of it: a named pipe blocked the read forever, and a device
+    such as /dev/zero filled memory."""
     file = str(path)
     try:
-        raw = Path(path).read_bytes()
+        if Path(path).exists() and not (Path(path).is_file() or Path(path).is_dir()):  # a folder: below
+            raise ConfigError("not a regular file (a pipe or a device); give a YAML file", file=file)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)
     except OSError as err:
         raise ConfigError(f"cannot read the file ({err.strerror or err})", file=file) from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise ConfigError(f"larger than {MAX_YAML_BYTES // 2**20} MiB: not a curriculum or a search spec",
+                          file=file)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:

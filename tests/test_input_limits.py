@@ -112,3 +112,20 @@ def test_train_checks_its_experiment_name_and_store_before_building_anything(tmp
     assert "is not a sqlite database" in err and (tmp_path / "notes.db").read_text() == "not a database\n"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path}/mlruns")
     assert error_of(capsys, ["train", str(path)]).startswith("error: MLFLOW_TRACKING_URI: ")
+
+
+@pytest.mark.parametrize("kind", ["pipe", "device", "huge"])
+def test_a_file_that_is_no_regular_file_or_too_big_to_be_a_curriculum_is_refused(tmp_path, kind):
+    """A named pipe blocked `validate` forever and /dev/zero filled memory (/dev/null stands in
+    for devices here). A subprocess with a timeout, so that a regression fails instead of hanging."""
+    import os
+
+    if kind == "pipe":
+        path = tmp_path / "c.yaml"
+        os.mkfifo(path)
+    else:
+        path = Path("/dev/null") if kind == "device" else write(tmp_path, "c.yaml", "#" * (17 * 2**20))
+    out = subprocess.run([str(Path(sys.executable).parent / "iterhead"), "validate", str(path)], capture_output=True,
+                         text=True, timeout=60)
+    words = "larger than 16 MiB" if kind == "huge" else "not a regular file"
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and words in out.stderr, out.stderr[-500:]
