@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from iterhead.curricula.errors import ConfigError
+from iterhead.search.ablate import cmd_ablate
 from iterhead.search.endpoints import address_field, check_store, ray_address, uri_field
 from iterhead.search.signals import Terminated, sigterm_as_ctrl_c
 
@@ -261,6 +263,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
     except OSError as err:  # a full disk, a read-only folder: earlier files are left as they were
+        if err.errno == errno.ENAMETOOLONG:
+            raise ConfigError(f"cannot write {args.out}: {err.strerror}; give a shorter path", field="-o") from None
         print(f"error: cannot write {args.out}: {err.strerror or err}", file=sys.stderr)
         return EXIT_FAILED
     for path in paths:
@@ -276,75 +280,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     print((page.parent / "medians.md").read_text())
     print(f"wrote {page} and medians.md beside it (and the figures on the search's parent run, under report/)")
     return EXIT_OK
-
-
-def cmd_ablate(args: argparse.Namespace) -> int:
-    from iterhead.trainable import checkpoint
-
-    path = Path(args.checkpoint)
-    if not (path / checkpoint.FILENAME).is_file():
-        raise ConfigError(f"no {checkpoint.FILENAME} in {path}; give a trial's checkpoint folder",
-                          field="--checkpoint")
-    from iterhead.curricula.io import parse_curriculum
-    from iterhead.trainable.ablation import ablate, not_applicable
-    from iterhead.trainable.devices import prepare_env, resolve_device
-    from iterhead.trainable.loop import Trainer
-
-    prepare_env()  # before training starts in this process
-    try:
-        device = resolve_device(args.device)
-    except (RuntimeError, ValueError) as err:
-        raise ConfigError(str(err), field="--device") from None
-    file = path / checkpoint.FILENAME
-    states = _load_checkpoint(file, device)
-    curricula = [parse_curriculum(s["curriculum"], file=str(file)) for s in states]
-    seeds = [cur.seed for cur in curricula]
-    if args.seed is not None:
-        if args.seed not in seeds:
-            raise ConfigError(f"this checkpoint holds seed(s) {', '.join(map(str, seeds))}, not {args.seed}",
-                              field="--seed")
-        states, curricula = [states[seeds.index(args.seed)]], [curricula[seeds.index(args.seed)]]
-    for cur, one in zip(curricula, states):
-        if not cur.data.cot:
-            raise ConfigError("the interventions need chain-of-thought sequences (data.cot: true)",
-                              field="--checkpoint")
-        trainer = Trainer(cur, device)
-        try:  # the weights and counters must fit the model its curriculum builds
-            trainer.load_state_dict(one)
-        except (RuntimeError, TypeError, ValueError, KeyError) as err:
-            why = f"seed {cur.seed}'s state does not fit its curriculum: {type(err).__name__}"
-            raise _unreadable(file, why) from None
-        table = ablate(trainer)
-        tasks = list(table["none"])
-        print(f"seed {cur.seed}\nintervention        " + "  ".join(f"{t:>16}" for t in tasks))
-        for name in table:
-            print(f"{name:<20}" + "  ".join(f"{table[name][t]:>16.1%}" for t in tasks))
-        skipped = not_applicable(cur.model.n_layers)
-        if skipped:
-            print(f"not run: {', '.join(skipped)} (they rewrite a layer this {cur.model.n_layers}-layer model lacks)")
-    return EXIT_OK
-
-
-def _load_checkpoint(file: Path, device: Any) -> list[dict[str, Any]]:
-    """The trainer states in `file`; `ConfigError` for a file that is not a checkpoint (garbage,
-    cut short, another program's, bytes changed since it was written) rather than a traceback."""
-    from iterhead.trainable import checkpoint
-
-    try:
-        loaded = checkpoint.read(file, device)
-    except checkpoint.Corrupt as err:
-        raise _unreadable(file, err.why) from None
-    except Exception as err:  # a foreign file trips torch.load's parser in many ways (IndexError, struct.error ...)
-        raise _unreadable(file, f"torch.load: {type(err).__name__}") from None
-    try:
-        return checkpoint.trainer_states(loaded)
-    except ValueError as err:
-        raise _unreadable(file, str(err)) from None
-
-
-def _unreadable(file: Path, why: str) -> ConfigError:
-    return ConfigError(f"{file} is not a readable checkpoint ({why}); give a trial's checkpoint folder",
-                       field="--checkpoint")
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
@@ -382,6 +317,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.errno != errno.ENAMETOOLONG:  # only a path the user gave can be too long: bad input
+            raise
+        print(f"error: {err.filename}: {err.strerror}; give a shorter path", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except Exception as err:  # noqa: BLE001 - the tracking store's failures only; the rest go on up
         if not type(err).__module__.startswith(STORE_MODULES):
             raise

@@ -85,7 +85,10 @@ def hold_folder(folder: Path) -> int:
 def writable_folder(folder: Path, field: str) -> None:
     """`ConfigError` unless `folder` is, or can be made, a folder to write in: checked before
     Ray starts or any MLflow run exists, not found by a traceback halfway through."""
-    existing = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())
+    try:
+        existing = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())
+    except OSError as err:  # a name past the file system's limit (ENAMETOOLONG), a symlink loop
+        raise ConfigError(f"cannot use {folder} ({err.strerror or err}); give another folder", field=field) from None
     if not existing.is_dir():
         raise ConfigError(f"{existing} is not a folder; give a folder (or a path where one can be made)",
                           field=field)

@@ -129,3 +129,21 @@ def test_a_file_that_is_no_regular_file_or_too_big_to_be_a_curriculum_is_refused
                          text=True, timeout=60)
     words = "larger than 16 MiB" if kind == "huge" else "not a regular file"
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and words in out.stderr, out.stderr[-500:]
+
+
+@pytest.mark.parametrize("command", ["search-storage-path", "ablate", "train-store", "export"])
+def test_a_path_with_a_name_past_the_file_system_limit_exits_2(tmp_path, capsys, command):
+    """A path component over 255 bytes made `exists()` raise ENAMETOOLONG: tracebacks, exit 1."""
+    long = str(tmp_path / ("a" * 300))
+    base = write(tmp_path, "c.yaml", PARITY_BASE)
+    argv = {"search-storage-path": ["search", str(spec(tmp_path)), "--storage-path", long,
+                                    "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
+            "ablate": ["ablate", "--checkpoint", long],
+            "train-store": ["train", str(base), "--tracking-uri", f"sqlite:///{long}/m.db"],
+            "export": ["export", "--experiment", "s", "-o", f"{long}.yaml", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]}
+    if command == "export":  # a store to export from, with an experiment of that name
+        from mlflow import MlflowClient
+
+        MlflowClient(f"sqlite:///{tmp_path}/m.db").create_experiment("s")
+    err = error_of(capsys, argv[command])
+    assert "too long" in err and "a" * 300 in err, err
