@@ -140,7 +140,8 @@ def test_a_path_with_a_name_past_the_file_system_limit_exits_2(tmp_path, capsys,
                                     "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
             "ablate": ["ablate", "--checkpoint", long],
             "train-store": ["train", str(base), "--tracking-uri", f"sqlite:///{long}/m.db"],
-            "export": ["export", "--experiment", "s", "-o", f"{long}.yaml", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]}
+            "export": ["export", "--experiment", "s", "-o", f"{long}.yaml",
+                       "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]}
     if command == "export":  # a store to export from, with an experiment of that name
         from mlflow import MlflowClient
 
