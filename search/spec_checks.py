@@ -31,6 +31,23 @@ def check_spec(spec: SearchSpec, base: Curriculum, file: str) -> None:
     _check_space(spec, base, file)
     _check_pbt(spec, base, file)
     _check_trains(spec, base, file)
+    _check_rungs(spec, file)
+
+
+MAX_RUNGS = 100  # ASHA's rungs: log(1 / grace_fraction) / log(reduction_factor)
+
+
+def _check_rungs(spec: SearchSpec, file: str) -> None:
+    """ASHA compares trials at each rung; Tune builds them all at the start, so a
+    `reduction_factor` just above 1 made ~1e15 of them: the search hung after Ray started."""
+    s = spec.search
+    if s.scheduler != "asha":
+        return
+    rungs = math.log(1 / s.grace_fraction) / math.log(s.reduction_factor)
+    if rungs > MAX_RUNGS:
+        raise ConfigError(f"{s.reduction_factor!r} with grace_fraction {s.grace_fraction:.3g} gives ASHA "
+                          f"{rungs:.3g} rungs, past {MAX_RUNGS}; raise it (3 is usual) or raise grace_fraction",
+                          field="search.reduction_factor", file=file)
 
 
 def _check_space(spec: SearchSpec, base: Curriculum, file: str) -> None:

@@ -77,6 +77,8 @@ SPECS = {  # the spec's fields: what the line must say
                       "search": {"algorithm": "random"}}, "not the boolean false"),
     "randint-past-int64": ({"space": {"stages.train.epochs": {"randint": [0, 10**23]}},
                             "search": {"algorithm": "random"}}, "fit in a 64-bit integer"),
+    "asha-rungs-past-counting": ({"search": {"reduction_factor": 1.000000000000001}},  # hung after Ray started
+                                 "search.reduction_factor: 1.000000000000001 with grace_fraction 0.111 gives ASHA "),
 }
 
 
