@@ -189,6 +189,7 @@ class Curriculum(Spec):
         if self.model.positional == "rotary" and (self.model.d_model // self.model.n_heads) % 2:
             raise ConfigError("rotary positions need an even head size (got d_model / n_heads = "
                               f"{self.model.d_model // self.model.n_heads})", field="model.positional")
+        self._check_size()
         seen: set[str] = set()
         modules = module_names(self.model)
         for i, stage in enumerate(self.stages):
@@ -230,6 +231,19 @@ class Curriculum(Spec):
                               f"({self.data.max_len}) (got {low})", field="target.min_len")
         return self
 
+    def _check_size(self) -> None:
+        """A curriculum whose weights (fp32, with gradients and Adam's two moments: 16 bytes a
+        parameter) or data (int64 tokens) would take more than `MAX_BYTES` is a typo: it passed
+        validation, then failed in an allocation after the run was made, or hung this check."""
+        m, d = self.model, self.data
+        weights = 16 * m.n_layers * (4 + 2 * m.mlp_ratio) * m.d_model ** 2
+        lengths = d.max_len - d.min_len + 1
+        tokens = len(self.tasks) * (d.train_per_len + d.test_per_len) * lengths * (2 * d.max_len + 3)
+        for field, size, what in (("model", weights, "weights and optimiser state"), ("data", 8 * tokens, "tokens")):
+            if size > MAX_BYTES:
+                raise ConfigError(f"its {what} would take about {size / 2**40:.3g} TiB, past {MAX_BYTES // 2**40} "
+                                  "TiB; check the sizes for a typo", field=field)
+
     def _check_shared_stages(self) -> None:
         """Shared stages (`StageSpec.seed`) lead the curriculum and agree on their seed: a stage
         after an unshared one would start from weights that differ between seeds anyway."""
@@ -259,6 +273,9 @@ class Curriculum(Spec):
             if stage.name == name:
                 return stage
         raise KeyError(name)
+
+
+MAX_BYTES = 2**40  # more than any machine that trains these models holds
 
 
 def module_names(model: ModelSpec) -> set[str]:

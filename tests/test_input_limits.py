@@ -44,6 +44,11 @@ CURRICULA = {  # the curriculum's change: what the line must say
     "weight-decay-past-float32": ({"optim": {**PARITY_BASE["optim"], "weight_decay": 1e300}}, "optim.weight_decay: "),
     "stage-lr-past-float32": ({"stages": [{**PARITY_BASE["stages"][0], "lr": 1e39}]}, "stages[0].lr: "),
     "target-below-the-slack": ({"target": {"task": "parity", "accuracy": 1e-13}}, "target.accuracy: "),
+    # validate said ok; train failed in an allocation (a traceback, a FAILED run), or validate hung
+    "model-past-any-memory": ({"model": {**PARITY_BASE["model"], "d_model": 10**12}}, "model: its weights"),
+    "layers-past-any-memory": ({"model": {**PARITY_BASE["model"], "n_layers": 10**8}}, "model: its weights"),
+    "mlp-past-int64": ({"model": {**PARITY_BASE["model"], "mlp_ratio": 10**20}}, "model: its weights"),
+    "data-past-any-memory": ({"data": {**PARITY_BASE["data"], "train_per_len": 10**14}}, "data: its tokens"),
 }
 
 
