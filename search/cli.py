@@ -150,8 +150,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     wrong_kind(args.curriculum, want_search=False)
     cur = load_curriculum(args.curriculum)
     uri = resolve_uri(args.tracking_uri)
-    if args.threads is not None and args.threads < 1:
-        raise ConfigError("must be at least 1", field="--threads")
+    if args.threads is not None and not 1 <= args.threads <= (os.cpu_count() or 1):  # torch starts them all:
+        # 100,000 ran out of threads and crashed, 5,000 hung
+        raise ConfigError(f"must be from 1 to this machine's {os.cpu_count() or 1} CPUs", field="--threads")
     if args.experiment is not None and not 0 < len(args.experiment) <= MAX_EXPERIMENT_NAME:
         raise ConfigError(f"an MLflow experiment name has 1 to {MAX_EXPERIMENT_NAME} characters "
                           f"(got {len(args.experiment)})", field="--experiment")
