@@ -70,10 +70,12 @@ def settings_for(loaded: LoadedSearch, smoke: bool) -> SearchSettings:
     s = loaded.spec.search
     if not smoke:
         return s
+    concurrent = min(s.max_concurrent, 2)  # a spec's 1 (one GPU's memory, say) holds at smoke size too
     if s.scheduler == "pbt":
-        return s.model_copy(update={"num_samples": min(s.num_samples, SMOKE_PBT["members"]), "max_concurrent": 2})
+        return s.model_copy(update={"num_samples": min(s.num_samples, SMOKE_PBT["members"]),
+                                    "max_concurrent": concurrent})
     grids = any(d.kind == "grid" for d in loaded.spec.space.values())
-    return s.model_copy(update={"num_samples": 1 if grids else 2, "max_concurrent": 2})
+    return s.model_copy(update={"num_samples": 1 if grids else 2, "max_concurrent": concurrent})
 
 
 SMOKE_SEEDS = 2  # a smoke search trains each configuration on its first seeds only

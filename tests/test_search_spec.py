@@ -351,3 +351,11 @@ def test_the_resume_command_names_the_store_folder_and_cluster_the_search_ran_wi
     assert (args.command, args.spec, args.resume) == ("search", str(path), True)
     assert (args.tracking_uri, args.storage_path, args.address, args.num_cpus) == (
         opts.uri, opts.storage_path, opts.address, 3)
+
+
+@pytest.mark.parametrize("asked, smoke", [(1, 1), (2, 2), (8, 2)])
+def test_a_smoke_search_runs_at_most_two_trials_at_once_and_never_more_than_asked(tmp_path, asked, smoke):
+    """A spec's max_concurrent 1 (one GPU's memory, say) was raised to 2 at smoke size."""
+    for body in (f"space: {{optim.lr: {{uniform: [0.001, 0.01]}}}}\nsearch: {{max_concurrent: {asked}}}\n",
+                 f"search: {{scheduler: pbt, max_concurrent: {asked}}}\n" + PBT_SECTION):
+        assert run.settings_for(load_search(write_spec(tmp_path, body)), smoke=True).max_concurrent == smoke
