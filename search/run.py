@@ -139,10 +139,19 @@ def quiet_libraries() -> None:
     auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
     if _not_auth_on_notice not in auth.filters:
         auth.addFilter(_not_auth_on_notice)
+    # Tune's "Resume experiment with: Tuner.restore(...)" after a stop: iterhead prints the
+    # command that resumes the search into its MLflow runs; Tune's would resume without them
+    tune_log = logging.getLogger("ray.tune.tune")
+    if _not_tune_resume_hint not in tune_log.filters:
+        tune_log.addFilter(_not_tune_resume_hint)
 
 
 def _not_auth_on_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Token authentication is enabled")
+
+
+def _not_tune_resume_hint(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Experiment has been interrupted, but the most recent state was saved")
 
 
 def start_ray(opts: SearchOptions) -> bool:

@@ -83,6 +83,7 @@ def test_stopped_search_resumes_into_the_same_runs(tmp_path, seeds, sig, older):
     else:
         assert driver.returncode == 128 + signal.SIGTERM, "".join(seen)
         assert "--resume" in "".join(seen) and not alive(driver.pid)  # Ray went with the driver
+        assert "Tuner.restore" not in "".join(seen)  # Tune's own hint would resume outside iterhead's runs
         status = {r.info.status for r in before if r.data.tags.get("iterhead.kind") != "search"}
         assert status == {"FINISHED", "KILLED"}, status  # the finished trial, and those it stopped
         assert [r.info.status for r in before if r.data.tags.get("iterhead.kind") == "search"] == ["KILLED"]
