@@ -233,18 +233,25 @@ def check_file(out: Path) -> None:
     """`ConfigError` where the file OUT exists and is not an earlier export: it may be the user's
     own curriculum or the search's base file, which the export would replace for good. An
     earlier export is replaced, as in a folder the same export replaces its own files."""
-    if not out.exists():
+    check_own_file(out, f"# {EXPORTED} ", "an earlier iterhead export", "give a new file name")
+
+
+def check_own_file(out: Path, mark: str, what: str, instead: str) -> None:
+    """`ConfigError` on ``-o`` where `out` exists and is not a regular file whose first line starts
+    with `mark`: iterhead replaces only what it wrote itself (`export`, `iterhead report`), never
+    a file of the user's. `what` names the files it wrote; `instead`, the way out."""
+    if not out.exists() and not out.is_symlink():
         return
-    if not out.is_file():  # a FIFO would block the read below; a device is no place for a curriculum
-        raise ConfigError(f"{out} exists and is not a file; give a new file name ending in .yaml", field="-o")
+    if not out.is_file():  # a FIFO would block the read below; a folder or a dangling link is not ours
+        raise ConfigError(f"{out} exists and is not a file; {instead}, or move it away first", field="-o")
     try:
         with out.open("rb") as f:
             first = f.readline(200)
     except OSError:
         first = b""
-    if not first.startswith(f"# {EXPORTED} ".encode()):
-        raise ConfigError(f"{out} exists and is not an earlier iterhead export (its first line is not '# {EXPORTED} "
-                          "...'); give a new file name, or move the file away first", field="-o")
+    if not first.startswith(mark.encode()):
+        raise ConfigError(f"{out} exists and is not {what} (its first line is not '{mark}...'); {instead}, "
+                          "or move the file away first", field="-o")
 
 
 def export(client: Any, experiment: str, out: Path, *, top_k: int = 1,
