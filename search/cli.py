@@ -275,10 +275,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     client = existing_store(args.tracking_uri)
-    from iterhead.search.page import build
+    from iterhead.search.page import build, unmarked
 
     page = build(client, args.experiment, Path(args.out), args.parent_run)
-    print((page.parent / "medians.md").read_text())
+    print(unmarked((page.parent / "medians.md").read_text()))
     print(f"wrote {page} and medians.md beside it (and the figures on the search's parent run, under report/)")
     return EXIT_OK
 

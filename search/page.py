@@ -7,6 +7,10 @@ spread over seeds, censored trials marked), the fraction of trials at target aga
 compute, the best trial's accuracy at each length against compute, its attention maps and
 iteration-head probe scores, and a table of every trial.
 
+Both files begin with a line that says a report wrote them (`REPORTED`); a later report
+replaces only such files, never a page or notes of the user's (the rule export follows,
+`export.check_own_file`), and checks every path before it writes any.
+
 A PBT search has member runs: the page then has a Population section instead of the medians,
 the best member's schedule (its lineage's settings against compute) first among the figures.
 
@@ -23,15 +27,39 @@ import base64
 import html
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from iterhead.curricula.errors import ConfigError
 from iterhead.search import report, sharing
-from iterhead.search.export import Candidate, child_runs, find_candidates, seed_runs
+from iterhead.search.export import Candidate, check_own_file, child_runs, find_candidates, seed_runs
 from iterhead.search.folder import writable_folder
 from iterhead.trainable import results as r
 from iterhead.trainable.checkpoint import write_atomic
+
+
+REPORTED = "<!-- written by iterhead report"  # the first line of each file a report writes (`marked`)
+OUTPUTS = ("report.html", "medians.md")  # what a report writes in its folder -o
+
+
+def marked(text: str) -> str:
+    """`text` under the line that says iterhead's report wrote it (an HTML comment, hidden in the
+    page and in rendered Markdown): the next report replaces only files that begin with it."""
+    return f"{REPORTED} {version('iterhead')} on {time.strftime('%Y-%m-%d %H:%M:%S')} -->\n{text}"
+
+
+def unmarked(text: str) -> str:
+    """A file the report wrote, without its first line (`marked`)."""
+    return text.split("\n", 1)[1] if text.startswith(REPORTED) else text
+
+
+def check_outputs(out: Path) -> None:
+    """`ConfigError` where any file the report would write in `out` exists and is not one an
+    earlier report wrote: the user's own page or notes would be replaced for good. Every path is
+    checked before any is written, so a refusal leaves the folder as it was."""
+    for name in OUTPUTS:
+        check_own_file(out / name, f"{REPORTED} ", "one that iterhead report wrote", "give another -o folder")
 
 
 def trial_rows(client: Any, experiment: str, parent: str) -> tuple[list[str], list[dict[str, Any]]]:
@@ -105,6 +133,7 @@ def best_trial_figures(client: Any, run_id: str, folder: Path,
 def build(client: Any, experiment: str, out: Path, parent_run_id: str | None = None) -> Path:
     """Write the page into folder `out`, log its figures on the parent run; returns the page."""
     writable_folder(out, "-o")  # before reading the store: a bad OUT must not cost a slow read first
+    check_outputs(out)
     parent, reached = find_candidates(client, experiment, parent_run_id)
     keys, rows = trial_rows(client, experiment, parent)
     if not rows:
@@ -123,14 +152,14 @@ def build(client: Any, experiment: str, out: Path, parent_run_id: str | None = N
             figures += best_figures
             if is_population(rows) and "schedule.png" in {a.path for a in client.list_artifacts(best[0])}:
                 figures.insert(0, Path(client.download_artifacts(best[0], "schedule.png", str(folder))))
-        page = out / "report.html"
+        page = out / OUTPUTS[0]
         medians = report.seed_medians(scored, keys)
         shared = _sharing(client.get_run(parent).data.metrics, rows, is_population(rows))
         text = render(experiment, parent, keys, rows, figures, probes, best[1] if best else None, medians, shared)
         table = (members_text(rows) if is_population(rows) else
                  report.medians_text(medians, keys, report.is_replicate(rows)))
-        write_atomic(page, lambda f: f.write(text.encode()))  # an interrupted report leaves no cut page
-        write_atomic(out / "medians.md", lambda f: f.write((table + "\n").encode()))
+        write_atomic(page, lambda f: f.write(marked(text).encode()))  # an interrupted report leaves no cut page
+        write_atomic(out / OUTPUTS[1], lambda f: f.write(marked(table + "\n").encode()))
         client.log_artifacts(parent, str(folder), "report")
         client.log_artifact(parent, str(page), "report")
     return page

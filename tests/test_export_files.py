@@ -155,3 +155,55 @@ def test_commands_that_read_a_store_leave_an_empty_file_empty(tmp_path, capsys, 
     assert main([*command, "--experiment", "e", "--tracking-uri", "sqlite:///empty.db"]) == 2
     assert "empty.db is an empty file, not a tracking store" in capsys.readouterr().err
     assert (tmp_path / "empty.db").stat().st_size == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["empty.db"]
+
+
+def listing(folder) -> dict[str, str]:
+    """What each entry of `folder` is: a link's target, a file's text, or a folder."""
+    return {p.name: f"-> {p.readlink()}" if p.is_symlink() else p.read_text() if p.is_file() else "folder"
+            for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("name, kind", [("report.html", "file"), ("medians.md", "file"), ("report.html", "folder"),
+                                        ("medians.md", "folder"), ("medians.md", "both"), ("report.html", "link")])
+def test_report_over_files_it_did_not_write_exits_2_and_writes_nothing(tmp_path, capsys, name, kind):
+    """The user's own report.html and medians.md were replaced, exit 0; a folder in their place
+    was a traceback, after report.html had been written. All are checked before any is written."""
+    from mlflow import MlflowClient
+
+    from iterhead.search.cli import main
+
+    uri = store_with_a_reached_trial(tmp_path)
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    if kind == "both":
+        (rep / "report.html").write_text("<p>my page</p>\n")
+    if kind == "folder":
+        (rep / name).mkdir()
+    elif kind == "link":  # a dangling link of the user's: renaming over it would lose it
+        (rep / name).symlink_to(tmp_path / "not-yet")
+    else:
+        (rep / name).write_text("my notes\n")
+    before = listing(rep)
+    capsys.readouterr()
+    assert main(["report", "--experiment", "e", "--tracking-uri", uri, "-o", str(rep)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: -o: {rep}/"), err
+    assert ("is not one that iterhead report wrote" if kind in ("file", "both") else "is not a file") in err[0], err
+    assert listing(rep) == before
+    client = MlflowClient(uri)
+    parent = client.search_runs([client.get_experiment_by_name("e").experiment_id], "tags.`iterhead.kind` = 'search'")
+    assert client.list_artifacts(parent[0].info.run_id, "report") == []
+
+
+def test_report_replaces_the_files_an_earlier_report_wrote(tmp_path, capsys):
+    """Re-running a report is how it is brought up to date: its own files are replaced, and the
+    line that marks them is not part of the table the terminal shows."""
+    from iterhead.search.cli import main
+
+    uri = store_with_a_reached_trial(tmp_path)
+    rep = tmp_path / "rep"
+    for _ in range(2):
+        assert main(["report", "--experiment", "e", "--tracking-uri", uri, "-o", str(rep)]) == 0
+        for name in ("report.html", "medians.md"):
+            assert (rep / name).read_text().startswith("<!-- written by iterhead report ")
+        assert capsys.readouterr().out.startswith("| trials | reached |")

@@ -206,7 +206,8 @@ def test_report_has_one_median_row_per_configuration(search, tmp_path):
     _, runs, client, _ = search
     assert main(["report", "--experiment", "replicates", "--tracking-uri", client.tracking_uri,
                  "-o", str(tmp_path / "rep")]) == 0
-    medians = (tmp_path / "rep" / "medians.md").read_text().splitlines()
+    mark, *medians = (tmp_path / "rep" / "medians.md").read_text().splitlines()
+    assert mark.startswith("<!-- written by iterhead report ")  # what a later report replaces
     assert medians[0] == "| optim.lr | seeds | seeds reached | median compute_to_target | min | max |"
     lines = {float(line.split(" | ")[0][2:]): line.strip("| ").split(" | ") for line in medians[2:]}
     configurations = kind(runs, r.KIND_CONFIGURATION)

@@ -174,7 +174,8 @@ def test_report_page_lists_every_trial_and_embeds_the_figures(search, tmp_path):
     assert all(r["trial_id"] in page for r in rows)  # censored trials included
     assert page.count("no (censored)") == 2 and page.count('src="data:image/png;base64,') >= 4
     assert "iteration-head probes" in page and "probe/parity/iteration/l1h0" in page
-    medians = (tmp_path / "rep" / "medians.md").read_text().splitlines()
+    mark, *medians = (tmp_path / "rep" / "medians.md").read_text().splitlines()
+    assert mark.startswith("<!-- written by iterhead report ")  # what a later report replaces
     assert medians[0].startswith("| stages.pretrain.epochs | target.accuracy | trials | reached |")
     body = sorted(line.split(" | ")[:4] for line in medians[2:])
     assert body == [["| 1", "0.01", "2", "2"], ["| 1", "1", "2", "0"]]  # two trials per accuracy
