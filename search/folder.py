@@ -4,7 +4,8 @@ there before a search starts or resumes.
 A new search gets ``<name>-<YYYYmmdd-HHMMSS>`` (an ``x`` added while the name is taken), made
 at once; it holds Tune's state and `STATE_FILE` (parent run, tracking URI, state). Its driver
 locks it (`hold_folder`) while it runs. ``--resume`` picks the newest unfinished search of
-that name, in the same store, with a parent run there and a Tune state that reads.
+that name, in the same store, with a parent run there and a Tune state that reads; a damaged
+`STATE_FILE` stops it, with a line naming the file, only where that search could be the one.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ STATE_FILE = "iterhead-search.json"
 
 
 def search_folder(loaded: LoadedSearch, opts: SearchOptions) -> tuple[Path, dict[str, Any] | None]:
-    """Where this search's Tune state lives, and its saved state when resuming."""
+    """Where this search's Tune state lives, and its saved state when resuming.
+
+    A saved state of that name that does not read stops a resume only where its search could be
+    the one picked (`read_state`): skipping it there could resume an older search in its place."""
     if opts.storage_path and "://" in opts.storage_path:
         raise ConfigError("give a local or shared-file-system folder (object-store URIs are not "
                           "supported yet)", field="--storage-path")
@@ -45,23 +49,65 @@ def search_folder(loaded: LoadedSearch, opts: SearchOptions) -> tuple[Path, dict
                 return folder, None
             except FileExistsError:
                 folder = folder.with_name(folder.name + "x")
-    states = []
+    states, damaged = [], []
     for path in root.glob(f"{name}-*/{STATE_FILE}"):
         if not own.fullmatch(path.parent.name):  # another search whose name starts like this one
             continue
-        state = json.loads(path.read_text())
+        try:
+            state = read_state(path)
+        except ConfigError as err:
+            damaged.append((_rank(path), err))
+            continue
         if state.get("state") != "finished":
-            states.append((path.stat().st_mtime, path.parent, state))
-    if not states:
-        raise ConfigError(f"no unfinished search named {name!r} under {root}; run it without --resume",
-                          field="--resume")
+            states.append((_rank(path), path.parent, state))
     # the newest one Tune saved a state in: one stopped before (its folder holds no Tune state)
     # can never be resumed, and must not hide an older one that can; alone, `check_tune_state` says so
-    _, folder, state = max(states, key=lambda s: (any(s[1].glob("experiment_state-*.json")), s[0]))
+    newest = max(states, key=lambda s: s[0], default=None)
+    unsure = [(rank, err) for rank, err in damaged if newest is None or rank >= newest[0]]
+    if unsure:  # it may be the search to resume: resuming another in its place would be a silent mistake
+        raise max(unsure, key=lambda d: d[0])[1]
+    if newest is None:
+        raise ConfigError(f"no unfinished search named {name!r} under {root}; run it without --resume",
+                          field="--resume")
+    _, folder, state = newest
     if state["uri"] not in (opts.uri, absolute_uri(opts.uri)):  # a search's state holds it absolute
         raise ConfigError(f"the search was tracked in {state['uri']}; resume it with that --tracking-uri",
                           field="--tracking-uri")
     return folder, state
+
+
+def _rank(state_file: Path) -> tuple[bool, float]:
+    """Which search a resume picks (the highest): one Tune saved a state for, then the newest
+    saved state of iterhead's; readable or not. A time that cannot be read counts as newest."""
+    try:
+        mtime = state_file.stat().st_mtime
+    except OSError:
+        mtime = float("inf")
+    return any(state_file.parent.glob("experiment_state-*.json")), mtime
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """The state a search saved in its folder; `ConfigError` naming the file where it does not read
+    as one (cut short, edited, replaced by a folder), rather than a traceback. `search_folder`
+    raises it only where that search may be the one to resume: a damaged state ranked below the
+    search it picks (`_rank`, which needs no reading) would not have been picked even if it read,
+    so a finished search's damage does not block resuming a newer one."""
+    try:
+        state = json.loads(path.read_text())
+    except OSError as err:
+        why = (err.strerror or type(err).__name__).lower()
+    except ValueError:  # not JSON, or not text
+        why = "not JSON"
+    else:
+        if not isinstance(state, dict):
+            why = "not a JSON object"
+        elif missing := [k for k in ("parent_run_id", "uri") if not isinstance(state.get(k), str)]:
+            why = f"no {missing[0]!r} in it"
+        else:
+            return state
+    raise ConfigError(f"{path} does not read as a search's saved state ({why}), and that search may be the one "
+                      f"to resume; move its folder out of {path.parent.parent} to resume an older search of that "
+                      "name, or run the search again without --resume", field="--resume")
 
 
 DRIVER_LOCK = "driver.lock"  # in a search's folder, locked by the driver that runs it

@@ -298,3 +298,53 @@ def test_a_resume_names_the_edits_it_will_not_train(tmp_path):
     assert edits == {str(tmp_path / "base.yaml"): ["optim.lr", f"stages.{name}.epochs"],
                      spec: ["space.stages.train.epochs.grid"]}, edits
     assert list(spec_edits(load_search(spec), {"base": state["base"]})) == [str(tmp_path / "base.yaml")]
+
+
+@pytest.mark.parametrize("saved", ["{garbage", "[]", "{}", '{"parent_run_id": "p"}', None],
+                         ids=["not-json", "list", "empty", "no-uri", "folder"])
+def test_a_resume_whose_saved_state_does_not_read_exits_2_before_ray(tmp_path, capsys, monkeypatch, saved):
+    """A damaged iterhead-search.json was a traceback (JSONDecodeError, AttributeError, KeyError,
+    IsADirectoryError): one line naming the file and what to do instead, before Ray."""
+    from iterhead.search import run
+    from iterhead.search.cli import main
+
+    spec, _ = interrupted_search(tmp_path, f"sqlite:///{tmp_path}/mlflow.db")
+    file = tmp_path / "runs" / "moved-20250101-000000" / "iterhead-search.json"
+    if saved is None:
+        file.unlink()
+        file.mkdir()
+    else:
+        file.write_text(saved)
+    monkeypatch.setattr(run, "start_ray", no_ray)  # a tripwire: the check must come first
+    capsys.readouterr()
+    assert main(["search", spec, "--resume", "--storage-path", str(tmp_path / "runs"),
+                 "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --resume: {file} does not read as a search's saved state"), err
+    assert "move its folder out of" in err[0], err
+
+
+def test_a_damaged_state_blocks_a_resume_only_where_its_search_could_be_the_one(tmp_path):
+    """An older search's damaged state would not be picked even if it read, so the newer search
+    resumes; a newer one's might be the search to resume, and picking the older in its place
+    would resume the wrong one."""
+    from iterhead.curricula.errors import ConfigError
+    from iterhead.search.folder import search_folder
+    from iterhead.search.run import SearchOptions
+    from iterhead.search.spec import load_search
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec, state = interrupted_search(tmp_path, uri)
+    good = tmp_path / "runs" / "moved-20250101-000000"
+    (good / "experiment_state-2025-01-01_00-00-00.json").write_text('{"trial_data": []}')
+    damaged = tmp_path / "runs" / "moved-20240101-000000" / "iterhead-search.json"
+    damaged.parent.mkdir()
+    (damaged.parent / "experiment_state-2024-01-01_00-00-00.json").write_text('{"trial_data": []}')
+    damaged.write_text("{garbage")
+    opts = SearchOptions(uri=uri, storage_path=str(tmp_path / "runs"), resume=True)
+    then = (good / "iterhead-search.json").stat().st_mtime
+    os.utime(damaged, (then - 60, then - 60))  # saved before the good one: a finished older search
+    assert search_folder(load_search(spec), opts) == (good, state)
+    os.utime(damaged, (then + 60, then + 60))  # saved after it: it may be the search to resume
+    with pytest.raises(ConfigError, match=f"{damaged} does not read"):
+        search_folder(load_search(spec), opts)
