@@ -27,7 +27,6 @@ import base64
 import html
 import tempfile
 import time
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,7 @@ OUTPUTS = ("report.html", "medians.md")  # what a report writes in its folder -o
 def marked(text: str) -> str:
     """`text` under the line that says iterhead's report wrote it (an HTML comment, hidden in the
     page and in rendered Markdown): the next report replaces only files that begin with it."""
-    return f"{REPORTED} {version('iterhead')} on {time.strftime('%Y-%m-%d %H:%M:%S')} -->\n{text}"
+    return f"{REPORTED} -->\n{text}"
 
 
 def unmarked(text: str) -> str:
