@@ -107,9 +107,13 @@ def find_candidates(client: Any, experiment: str, parent_run_id: str | None) -> 
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ConfigError(f"no experiment named {experiment!r} in the tracking store", field="--experiment")
+    if exp.lifecycle_stage == "deleted":  # its runs are hidden from searches: it read as "holds no search"
+        raise ConfigError(f"the experiment {experiment!r} is deleted; restore it (mlflow experiments restore "
+                          f"--experiment-id {exp.experiment_id}) to read its runs", field="--experiment")
     if parent_run_id is not None and not re.fullmatch(r"[0-9a-f]{32}", parent_run_id):
         raise ConfigError(f"{parent_run_id!r} is not an MLflow run id (32 hex digits)", field="--run")
-    if parent_run_id is not None:
+    given = parent_run_id is not None
+    if given:
         check_search_run(client, exp.experiment_id, experiment, parent_run_id)
     if parent_run_id is None:
         parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`{r.KIND}` = '{r.KIND_SEARCH}'",
@@ -119,6 +123,9 @@ def find_candidates(client: Any, experiment: str, parent_run_id: str | None) -> 
                               "with a search's parent run id", field="--experiment")
         parent_run_id = parents[0].info.run_id
     children = child_runs(client, exp.experiment_id, parent_run_id)
+    if not children and not given:
+        raise ConfigError(f"the latest search of {experiment!r} (parent run {parent_run_id}) has no trial runs "
+                          "yet; give --run with another search's parent run id", field="--experiment")
     if not children:
         raise ConfigError(f"run {parent_run_id} of {experiment!r} has no trial runs; give a search's "
                           "parent run", field="--run")

@@ -97,6 +97,31 @@ def test_report_or_export_of_an_experiment_without_a_search_exits_2_naming_run(t
     assert not (tmp_path / out).exists()
 
 
+@pytest.mark.parametrize("command, out", [("report", "out"), ("export", "best.yaml")])
+@pytest.mark.parametrize("case", ["deleted-experiment", "latest-search-without-trials"])
+def test_report_or_export_names_what_to_change_where_nothing_can_be_read(tmp_path, capsys, command, out, case):
+    """A deleted experiment read as "holds no search, give --run"; the latest search without
+    trials yet blamed a --run that was never given."""
+    from mlflow import MlflowClient
+
+    from iterhead.search.cli import main
+
+    uri = store_with(tmp_path, search=True)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("e").experiment_id
+    if case == "deleted-experiment":
+        client.delete_experiment(exp)
+        says = f"'e' is deleted; restore it (mlflow experiments restore --experiment-id {exp})"
+    else:
+        client.create_run(exp, run_name="search:e", tags={r.KIND: r.KIND_SEARCH})  # a newer search, no trial yet
+        says = "--experiment: the latest search of 'e' (parent run "
+    capsys.readouterr()
+    assert main([command, "--experiment", "e", "--tracking-uri", uri, "-o", str(tmp_path / out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err
+    assert not (tmp_path / out).exists()
+
+
 def test_report_into_a_file_exits_2_and_leaves_it(tmp_path, capsys):
     """-o naming a file: one line naming -o, the file as it was, nothing logged on the search."""
     from mlflow import MlflowClient
