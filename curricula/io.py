@@ -51,6 +51,24 @@ EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE]
 _StrictSafeLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789."))
 
 
+def _no_base_60(kind: str):
+    """YAML 1.1 reads ``1:30`` as the base-60 number 90 (YAML 1.2 as text): a `batch_size: 1:00`
+    trained at 60 without a word. Such a value is refused, with its line."""
+    construct = yaml.SafeLoader.yaml_constructors[f"tag:yaml.org,2002:{kind}"]
+
+    def refuse_base_60(loader: _StrictSafeLoader, node: yaml.ScalarNode) -> Any:
+        if ":" in str(node.value):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value} is a base-60 number in YAML 1.1 ({construct(loader, node)}); write the "
+                "number itself, or quote it for text", node.start_mark)
+        return construct(loader, node)
+    return refuse_base_60
+
+
+for _kind in ("int", "float"):
+    _StrictSafeLoader.add_constructor(f"tag:yaml.org,2002:{_kind}", _no_base_60(_kind))
+
+
 MAX_YAML_BYTES = 16 * 2**20  # far above any curriculum or spec; a bigger file is not one
 
 

@@ -44,3 +44,13 @@ def test_numbers_in_exponent_form_are_numbers(tmp_path: Path) -> None:
     (tmp_path / "pbt.yaml").write_text("name: p\nbase: base.yaml\nsearch: {scheduler: pbt, num_samples: 2}\n"
                                        "pbt: {interval_epochs: 2, mutate: {lr: {choice: [1e-3, 2e-3]}}}\n")
     assert load_search(tmp_path / "pbt.yaml").spec.pbt.mutate["lr"].args == [0.001, 0.002]
+
+
+@pytest.mark.parametrize("value, reads", [("1:00", "60"), ("-1:30", "-90"), ("1:30.5", "90.5")])
+def test_base_60_numbers_are_refused_with_their_line(value: str, reads: str) -> None:
+    """YAML 1.1 reads `1:00` as 60: a batch size so written trained at 60 without a word."""
+    from iterhead.curricula.io import parse_yaml_mapping
+
+    with pytest.raises(ConfigError, match=f"line 2, column 13: {value} is a base-60 number in YAML 1.1 \\({reads}\\)"):
+        parse_yaml_mapping(f"name: x\nbatch_size: {value}\n")
+    assert parse_yaml_mapping("a: '1:00'\nb: 10:00:00 text\n") == {"a": "1:00", "b": "10:00:00 text"}
