@@ -127,8 +127,12 @@ def _check_server(uri: str, field: str) -> None:
 
 
 def _without_login(uri: str) -> str:
-    """`uri` as it may be printed: a password in it (http://user:password@host) is not shown."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.password is None:
+    """`uri` as it may be printed: a password in it (http://user:password@host) is not shown. Split by
+    hand, as `urlsplit` does, since `urlsplit` raises on the malformed URI (http://[::1) an error names."""
+    scheme, sep, rest = uri.partition("://")
+    end = min([i for i in (rest.find(c) for c in "/?#") if i >= 0], default=len(rest))
+    login, at, host = rest[:end].rpartition("@")
+    user, colon, _ = login.partition(":")
+    if not sep or not at or not colon:
         return uri
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+    return f"{scheme}://{user}:***@{host}{rest[end:]}"

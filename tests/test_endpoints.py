@@ -88,7 +88,7 @@ def test_a_tracking_server_nothing_answers_at_exits_2_at_once(spec, capsys, comm
 
 
 @pytest.mark.parametrize("uri, words", [
-    ("http://", "names no host"), ("http://127.0.0.1:99999", "is not a URL"),
+    ("http://", "names no host"), ("http://127.0.0.1:99999", "is not a URL"), ("http://[::1", "is not a URL"),
     ("postgresql+nosuchdriver://u@127.0.0.1/db", "is not a database URL"),
 ])
 def test_a_tracking_uri_that_cannot_work_is_named_from_where_it_came(spec, capsys, monkeypatch, uri, words):
@@ -127,6 +127,23 @@ def test_a_password_in_the_uri_is_not_printed(spec, capsys, monkeypatch):
     assert main(["search", str(spec), "--tracking-uri", f"http://user:secret@{refused()}"]) == 2
     err = one_error(capsys)
     assert "no tracking server answers at http://user:***@127.0.0.1:" in err and "secret" not in err, err
+
+
+@pytest.mark.parametrize("command", ["train", "search", "export", "report", "reconcile"])
+@pytest.mark.parametrize("given", ["flag", "env"])
+def test_a_malformed_url_exits_2_and_its_password_is_not_printed(spec, capsys, monkeypatch, command, given):
+    """`urlsplit` raises on an unclosed IPv6 bracket; the error naming the URI must not raise again."""
+    uri = "http://user:secret@[::1"
+    args = {"train": [str(spec.parent / "base.yaml")], "search": [str(spec)],
+            "export": ["--experiment", "s", "-o", str(spec.parent / "best.yaml")],
+            "report": ["--experiment", "s"], "reconcile": []}[command]
+    if given == "env":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main([command, *args, *(["--tracking-uri", uri] if given == "flag" else [])]) == 2
+    err = one_error(capsys)
+    field = "--tracking-uri" if given == "flag" else "MLFLOW_TRACKING_URI"
+    assert err.startswith(f"error: {field}: 'http://user:***@[::1' is not a URL"), err
+    assert "secret" not in err
 
 
 @pytest.mark.parametrize("speaks", ["http", "nothing"])
