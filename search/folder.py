@@ -146,7 +146,8 @@ def absolute_uri(uri: str) -> str:
     """`uri` with a relative sqlite path made absolute: a search resumed from another folder
     then still names its own store, not a new one in that folder."""
     file = sqlite_file(uri)
-    return f"sqlite:///{file.resolve()}" if file is not None and not file.is_absolute() else uri
+    _, mark, query = uri.partition("?")  # the driver's options (``?mode=rw``) stay as given
+    return f"sqlite:///{file.resolve()}{mark}{query}" if file is not None and not file.is_absolute() else uri
 
 
 def check_parent_run(uri: str, state: dict[str, Any]) -> None:

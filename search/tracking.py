@@ -80,10 +80,13 @@ def is_sqlite(file: Path) -> bool:
 
 
 def sqlite_file(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI; None for other stores and in-memory ones."""
+    """The database file of a ``sqlite:///`` URI; None for other stores and in-memory ones. A query
+    (``?mode=rw``) is the driver's, not the file's: SQLAlchemy, which opens the store for MLflow,
+    ends the path at the first ``?`` (a ``#`` before it is part of the file's name, one after it of
+    the query)."""
     if not uri.startswith("sqlite:///"):
         return None
-    path = uri[len("sqlite:///"):]
+    path = uri[len("sqlite:///"):].partition("?")[0]
     return None if path in ("", ":memory:") else Path(path)
 
 

@@ -155,3 +155,24 @@ def test_a_path_with_a_name_past_the_file_system_limit_exits_2(tmp_path, capsys,
         MlflowClient(f"sqlite:///{tmp_path}/m.db").create_experiment("s")
     err = error_of(capsys, argv[command])
     assert "too long" in err and "a" * 300 in err, err
+
+
+def test_a_query_in_a_sqlite_uri_is_no_part_of_the_store_file(tmp_path, capsys, monkeypatch):
+    """SQLAlchemy ends a sqlite path at the first '?': the checks on the store's file look at that
+    file, so a store is found, and a file that is no database is bad input, with a query too."""
+    from mlflow import MlflowClient
+
+    from iterhead.search.folder import absolute_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    MlflowClient(f"sqlite:///{tmp_path}/e.db").create_experiment("e")
+    capsys.readouterr()  # MLflow's notes on making the store
+    uri = f"sqlite:///{tmp_path}/e.db?timeout=20"
+    assert "experiment 'e' holds no search" in error_of(capsys, ["export", "--experiment", "e", "--tracking-uri",
+                                                                 uri, "-o", "best.yaml"])
+    write(tmp_path, "notes.db", "not a database\n")
+    err = error_of(capsys, ["train", str(write(tmp_path, "c.yaml", PARITY_BASE)), "--tracking-uri",
+                            f"sqlite:///{tmp_path}/notes.db?timeout=20"])
+    assert err.startswith("error: --tracking-uri: ") and "notes.db' is not a sqlite database" in err, err
+    assert absolute_uri("sqlite:///e.db?timeout=20") == uri
