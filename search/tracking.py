@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import threading
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +32,7 @@ from iterhead.trainable import results as r
 DEFAULT_URI = "sqlite:///mlflow.db"
 SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")  # MLflow 3's stores
 MAX_METRICS, MAX_PARAMS, MAX_PARAM_CHARS = 1000, 100, 6000
+MLFLOW_TABLES = {"alembic_version", "experiments"}  # in every MLflow store, from its first schema on
 RUNS_PAGE = 50_000  # the most runs one MLflow search returns (its SEARCH_MAX_RESULTS_THRESHOLD)
 
 
@@ -70,6 +73,11 @@ def resolve_uri(uri: str | None) -> str:
         raise ConfigError(f"{str(file)!r} is a folder, not a sqlite database file; name a .db file", field=field)
     if file is not None and file.is_file() and file.stat().st_size and not is_sqlite(file):
         raise ConfigError(f"{str(file)!r} is not a sqlite database; name a .db file, or a new one", field=field)
+    tables = sqlite_tables(file) if file is not None and file.is_file() and file.stat().st_size else None
+    if tables and not MLFLOW_TABLES <= tables:  # MLflow would add its tables beside the user's
+        shown = ", ".join(repr(t) for t in sorted(tables)[:3]) + (", ..." if len(tables) > 3 else "")
+        raise ConfigError(f"{str(file)!r} is a sqlite database of other tables ({shown}), not an MLflow store; "
+                          "name an MLflow store's .db file, or a new one", field=field)
     return uri
 
 
@@ -77,6 +85,16 @@ def is_sqlite(file: Path) -> bool:
     """Whether `file` starts as every sqlite database does."""
     with open(file, "rb") as f:
         return f.read(16) == b"SQLite format 3\x00"
+
+
+def sqlite_tables(file: Path) -> set[str] | None:
+    """The tables of the sqlite database `file`, read without writing to it; None where it cannot
+    be read now (locked by a writer, say), which is left for MLflow to report."""
+    try:
+        with closing(sqlite3.connect(f"{file.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            return {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error:
+        return None
 
 
 def sqlite_file(uri: str) -> Path | None:

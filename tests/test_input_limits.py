@@ -176,3 +176,37 @@ def test_a_query_in_a_sqlite_uri_is_no_part_of_the_store_file(tmp_path, capsys, 
                             f"sqlite:///{tmp_path}/notes.db?timeout=20"])
     assert err.startswith("error: --tracking-uri: ") and "notes.db' is not a sqlite database" in err, err
     assert absolute_uri("sqlite:///e.db?timeout=20") == uri
+
+
+@pytest.mark.parametrize("given", ["flag", "env"])
+@pytest.mark.parametrize("command", ["train", "search", "export", "report", "reconcile"])
+def test_a_sqlite_database_of_other_tables_is_no_store_and_stays_as_it_was(tmp_path, capsys, monkeypatch,
+                                                                           command, given):
+    """MLflow adds its tables to any database it is given, then fails on a table of the user's that
+    shares a name with one of its own: a user's database is bad input, read without a write."""
+    import sqlite3
+    from contextlib import closing
+
+    from iterhead.search import run
+    from iterhead.search.tracking import resolve_uri
+
+    from support import no_ray
+
+    monkeypatch.setattr(run, "start_ray", no_ray)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with closing(sqlite3.connect(tmp_path / "mine.db")) as db:
+        db.executescript("CREATE TABLE runs(x text); INSERT INTO runs VALUES ('kept');")
+    before = (tmp_path / "mine.db").read_bytes()
+    uri = f"sqlite:///{tmp_path}/mine.db"
+    args = {"train": [str(write(tmp_path, "c.yaml", PARITY_BASE))], "search": [str(spec(tmp_path))],
+            "export": ["--experiment", "s", "-o", "best.yaml"], "report": ["--experiment", "s"], "reconcile": []}
+    if given == "env":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    err = error_of(capsys, [command, *args[command], *(["--tracking-uri", uri] if given == "flag" else [])])
+    field = "--tracking-uri" if given == "flag" else "MLFLOW_TRACKING_URI"
+    assert err.startswith(f"error: {field}: ") and "is a sqlite database of other tables ('runs')" in err, err
+    assert (tmp_path / "mine.db").read_bytes() == before and not (tmp_path / "mlruns").exists()
+    with closing(sqlite3.connect(tmp_path / "new.db")) as db:  # a database without tables: a new store
+        db.executescript("CREATE TABLE t(x); DROP TABLE t;")
+    assert resolve_uri(f"sqlite:///{tmp_path}/new.db") == f"sqlite:///{tmp_path}/new.db"
