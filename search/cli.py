@@ -236,7 +236,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def existing_store(tracking_uri: str | None):
     """A client of a tracking store that must already exist (for commands that read one)."""
-    from iterhead.search.tracking import resolve_uri, sqlite_file
+    from iterhead.search.tracking import resolve_uri, sqlite_file, sqlite_tables
 
     uri = resolve_uri(tracking_uri)
     file = sqlite_file(uri)
@@ -244,6 +244,8 @@ def existing_store(tracking_uri: str | None):
         raise ConfigError(f"no tracking store at {uri}", field="--tracking-uri")
     if file is not None and file.stat().st_size == 0:  # MLflow would write its tables into it
         raise ConfigError(f"{file} is an empty file, not a tracking store", field="--tracking-uri")
+    if file is not None and sqlite_tables(file) == set():  # likewise
+        raise ConfigError(f"{file} is a database without tables, not a tracking store", field="--tracking-uri")
     check_store(uri, uri_field(tracking_uri))
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a few small artifacts
     from mlflow import MlflowClient

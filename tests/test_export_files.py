@@ -144,17 +144,26 @@ def test_the_reproduce_command_pins_the_device_kind_it_trained_on(device, kind, 
     assert line.endswith(f"iterhead train best.yaml --device {kind} --threads 2 --precision bf16")
 
 
+@pytest.mark.parametrize("tables", [False, True], ids=["empty-file", "no-tables"])
 @pytest.mark.parametrize("command", [["export", "-o", "x.yaml"], ["report", "-o", "rep"], ["reconcile"]])
-def test_commands_that_read_a_store_leave_an_empty_file_empty(tmp_path, capsys, monkeypatch, command):
-    """An empty file is no store: exit 2, and the file stays as it was (MLflow would make its
-    tables in it, turning a mistyped path into a store)."""
+def test_commands_that_read_a_store_leave_an_empty_file_empty(tmp_path, capsys, monkeypatch, command, tables):
+    """An empty file, or a database without tables, is no store: exit 2, and the file stays as it
+    was (MLflow would make its tables in it, turning a mistyped path into a store)."""
+    import sqlite3
+    from contextlib import closing
+
     from iterhead.search.cli import main
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty.db").touch()
+    if tables:
+        with closing(sqlite3.connect(tmp_path / "empty.db")) as db:
+            db.executescript("CREATE TABLE t(x); DROP TABLE t;")
+    before = (tmp_path / "empty.db").read_bytes()
     assert main([*command, "--experiment", "e", "--tracking-uri", "sqlite:///empty.db"]) == 2
-    assert "empty.db is an empty file, not a tracking store" in capsys.readouterr().err
-    assert (tmp_path / "empty.db").stat().st_size == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["empty.db"]
+    words = "a database without tables" if tables else "an empty file"
+    assert f"empty.db is {words}, not a tracking store" in capsys.readouterr().err
+    assert (tmp_path / "empty.db").read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["empty.db"]
 
 
 def listing(folder) -> dict[str, str]:
