@@ -144,12 +144,13 @@ def wrong_kind(file: str, want_search: bool) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from iterhead.curricula.io import load_curriculum
-    from iterhead.search.tracking import resolve_uri
+    from iterhead.search.tracking import heartbeat_every, resolve_uri
     from iterhead.trainable.results import MAX_BUDGET
 
     wrong_kind(args.curriculum, want_search=False)
     cur = load_curriculum(args.curriculum)
     uri = resolve_uri(args.tracking_uri)
+    heartbeat_every()  # checked before the run is made, not once it trains
     if args.threads is not None and not 1 <= args.threads <= (os.cpu_count() or 1):  # torch starts them all:
         # 100,000 ran out of threads and crashed, 5,000 hung
         raise ConfigError(f"must be from 1 to this machine's {os.cpu_count() or 1} CPUs", field="--threads")
@@ -214,11 +215,12 @@ def parse_seeds(text: str) -> list[int]:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from iterhead.search.spec import load_search
-    from iterhead.search.tracking import resolve_uri
+    from iterhead.search.tracking import heartbeat_every, resolve_uri
 
     wrong_kind(args.spec, want_search=True)
     loaded = load_search(args.spec)
     uri = resolve_uri(args.tracking_uri)
+    heartbeat_every()  # checked before the parent run is made and Ray starts
     if args.num_cpus is not None and args.num_cpus < 1:
         raise ConfigError("must be at least 1", field="--num-cpus")
     from iterhead.search.run import SearchOptions, run_search

@@ -14,6 +14,7 @@ MLflow's default of ``./mlruns`` under whatever folder the command ran from.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sqlite3
@@ -258,8 +259,17 @@ HEARTBEAT_TAG = r.HEARTBEAT_TAG  # defined in `trainable.results`; importable he
 
 
 def heartbeat_every() -> float:
-    """Seconds between a live run's heartbeats: 30, or ``ITERHEAD_HEARTBEAT_S`` (for tests)."""
-    return float(os.environ.get("ITERHEAD_HEARTBEAT_S", "30"))
+    """Seconds between a live run's heartbeats: 30, or ``ITERHEAD_HEARTBEAT_S`` (for tests). Checked,
+    as `ConfigError`: reconcile's staleness bound and each beat's wait are computed from it."""
+    text = os.environ.get("ITERHEAD_HEARTBEAT_S", "30")
+    try:
+        every = float(text)
+    except ValueError:
+        every = math.nan
+    if not 0 < every < math.inf:  # NaN fails too
+        raise ConfigError(f"{text!r} is not a number of seconds above 0; unset it for the default of 30 s",
+                          field="ITERHEAD_HEARTBEAT_S")
+    return every
 
 
 class Heartbeat:

@@ -116,6 +116,30 @@ def test_a_stale_after_that_is_no_number_of_seconds_exits_2(tmp_path, capsys, va
     assert len(err) == 1 and "--stale-after" in err[0]
 
 
+@pytest.mark.parametrize("command", ["reconcile", "train", "search"])
+@pytest.mark.parametrize("value", ["abc", "nan", "inf", "0", "-1"])
+def test_a_heartbeat_interval_that_is_no_number_of_seconds_exits_2(tmp_path, capsys, monkeypatch, command, value):
+    """Reconcile's staleness bound and each beat's wait come from it: checked before a store or a
+    run is made, not a traceback (or a run that beats without pause) once a run exists."""
+    from iterhead.search import run
+
+    from support import PARITY_BASE, no_ray
+
+    monkeypatch.setattr(run, "start_ray", no_ray)
+    monkeypatch.setenv("ITERHEAD_HEARTBEAT_S", value)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(PARITY_BASE))
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"name": "s", "base": "base.yaml"}))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    if command == "reconcile":
+        MlflowClient(uri).search_experiments()  # a store to reconcile
+        capsys.readouterr()
+    given = {"reconcile": [], "train": [str(tmp_path / "base.yaml")], "search": [str(tmp_path / "spec.yaml")]}
+    assert main([command, *given[command], "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ITERHEAD_HEARTBEAT_S: "), err
+    assert (tmp_path / "mlflow.db").exists() == (command == "reconcile")
+
+
 def test_without_experiment_names_every_experiment_is_read_page_by_page(tmp_path):
     """A store answers one search with a page of experiments (1000 by default); reconcile reads
     all of them, not the first page."""
