@@ -216,3 +216,13 @@ def test_report_replaces_the_files_an_earlier_report_wrote(tmp_path, capsys):
         for name in ("report.html", "medians.md"):
             assert (rep / name).read_text().startswith("<!-- written by iterhead report ")
         assert capsys.readouterr().out.startswith("| trials | reached |")
+
+
+def test_a_missing_store_is_named_from_where_its_uri_came(tmp_path, capsys, monkeypatch):
+    from iterhead.search.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///missing.db")
+    assert main(["export", "--experiment", "e", "-o", "x.yaml"]) == 2
+    assert capsys.readouterr().err.startswith("error: MLFLOW_TRACKING_URI: no tracking store at sqlite:///missing.db")
+    assert list(tmp_path.iterdir()) == []
