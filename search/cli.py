@@ -151,9 +151,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cur = load_curriculum(args.curriculum)
     uri = resolve_uri(args.tracking_uri)
     heartbeat_every()  # checked before the run is made, not once it trains
-    if args.threads is not None and not 1 <= args.threads <= (os.cpu_count() or 1):  # torch starts them all:
-        # 100,000 ran out of threads and crashed, 5,000 hung
-        raise ConfigError(f"must be from 1 to this machine's {os.cpu_count() or 1} CPUs", field="--threads")
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:  # torch starts them all: 100,000 ran
+        # out of threads and crashed, 5,000 hung; more than the cores is only slower (an export's reproduce line)
+        raise ConfigError(f"must be from 1 to {MAX_THREADS}", field="--threads")
     if args.experiment is not None and not 0 < len(args.experiment) <= MAX_EXPERIMENT_NAME:
         raise ConfigError(f"an MLflow experiment name has 1 to {MAX_EXPERIMENT_NAME} characters "
                           f"(got {len(args.experiment)})", field="--experiment")
@@ -186,6 +186,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+MAX_THREADS = 1024  # as a trial's resources.cpu, which an exported trial's --threads repeats
 MAX_EXPERIMENT_NAME = 500  # MLflow's limit; past it the store refuses the name after the data is built
 
 
@@ -325,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:
         if err.errno != errno.ENAMETOOLONG:  # only a path the user gave can be too long: bad input
             raise
-        print(f"error: {err.filename}: {err.strerror}; give a shorter path", file=sys.stderr)
+        print(f"error: {err.filename or err}: {err.strerror}; give a shorter path", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as err:  # noqa: BLE001 - the tracking store's failures only; the rest go on up
         if not type(err).__module__.startswith(STORE_MODULES):

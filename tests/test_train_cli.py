@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from mlflow import MlflowClient
 
@@ -67,7 +65,7 @@ def test_run_holds_params_history_and_artifacts(two_runs, tmp_path):
     (["--tracking-uri", "sqlite://"], "--tracking-uri"),
     (["--tracking-uri", "sqlite:////tmp"], "--tracking-uri"),  # a folder: it trained, then failed to record
     (["--threads", "0"], "--threads"),
-    (["--threads", str((os.cpu_count() or 1) + 1)], "--threads"),  # 100,000 crashed torch, 5,000 hung it
+    (["--threads", "5000"], "--threads"),  # hung torch; 100,000 crashed it
     (["--seeds", "0,zero"], "--seeds"),
     (["--seeds", "1,1"], "--seeds"),
     (["--seeds", "-1"], "--seeds"),
