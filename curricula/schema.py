@@ -71,7 +71,7 @@ class Spec(BaseModel):
 
 class ModelSpec(Spec):
     d_model: PositiveInt = 128
-    n_layers: PositiveInt = 2
+    n_layers: Annotated[int, Field(gt=0, le=1024)] = 2  # a model's module names are listed: 1e8 hung validate
     n_heads: PositiveInt = 1
     positional: Literal["learned", "rotary"] = "learned"
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1

@@ -34,7 +34,7 @@ def check_spec(spec: SearchSpec, base: Curriculum, file: str) -> None:
     _check_rungs(spec, file)
 
 
-MAX_RUNGS = 100  # ASHA's rungs: log(1 / grace_fraction) / log(reduction_factor)
+MAX_RUNGS = 10_000  # ASHA's rungs: log(1 / grace_fraction) / log(reduction_factor)
 
 
 def _check_rungs(spec: SearchSpec, file: str) -> None:

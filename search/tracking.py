@@ -33,7 +33,7 @@ from iterhead.trainable import results as r
 DEFAULT_URI = "sqlite:///mlflow.db"
 SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")  # MLflow 3's stores
 MAX_METRICS, MAX_PARAMS, MAX_PARAM_CHARS = 1000, 100, 6000
-MLFLOW_TABLES = {"alembic_version", "experiments"}  # in every MLflow store, from its first schema on
+MLFLOW_TABLES = {"experiments", "runs"}  # in every MLflow store, those made before its migrations too
 RUNS_PAGE = 50_000  # the most runs one MLflow search returns (its SEARCH_MAX_RESULTS_THRESHOLD)
 
 
@@ -89,8 +89,9 @@ def is_sqlite(file: Path) -> bool:
 
 
 def sqlite_tables(file: Path) -> set[str] | None:
-    """The tables of the sqlite database `file`, read without writing to it; None where it cannot
-    be read now (locked by a writer, say), which is left for MLflow to report."""
+    """The tables of the sqlite database `file`, read through a read-only connection (which leaves
+    its tables and rows as they were; a WAL database may get its -wal and -shm files); None where
+    it cannot be read now (locked by a writer, say), which is left for MLflow to report."""
     try:
         with closing(sqlite3.connect(f"{file.resolve().as_uri()}?mode=ro", uri=True)) as db:
             return {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -99,14 +100,15 @@ def sqlite_tables(file: Path) -> set[str] | None:
 
 
 def sqlite_file(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI; None for other stores and in-memory ones. A query
-    (``?mode=rw``) is the driver's, not the file's: SQLAlchemy, which opens the store for MLflow,
-    ends the path at the first ``?`` (a ``#`` before it is part of the file's name, one after it of
-    the query)."""
+    """The database file of a ``sqlite:///`` URI, read as SQLAlchemy reads it when it opens the
+    store for MLflow (the path ends at the query, ``?mode=rw``, and ``%20`` is a space), so the
+    checks look at the file MLflow opens; None for other stores and in-memory ones."""
     if not uri.startswith("sqlite:///"):
         return None
-    path = uri[len("sqlite:///"):].partition("?")[0]
-    return None if path in ("", ":memory:") else Path(path)
+    from sqlalchemy.engine import make_url
+
+    path = make_url(uri).database
+    return None if path in (None, "", ":memory:") else Path(path)
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:

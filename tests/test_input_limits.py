@@ -46,7 +46,8 @@ CURRICULA = {  # the curriculum's change: what the line must say
     "target-below-the-slack": ({"target": {"task": "parity", "accuracy": 1e-13}}, "target.accuracy: "),
     # validate said ok; train failed in an allocation (a traceback, a FAILED run), or validate hung
     "model-past-any-memory": ({"model": {**PARITY_BASE["model"], "d_model": 10**12}}, "model: its weights"),
-    "layers-past-any-memory": ({"model": {**PARITY_BASE["model"], "n_layers": 10**8}}, "model: its weights"),
+    "layers-past-listing": ({"model": {**PARITY_BASE["model"], "d_model": 4, "n_heads": 1, "n_layers": 10**7}},
+                            "model.n_layers: "),  # small weights, but 9 module names a layer to list
     "mlp-past-int64": ({"model": {**PARITY_BASE["model"], "mlp_ratio": 10**20}}, "model: its weights"),
     "data-past-any-memory": ({"data": {**PARITY_BASE["data"], "train_per_len": 10**14}}, "data: its tokens"),
 }
@@ -158,8 +159,8 @@ def test_a_path_with_a_name_past_the_file_system_limit_exits_2(tmp_path, capsys,
 
 
 def test_a_query_in_a_sqlite_uri_is_no_part_of_the_store_file(tmp_path, capsys, monkeypatch):
-    """SQLAlchemy ends a sqlite path at the first '?': the checks on the store's file look at that
-    file, so a store is found, and a file that is no database is bad input, with a query too."""
+    """SQLAlchemy ends a sqlite path at the first '?' and decodes %xx: the checks on the store's file
+    look at that file, so a store is found, and a file that is no database is bad input."""
     from mlflow import MlflowClient
 
     from iterhead.search.folder import absolute_uri
@@ -176,6 +177,10 @@ def test_a_query_in_a_sqlite_uri_is_no_part_of_the_store_file(tmp_path, capsys, 
                             f"sqlite:///{tmp_path}/notes.db?timeout=20"])
     assert err.startswith("error: --tracking-uri: ") and "notes.db' is not a sqlite database" in err, err
     assert absolute_uri("sqlite:///e.db?timeout=20") == uri
+    MlflowClient(f"sqlite:///{tmp_path}/e b.db").create_experiment("e")  # SQLAlchemy decodes %20 as a space
+    capsys.readouterr()
+    assert "experiment 'e' holds no search" in error_of(capsys, ["export", "--experiment", "e", "--tracking-uri",
+                                                                 f"sqlite:///{tmp_path}/e%20b.db", "-o", "b.yaml"])
 
 
 @pytest.mark.parametrize("given", ["flag", "env"])
