@@ -91,14 +91,19 @@ def local_gpus() -> int:
     """NVIDIA GPUs this process may use, without importing torch (a bad spec must fail fast): the
     machine's (the driver's list, or the device files a container is given), at most as many as
     ``CUDA_VISIBLE_DEVICES`` names. The variable alone counted GPUs on a machine with none, and
-    every trial that asked for one failed three times."""
+    every trial that asked for one failed three times. Where it names MIG instances or UUIDs (a
+    GPU split in several), or under WSL2 (no such files; GPUs come through /dev/dxg), it is
+    taken as it is."""
     gpus = Path("/proc/driver/nvidia/gpus")
     present = max(len(list(gpus.iterdir())) if gpus.is_dir() else 0,
                   len([d for d in Path("/dev").glob("nvidia*") if d.name[len("nvidia"):].isdigit()]))
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
         return present
-    return min(present, len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"]))
+    named = [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+    if Path("/dev/dxg").exists() or not all(d.isdigit() for d in named):
+        return len(named)
+    return min(present, len(named))
 
 
 def check_resources(loaded: LoadedSearch, cpus: float, gpus: float, where: str) -> dict[str, float]:

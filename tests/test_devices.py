@@ -231,3 +231,5 @@ def test_cuda_visible_devices_counts_no_more_gpus_than_the_machine_has(monkeypat
     assert local_gpus() == present
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
     assert local_gpus() == 0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-a,MIG-b,MIG-c")  # instances of one GPU: Ray gives one a trial
+    assert local_gpus() == 3
