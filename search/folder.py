@@ -16,7 +16,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from iterhead.curricula.errors import ConfigError
 from iterhead.search.tracking import sqlite_file
@@ -86,6 +86,23 @@ def _rank(state_file: Path) -> tuple[bool, float]:
     return any(state_file.parent.glob("experiment_state-*.json")), mtime
 
 
+def _number(value: Any, none: bool = False) -> bool:
+    return (value is None and none) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+SAVED: dict[str, Callable[[Any], bool]] = {  # what a resume reads of a saved state, and what each must be
+    "parent_run_id": lambda v: isinstance(v, str), "uri": lambda v: isinstance(v, str),
+    "base": lambda v: isinstance(v, dict), "budget": lambda v: _number(v, none=True),
+    "smoke": lambda v: isinstance(v, bool), "penalty": _number,
+    "resources": lambda v: isinstance(v, dict) and set(v) <= {"cpu", "gpu"} and all(map(_number, v.values())),
+    "seeds": lambda v: v is None or isinstance(v, list) and all(isinstance(x, int) for x in v),
+    "precision": lambda v: v in ("fp32", "bf16", "auto"), "pbt": lambda v: isinstance(v, bool),
+    "share": lambda v: isinstance(v, bool), "keys": lambda v: isinstance(v, list),
+    "search_spec": lambda v: isinstance(v, dict),
+}
+REQUIRED = ("parent_run_id", "uri", "base", "budget", "smoke", "penalty")  # every search saved them
+
+
 def read_state(path: Path) -> dict[str, Any]:
     """The state a search saved in its folder; `ConfigError` naming the file where it does not read
     as one (cut short, edited, replaced by a folder), rather than a traceback. `search_folder`
@@ -101,8 +118,9 @@ def read_state(path: Path) -> dict[str, Any]:
     else:
         if not isinstance(state, dict):
             why = "not a JSON object"
-        elif missing := [k for k in ("parent_run_id", "uri") if not isinstance(state.get(k), str)]:
-            why = f"no {missing[0]!r} in it"
+        elif wrong := [k for k, fits in SAVED.items()
+                       if (k in REQUIRED and k not in state) or (k in state and not fits(state[k]))]:
+            why = f"{wrong[0]!r} " + ("missing" if wrong[0] not in state else f"is {state[wrong[0]]!r}")
         else:
             return state
     raise ConfigError(f"{path} does not read as a search's saved state ({why}), and that search may be the one "

@@ -90,7 +90,8 @@ def interrupted_search(started, uri: str):
     parent = client.create_run(exp, run_name="search:moved", tags={"iterhead.kind": "search"}).info.run_id
     folder = started / "runs" / "moved-20250101-000000"
     folder.mkdir(parents=True)
-    state = {"parent_run_id": parent, "uri": uri, "state": "running"}
+    state = {"parent_run_id": parent, "uri": uri, "state": "running", "base": PARITY_BASE, "budget": None,
+             "smoke": False, "penalty": 1e12}  # as a search saves it (`run.run_search`)
     (folder / "iterhead-search.json").write_text(json.dumps(state))
     (started / "base.yaml").write_text(yaml.safe_dump(PARITY_BASE))
     (started / "spec.yaml").write_text(yaml.safe_dump({
@@ -300,19 +301,26 @@ def test_a_resume_names_the_edits_it_will_not_train(tmp_path):
     assert list(spec_edits(load_search(spec), {"base": state["base"]})) == [str(tmp_path / "base.yaml")]
 
 
-@pytest.mark.parametrize("saved", ["{garbage", "[]", "{}", '{"parent_run_id": "p"}', None],
-                         ids=["not-json", "list", "empty", "no-uri", "folder"])
+@pytest.mark.parametrize("saved", ["{garbage", "[]", "{}", '{"parent_run_id": "p"}', None, "base", "resources"],
+                         ids=["not-json", "list", "empty", "no-uri", "folder", "no-base", "resources-of-text"])
 def test_a_resume_whose_saved_state_does_not_read_exits_2_before_ray(tmp_path, capsys, monkeypatch, saved):
     """A damaged iterhead-search.json was a traceback (JSONDecodeError, AttributeError, KeyError,
-    IsADirectoryError): one line naming the file and what to do instead, before Ray."""
+    IsADirectoryError, pydantic's ValidationError): one line naming the file and what to do
+    instead, before Ray."""
+    import json
+
     from iterhead.search import run
     from iterhead.search.cli import main
 
-    spec, _ = interrupted_search(tmp_path, f"sqlite:///{tmp_path}/mlflow.db")
+    spec, state = interrupted_search(tmp_path, f"sqlite:///{tmp_path}/mlflow.db")
     file = tmp_path / "runs" / "moved-20250101-000000" / "iterhead-search.json"
     if saved is None:
         file.unlink()
         file.mkdir()
+    elif saved in ("base", "resources"):  # a state that reads, less one field a resume uses, or with it wrong
+        edited = {k: v for k, v in state.items() if k != "base"} if saved == "base" else {**state, "resources": {
+            "cpu": "one"}}
+        file.write_text(json.dumps(edited))
     else:
         file.write_text(saved)
     monkeypatch.setattr(run, "start_ray", no_ray)  # a tripwire: the check must come first
