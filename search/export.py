@@ -243,20 +243,21 @@ def check_file(out: Path) -> None:
     check_own_file(out, f"# {EXPORTED} ", "an earlier iterhead export", "give a new file name")
 
 
-def check_own_file(out: Path, mark: str, what: str, instead: str) -> None:
-    """`ConfigError` on ``-o`` where `out` exists and is not a regular file whose first line starts
-    with `mark`: iterhead replaces only what it wrote itself (`export`, `iterhead report`), never
-    a file of the user's. `what` names the files it wrote; `instead`, the way out."""
+def check_own_file(out: Path, mark: str, what: str, instead: str, *older: str) -> None:
+    """`ConfigError` on ``-o`` where `out` exists and is not a regular file that starts with `mark`
+    (or with one of the `older` starts of files iterhead wrote before it had a mark): iterhead
+    replaces only what it wrote itself (`export`, `iterhead report`), never a file of the user's.
+    `what` names the files it wrote; `instead`, the way out."""
     if not out.exists() and not out.is_symlink():
         return
     if not out.is_file():  # a FIFO would block the read below; a folder or a dangling link is not ours
         raise ConfigError(f"{out} exists and is not a file; {instead}, or move it away first", field="-o")
     try:
         with out.open("rb") as f:
-            first = f.readline(200)
+            start = f.read(200)
     except OSError:
-        first = b""
-    if not first.startswith(mark.encode()):
+        start = b""
+    if not start.startswith(tuple(m.encode() for m in (mark, *older))):
         raise ConfigError(f"{out} exists and is not {what} (its first line is not '{mark}...'); {instead}, "
                           "or move the file away first", field="-o")
 

@@ -40,6 +40,7 @@ from iterhead.trainable.checkpoint import write_atomic
 
 REPORTED = "<!-- written by iterhead report"  # the first line of each file a report writes (`marked`)
 OUTPUTS = ("report.html", "medians.md")  # what a report writes in its folder -o
+UNMARKED_PAGE = '<!doctype html>\n<html><head><meta charset="utf-8"><title>iterhead: '  # before the mark
 
 
 def marked(text: str) -> str:
@@ -57,8 +58,13 @@ def check_outputs(out: Path) -> None:
     """`ConfigError` where any file the report would write in `out` exists and is not one an
     earlier report wrote: the user's own page or notes would be replaced for good. Every path is
     checked before any is written, so a refusal leaves the folder as it was."""
+    older = {name: () for name in OUTPUTS}  # what reports wrote before they marked their files
+    page = out / OUTPUTS[0]
+    if page.is_file() and page.read_bytes()[:len(UNMARKED_PAGE)] == UNMARKED_PAGE.encode():
+        older = {OUTPUTS[0]: (UNMARKED_PAGE,), OUTPUTS[1]: ("| ",)}  # the page, and the table beside it
     for name in OUTPUTS:
-        check_own_file(out / name, f"{REPORTED} ", "one that iterhead report wrote", "give another -o folder")
+        check_own_file(out / name, f"{REPORTED} ", "one that iterhead report wrote", "give another -o folder",
+                       *older[name])
 
 
 def trial_rows(client: Any, experiment: str, parent: str) -> tuple[list[str], list[dict[str, Any]]]:

@@ -205,12 +205,17 @@ def test_report_over_files_it_did_not_write_exits_2_and_writes_nothing(tmp_path,
 
 
 def test_report_replaces_the_files_an_earlier_report_wrote(tmp_path, capsys):
-    """Re-running a report is how it is brought up to date: its own files are replaced, and the
-    line that marks them is not part of the table the terminal shows."""
+    """Re-running a report is how it is brought up to date: its own files are replaced, those of a
+    report written before files were marked too, and the line that marks them is not part of the
+    table the terminal shows."""
     from iterhead.search.cli import main
+    from iterhead.search.page import UNMARKED_PAGE
 
     uri = store_with_a_reached_trial(tmp_path)
     rep = tmp_path / "rep"
+    rep.mkdir()
+    (rep / "report.html").write_text(UNMARKED_PAGE + "e</title></head><body></body></html>\n")
+    (rep / "medians.md").write_text("| trials | reached |\n|---|---|\n")
     for _ in range(2):
         assert main(["report", "--experiment", "e", "--tracking-uri", uri, "-o", str(rep)]) == 0
         for name in ("report.html", "medians.md"):
