@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     t.add_argument("--experiment", help="MLflow experiment (default: the curriculum's name)")
     t.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads, 1 to 1024 (default: torch's choice)")
     t.add_argument("--seeds", help="train these seeds (e.g. 0,1,2,3) together as one batched model, "
                                    "one MLflow run each, instead of the curriculum's seed")
     t.add_argument("--budget", type=float, default=None,

@@ -60,11 +60,17 @@ def check_outputs(out: Path) -> None:
     checked before any is written, so a refusal leaves the folder as it was."""
     older = {name: () for name in OUTPUTS}  # what reports wrote before they marked their files
     page = out / OUTPUTS[0]
-    if page.is_file() and page.read_bytes()[:len(UNMARKED_PAGE)] == UNMARKED_PAGE.encode():
+    if page.is_file() and _head(page, len(UNMARKED_PAGE)) == UNMARKED_PAGE.encode():
         older = {OUTPUTS[0]: (UNMARKED_PAGE,), OUTPUTS[1]: ("| ",)}  # the page, and the table beside it
     for name in OUTPUTS:
         check_own_file(out / name, f"{REPORTED} ", "one that iterhead report wrote", "give another -o folder",
                        *older[name])
+
+
+def _head(path: Path, n: int) -> bytes:
+    """The first `n` bytes of `path` (a page holds its figures: megabytes)."""
+    with path.open("rb") as f:
+        return f.read(n)
 
 
 def trial_rows(client: Any, experiment: str, parent: str) -> tuple[list[str], list[dict[str, Any]]]:
