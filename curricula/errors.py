@@ -6,6 +6,8 @@ import difflib
 import reprlib
 from typing import Iterable
 
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2  # the CLI's: bad input (a `ConfigError`) is 2
+
 
 class ConfigError(ValueError):
     """Bad user input. `str(err)` is one line: ``FILE: FIELD: what is wrong``.

@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from iterhead.curricula.errors import ConfigError
+from iterhead.curricula.errors import EXIT_OK, ConfigError
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
@@ -59,7 +59,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         skipped = not_applicable(cur.model.n_layers)
         if skipped:
             print(f"not run: {', '.join(skipped)} (they rewrite a layer this {cur.model.n_layers}-layer model lacks)")
-    return 0
+    return EXIT_OK
 
 
 def _load_checkpoint(file: Path, device: Any) -> list[dict[str, Any]]:

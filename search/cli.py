@@ -12,12 +12,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from iterhead.curricula.errors import ConfigError
+from iterhead.curricula.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ConfigError
 from iterhead.search.ablate import cmd_ablate
 from iterhead.search.endpoints import address_field, check_store, ray_address, uri_field
 from iterhead.search.signals import Terminated, sigterm_as_ctrl_c
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 # Whose exceptions are the tracking store's (unreachable server, locked or broken database): one
 # line and exit 1, not the client's traceback through its retries.
 STORE_MODULES = ("mlflow.", "sqlalchemy.", "sqlite3")

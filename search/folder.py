@@ -246,7 +246,7 @@ def spec_edits(loaded: LoadedSearch, state: dict[str, Any]) -> dict[str, list[st
     """Per file, the fields that differ from what the search began with (a search begun by an
     earlier version saved its base only). A resume trains what it began with, so an edit made
     for the resume would otherwise be dropped without a word."""
-    out = {str(loaded.base_path): _differ(state.get("base", {}), loaded.base.model_dump(mode="json"))}
+    out = {str(loaded.base_path): _differ(state["base"], loaded.base.model_dump(mode="json"))}  # `REQUIRED`
     if "search_spec" in state:
         out[str(loaded.path)] = [f for f in _differ(state["search_spec"], loaded.spec.model_dump(mode="json"))
                                  if f not in RESUME_READS]
