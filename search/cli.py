@@ -238,17 +238,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def existing_store(tracking_uri: str | None):
     """A client of a tracking store that must already exist (for commands that read one)."""
-    from iterhead.search.tracking import resolve_uri, sqlite_file, sqlite_tables
+    from iterhead.search.tracking import resolve_uri
 
-    uri, field = resolve_uri(tracking_uri), uri_field(tracking_uri)
-    file = sqlite_file(uri)
-    if uri.startswith("sqlite:///") and (file is None or not file.is_file()):  # an in-memory store holds nothing
-        raise ConfigError(f"no tracking store at {uri}", field=field)
-    if file is not None and file.stat().st_size == 0:  # MLflow would write its tables into it
-        raise ConfigError(f"{file} is an empty file, not a tracking store", field=field)
-    if file is not None and sqlite_tables(file) == set():  # likewise
-        raise ConfigError(f"{file} is a database without tables, not a tracking store", field=field)
-    check_store(uri, field)
+    uri = resolve_uri(tracking_uri, must_exist=True)
+    check_store(uri, uri_field(tracking_uri))
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a few small artifacts
     from mlflow import MlflowClient
 

@@ -56,8 +56,9 @@ def all_runs(client: Any, experiment_id: str, filter_string: str, page: int | No
                                                           max_results=n, page_token=token), page or RUNS_PAGE)
 
 
-def resolve_uri(uri: str | None) -> str:
-    """The tracking URI to use, checked: `ConfigError` for one MLflow cannot use."""
+def resolve_uri(uri: str | None, must_exist: bool = False) -> str:
+    """The tracking URI to use, checked: `ConfigError` for one MLflow cannot use, and with
+    `must_exist` (commands that only read a store) for a sqlite file that holds no store yet."""
     field = uri_field(uri)
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
     scheme = uri.split(":", 1)[0].split("+", 1)[0] if ":" in uri else uri  # `databricks` alone
@@ -79,6 +80,13 @@ def resolve_uri(uri: str | None) -> str:
         shown = ", ".join(repr(t) for t in sorted(tables)[:3]) + (", ..." if len(tables) > 3 else "")
         raise ConfigError(f"{str(file)!r} is a sqlite database of other tables ({shown}), not an MLflow store; "
                           "name an MLflow store's .db file, or a new one", field=field)
+    if must_exist and file is not None:  # MLflow would make a new, empty store there, or write into it
+        if not file.is_file():
+            raise ConfigError(f"no tracking store at {uri}", field=field)
+        if file.stat().st_size == 0:
+            raise ConfigError(f"{file} is an empty file, not a tracking store", field=field)
+        if tables == set():
+            raise ConfigError(f"{file} is a database without tables, not a tracking store", field=field)
     return uri
 
 
