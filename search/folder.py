@@ -164,8 +164,12 @@ def absolute_uri(uri: str) -> str:
     """`uri` with a relative sqlite path made absolute: a search resumed from another folder
     then still names its own store, not a new one in that folder."""
     file = sqlite_file(uri)
+    if file is None or file.is_absolute():
+        return uri
     _, mark, query = uri.partition("?")  # the driver's options (``?mode=rw``) stay as given
-    return f"sqlite:///{file.resolve()}{mark}{query}" if file is not None and not file.is_absolute() else uri
+    # the path as SQLAlchemy decodes it again: '%' escapes, '?' would start the query, '#' a fragment
+    path = str(file.resolve()).replace("%", "%25").replace("?", "%3F").replace("#", "%23")
+    return f"sqlite:///{path}{mark}{query}"
 
 
 def check_parent_run(uri: str, state: dict[str, Any]) -> None:

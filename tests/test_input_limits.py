@@ -164,6 +164,7 @@ def test_a_query_in_a_sqlite_uri_is_no_part_of_the_store_file(tmp_path, capsys, 
     from mlflow import MlflowClient
 
     from iterhead.search.folder import absolute_uri
+    from iterhead.search.tracking import sqlite_file
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -181,6 +182,8 @@ def test_a_query_in_a_sqlite_uri_is_no_part_of_the_store_file(tmp_path, capsys, 
     capsys.readouterr()
     assert "experiment 'e' holds no search" in error_of(capsys, ["export", "--experiment", "e", "--tracking-uri",
                                                                  f"sqlite:///{tmp_path}/e%20b.db", "-o", "b.yaml"])
+    for name in ("a%2541.db", "a%3Fb.db", "a%23b.db"):  # made absolute, the URI names the same file again
+        assert sqlite_file(absolute_uri(f"sqlite:///{name}?timeout=20")) == sqlite_file(f"sqlite:///{name}").resolve()
 
 
 @pytest.mark.parametrize("given", ["flag", "env"])
