@@ -39,12 +39,13 @@ def ray_address(address: str | None, field: str) -> str | None:
         raise ConfigError(f"{address!r}: give the HOST:PORT of the cluster's head (its GCS port, 6379 by "
                           "default) or auto; Ray Client (ray://) and HTTP addresses are not used", field=field)
     if address == "auto":
-        from ray._private.utils import read_ray_address
+        from ray._private.utils import get_ray_address_file, read_ray_address
 
         address = read_ray_address() or ""
-        if not address:
-            raise ConfigError("auto: no cluster started with `ray start` is recorded on this machine; give the "
-                              "HOST:PORT of the cluster's head", field=field)
+        if not address:  # `ray start --temp-dir DIR` records its cluster in DIR, where no `auto` looks
+            raise ConfigError(f"auto: no cluster started with `ray start` is recorded on this machine (in "
+                              f"{get_ray_address_file(None)}; one started with --temp-dir is recorded in that "
+                              "folder instead); give the HOST:PORT of the cluster's head", field=field)
     host, _, port = address.rpartition(":")
     host = host.strip("[]")  # an IPv6 host, [::1]:6379
     if not host or not port.isdigit() or not 0 < int(port) < 65536:

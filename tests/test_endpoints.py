@@ -68,8 +68,9 @@ def test_local_is_the_embedded_ray_and_auto_is_only_a_recorded_cluster(monkeypat
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
     recorded = get_ray_address_file(None)
     assert recorded.startswith(str(tmp_path)) and not os.path.exists(recorded)
-    with pytest.raises(ConfigError, match="no cluster started with `ray start` is recorded"):
+    with pytest.raises(ConfigError, match="no cluster started with `ray start` is recorded") as err:
         ray_address("auto", "--address")
+    assert f"(in {recorded};" in str(err.value)  # where it looked: `ray start --temp-dir` records elsewhere
     head = ray_local.get_runtime_context().gcs_address  # this module's local Ray, as `ray start` records one
     os.makedirs(os.path.dirname(recorded), exist_ok=True)
     with open(recorded, "w") as f:
