@@ -149,6 +149,11 @@ def quiet_libraries() -> None:
     tune_log = logging.getLogger("ray.tune.tune")
     if _not_tune_resume_hint not in tune_log.filters:
         tune_log.addFilter(_not_tune_resume_hint)
+    # Tune's traceback of a trial whose drawn values make an invalid curriculum: the callback
+    # has said so in one line, with the reason; other failures keep their traceback
+    controller = logging.getLogger("ray.tune.execution.tune_controller")
+    if _not_invalid_trial_traceback not in controller.filters:
+        controller.addFilter(_not_invalid_trial_traceback)
 
 
 def _not_auth_on_notice(record: logging.LogRecord) -> bool:
@@ -157,6 +162,11 @@ def _not_auth_on_notice(record: logging.LogRecord) -> bool:
 
 def _not_tune_resume_hint(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Experiment has been interrupted, but the most recent state was saved")
+
+
+def _not_invalid_trial_traceback(record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not (isinstance(error, ConfigError) and record.getMessage().startswith("Trial task failed"))
 
 
 def start_ray(opts: SearchOptions) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 
 import pytest
 import yaml
@@ -122,8 +123,22 @@ def odd_search(request, ray_local, tmp_path_factory):
                  resources={"cpu": 1}, **extra)
     uri = f"sqlite:///{folder}/mlflow.db"
     out = io.StringIO()
-    rows = run_search(load_search(path), SearchOptions(uri=uri, storage_path=str(folder / "runs")), out=out)
-    return rows, MlflowClient(uri), folder, out.getvalue(), request.param
+    tune_log, shown = logging.getLogger("ray.tune.execution.tune_controller"), _Kept()
+    tune_log.addHandler(shown)  # gets what passes the logger's filters, as the terminal's handler does
+    try:
+        rows = run_search(load_search(path), SearchOptions(uri=uri, storage_path=str(folder / "runs")), out=out)
+    finally:
+        tune_log.removeHandler(shown)
+    return rows, MlflowClient(uri), folder, out.getvalue() + "".join(shown.lines), request.param
+
+
+class _Kept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(logging.Formatter().format(record) + "\n")
 
 
 def test_invalid_trial_fails_alone_and_the_search_finishes(odd_search):
@@ -133,6 +148,7 @@ def test_invalid_trial_fails_alone_and_the_search_finishes(odd_search):
     assert by_value[31]["status"] == "ERROR" and by_value[32]["status"] == "TERMINATED"
     assert (f"trial {by_value[31]['trial_id']} FAILED (its sampled values make an invalid curriculum: "
             "model.d_model: d_model (31) must be divisible by n_heads (2))") in out
+    assert "Trial task failed" not in out and "Traceback" not in out  # the one line above says it all
     summary = out[out.index("reached the target"):]
     assert any(line.split(" | ")[0].strip() == by_value[31]["trial_id"] and line.endswith("| failed")
                for line in summary.splitlines())  # not a NaN passed off as a censored compute
