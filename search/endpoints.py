@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import urllib.parse
 import urllib.request
 
@@ -48,41 +49,89 @@ def ray_address(address: str | None, field: str) -> str | None:
                               "folder instead); give the HOST:PORT of the cluster's head", field=field)
     host, _, port = address.rpartition(":")
     host = host.strip("[]")  # an IPv6 host, [::1]:6379
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ConfigError(f"{address!r} is not HOST:PORT (the cluster head's GCS port, 6379 by default) or auto",
                           field=field)
     try:
-        grpc = _answers_grpc(host, int(port))
+        answer = _grpc_answer(host, int(port))
     except OSError as err:
         raise ConfigError(f"nothing answers at {address} ({err.strerror or type(err).__name__}); is the cluster's "
                           "head up, and is this its GCS port (6379 by default)?", field=field) from None
-    if not grpc:
+    except UnicodeError:  # the host name cannot be looked up at all: an empty label (a..b), bytes that are not text
+        raise ConfigError(f"{address!r}: {host!r} is not a host name; give the HOST:PORT of the cluster's head",
+                          field=field) from None
+    if answer == "none":
         raise ConfigError(f"something answers at {address}, but not as a Ray cluster's head (no gRPC there: a "
                           "dashboard's port is not it); give the head's GCS port (6379 by default)", field=field)
+    if answer == "other":
+        raise ConfigError(f"a gRPC server answers at {address}, but not a Ray cluster head's GCS (a Ray Client "
+                          "server, 10001 by default, or another of a node's ports): iterhead joins as a driver, "
+                          "not through Ray Client; give the head's GCS port (6379 by default)", field=field)
     return address
 
 
-H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # and an empty SETTINGS frame
-H2_SETTINGS = 4  # the frame type a gRPC server answers the preface with
+def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    """One HTTP/2 frame: length, type, flags, stream id, payload."""
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
 
 
-def _answers_grpc(host: str, port: int) -> bool:
-    """Whether the server at host:port accepts a connection (`OSError` if not) and answers an
-    HTTP/2 preface with a SETTINGS frame, as a head's GCS (a gRPC server) does at once. Anything
-    else there (a dashboard, a web server, a silent port) made `ray.init` retry for minutes.
-    With ``RAY_USE_TLS`` the GCS speaks TLS first, so only the connection is checked."""
+def _literal(name_index: int, value: str) -> bytes:
+    """An HPACK header field, not indexed, its name from the static table (index < 15), its value plain."""
+    data = value.encode()
+    return bytes([name_index, len(data)]) + data
+
+
+SETTINGS, HEADERS, DATA, RST_STREAM, GOAWAY, CONTINUATION = 4, 1, 0, 3, 7, 9  # HTTP/2 frame types
+END_STREAM, END_HEADERS, ACK = 1, 4, 1
+GCS_METHOD = "/ray.rpc.NodeInfoGcsService/GetClusterId"  # what `ray.init` asks a head first, 20 times
+UNIMPLEMENTED = b"\x0bgrpc-status\x0212"  # grpc-status 12 as gRPC's C core writes it (a literal, not Huffman)
+MAX_ANSWER = 2**20  # bytes read at most: an answer to one call is far smaller
+
+
+def _call(host: str, port: int) -> bytes:
+    """The client preface, an empty SETTINGS frame, and a gRPC call of `GCS_METHOD` with an empty request."""
+    fields = (b"\x83\x86" + _literal(4, GCS_METHOD) + _literal(1, f"{host}:{port}")  # POST, http, :path, :authority
+              + b"\x0f\x10" + bytes([16]) + b"application/grpc" + b"\x00\x02te\x08trailers")  # content-type, te
+    return (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(SETTINGS, 0, 0) + _frame(HEADERS, END_HEADERS, 1, fields)
+            + _frame(DATA, END_STREAM, 1, bytes(5)))
+
+
+def _grpc_answer(host: str, port: int) -> str:
+    """How the server at host:port answers (`OSError` if it accepts no connection): ``none`` where it
+    does not answer an HTTP/2 preface with a SETTINGS frame (a dashboard, a web server, a silent
+    port), ``other`` where it is a gRPC server without the GCS's `GCS_METHOD` (a Ray Client server
+    or a raylet answers 12, UNIMPLEMENTED), else ``gcs``. A head's GCS answers the call (or refuses
+    it without a token: 16); `ray.init` at either of the first two retried for 20 s to minutes, and
+    printed a line a retry. With ``RAY_USE_TLS`` the GCS speaks TLS first, so only the connection
+    is checked. An answer that does not come in time, or does not read, counts as the GCS's."""
     with socket.create_connection((host, port), timeout=ANSWER_S) as conn:
         if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
-            return True
-        conn.settimeout(ANSWER_S)
-        head = b""
+            return "gcs"
+        deadline = time.monotonic() + ANSWER_S
+        data, block, first = b"", b"", True
         try:
-            conn.sendall(H2_PREFACE)
-            while len(head) < 9 and (chunk := conn.recv(9 - len(head))):
-                head += chunk
-        except OSError:  # reset or silent: no gRPC server
-            return False
-        return len(head) == 9 and head[3] == H2_SETTINGS
+            conn.sendall(_call(host, port))
+            while len(data) < MAX_ANSWER and (left := deadline - time.monotonic()) > 0:
+                conn.settimeout(left)
+                if not (chunk := conn.recv(65536)):
+                    break
+                data += chunk
+                if first and len(data) >= 9 and data[3] != SETTINGS:  # HTTP/1, say
+                    return "none"
+                while len(data) >= 9 and len(data) >= 9 + (size := int.from_bytes(data[:3], "big")):
+                    kind, flags, stream, payload = data[3], data[4], int.from_bytes(data[5:9], "big"), data[9:9 + size]
+                    data, first = data[9 + size:], False
+                    if kind == SETTINGS and not flags & ACK:
+                        conn.sendall(_frame(SETTINGS, ACK, 0))
+                    if stream == 1 and kind in (HEADERS, CONTINUATION):
+                        block += payload
+                        if kind == HEADERS and flags & END_STREAM:
+                            return "other" if UNIMPLEMENTED in block else "gcs"
+                    if kind in (RST_STREAM, GOAWAY):
+                        return "gcs"
+        except OSError:  # reset or silent: no gRPC server, unless it said SETTINGS first
+            pass
+        return "none" if first else "gcs"
 
 
 def check_store(uri: str, field: str) -> None:

@@ -41,7 +41,8 @@ def one_error(capsys) -> str:
 @pytest.mark.parametrize("address, words", [
     ("foo", "is not HOST:PORT"), ("127.0.0.1", "is not HOST:PORT"), ("127.0.0.1:99999", "is not HOST:PORT"),
     ("ray://127.0.0.1:10001", "Ray Client (ray://)"), ("http://127.0.0.1:8265", "Ray Client (ray://)"),
-    (None, "nothing answers at 127.0.0.1:"),
+    (None, "nothing answers at 127.0.0.1:"), ("127.0.0.1:\u00b2", "is not HOST:PORT"),  # int() fails on a superscript
+    ("a..b:6379", "'a..b' is not a host name"), ("a\udcffb:6379", "is not a host name"),  # the idna codec fails
 ])
 def test_a_ray_address_that_cannot_work_exits_2_before_anything_is_made(spec, capsys, address, words):
     uri = f"sqlite:///{spec.parent}/mlflow.db"
@@ -181,3 +182,20 @@ def test_an_address_where_something_else_answers_exits_2_and_a_ray_head_passes(s
         close()
     gcs = ray.get_runtime_context().gcs_address
     assert ray_address(gcs, "--address") == gcs
+
+
+def test_a_grpc_server_that_is_no_gcs_exits_2_at_once(spec, capsys, ray_local):
+    """A Ray Client server (port 10001, given without ray://) or a raylet's port speaks gRPC without the
+    GCS's methods: `ray.init` asked it for the cluster id 20 times, a second and a log line each, then
+    failed, after the store and the folder were made. This module's raylet stands in for a Ray Client
+    server: both answer the GCS's first call with UNIMPLEMENTED (seen with Ray 2.60)."""
+    import time
+
+    node = next(n for n in ray_local.nodes() if n["Alive"])
+    address = f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}"
+    start = time.monotonic()
+    assert main(["search", str(spec), "--tracking-uri", f"sqlite:///{spec.parent}/mlflow.db", "--address", address]) == 2
+    err = one_error(capsys)
+    assert err.startswith(f"error: --address: a gRPC server answers at {address}, but not a Ray cluster head's GCS"), err
+    assert "GCS port (6379 by default)" in err and time.monotonic() - start < 5
+    assert sorted(p.name for p in spec.parent.iterdir()) == ["base.yaml", "spec.yaml"]
