@@ -22,6 +22,7 @@ SMALL = ROOT / "examples" / "poly_then_parity_small.yaml"
     ("auto", False, 0, "cpu"),
     ("auto", True, 2, "cuda"),
     ("cpu", True, 2, "cpu"),
+    ("cpu:0", False, 0, "cpu"),  # the same device, recorded as cpu
     ("cuda", True, 1, "cuda"),
     ("cuda:0", True, 1, "cuda:0"),
     ("cuda:1", True, 2, "cuda:1"),
@@ -46,6 +47,20 @@ def test_cuda_without_cuda_is_an_error(name):
 def test_a_name_that_is_no_device_is_an_error(name):
     with pytest.raises(ValueError, match="auto, cpu, cuda or cuda:N"):
         pick_device(name, True, 1)
+
+
+@pytest.mark.parametrize("name", ["cpu:1", "cpu:7"])
+def test_a_cpu_index_past_0_is_an_error(tmp_path, capsys, monkeypatch, no_workspace, name):
+    """torch accepted cpu:1, trained on the one CPU device with every core, and the run recorded cpu:1."""
+    monkeypatch.setenv(devices.ONEDNN_CACHE_ENV, "")  # train's prepare_env sets it: restored after the test
+    monkeypatch.delenv(devices.ONEDNN_CACHE_ENV)
+    with pytest.raises(ValueError, match="torch has one CPU device, cpu"):
+        pick_device(name, False, 0)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(SMALL), "--device", name]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --device: {name!r} is not a device: torch has one"), err
+    assert list(tmp_path.iterdir()) == []  # nothing started
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")

@@ -38,8 +38,9 @@ def pick_device(name: str, cuda_available: bool, device_count: int) -> torch.dev
     """The device `name` (auto, cpu, cuda, cuda:N) means where CUDA reports these values.
 
     ``auto`` is CUDA when there is a device, else the CPU. Asking for CUDA without it raises
-    `RuntimeError`; a name that is no device, or a CUDA index past the visible devices,
-    raises `ValueError` (at once, not at the first tensor moved there).
+    `RuntimeError`; a name that is no device, a CUDA index past the visible devices, or a CPU
+    index past 0 (torch would train on the one CPU device and record ``cpu:1``), raises
+    `ValueError` (at once, not at the first tensor moved there).
     """
     if name == "auto":
         return torch.device("cuda" if cuda_available and device_count > 0 else "cpu")
@@ -47,8 +48,11 @@ def pick_device(name: str, cuda_available: bool, device_count: int) -> torch.dev
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"{name!r} is not a device; use {DEVICE_CHOICES}") from None
-    if device.type == "cpu":
-        return device
+    if device.type == "cpu":  # torch accepts cpu:1 and trains on the one CPU device, cores and all
+        if device.index:
+            raise ValueError(f"{name!r} is not a device: torch has one CPU device, cpu, which runs on all the "
+                             f"cores its threads may use (train's --threads sets how many); use {DEVICE_CHOICES}")
+        return torch.device("cpu")  # cpu:0 is the same device, recorded as cpu
     if device.type != "cuda":
         raise ValueError(f"{name!r} is not a device iterhead trains on; use {DEVICE_CHOICES}")
     if not cuda_available or device_count < 1:
