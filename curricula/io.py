@@ -22,7 +22,37 @@ from iterhead.curricula.tasks import KINDS
 
 
 class _StrictSafeLoader(yaml.SafeLoader):
-    """A safe loader that refuses duplicate mapping keys."""
+    """A safe loader that refuses duplicate mapping keys, and turns a value its tag cannot read into
+    a marked error (PyYAML let ``!!int abc`` or ``2020-13-45``, a date to YAML 1.1, escape as a
+    Python exception: a traceback)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.tagged: set[int] = set()  # the ids of scalar nodes written with a tag (!!int "90")
+
+    def compose_scalar_node(self, anchor: str | None) -> yaml.ScalarNode:
+        tag = self.peek_event().tag
+        node = super().compose_scalar_node(anchor)
+        if tag not in (None, "!"):
+            self.tagged.add(id(node))
+        return node
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, LookupError, AttributeError, TypeError) as err:
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            if not isinstance(node, yaml.ScalarNode):
+                what = f"a {'sequence' if isinstance(node, yaml.SequenceNode) else 'mapping'} tagged {tag}"
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{what} does not read as one; write it without the tag", node.start_mark) from None
+            why = f" ({err})" if tag == "!!timestamp" and str(err) else ""  # month must be in 1..12; not int()'s
+            if id(node) in self.tagged:
+                problem = f"{tag} {shown(node.value)} is not a value of its tag{why}; write the value without the tag"
+            else:  # resolved from how it looks, as YAML 1.1 does: 2020-13-45 is a date
+                kind = {"!!timestamp": "a date", "!!int": "an integer"}.get(tag, f"a {tag.removeprefix('!!')}")
+                problem = f"{shown(node.value)} reads as {kind} in YAML 1.1 but is none{why}; quote it for text"
+            raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
 
 
 MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -53,15 +83,22 @@ _StrictSafeLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOA
 
 def _no_base_60(kind: str):
     """YAML 1.1 reads ``1:30`` as the base-60 number 90 (YAML 1.2 as text): a `batch_size: 1:00`
-    trained at 60 without a word. Such a value is refused, with its line."""
+    trained at 60 without a word. Such a value is refused, with its line; so is ``!!int "1:30"``,
+    which is 90 to YAML 1.1 (quotes do not change what a tag reads) and no int at all to YAML 1.2:
+    there, quoting is no way out, so the message does not offer it."""
     construct = yaml.SafeLoader.yaml_constructors[f"tag:yaml.org,2002:{kind}"]
 
     def refuse_base_60(loader: _StrictSafeLoader, node: yaml.ScalarNode) -> Any:
-        if ":" in str(node.value):
-            raise yaml.constructor.ConstructorError(
-                None, None, f"{node.value} is a base-60 number in YAML 1.1 ({construct(loader, node)}); write the "
-                "number itself, or quote it for text", node.start_mark)
-        return construct(loader, node)
+        if ":" not in str(node.value):
+            return construct(loader, node)
+        value = construct(loader, node)
+        if id(node) in loader.tagged:  # quoting keeps the tag's reading: only the number itself will do
+            problem = (f"!!{kind} {shown(node.value)} is a base-60 number in YAML 1.1 ({value}) and no number in "
+                       f"YAML 1.2; write the number itself, without the tag")
+        else:
+            problem = (f"{node.value} is a base-60 number in YAML 1.1 ({value}); write the number itself, or quote it "
+                       "for text")
+        raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark)
     return refuse_base_60
 
 

@@ -54,3 +54,39 @@ def test_base_60_numbers_are_refused_with_their_line(value: str, reads: str) -> 
     with pytest.raises(ConfigError, match=f"line 2, column 13: {value} is a base-60 number in YAML 1.1 \\({reads}\\)"):
         parse_yaml_mapping(f"name: x\nbatch_size: {value}\n")
     assert parse_yaml_mapping("a: '1:00'\nb: 10:00:00 text\n") == {"a": "1:00", "b": "10:00:00 text"}
+
+
+@pytest.mark.parametrize("value, shown, reads", [('!!int "1:30"', "!!int '1:30'", "90"),
+                                                 ("!!int 1:30", "!!int '1:30'", "90"),
+                                                 ("!!float '1:30.5'", "!!float '1:30.5'", "90.5")])
+def test_a_tagged_base_60_number_is_refused_without_a_hint_to_quote_it(value: str, shown: str, reads: str) -> None:
+    """`!!int "1:30"` is 90 to YAML 1.1 (quotes do not change what a tag reads) and no int to YAML 1.2:
+    it is refused as the plain `1:30` is, but the message told the user to quote what was quoted."""
+    from iterhead.curricula.io import parse_yaml_mapping
+
+    with pytest.raises(ConfigError) as err:
+        parse_yaml_mapping(f"name: x\nbatch_size: {value}\n")
+    assert (f"line 2, column 13: {shown} is a base-60 number in YAML 1.1 ({reads}) and no number in YAML 1.2; "
+            "write the number itself, without the tag") in str(err.value)
+    assert "quote" not in str(err.value)
+
+
+@pytest.mark.parametrize("value, words", [
+    ('!!int "abc"', "!!int 'abc' is not a value of its tag; write the value without the tag"),
+    ('!!int ""', "!!int '' is not a value of its tag"), ("!!int 0b", "!!int '0b' is not a value of its tag"),
+    ('!!float "0x1"', "!!float '0x1' is not a value of its tag"), ("!!bool maybe", "!!bool 'maybe' is not"),
+    ("!!timestamp 2020-13-01", "(month must be in 1..12); write the value without the tag"),
+    ("!!map [1]", "a sequence tagged !!map does not read as one"),
+    ("2020-13-45", "'2020-13-45' reads as a date in YAML 1.1 but is none (month must be in 1..12); quote it"),
+    ("0x_", "'0x_' reads as an integer in YAML 1.1 but is none; quote it for text"),
+])
+def test_a_value_its_tag_cannot_read_is_one_line_with_its_line(tmp_path: Path, capsys, value: str, words: str) -> None:
+    """PyYAML let these escape as ValueError, KeyError, IndexError or AttributeError: a traceback from
+    `validate`, where a `name: 2020-13-45` (a date to YAML 1.1) is an easy thing to write."""
+    from iterhead.search.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(EXAMPLE_TEXT.replace("seed: 0\n", f"seed: {value}\n"))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {path}: YAML error at line ") and words in err, err
