@@ -32,7 +32,14 @@ class ConfigError(ValueError):
 
     def __str__(self) -> str:
         parts = [p for p in (self.file, self.field) if p]
-        return ": ".join(parts + [self.message])
+        return printable(": ".join(parts + [self.message]))
+
+
+def printable(text: str) -> str:
+    """`text` with the bytes that are not UTF-8 (Python reads them in a path or an argument as lone
+    surrogates) written as escapes, ``\\udcff``: a stream that encodes strictly, as stdout does in
+    most UTF-8 locales, raised on them after the work was done, a traceback."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _short_repr() -> reprlib.Repr:
@@ -85,3 +92,15 @@ def unknown(what: str, given: object, choices: Iterable[object], *,
     name that is not among the valid ones."""
     hint = suggest(given, choices, listing=listing)
     return f"unknown {what} {shown(given)}" + (f"; {hint}" if hint else "")
+
+
+def not_utf8(text: str) -> str | None:
+    """The first byte of `text` that is not UTF-8, as ``0xNN``, else None. Python reads such bytes in a
+    command's arguments and file names as lone surrogates, which every UTF-8 encoder (MLflow's
+    store, a log, a YAML file) refuses later, after work has begun."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        return f"0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+    return None

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from iterhead.curricula.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ConfigError
+from iterhead.curricula.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ConfigError, not_utf8, printable, shown
 from iterhead.search.ablate import cmd_ablate
 from iterhead.search.endpoints import address_field, check_store, ray_address, uri_field
 from iterhead.search.signals import Terminated, sigterm_as_ctrl_c
@@ -120,7 +120,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"error: {err}", file=sys.stderr)
             bad += 1
             continue
-        print(f"ok: {file}: {describe(obj)}")
+        print(printable(f"ok: {file}: {describe(obj)}"))
     return EXIT_BAD_INPUT if bad else EXIT_OK
 
 
@@ -148,6 +148,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     wrong_kind(args.curriculum, want_search=False)
     cur = load_curriculum(args.curriculum)
+    recorded_path(args.curriculum)
     uri = resolve_uri(args.tracking_uri)
     heartbeat_every()  # checked before the run is made, not once it trains
     if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:  # torch starts them all: 100,000 ran
@@ -219,6 +220,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     wrong_kind(args.spec, want_search=True)
     loaded = load_search(args.spec)
+    recorded_path(args.spec)
     uri = resolve_uri(args.tracking_uri)
     heartbeat_every()  # checked before the parent run is made and Ray starts
     if args.num_cpus is not None and args.num_cpus < 1:
@@ -266,7 +268,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"error: cannot write {args.out}: {err.strerror or err}", file=sys.stderr)
         return EXIT_FAILED
     for path in paths:
-        print(f"wrote {path}")
+        print(printable(f"wrote {path}"))
     return EXIT_OK
 
 
@@ -276,7 +278,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     page = build(client, args.experiment, Path(args.out), args.parent_run)
     print(unmarked((page.parent / "medians.md").read_text()))
-    print(f"wrote {page} and medians.md beside it (and the figures on the search's parent run, under report/)")
+    print(printable(f"wrote {page} and medians.md beside it (and the figures on the search's parent run, "
+                    "under report/)"))
     return EXIT_OK
 
 
@@ -302,9 +305,43 @@ COMMANDS = {"validate": cmd_validate, "train": cmd_train, "search": cmd_search, 
             "report": cmd_report, "ablate": cmd_ablate, "reconcile": cmd_reconcile}
 
 
+# An empty value was taken for the option's default (`x or default`), or for the current folder
+# (Path("") is "."): each is refused, naming what to give instead.
+NOT_EMPTY = {
+    "address": ("--address", "give the HOST:PORT of the cluster's head, or leave the option out for $RAY_ADDRESS "
+                             "or a new local Ray"),
+    "storage_path": ("--storage-path", "give a folder, or leave the option out for ./ray_results"),
+    "checkpoint": ("--checkpoint", "give a trial's checkpoint folder"),
+    "out": ("-o", "give the file or folder to write"),
+}
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse an empty value where one silently meant a default, and an experiment name that is not
+    UTF-8 text (MLflow failed on it with a store error, exit 1)."""
+    for dest, (flag, hint) in NOT_EMPTY.items():
+        value = getattr(args, dest, None)
+        if value is not None and not value.strip():
+            raise ConfigError(f"{value!r} is empty; {hint}", field=flag)
+    names = getattr(args, "experiment", None)
+    for name in names if isinstance(names, list) else [names]:
+        if name is not None and (byte := not_utf8(name)):
+            raise ConfigError(f"{shown(name)} holds the byte {byte}, which is not UTF-8 text; name the experiment "
+                              "in UTF-8", field="--experiment")
+
+
+def recorded_path(file: str) -> None:
+    """A curriculum or spec whose absolute path MLflow records must be UTF-8 text: its store failed on
+    other bytes after the experiment was made (exit 1, naming the store)."""
+    if byte := not_utf8(str(Path(file).resolve())):
+        raise ConfigError(f"its path holds the byte {byte}, which is not UTF-8 text, and the run records it; "
+                          "rename the file (or the folder that holds it)", file=file)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        check_arguments(args)
         return COMMANDS[args.command](args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

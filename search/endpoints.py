@@ -171,6 +171,8 @@ def _check_server(uri: str, field: str) -> None:
         return
     try:
         socket.create_connection((parts.hostname, port), timeout=ANSWER_S).close()
+    except UnicodeError:  # the idna codec: an empty label (a..b), a label past 63 characters
+        raise ConfigError(f"{_without_login(uri)!r}: {parts.hostname!r} is not a host name", field=field) from None
     except OSError as err:
         raise ConfigError(f"no tracking server answers at {_without_login(uri)} ({err.strerror or err}); start it "
                           "(mlflow_server/start.sh) or fix the URI", field=field) from None

@@ -26,7 +26,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any, Callable
 
-from iterhead.curricula.errors import ConfigError
+from iterhead.curricula.errors import ConfigError, not_utf8, shown
 from iterhead.search.endpoints import uri_field
 from iterhead.trainable import results as r
 
@@ -60,7 +60,13 @@ def resolve_uri(uri: str | None, must_exist: bool = False) -> str:
     """The tracking URI to use, checked: `ConfigError` for one MLflow cannot use, and with
     `must_exist` (commands that only read a store) for a sqlite file that holds no store yet."""
     field = uri_field(uri)
+    if uri is not None and not uri.strip():  # `uri or ...` below took it for the default
+        raise ConfigError(f"{uri!r} is empty; give a tracking URI, or leave the option out for "
+                          f"$MLFLOW_TRACKING_URI or {DEFAULT_URI}", field="--tracking-uri")
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if byte := not_utf8(uri):  # MLflow failed on it after the run began, or in a traceback
+        raise ConfigError(f"{shown(uri)} holds the byte {byte}, which is not UTF-8 text; give a URI in UTF-8",
+                          field=field)
     scheme = uri.split(":", 1)[0].split("+", 1)[0] if ":" in uri else uri  # `databricks` alone
     if scheme not in SCHEMES:
         raise ConfigError(f"{uri!r} is not a tracking URI MLflow 3 accepts (file stores are refused); "
@@ -77,8 +83,8 @@ def resolve_uri(uri: str | None, must_exist: bool = False) -> str:
         raise ConfigError(f"{str(file)!r} is not a sqlite database; name a .db file, or a new one", field=field)
     tables = sqlite_tables(file) if file is not None and file.is_file() and file.stat().st_size else None
     if tables and not MLFLOW_TABLES <= tables:  # MLflow would add its tables beside the user's
-        shown = ", ".join(repr(t) for t in sorted(tables)[:3]) + (", ..." if len(tables) > 3 else "")
-        raise ConfigError(f"{str(file)!r} is a sqlite database of other tables ({shown}), not an MLflow store; "
+        listed = ", ".join(repr(t) for t in sorted(tables)[:3]) + (", ..." if len(tables) > 3 else "")
+        raise ConfigError(f"{str(file)!r} is a sqlite database of other tables ({listed}), not an MLflow store; "
                           "name an MLflow store's .db file, or a new one", field=field)
     if must_exist and file is not None:  # MLflow would make a new, empty store there, or write into it
         if not file.is_file():

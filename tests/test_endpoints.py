@@ -194,8 +194,9 @@ def test_a_grpc_server_that_is_no_gcs_exits_2_at_once(spec, capsys, ray_local):
     node = next(n for n in ray_local.nodes() if n["Alive"])
     address = f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}"
     start = time.monotonic()
-    assert main(["search", str(spec), "--tracking-uri", f"sqlite:///{spec.parent}/mlflow.db", "--address", address]) == 2
+    uri = f"sqlite:///{spec.parent}/mlflow.db"
+    assert main(["search", str(spec), "--tracking-uri", uri, "--address", address]) == 2
     err = one_error(capsys)
-    assert err.startswith(f"error: --address: a gRPC server answers at {address}, but not a Ray cluster head's GCS"), err
+    assert err.startswith(f"error: --address: a gRPC server answers at {address}, but not a Ray cluster head's "), err
     assert "GCS port (6379 by default)" in err and time.monotonic() - start < 5
     assert sorted(p.name for p in spec.parent.iterdir()) == ["base.yaml", "spec.yaml"]
