@@ -186,6 +186,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+MAX_NUM_CPUS = 10**14  # Ray refuses more, in a ValueError after the search's folder and store were made
 MAX_THREADS = 1024  # as a trial's resources.cpu, which an exported trial's --threads repeats
 MAX_EXPERIMENT_NAME = 500  # MLflow's limit; past it the store refuses the name after the data is built
 
@@ -223,14 +224,18 @@ def cmd_search(args: argparse.Namespace) -> int:
     recorded_path(args.spec)
     uri = resolve_uri(args.tracking_uri)
     heartbeat_every()  # checked before the parent run is made and Ray starts
-    if args.num_cpus is not None and args.num_cpus < 1:
-        raise ConfigError("must be at least 1", field="--num-cpus")
+    if args.num_cpus is not None and not 1 <= args.num_cpus <= MAX_NUM_CPUS:
+        raise ConfigError(f"must be from 1 to {MAX_NUM_CPUS:.0e} (Ray's limit)", field="--num-cpus")
     from iterhead.search.run import SearchOptions, run_search
 
     check_precision(args.precision)
     # None: the embedded Ray, never an address a killed `ray start` left in Ray's temp folder
     field = address_field(args.address)
-    address = ray_address(args.address or os.environ.get("RAY_ADDRESS"), field)
+    given = args.address or os.environ.get("RAY_ADDRESS")
+    if args.num_cpus is not None and given and given != "local":  # it was ignored there, without a word
+        raise ConfigError(f"sets the CPUs of the embedded local Ray, but {field} names a cluster, which has its own; "
+                          "leave --num-cpus out", field="--num-cpus")
+    address = ray_address(given, field)
     check_store(uri, uri_field(args.tracking_uri))
     run_search(loaded, SearchOptions(uri=uri, address=address, address_field=field, storage_path=args.storage_path,
                                      smoke=args.smoke, resume=args.resume, num_cpus=args.num_cpus,

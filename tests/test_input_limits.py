@@ -218,3 +218,23 @@ def test_a_sqlite_database_of_other_tables_is_no_store_and_stays_as_it_was(tmp_p
     with closing(sqlite3.connect(tmp_path / "new.db")) as db:  # a database without tables: a new store
         db.executescript("CREATE TABLE t(x); DROP TABLE t;")
     assert resolve_uri(f"sqlite:///{tmp_path}/new.db") == f"sqlite:///{tmp_path}/new.db"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--num-cpus", str(10**20)], "--num-cpus: must be from 1 to 1e+14 (Ray's limit)"),
+    (["--num-cpus", "2", "--address", "127.0.0.1:1"], "--num-cpus: sets the CPUs of the embedded local Ray, but "
+                                                      "--address names a cluster"),
+])
+def test_a_cpu_count_ray_would_refuse_or_ignore_exits_2(tmp_path, capsys, monkeypatch, argv, words):
+    """Ray refused 10^20 CPUs in a ValueError after the folder and the store were made; a cluster
+    joined at an address keeps its own CPUs, so --num-cpus was ignored there without a word."""
+    from iterhead.search import run
+
+    from support import no_ray
+
+    monkeypatch.setattr(run, "start_ray", no_ray)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    path = spec(tmp_path)
+    assert words in error_of(capsys, ["search", str(path), "--tracking-uri", f"sqlite:///{tmp_path}/m.db", *argv])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.yaml", "spec.yaml"]
