@@ -78,7 +78,18 @@ def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
 def _literal(name_index: int, value: str) -> bytes:
     """An HPACK header field, not indexed, its name from the static table (index < 15), its value plain."""
     data = value.encode()
-    return bytes([name_index, len(data)]) + data
+    return bytes([name_index]) + _length(len(data)) + data
+
+
+def _length(n: int) -> bytes:
+    """HPACK's integer with a 7-bit prefix (the string length; a host name can pass 126 bytes)."""
+    if n < 127:
+        return bytes([n])
+    out, n = [127], n - 127
+    while n >= 128:
+        out.append(n % 128 + 128)
+        n //= 128
+    return bytes(out + [n])
 
 
 SETTINGS, HEADERS, DATA, RST_STREAM, GOAWAY, CONTINUATION = 4, 1, 0, 3, 7, 9  # HTTP/2 frame types

@@ -57,9 +57,9 @@ def resume_command(loaded: LoadedSearch, opts: SearchOptions) -> str:
     where = [f"--tracking-uri {shlex.quote(opts.uri)}"]
     if opts.storage_path:
         where.append(f"--storage-path {shlex.quote(opts.storage_path)}")
-    if opts.address:
+    if opts.address:  # a cluster has its own CPUs: the command line refuses --num-cpus with it
         where.append(f"--address {shlex.quote(opts.address)}")
-    if opts.num_cpus is not None:
+    elif opts.num_cpus is not None:
         where.append(f"--num-cpus {opts.num_cpus}")
     return f"iterhead search {shlex.quote(str(loaded.path))} --resume {' '.join(where)}"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
+from dataclasses import replace
 from typing import Literal, get_args, get_origin
 
 import pytest
@@ -350,7 +351,9 @@ def test_the_resume_command_names_the_store_folder_and_cluster_the_search_ran_wi
     args = _parser().parse_args(shlex.split(resume_command(load_search(path), opts))[1:])
     assert (args.command, args.spec, args.resume) == ("search", str(path), True)
     assert (args.tracking_uri, args.storage_path, args.address, args.num_cpus) == (
-        opts.uri, opts.storage_path, opts.address, 3)
+        opts.uri, opts.storage_path, opts.address, None)  # the command line refuses --num-cpus with a cluster
+    args = _parser().parse_args(shlex.split(resume_command(load_search(path), replace(opts, address=None)))[1:])
+    assert (args.address, args.num_cpus) == (None, 3)  # the embedded Ray's CPUs
 
 
 @pytest.mark.parametrize("asked, smoke", [(1, 1), (2, 2), (8, 2)])
