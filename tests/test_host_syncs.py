@@ -29,6 +29,7 @@ import linecache
 import os
 import sys
 import weakref
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -41,6 +42,12 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import iterhead.trainable.loop as loop_module
+from iterhead.curricula.schema import Curriculum
+from iterhead.trainable.adam import make_optimizer
+from iterhead.trainable.loop import PRECISIONS, Trainer
+from iterhead.trainable.seeds import Seeds
+
+from support import tiny
 
 PACKAGE = Path(os.path.realpath(loop_module.__file__)).parents[1]  # iterhead's source root
 TRAINING = torch.device("cpu", 0)  # the training device, told apart from the host
@@ -302,3 +309,87 @@ def test_a_detector_that_records_nothing_raises_rather_than_passing():
     with pytest.raises(AssertionError, match="missed its probe"):
         with Deaf():
             pass
+
+
+# -- training ----------------------------------------------------------------------------------
+
+# 40 rows a length in batches of 32: batches straddle lengths (the masked loss) and the seeds' differ (padding)
+DATA = {"min_len": 1, "max_len": 4, "train_per_len": 40, "test_per_len": 32, "cot": True}
+EPOCHS = 3
+# syncs in code that a CUDA run does not take, with why
+CPU_ONLY = {("trainable/adam.py", "_update"): "the CPU's Adam reads its step counts, host scalars; on CUDA "
+                                                "`make_optimizer` gives torch's fused Adam (the test below)"}
+PER_EPOCH = "torch.isfinite(losses).tolist()"  # schedule.py: the divergence check, the one sync of an epoch
+PER_EVALUATION = ("loss_sum.tolist()", "r.weights_finite()", "r.evaluate(")  # schedule.py, at an evaluation
+
+
+def _curriculum() -> Curriculum:
+    """One stage of two tasks, with dropout, evaluated once: after its last epoch."""
+    return tiny(data=DATA, stages=[{"name": "s", "mix": {"parity": 0.5, "polynomial": 0.5}, "epochs": EPOCHS}],
+                eval={"every_epochs": EPOCHS, "probe_per_len": 2})
+
+
+def _to_first_evaluation(engine: str, precision: str, hook: Callable[..., object] | None = None) -> list[Sync]:
+    """Every sync of a run on `TRAINING` up to its first evaluation (included), but those of CPU-only code."""
+    if engine == "single":
+        trainer = Trainer(_curriculum(), TRAINING, precision=precision)
+        if hook is not None:
+            trainer.model.register_forward_hook(hook)
+        run = trainer.run()
+    else:
+        run = Seeds(_curriculum(), [0, 1], TRAINING, precision=precision, engine=engine).run()
+    with HostSyncs() as found:
+        next(iter(run))
+    return [s for s in found.syncs if not any((f.file, f.function) in CPU_ONLY for f in s.frames)]
+
+
+def _schedule_line(sync: Sync) -> str:
+    """The line of the training loop (`Schedule.run`) that led to `sync`."""
+    return next((f.text for f in sync.frames if f.file == "trainable/schedule.py" and f.function == "run"), "")
+
+
+def _listed(syncs: list[Sync]) -> str:
+    """Each distinct sync once, with how often it happened."""
+    return "\n".join(f"{n}x {text}" for text, n in Counter(map(str, syncs)).items())
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("engine", ["single", "lockstep", "stacked"])
+def test_training_waits_on_the_host_once_an_epoch_and_never_in_a_step(engine, precision):
+    """A single run (`Trainer`) and two seeds (`Seeds`, both engines), in fp32 and bf16: no step syncs
+    (the engines' `train_epoch`), the loop once an epoch, and the rest only at the evaluation."""
+    syncs = _to_first_evaluation(engine, precision)
+    steps = [s for s in syncs if "engine.train_epoch(" in _schedule_line(s)]
+    assert steps == [], "a training step waits on the host:\n" + _listed(steps)
+    epochs = [s for s in syncs if PER_EPOCH in _schedule_line(s)]
+    assert len(epochs) == EPOCHS, _listed(epochs)
+    other = [s for s in syncs if s not in epochs and not any(e in _schedule_line(s) for e in PER_EVALUATION)]
+    assert other == [], "the loop waits outside a step, the epoch's check and evaluation:\n" + _listed(other)
+
+
+def test_a_step_that_reads_a_value_back_is_named_by_its_line():
+    """What the test above reports when a step syncs: here a forward hook reads the logits, as a logging
+    line in a step would; each step's read is named at the line of `Trainer.train_epoch` that ran it."""
+    def read(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        out.sum().item()
+
+    syncs = _to_first_evaluation("single", "fp32", hook=read)
+    steps = [s for s in syncs if "engine.train_epoch(" in _schedule_line(s)]
+    assert len(steps) >= EPOCHS
+    assert {(s.op, s.where.file, s.where.function) for s in steps} == {("item", "trainable/loop.py", "train_epoch")}
+    assert all(s.where.text.startswith("logits = model(") for s in steps)
+
+
+def test_the_optimiser_of_a_cuda_run_steps_without_reading_anything_back():
+    """Why `CPU_ONLY` may leave the CPU Adam out: a CUDA run steps with torch's fused Adam (`make_optimizer`),
+    whose step counts stay on the device; its steps, run here on CPU tensors, read nothing back."""
+    params = [torch.nn.Parameter(torch.ones(3, 2)), torch.nn.Parameter(torch.zeros(2))]
+    optimizer = make_optimizer(params, 1e-3, 0.01, torch.device("cuda"))
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["fused"]
+    with HostSyncs() as found:
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.ones_like(p)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    assert found.syncs == [], _listed(found.syncs)
