@@ -95,7 +95,8 @@ def _source(filename: str) -> tuple[str, bool, bool]:
     path = Path(os.path.realpath(filename))
     if filename.startswith("<"):
         return filename, False, True
-    if path.is_relative_to(PACKAGE) and not path.is_relative_to(PACKAGE / "tests"):
+    if (path.is_relative_to(PACKAGE) and not path.is_relative_to(PACKAGE / "tests")
+            and "site-packages" not in path.parts):  # a virtual environment may live in the checkout (.venv)
         return str(path.relative_to(PACKAGE)), True, False
     return path.name, False, "torch" in path.parts
 
