@@ -233,8 +233,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     field = address_field(args.address)
     given = args.address or os.environ.get("RAY_ADDRESS")
     if args.num_cpus is not None and given and given != "local":  # it was ignored there, without a word
+        local = " (or pass --address local for the embedded Ray)" if field == "RAY_ADDRESS" else ""
         raise ConfigError(f"sets the CPUs of the embedded local Ray, but {field} names a cluster, which has its own; "
-                          "leave --num-cpus out", field="--num-cpus")
+                          f"leave --num-cpus out{local}", field="--num-cpus")
     address = ray_address(given, field)
     check_store(uri, uri_field(args.tracking_uri))
     run_search(loaded, SearchOptions(uri=uri, address=address, address_field=field, storage_path=args.storage_path,

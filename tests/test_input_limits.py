@@ -238,3 +238,21 @@ def test_a_cpu_count_ray_would_refuse_or_ignore_exits_2(tmp_path, capsys, monkey
     path = spec(tmp_path)
     assert words in error_of(capsys, ["search", str(path), "--tracking-uri", f"sqlite:///{tmp_path}/m.db", *argv])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.yaml", "spec.yaml"]
+
+
+def test_num_cpus_with_ray_address_set_names_the_way_to_the_embedded_ray(tmp_path, capsys, monkeypatch):
+    """With RAY_ADDRESS exported, --num-cpus alone is refused with the way out; --address local
+    (or RAY_ADDRESS=local) takes it for the embedded Ray, up to where Ray would start."""
+    from iterhead.search import run
+
+    from support import no_ray
+
+    monkeypatch.setattr(run, "start_ray", no_ray)
+    monkeypatch.chdir(tmp_path)
+    argv = ["search", str(spec(tmp_path)), "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--num-cpus", "1"]
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    assert error_of(capsys, argv).endswith("leave --num-cpus out (or pass --address local for the embedded Ray)\n")
+    for extra, env in (["--address", "local"], "127.0.0.1:1"), ([], "local"):
+        monkeypatch.setenv("RAY_ADDRESS", env)
+        with pytest.raises(AssertionError, match="Ray was started"):
+            main(argv + extra)
