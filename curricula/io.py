@@ -48,7 +48,8 @@ class _StrictSafeLoader(yaml.SafeLoader):
                     None, None, f"{what} does not read as one; write it without the tag", node.start_mark) from None
             why = f" ({err})" if tag == "!!timestamp" and str(err) else ""  # month must be in 1..12; not int()'s
             if id(node) in self.tagged:
-                problem = f"{tag} {shown(node.value)} is not a value of its tag{why}; write the value without the tag"
+                problem = (f"{tag} {shown(node.value)} is not a value of its tag{why}; give one it reads, or drop "
+                           "the tag and quote it for text")
             else:  # resolved from how it looks, as YAML 1.1 does: 2020-13-45 is a date
                 kind = {"!!timestamp": "a date", "!!int": "an integer"}.get(tag, f"a {tag.removeprefix('!!')}")
                 problem = f"{shown(node.value)} reads as {kind} in YAML 1.1 but is none{why}; quote it for text"

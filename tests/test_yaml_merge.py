@@ -72,10 +72,10 @@ def test_a_tagged_base_60_number_is_refused_without_a_hint_to_quote_it(value: st
 
 
 @pytest.mark.parametrize("value, words", [
-    ('!!int "abc"', "!!int 'abc' is not a value of its tag; write the value without the tag"),
+    ('!!int "abc"', "!!int 'abc' is not a value of its tag; give one it reads, or drop the tag and quote it for text"),
     ('!!int ""', "!!int '' is not a value of its tag"), ("!!int 0b", "!!int '0b' is not a value of its tag"),
     ('!!float "0x1"', "!!float '0x1' is not a value of its tag"), ("!!bool maybe", "!!bool 'maybe' is not"),
-    ("!!timestamp 2020-13-01", "(month must be in 1..12); write the value without the tag"),
+    ("!!timestamp 2020-13-01", "(month must be in 1..12); give one it reads, or drop the tag and quote it for text"),
     ("!!map [1]", "a sequence tagged !!map does not read as one"),
     ("2020-13-45", "'2020-13-45' reads as a date in YAML 1.1 but is none (month must be in 1..12); quote it"),
     ("0x_", "'0x_' reads as an integer in YAML 1.1 but is none; quote it for text"),
