@@ -18,7 +18,7 @@ import urllib.request
 
 from iterhead.curricula.errors import ConfigError
 
-ANSWER_S = 5.0  # how long a cluster's head or a tracking server has to accept a connection
+ANSWER_S = 5.0  # how long a cluster's head or a tracking server has to accept a connection (and a head to answer)
 
 
 def address_field(given: str | None) -> str:
@@ -94,14 +94,22 @@ def _length(n: int) -> bytes:
 
 SETTINGS, HEADERS, DATA, RST_STREAM, GOAWAY, CONTINUATION = 4, 1, 0, 3, 7, 9  # HTTP/2 frame types
 END_STREAM, END_HEADERS, ACK = 1, 4, 1
-GCS_METHOD = "/ray.rpc.NodeInfoGcsService/GetClusterId"  # what `ray.init` asks a head first, 20 times
 UNIMPLEMENTED = b"\x0bgrpc-status\x0212"  # grpc-status 12 as gRPC's C core writes it (a literal, not Huffman)
 MAX_ANSWER = 2**20  # bytes read at most: an answer to one call is far smaller
 
 
+def gcs_method() -> str:
+    """The path of what `ray.init` asks a head first, 20 times: read from Ray's own service
+    description, so a Ray that renames or moves it changes the probe too."""
+    from ray.core.generated import gcs_service_pb2
+
+    method = gcs_service_pb2.DESCRIPTOR.services_by_name["NodeInfoGcsService"].methods_by_name["GetClusterId"]
+    return f"/{method.containing_service.full_name}/{method.name}"
+
+
 def _call(host: str, port: int) -> bytes:
-    """The client preface, an empty SETTINGS frame, and a gRPC call of `GCS_METHOD` with an empty request."""
-    fields = (b"\x83\x86" + _literal(4, GCS_METHOD) + _literal(1, f"{host}:{port}")  # POST, http, :path, :authority
+    """The client preface, an empty SETTINGS frame, and a gRPC call of `gcs_method` with an empty request."""
+    fields = (b"\x83\x86" + _literal(4, gcs_method()) + _literal(1, f"{host}:{port}")  # POST, http, :path, :authority
               + b"\x0f\x10" + bytes([16]) + b"application/grpc" + b"\x00\x02te\x08trailers")  # content-type, te
     return (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(SETTINGS, 0, 0) + _frame(HEADERS, END_HEADERS, 1, fields)
             + _frame(DATA, END_STREAM, 1, bytes(5)))
@@ -110,16 +118,17 @@ def _call(host: str, port: int) -> bytes:
 def _grpc_answer(host: str, port: int) -> str:
     """How the server at host:port answers (`OSError` if it accepts no connection): ``none`` where it
     does not answer an HTTP/2 preface with a SETTINGS frame (a dashboard, a web server, a silent
-    port), ``other`` where it is a gRPC server without the GCS's `GCS_METHOD` (a Ray Client server
+    port), ``other`` where it is a gRPC server without the GCS's `gcs_method` (a Ray Client server
     or a raylet answers 12, UNIMPLEMENTED), else ``gcs``. A head's GCS answers the call (or refuses
     it without a token: 16); `ray.init` at either of the first two retried for 20 s to minutes, and
     printed a line a retry. With ``RAY_USE_TLS`` the GCS speaks TLS first, so only the connection
-    is checked. An answer that does not come in time, or does not read, counts as the GCS's."""
+    is checked. Once a server has sent SETTINGS, whatever else it does (silence past `ANSWER_S`,
+    a reset, an answer that does not read) counts as the GCS's: the probe never refuses a head."""
     with socket.create_connection((host, port), timeout=ANSWER_S) as conn:
         if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
             return "gcs"
         deadline = time.monotonic() + ANSWER_S
-        data, block, first = b"", b"", True
+        data, block, first, ended = b"", b"", True, False
         try:
             conn.sendall(_call(host, port))
             while len(data) < MAX_ANSWER and (left := deadline - time.monotonic()) > 0:
@@ -134,9 +143,10 @@ def _grpc_answer(host: str, port: int) -> str:
                     data, first = data[9 + size:], False
                     if kind == SETTINGS and not flags & ACK:
                         conn.sendall(_frame(SETTINGS, ACK, 0))
-                    if stream == 1 and kind in (HEADERS, CONTINUATION):
+                    if stream == 1 and kind in (HEADERS, CONTINUATION):  # the status may end in a CONTINUATION
                         block += payload
-                        if kind == HEADERS and flags & END_STREAM:
+                        ended = ended or (kind == HEADERS and bool(flags & END_STREAM))
+                        if ended and flags & END_HEADERS:
                             return "other" if UNIMPLEMENTED in block else "gcs"
                     if kind in (RST_STREAM, GOAWAY):
                         return "gcs"

@@ -200,3 +200,47 @@ def test_a_grpc_server_that_is_no_gcs_exits_2_at_once(spec, capsys, ray_local):
     assert err.startswith(f"error: --address: a gRPC server answers at {address}, but not a Ray cluster head's "), err
     assert "GCS port (6379 by default)" in err and time.monotonic() - start < 5
     assert sorted(p.name for p in spec.parent.iterdir()) == ["base.yaml", "spec.yaml"]
+
+
+def _hpack_integer(data: bytes) -> int:
+    """RFC 7541 5.1's integer with a 7-bit prefix, read back: the reader of what `_length` writes."""
+    value = data[0] & 127
+    if value < 127:
+        return value
+    shift = 0
+    for byte in data[1:]:
+        value += (byte & 127) << shift
+        shift += 7
+        if not byte & 128:
+            break
+    return value
+
+
+@pytest.mark.parametrize("n", [0, 126, 127, 128, 254, 255, 300, 5000, 2**20])
+def test_a_header_length_reads_back_as_hpack_reads_it(n):
+    """A host name can pass 126 bytes, past one byte of HPACK length; `bytes([n])` also raised past 255."""
+    from iterhead.search.endpoints import _length
+
+    assert _hpack_integer(_length(n)) == n
+
+
+def test_a_status_that_ends_in_a_continuation_frame_is_read_there():
+    """HTTP/2 lets a header block go on in CONTINUATION frames: the verdict waits for END_HEADERS,
+    so a grpc-status 12 carried there is still UNIMPLEMENTED (and a plain block is still a head)."""
+    import socket
+    import threading
+
+    from iterhead.search import endpoints as e
+
+    def answer(server: socket.socket, status: bytes) -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)  # the preface and the call
+            conn.sendall(e._frame(e.SETTINGS, 0, 0) + e._frame(e.HEADERS, e.END_STREAM, 1, b"\x88")  # :status 200
+                         + e._frame(e.CONTINUATION, e.END_HEADERS, 1, status))
+            conn.recv(65536)  # the SETTINGS ack, until the probe closes
+
+    for status, verdict in ((e.UNIMPLEMENTED, "other"), (b"\x0bgrpc-status\x010", "gcs")):
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            threading.Thread(target=answer, args=(server, status), daemon=True).start()
+            assert e._grpc_answer("127.0.0.1", server.getsockname()[1]) == verdict
