@@ -36,13 +36,16 @@ def shrink(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+TRIAL_FILE = "trial"  # what a trial's invalid curriculum names as its file: the search tells it apart by it
+
+
 def trial_curriculum(base: dict[str, Any], config: dict[str, Any], smoke: bool) -> Curriculum:
     """The curriculum one trial trains: the base with the sampled values (and smoke size); for a
     PBT member (a ``pbt`` config, `search/population.py`) its lineage."""
     if "pbt" in config:
         return lineage(base, config["pbt"], smoke)
     data = apply(base, config)
-    return parse_curriculum(shrink(data) if smoke else data, file="trial")
+    return parse_curriculum(shrink(data) if smoke else data, file=TRIAL_FILE)
 
 
 def lineage(base: dict[str, Any], member: dict[str, Any], smoke: bool) -> Curriculum:
@@ -53,4 +56,4 @@ def lineage(base: dict[str, Any], member: dict[str, Any], smoke: bool) -> Curric
     names = [s["name"] for s in data["stages"]]
     at = names.index(member["stage"])
     data["stages"][at:at + 1] = copy.deepcopy(member["stages"])
-    return parse_curriculum(data, file="trial")
+    return parse_curriculum(data, file=TRIAL_FILE)

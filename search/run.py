@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from iterhead.curricula.errors import ConfigError
-from iterhead.curricula.trial import SMOKE_PBT
+from iterhead.curricula.trial import SMOKE_PBT, TRIAL_FILE
 from iterhead.search import outcome, sharing, signals
 from iterhead.search.folder import (STATE_FILE, absolute_uri, check_parent_run, check_resume_options,
                                     check_tune_state, ended_before, hold_folder, search_folder, spec_edits)
@@ -165,8 +165,12 @@ def _not_tune_resume_hint(record: logging.LogRecord) -> bool:
 
 
 def _not_invalid_trial_traceback(record: logging.LogRecord) -> bool:
+    """False for Tune's traceback of a trial whose curriculum `trial_curriculum` refused (the error
+    its worker raised, inside Ray's wrapper), which the callback has named; True for the rest."""
     error = record.exc_info[1] if record.exc_info else None
-    return not (isinstance(error, ConfigError) and record.getMessage().startswith("Trial task failed"))
+    cause = getattr(error, "cause", error)
+    return not (isinstance(cause, ConfigError) and cause.file == TRIAL_FILE
+                and record.getMessage().startswith("Trial task failed"))
 
 
 def start_ray(opts: SearchOptions) -> bool:

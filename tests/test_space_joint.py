@@ -176,3 +176,22 @@ def test_invalid_trial_run_is_failed_with_its_values_and_reason(odd_search):
     good = next(row for row in rows if row["model.d_model"] == 32)
     trained = [r for r in runs if r.data.tags.get("iterhead.trial_id") == good["trial_id"]]
     assert len(trained) == 1 + len(seeds or []) and all(r.info.status == "FINISHED" for r in trained)
+
+
+def test_only_a_refused_trial_curriculum_loses_tunes_traceback():
+    """The filter hides Tune's traceback of the error a trial's worker raised for the curriculum the
+    callback already named as invalid; any other failure, a ConfigError included, keeps it."""
+    from ray.exceptions import RayTaskError
+
+    from iterhead.curricula.errors import ConfigError
+    from iterhead.search.run import _not_invalid_trial_traceback as shown
+
+    def record(cause: Exception, message: str = "Trial task failed for trial train_trial_1") -> logging.LogRecord:
+        error = RayTaskError("train", "Traceback (most recent call last): ...", cause).as_instanceof_cause()
+        return logging.LogRecord("ray.tune.execution.tune_controller", logging.ERROR, __file__, 1, message, None,
+                                 (type(error), error, None))
+
+    assert not shown(record(ConfigError("d_model (31) must be divisible by n_heads (2)", file="trial")))
+    assert shown(record(ConfigError("no such file", file="base.yaml")))
+    assert shown(record(ValueError("a bug")))
+    assert shown(record(ConfigError("x", file="trial"), message="something else"))
