@@ -104,3 +104,10 @@ def not_utf8(text: str) -> str | None:
         code = ord(text[err.start])
         return f"0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
     return None
+
+
+def require_utf8(text: str, what: str, fix: str, *, field: str = "", file: str = "") -> None:
+    """`ConfigError` ("WHAT holds the byte 0xNN, which is not UTF-8 text; FIX") where `text` holds
+    a byte `not_utf8` finds: refused before anything is made, not in the store once it is."""
+    if byte := not_utf8(text):
+        raise ConfigError(f"{what} holds the byte {byte}, which is not UTF-8 text; {fix}", field=field, file=file)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from iterhead.curricula.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ConfigError, not_utf8, printable, shown
+from iterhead.curricula.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ConfigError, printable, require_utf8, shown
 from iterhead.search.ablate import cmd_ablate
 from iterhead.search.endpoints import address_field, check_store, ray_address, uri_field
 from iterhead.search.signals import Terminated, sigterm_as_ctrl_c
@@ -327,21 +327,19 @@ def check_arguments(args: argparse.Namespace) -> None:
     UTF-8 text (MLflow failed on it with a store error, exit 1)."""
     for dest, (flag, hint) in NOT_EMPTY.items():
         value = getattr(args, dest, None)
-        if value is not None and not value.strip():
-            raise ConfigError(f"{value!r} is empty; {hint}", field=flag)
+        if value is not None and not value.strip():  # blank: a file named " " is legal, but never meant
+            raise ConfigError(f"{value!r} is {'empty' if not value else 'blank'}; {hint}", field=flag)
     names = getattr(args, "experiment", None)
     for name in names if isinstance(names, list) else [names]:
-        if name is not None and (byte := not_utf8(name)):
-            raise ConfigError(f"{shown(name)} holds the byte {byte}, which is not UTF-8 text; name the experiment "
-                              "in UTF-8", field="--experiment")
+        if name is not None:
+            require_utf8(name, shown(name), "name the experiment in UTF-8", field="--experiment")
 
 
 def recorded_path(file: str) -> None:
     """A curriculum or spec whose absolute path MLflow records must be UTF-8 text: its store failed on
     other bytes after the experiment was made (exit 1, naming the store)."""
-    if byte := not_utf8(str(Path(file).resolve())):
-        raise ConfigError(f"its path holds the byte {byte}, which is not UTF-8 text, and the run records it; "
-                          "rename the file (or the folder that holds it)", file=file)
+    require_utf8(str(Path(file).resolve()), "its path", "the run records it: rename the file (or the folder that "
+                 "holds it)", file=file)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

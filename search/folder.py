@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from iterhead.curricula.errors import ConfigError, not_utf8, shown
+from iterhead.curricula.errors import ConfigError, require_utf8, shown
 from iterhead.search.tracking import sqlite_file
 
 if TYPE_CHECKING:
@@ -37,9 +37,9 @@ def search_folder(loaded: LoadedSearch, opts: SearchOptions) -> tuple[Path, dict
         raise ConfigError("give a local or shared-file-system folder (object-store URIs are not "
                           "supported yet)", field="--storage-path")
     root = Path(opts.storage_path or "ray_results").resolve()
-    if byte := not_utf8(str(root)):  # the search's run records the folder: the store failed on it after Ray started
-        raise ConfigError(f"{shown(str(root))} holds the byte {byte}, which is not UTF-8 text, and the search records "
-                          "it; give a folder whose path is UTF-8", field="--storage-path")
+    # the search's run records the folder: the store failed on it after Ray started
+    require_utf8(str(root), shown(str(root)), "the search records it: give a folder whose path is UTF-8",
+                 field="--storage-path")
     writable_folder(root, "--storage-path")
     name = loaded.spec.name
     own = re.compile(rf"{re.escape(name)}-\d{{8}}-\d{{6}}x*")

@@ -26,13 +26,14 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any, Callable
 
-from iterhead.curricula.errors import ConfigError, not_utf8, shown
+from iterhead.curricula.errors import ConfigError, require_utf8, shown
 from iterhead.search.endpoints import uri_field
 from iterhead.trainable import results as r
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")  # MLflow 3's stores
 MAX_METRICS, MAX_PARAMS, MAX_PARAM_CHARS = 1000, 100, 6000
+STORE_FIX = "name the store the runs were tracked in"  # to a command that reads one
 MLFLOW_TABLES = {"experiments", "runs"}  # in every MLflow store, those made before its migrations too
 RUNS_PAGE = 50_000  # the most runs one MLflow search returns (its SEARCH_MAX_RESULTS_THRESHOLD)
 
@@ -61,12 +62,10 @@ def resolve_uri(uri: str | None, must_exist: bool = False) -> str:
     `must_exist` (commands that only read a store) for a sqlite file that holds no store yet."""
     field = uri_field(uri)
     if uri is not None and not uri.strip():  # `uri or ...` below took it for the default
-        raise ConfigError(f"{uri!r} is empty; give a tracking URI, or leave the option out for "
-                          f"$MLFLOW_TRACKING_URI or {DEFAULT_URI}", field="--tracking-uri")
+        raise ConfigError(f"{uri!r} is {'empty' if not uri else 'blank'}; give a tracking URI, or leave the option "
+                          f"out for $MLFLOW_TRACKING_URI or {DEFAULT_URI}", field="--tracking-uri")
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-    if byte := not_utf8(uri):  # MLflow failed on it after the run began, or in a traceback
-        raise ConfigError(f"{shown(uri)} holds the byte {byte}, which is not UTF-8 text; give a URI in UTF-8",
-                          field=field)
+    require_utf8(uri, shown(uri), "give a URI in UTF-8", field=field)  # MLflow failed on it after the run began
     scheme = uri.split(":", 1)[0].split("+", 1)[0] if ":" in uri else uri  # `databricks` alone
     if scheme not in SCHEMES:
         raise ConfigError(f"{uri!r} is not a tracking URI MLflow 3 accepts (file stores are refused); "
@@ -88,11 +87,11 @@ def resolve_uri(uri: str | None, must_exist: bool = False) -> str:
                           "name an MLflow store's .db file, or a new one", field=field)
     if must_exist and file is not None:  # MLflow would make a new, empty store there, or write into it
         if not file.is_file():
-            raise ConfigError(f"no tracking store at {uri}", field=field)
+            raise ConfigError(f"no tracking store at {uri}; {STORE_FIX}", field=field)
         if file.stat().st_size == 0:
-            raise ConfigError(f"{file} is an empty file, not a tracking store", field=field)
+            raise ConfigError(f"{file} is an empty file, not a tracking store; {STORE_FIX}", field=field)
         if tables == set():
-            raise ConfigError(f"{file} is a database without tables, not a tracking store", field=field)
+            raise ConfigError(f"{file} is a database without tables, not a tracking store; {STORE_FIX}", field=field)
     return uri
 
 

@@ -45,12 +45,12 @@ def error_of(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
 EMPTY = {
     "train-tracking-uri": (["train", "c.yaml", "--tracking-uri", "", "--precision", "x"],
                            "--tracking-uri: '' is empty"),
-    "reconcile-tracking-uri": (["reconcile", "--tracking-uri", " "], "--tracking-uri: ' ' is empty"),
+    "reconcile-tracking-uri": (["reconcile", "--tracking-uri", " "], "--tracking-uri: ' ' is blank"),
     "search-storage-path": (["search", "spec.yaml", "--storage-path", "", "--precision", "x"],
                             "--storage-path: '' is empty; give a folder, or leave the option out for ./ray_results"),
     "search-address": (["search", "spec.yaml", "--address", "", "--precision", "x"], "--address: '' is empty"),
     "export-out": (["export", "--experiment", "s", "-o", ""], "-o: '' is empty"),
-    "report-out": (["report", "--experiment", "s", "-o", "  "], "-o: '  ' is empty"),
+    "report-out": (["report", "--experiment", "s", "-o", "  "], "-o: '  ' is blank"),
     "ablate-checkpoint": (["ablate", "--checkpoint", ""], "--checkpoint: '' is empty"),
 }
 

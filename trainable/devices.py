@@ -50,8 +50,8 @@ def pick_device(name: str, cuda_available: bool, device_count: int) -> torch.dev
         raise ValueError(f"{name!r} is not a device; use {DEVICE_CHOICES}") from None
     if device.type == "cpu":  # torch accepts cpu:1 and trains on the one CPU device, cores and all
         if device.index:
-            raise ValueError(f"{name!r} is not a device: torch has one CPU device, cpu, which runs on all the "
-                             f"cores its threads may use (train's --threads sets how many); use {DEVICE_CHOICES}")
+            raise ValueError(f"{name!r} is not a device: torch has one CPU device, cpu, which runs on all the cores "
+                             f"its threads may use (iterhead train --threads sets how many); use {DEVICE_CHOICES}")
         return torch.device("cpu")  # cpu:0 is the same device, recorded as cpu
     if device.type != "cuda":
         raise ValueError(f"{name!r} is not a device iterhead trains on; use {DEVICE_CHOICES}")
