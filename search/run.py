@@ -21,6 +21,7 @@ import shlex
 import shutil
 import signal
 import sys
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -198,8 +199,15 @@ def start_ray(opts: SearchOptions) -> bool:
 
 
 def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = None) -> list[dict[str, Any]]:
-    """Run (or resume) the search; returns one summary row per trial."""
-    out = out or sys.stdout
+    """Run (or resume) the search; returns one summary row per trial. SIGTERM stops it as Ctrl-C
+    does from the start (`signals`): killed by the signal while MLflow made a new store's tables,
+    the driver left a store that every later command failed on (``duplicate column name``)."""
+    with signals.sigterm_as_ctrl_c() as terminated:
+        return _run_search(loaded, opts, out or sys.stdout, terminated)
+
+
+def _run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO,
+                terminated: threading.Event) -> list[dict[str, Any]]:
     quiet_libraries()
     spec = loaded.spec
     settings = settings_for(loaded, opts.smoke)
@@ -223,35 +231,35 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
                                   loaded.base, loaded.base_path, loaded.path)
         if not opts.address:
             check_resources(loaded, float(opts.num_cpus or os.cpu_count() or 1), float(local_gpus()), "this machine")
-    finished = ended_before(folder) if state else set()  # read before Tune saves its state again
-    stopping.callback(os.close, hold_folder(folder))  # the driver's, while it runs: a second --resume is refused
-    writer = RunWriter(opts.uri)
-    experiment = spec.name
-    made = writer.submit_untracked(writer.experiment_id, experiment)  # store and experiment, once, here ...
-    import ray
-    from ray import tune
-
-    from iterhead.search import population
-    from iterhead.search.callback import MlflowSearchCallback
-    from iterhead.search.space import horizon, param_space, scheduler, searcher
-    from iterhead.trainable.summary import CENSOR_FACTOR
-    from iterhead.trainable.tune import train_trial
-
     parent = state["parent_run_id"] if state else None
+    writer: RunWriter | None = None
     heartbeat: Heartbeat | None = None
     status = "FAILED"
     ours = False  # whether the parent run is this driver's to end: made, or set RUNNING again by this resume
     started = False
     rows: list[dict[str, Any]] = []
     try:
-        started = start_ray(opts)  # ... while Ray starts: both take seconds
-        terminated = stopping.enter_context(signals.sigterm_as_ctrl_c())  # after ray.init's own handler
+        finished = ended_before(folder) if state else set()  # read before Tune saves its state again
+        stopping.callback(os.close, hold_folder(folder))  # the driver's, while it runs: a second --resume is refused
+        writer = RunWriter(opts.uri)
+        experiment = spec.name
+        made = writer.submit_untracked(writer.experiment_id, experiment)  # store and experiment, once, here ...
+        import ray
+        from ray import tune
+
+        from iterhead.search import population
+        from iterhead.search.callback import MlflowSearchCallback
+        from iterhead.search.reconcile import reconcile
+        from iterhead.search.space import horizon, param_space, scheduler, searcher
+        from iterhead.trainable.summary import CENSOR_FACTOR
+        from iterhead.trainable.tune import train_trial
+
+        with signals.through_ray_init(terminated):
+            started = start_ray(opts)  # ... while Ray starts: both take seconds
         try:
             made.result()  # before any trial can write
         except ConfigError as err:  # a deleted experiment: the spec's name chose it
             raise ConfigError(err.message, field="name", file=str(loaded.path)) from None
-        from iterhead.search.reconcile import reconcile
-
         for m in writer.submit(reconcile, writer.client, [experiment]).result():
             print(f"marked KILLED: a {m.what} run a crash left RUNNING ({m.run_id})", file=out)
         resources = check_resources(loaded, *largest_node(ray.nodes()), "the Ray cluster's largest node")
@@ -342,7 +350,8 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
                 writer.submit(writer.end_run, parent, status, check=False)
         finally:
             try:
-                writer.close()
+                if writer is not None:
+                    writer.close()
             finally:
                 if started:
                     ray.shutdown()
@@ -355,9 +364,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
     elif rows:
         print(sharing.summary_line(sharing.accounting(rows), sum(1 for row in rows if row["forked_from"])), file=out)
     print(f"MLflow experiment {experiment!r}; to look: {ui_hint(opts.uri)}", file=out)
-    if terminated.is_set():
-        raise signals.Terminated()
-    if status != "FINISHED":  # Tune's graceful stop on Ctrl-C: the command still exits 130
+    if status != "FINISHED":  # Tune's graceful stop: the command still exits 130, or 143 after SIGTERM (`signals`)
         raise KeyboardInterrupt()
     return rows
 

@@ -10,8 +10,10 @@ Tune stops on Ctrl-C (trials stopped, the experiment state saved, runs KILLED, t
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
+from pathlib import Path
 from typing import Any, Iterator
 
 
@@ -23,8 +25,9 @@ class Terminated(KeyboardInterrupt):
 def sigterm_as_ctrl_c() -> Iterator[threading.Event]:
     """Within the block, SIGTERM does what Ctrl-C does at that moment: a graceful stop where a
     SIGINT handler is installed (Tune's, during a search), else `Terminated`. The event says
-    whether one came; a SIGTERM after the first does nothing. Must be entered after `ray.init`,
-    whose own SIGTERM handler it replaces."""
+    whether one came; a SIGTERM after the first does nothing, and a KeyboardInterrupt out of the
+    block after one is `Terminated`. `ray.init` replaces the handler while it runs: wrap it in
+    `through_ray_init`."""
     seen = threading.Event()
 
     def stop(signum: int, frame: Any) -> None:
@@ -40,5 +43,60 @@ def sigterm_as_ctrl_c() -> Iterator[threading.Event]:
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         yield seen
+    except KeyboardInterrupt as interrupt:  # Tune's stop, or Ray's waits, which pass `Terminated` on as a plain one
+        if seen.is_set() and not isinstance(interrupt, Terminated):
+            raise Terminated() from None
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def through_ray_init(seen: threading.Event) -> Iterator[None]:
+    """Around `ray.init`, which installs its own SIGTERM handler, ``sys.exit(15)``, for its whole
+    start (seconds) and leaves it there. A SIGTERM then ended the command with status 15 and no
+    word, and the Ray agents its raylet had started lived on for a minute, waiting for a GCS gone
+    with the driver. Here that exit ends the processes this start began, then is `Terminated`;
+    the SIGTERM handler found before is put back."""
+    ours = signal.getsignal(signal.SIGTERM)
+    before = set(descendants(os.getpid()))
+    try:
+        yield
+    except SystemExit as stop:
+        if stop.code != signal.SIGTERM:
+            raise
+        signal.signal(signal.SIGTERM, ours)  # a repeated SIGTERM must not cut what follows
+        seen.set()
+        kill_started(before)
+        raise Terminated() from None
+    finally:
+        signal.signal(signal.SIGTERM, ours)
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes under `pid` (children, theirs, ...), from Linux's /proc; none where it is missing."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for children in Path(f"/proc/{todo.pop()}/task").glob("*/children"):
+            try:
+                pids = [int(child) for child in children.read_text().split()]
+            except OSError:  # the process or thread ended meanwhile
+                continue
+            found += pids
+            todo += pids
+    return found
+
+
+def kill_started(before: set[int]) -> None:
+    """SIGKILL the processes under this one that are not in `before`, each stopped first (SIGSTOP)
+    until no new one appears: a raylet still starting would otherwise start agents after the count."""
+    stopped: list[int] = []
+    while new := [pid for pid in descendants(os.getpid()) if pid not in before and pid not in stopped]:
+        for pid in new:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        stopped += new
+    for pid in stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

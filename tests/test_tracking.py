@@ -274,6 +274,27 @@ def test_a_second_sigterm_does_not_cut_the_stop_the_first_began():
         sig.signal(sig.SIGINT, previous)
 
 
+def test_a_sigterm_passed_on_as_a_plain_keyboardinterrupt_still_exits_as_sigterm():
+    """Ray's waits turn an exception a signal handler raised into a plain KeyboardInterrupt; once a
+    SIGTERM came, what leaves the block is `Terminated` (exit 143, not Ctrl-C's 130)."""
+    import os
+    import signal as sig
+
+    from iterhead.search.signals import Terminated, sigterm_as_ctrl_c
+
+    def interrupt(signum, frame):  # as Tune's handler reached through Ray's wait
+        raise KeyboardInterrupt()
+
+    previous = sig.signal(sig.SIGINT, interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt) as caught:
+            with sigterm_as_ctrl_c():
+                os.kill(os.getpid(), sig.SIGTERM)
+        assert isinstance(caught.value, Terminated)
+    finally:
+        sig.signal(sig.SIGINT, previous)
+
+
 def test_a_resume_names_the_edits_it_will_not_train(tmp_path):
     """A resume trains what the search began with: edits to the spec or its base were dropped
     without a word. The one field a resume reads again is not named."""

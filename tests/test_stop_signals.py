@@ -1,0 +1,99 @@
+"""`iterhead search` on the embedded Ray, stopped by SIGTERM while it starts: exit 143 with one line
+and no traceback, no run left RUNNING, no process left behind.
+
+Each driver runs in a process group of its own, which is all a test signals. The signal is sent
+when the driver reaches the moment under test (a file or a process appears, a line is printed),
+never after a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from iterhead.trainable import results as r
+
+from support import PARITY_BASE, alive
+
+pytestmark = pytest.mark.integration
+
+
+def command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "iterhead.search.cli", "search", *args]
+
+
+def write_spec(folder: Path, epochs: list[int]) -> None:
+    (folder / "base.yaml").write_text(yaml.safe_dump(PARITY_BASE))
+    (folder / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "stopped", "base": "base.yaml",
+        "space": {"stages.train.epochs": {"grid": epochs}},
+        "search": {"algorithm": "grid", "num_samples": 1, "max_concurrent": 2, "scheduler": "none"},
+        "resources": {"cpu": 1}}))
+
+
+def wait_for(ready: Callable[[], bool], driver: subprocess.Popen, what: str, limit_s: float = 120.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while not ready():
+        if driver.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"the driver never reached {what} (exit status {driver.poll()})")
+        time.sleep(0.01)
+
+
+def gcs_started(pgid: int) -> bool:
+    """Whether a GCS server runs in the driver's group: `ray.init` has begun, with seconds to go (raylet, agents)."""
+    def name(pid: int) -> str:
+        try:
+            return Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            return ""
+
+    return any(name(pid) == "gcs_server" for pid in alive(pgid))
+
+
+def left_behind(pgid: int, within_s: float = 30.0) -> list[int]:
+    """The processes of the driver's group still running `within_s` after it exited (Ray's need a moment)."""
+    deadline = time.monotonic() + within_s
+    while alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive(pgid)
+
+
+@pytest.mark.parametrize("moment", ["store", "ray"])
+def test_a_sigterm_while_the_search_starts_exits_143_and_leaves_nothing(tmp_path, moment):
+    """Before Ray started, SIGTERM killed the driver (status -15) while MLflow made the store's tables,
+    leaving a store later commands failed on; during `ray.init`, Ray's own handler made it exit 15, and
+    the agents its raylet had started lived on for a minute."""
+    write_spec(tmp_path, [3])
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    driver = subprocess.Popen(command("spec.yaml", "--smoke", "--num-cpus", "1", "--storage-path", "runs",
+                                      "--tracking-uri", uri),
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        if moment == "store":  # its tables take seconds to make, from another thread
+            wait_for((tmp_path / "mlflow.db").exists, driver, "the store's creation")
+        else:
+            wait_for(lambda: gcs_started(driver.pid), driver, "Ray's start")
+        driver.send_signal(signal.SIGTERM)
+        out, err = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    assert driver.returncode == 128 + signal.SIGTERM, out + err
+    assert err.strip().splitlines()[-1] == "terminated" and "Traceback" not in out + err, out + err
+    assert left_behind(driver.pid) == []
+    assert not list((tmp_path / "runs").glob("*"))  # the search had not begun: its folder is gone
+    client = MlflowClient(uri)  # a whole store, not tables cut short
+    assert [r.info.status for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+            if r.info.status == "RUNNING"] == []
+
