@@ -4,9 +4,7 @@ Python's default for SIGTERM ends the process at once: no `finally`, so a traini
 RUNNING until `iterhead reconcile`, and a search's driver dies without Tune's last state save.
 Here SIGTERM stops them as Ctrl-C does: a training's runs end KILLED; a search stops the way
 Tune stops on Ctrl-C (trials stopped, the experiment state saved, runs KILLED, the
-``--resume`` hint printed). Either command then exits 143 (128 + SIGTERM). The embedded Ray's
-processes ignore a SIGTERM sent to the whole process group (`through_ray_init`): the stop is
-the same.
+``--resume`` hint printed). Either command then exits 143 (128 + SIGTERM).
 """
 
 from __future__ import annotations
@@ -59,18 +57,10 @@ def through_ray_init(seen: threading.Event) -> Iterator[None]:
     start (seconds) and leaves it there. A SIGTERM then ended the command with status 15 and no
     word, and the Ray agents its raylet had started lived on for a minute, waiting for a GCS gone
     with the driver. Here that exit ends the processes this start began, then is `Terminated`;
-    the SIGTERM handler found before is put back.
-
-    Ray's processes start with SIGTERM blocked, as Ray starts them with SIGINT blocked (the mask
-    is inherited, by the raylet's workers and agents too). A SIGTERM to the whole process group
-    (`kill -- -PGID`; Slurm signals every process of the job) stopped the GCS and raylet within
-    milliseconds, and Tune's graceful stop then waited on them until Ray's client in the driver
-    gave up after 60 s and exited 1, every run left RUNNING. Now it reaches the driver alone.
-    The cost: `ray.shutdown` kills them after waiting a second on each (4 s in all)."""
+    the SIGTERM handler found before is put back."""
     ours = signal.getsignal(signal.SIGTERM)
     before = set(descendants(os.getpid()))
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # this thread's only: the driver's
-    try:  # SIGTERM still comes, through its other threads or once the mask is back
+    try:
         yield
     except SystemExit as stop:
         if stop.code != signal.SIGTERM:
@@ -81,7 +71,6 @@ def through_ray_init(seen: threading.Event) -> Iterator[None]:
         raise Terminated() from None
     finally:
         signal.signal(signal.SIGTERM, ours)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def descendants(pid: int) -> list[int]:
