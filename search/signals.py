@@ -57,7 +57,8 @@ def through_ray_init(seen: threading.Event) -> Iterator[None]:
     start (seconds) and leaves it there. A SIGTERM then ended the command with status 15 and no
     word, and the Ray agents its raylet had started lived on for a minute, waiting for a GCS gone
     with the driver. Here that exit ends the processes this start began, then is `Terminated`;
-    the SIGTERM handler found before is put back."""
+    the SIGTERM handler found before is put back. (A Ctrl-C there needs nothing: Ray's exit
+    handler stops what it started, `tests/test_stop_signals.py`.)"""
     ours = signal.getsignal(signal.SIGTERM)
     before = set(descendants(os.getpid()))
     try:
@@ -65,8 +66,8 @@ def through_ray_init(seen: threading.Event) -> Iterator[None]:
     except SystemExit as stop:
         if stop.code != signal.SIGTERM:
             raise
-        signal.signal(signal.SIGTERM, ours)  # a repeated SIGTERM must not cut what follows
-        seen.set()
+        seen.set()  # first: a repeated SIGTERM, once ours is back, then finds the stop begun
+        signal.signal(signal.SIGTERM, ours)  # Ray's sys.exit must not cut what follows
         kill_started(before)
         raise Terminated() from None
     finally:
@@ -92,11 +93,13 @@ def kill_started(before: set[int]) -> None:
     """SIGKILL the processes under this one that are not in `before`, each stopped first (SIGSTOP)
     until no new one appears: a raylet still starting would otherwise start agents after the count."""
     stopped: list[int] = []
-    while new := [pid for pid in descendants(os.getpid()) if pid not in before and pid not in stopped]:
-        for pid in new:
+    try:
+        while new := [pid for pid in descendants(os.getpid()) if pid not in before and pid not in stopped]:
+            for pid in new:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+            stopped += new
+    finally:  # never leave one stopped: interrupted here, the ones counted so far still end
+        for pid in stopped:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGSTOP)
-        stopped += new
-    for pid in stopped:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
