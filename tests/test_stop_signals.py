@@ -20,8 +20,6 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from iterhead.trainable import results as r
-
 from support import PARITY_BASE, alive
 
 pytestmark = pytest.mark.integration
