@@ -340,6 +340,7 @@ def _run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO,
         status = "KILLED"
         raise
     finally:
+        signal.signal(signal.SIGTERM, lambda *_: terminated.set())  # raised in the clean-up, it left runs RUNNING
         stopping.close()
         if parent is None:  # a new search that never began: its folder holds nothing
             shutil.rmtree(folder, ignore_errors=True)
