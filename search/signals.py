@@ -57,8 +57,8 @@ def through_ray_init(seen: threading.Event) -> Iterator[None]:
     start (seconds) and leaves it there. A SIGTERM then ended the command with status 15 and no
     word, and the Ray agents its raylet had started lived on for a minute, waiting for a GCS gone
     with the driver. Here that exit ends the processes this start began, then is `Terminated`;
-    the SIGTERM handler found before is put back. (A Ctrl-C there needs nothing: Ray's exit
-    handler stops what it started, `tests/test_stop_signals.py`.)"""
+    the SIGTERM handler found before is put back. (A Ctrl-C there left nothing behind without
+    help in `tests/test_stop_signals.py`, so it is not handled here.)"""
     ours = signal.getsignal(signal.SIGTERM)
     before = set(descendants(os.getpid()))
     try:
