@@ -82,14 +82,25 @@ EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE]
 _StrictSafeLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789."))
 
 
+OCTAL_1_1 = re.compile(r"[-+]?0[0-7_]+")  # YAML 1.1's octal integers: YAML 1.2 reads them as decimal
+
+
 def _no_base_60(kind: str):
     """YAML 1.1 reads ``1:30`` as the base-60 number 90 (YAML 1.2 as text): a `batch_size: 1:00`
-    trained at 60 without a word. Such a value is refused, with its line; so is ``!!int "1:30"``,
+    trained at 60 without a word. Such a value is refused, with its line, as is an integer with a
+    leading zero (``seed: 010`` is 8 to YAML 1.1, 10 to YAML 1.2); so is ``!!int "1:30"``,
     which is 90 to YAML 1.1 (quotes do not change what a tag reads) and no int at all to YAML 1.2:
     there, quoting is no way out, so the message does not offer it."""
     construct = yaml.SafeLoader.yaml_constructors[f"tag:yaml.org,2002:{kind}"]
 
     def refuse_base_60(loader: _StrictSafeLoader, node: yaml.ScalarNode) -> Any:
+        if kind == "int" and OCTAL_1_1.fullmatch(str(node.value)):  # 010: 8 to YAML 1.1, 10 to YAML 1.2
+            octal, decimal = construct(loader, node), int(str(node.value).replace("_", ""))
+            if octal != decimal:  # 07 and 00 read the same either way
+                text = "" if id(node) in loader.tagged else ", or quote it for text"
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{node.value} is the octal number {octal} in YAML 1.1 (and {decimal} in YAML 1.2); "
+                    f"write the number without the leading zero{text}", node.start_mark)
         if ":" not in str(node.value):
             return construct(loader, node)
         value = construct(loader, node)

@@ -56,6 +56,25 @@ def test_base_60_numbers_are_refused_with_their_line(value: str, reads: str) -> 
     assert parse_yaml_mapping("a: '1:00'\nb: 10:00:00 text\n") == {"a": "1:00", "b": "10:00:00 text"}
 
 
+@pytest.mark.parametrize("value, words", [
+    ("010", "010 is the octal number 8 in YAML 1.1 (and 10 in YAML 1.2); write the number without the leading "
+            "zero, or quote it for text"),
+    ("-0_10", "-0_10 is the octal number -8 in YAML 1.1 (and -10 in YAML 1.2)"),
+    ("!!int '010'", "010 is the octal number 8 in YAML 1.1 (and 10 in YAML 1.2); write the number without the "
+                    "leading zero"),
+])
+def test_an_integer_with_a_leading_zero_is_refused_where_the_yaml_versions_disagree(value: str, words: str) -> None:
+    """`seed: 010` is 8 to YAML 1.1 (PyYAML) and 10 to YAML 1.2: a run seeded otherwise than written,
+    without a word. 07, 00 and 08 (no octal) read the same either way and pass."""
+    from iterhead.curricula.io import parse_yaml_mapping
+
+    with pytest.raises(ConfigError) as err:
+        parse_yaml_mapping(f"name: x\nseed: {value}\n")
+    assert f"line 2, column 7: {words}" in str(err.value), str(err.value)
+    assert parse_yaml_mapping("a: 07\nb: 00\nc: 08\nd: '010'\ne: 0x10\n") == {"a": 7, "b": 0, "c": "08", "d": "010",
+                                                                               "e": 16}
+
+
 @pytest.mark.parametrize("value, shown, reads", [('!!int "1:30"', "!!int '1:30'", "90"),
                                                  ("!!int 1:30", "!!int '1:30'", "90"),
                                                  ("!!float '1:30.5'", "!!float '1:30.5'", "90.5")])
