@@ -85,7 +85,7 @@ _StrictSafeLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOA
 OCTAL_1_1 = re.compile(r"[-+]?0[0-7_]+")  # YAML 1.1's octal integers: YAML 1.2 reads them as decimal
 
 
-def _no_base_60(kind: str):
+def _one_reading(kind: str):
     """YAML 1.1 reads ``1:30`` as the base-60 number 90 (YAML 1.2 as text): a `batch_size: 1:00`
     trained at 60 without a word. Such a value is refused, with its line, as is an integer with a
     leading zero (``seed: 010`` is 8 to YAML 1.1, 10 to YAML 1.2); so is ``!!int "1:30"``,
@@ -93,7 +93,7 @@ def _no_base_60(kind: str):
     there, quoting is no way out, so the message does not offer it."""
     construct = yaml.SafeLoader.yaml_constructors[f"tag:yaml.org,2002:{kind}"]
 
-    def refuse_base_60(loader: _StrictSafeLoader, node: yaml.ScalarNode) -> Any:
+    def construct_one_reading(loader: _StrictSafeLoader, node: yaml.ScalarNode) -> Any:
         if kind == "int" and OCTAL_1_1.fullmatch(str(node.value)):  # 010: 8 to YAML 1.1, 10 to YAML 1.2
             octal, decimal = construct(loader, node), int(str(node.value).replace("_", ""))
             if octal != decimal:  # 07 and 00 read the same either way
@@ -111,11 +111,11 @@ def _no_base_60(kind: str):
             problem = (f"{node.value} is a base-60 number in YAML 1.1 ({value}); write the number itself, or quote it "
                        "for text")
         raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark)
-    return refuse_base_60
+    return construct_one_reading
 
 
 for _kind in ("int", "float"):
-    _StrictSafeLoader.add_constructor(f"tag:yaml.org,2002:{_kind}", _no_base_60(_kind))
+    _StrictSafeLoader.add_constructor(f"tag:yaml.org,2002:{_kind}", _one_reading(_kind))
 
 
 MAX_YAML_BYTES = 16 * 2**20  # far above any curriculum or spec; a bigger file is not one

@@ -16,6 +16,7 @@ from iterhead.curricula.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, Conf
 from iterhead.search.ablate import cmd_ablate
 from iterhead.search.endpoints import address_field, check_store, ray_address, uri_field
 from iterhead.search.signals import Terminated, sigterm_as_ctrl_c
+from iterhead.search.tracking import DEFAULT_URI
 
 # Whose exceptions are the tracking store's (unreachable server, locked or broken database): one
 # line and exit 1, not the client's traceback through its retries.
@@ -319,6 +320,8 @@ NOT_EMPTY = {
     "storage_path": ("--storage-path", "give a folder, or leave the option out for ./ray_results"),
     "checkpoint": ("--checkpoint", "give a trial's checkpoint folder"),
     "out": ("-o", "give the file or folder to write"),
+    "tracking_uri": ("--tracking-uri", f"give a tracking URI, or leave the option out for $MLFLOW_TRACKING_URI or "
+                                       f"{DEFAULT_URI}"),
 }
 
 

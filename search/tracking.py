@@ -61,9 +61,6 @@ def resolve_uri(uri: str | None, must_exist: bool = False) -> str:
     """The tracking URI to use, checked: `ConfigError` for one MLflow cannot use, and with
     `must_exist` (commands that only read a store) for a sqlite file that holds no store yet."""
     field = uri_field(uri)
-    if uri is not None and not uri.strip():  # `uri or ...` below took it for the default
-        raise ConfigError(f"{uri!r} is {'empty' if not uri else 'blank'}; give a tracking URI, or leave the option "
-                          f"out for $MLFLOW_TRACKING_URI or {DEFAULT_URI}", field="--tracking-uri")
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
     require_utf8(uri, shown(uri), "give a URI in UTF-8", field=field)  # MLflow failed on it after the run began
     scheme = uri.split(":", 1)[0].split("+", 1)[0] if ":" in uri else uri  # `databricks` alone
