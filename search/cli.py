@@ -14,12 +14,13 @@ from typing import Sequence
 
 from iterhead.curricula.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ConfigError, printable, require_utf8, shown
 from iterhead.search.ablate import cmd_ablate
-from iterhead.search.endpoints import address_field, check_store, ray_address, uri_field
+from iterhead.search.endpoints import address_field, check_store, not_a_tracking_server, ray_address, uri_field
 from iterhead.search.signals import Terminated, sigterm_as_ctrl_c
 from iterhead.search.tracking import DEFAULT_URI
 
 # Whose exceptions are the tracking store's (unreachable server, locked or broken database): one
-# line and exit 1, not the client's traceback through its retries.
+# line and exit 1, not the client's traceback through its retries; exit 2 where the answer shows
+# that the URI names no MLflow server (`endpoints.not_a_tracking_server`).
 STORE_MODULES = ("mlflow.", "sqlalchemy.", "sqlite3")
 
 
@@ -367,8 +368,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the tracking store's failures only; the rest go on up
         if not type(err).__module__.startswith(STORE_MODULES):
             raise
+        given = getattr(args, "tracking_uri", None)
+        field = uri_field(given)
+        wrong = not_a_tracking_server(err, given or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
+        if wrong:
+            print(f"error: {field}: {wrong}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         lines = str(err).strip().splitlines() or [type(err).__name__]
-        field = uri_field(getattr(args, "tracking_uri", None))
         print(f"error: {field}: the MLflow store failed: {lines[0][:400]}", file=sys.stderr)
         return EXIT_FAILED
 

@@ -11,6 +11,7 @@ variable it came from), before a folder, a store or a Ray is made.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 import urllib.parse
@@ -197,6 +198,32 @@ def _check_server(uri: str, field: str) -> None:
     except OSError as err:
         raise ConfigError(f"no tracking server answers at {_without_login(uri)} ({err.strerror or err}); start it "
                           "(mlflow_server/start.sh) or fix the URI", field=field) from None
+
+
+# MLflow's error for an answer that is not its JSON (`rest_utils.verify_rest_response`): to calls on
+# experiments, which every MLflow server has answered since 1.0, a 404, 405 or 501 says the URI names
+# no MLflow server (a wrong port or path); a 200 that is not JSON says so to any call. Other codes
+# (401, 403, 5xx from a proxy) may stand before a working server, and stay failures while running.
+_NO_SUCH_CALL = re.compile(r"API request to endpoint (/api/2\.0/mlflow/experiments/\S+) failed with error code "
+                           r"(404|405|501) ")
+_NOT_JSON = "API request to endpoint was successful but the response body was not in a valid JSON format"
+
+
+def not_a_tracking_server(err: BaseException, uri: str) -> str | None:
+    """Why `err`, raised by MLflow on a call to the HTTP store `uri`, shows that `uri` names no
+    MLflow server (bad input: its one line names the fix); None where it does not show that."""
+    if not uri.startswith(("http://", "https://")) or type(err).__module__.split(".")[0] != "mlflow":
+        return None
+    text = str(err)
+    found = _NO_SUCH_CALL.match(text)
+    if found:
+        said = f"answered {found[1]} with HTTP {found[2]} and no MLflow reply"
+    elif text.startswith(_NOT_JSON):
+        said = "answered with a page that is no MLflow reply"
+    else:
+        return None
+    return (f"{_without_login(uri)} is no MLflow tracking server: it {said}; fix the URI (host, port and path) or "
+            "start one (mlflow_server/start.sh)")
 
 
 def _without_login(uri: str) -> str:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import http.server
 import socket
 import struct
+import threading
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from iterhead.curricula.io import parse_curriculum
 from iterhead.curricula.schema import Curriculum
@@ -67,6 +70,36 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def web_server(status: int, body: bytes | None) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 that answers every GET and POST with `status` and the page
+    `body` (None: no handler, so http.server's own 501 page), as a web server that is no MLflow
+    does; yields its URL."""
+
+    class Answers(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:  # not on the command's stderr
+            pass
+
+        def answer(self) -> None:
+            assert body is not None
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        if body is not None:
+            do_GET = do_POST = answer
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answers)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def no_ray(opts: Any) -> None:

@@ -7,7 +7,7 @@ from mlflow import MlflowClient
 
 from iterhead.search.cli import main
 
-from support import ROOT, no_ray
+from support import ROOT, no_ray, web_server
 
 SMALL = ROOT / "examples" / "poly_then_parity_small.yaml"
 
@@ -215,26 +215,26 @@ def test_a_deleted_experiment_exits_2_before_training(tmp_path, capsys, seeds):
     assert "training" not in captured.out
 
 
-def test_a_server_that_is_no_tracking_store_fails_in_one_line_before_training(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("status, body, code", [
+    (501, None, 2),  # no handler for any method: http.server's own page
+    (404, b"<!DOCTYPE html><title>Not Found</title>", 2),  # another web server on the port
+    (200, b"<html>a web app</html>", 2),  # one that answers every path with its page
+    (503, b"<html>Service Unavailable</html>", 1),  # a proxy before a server that may work later
+])
+def test_a_server_that_is_no_tracking_store_fails_in_one_line_before_training(tmp_path, capsys, monkeypatch,
+                                                                                 status, body, code):
     """MLflow's traceback through its retries (139 lines), after the training it could not record.
-    The server answers (so `endpoints.check_store` lets it by), but with 501 to every call."""
-    import http.server
-    import threading
-
+    The server answers (so `endpoints.check_store` lets it by), but not as MLflow: a URI that names
+    no MLflow server is bad input (exit 2, the fix named); a proxy's 503 is a failure while running."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.chdir(tmp_path)
-    class Refuses(http.server.BaseHTTPRequestHandler):  # 501 to every call
-        def log_message(self, *args) -> None:  # not on the command's stderr
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuses)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        assert main(["train", str(SMALL), "--tracking-uri", f"http://127.0.0.1:{server.server_port}"]) == 1
-    finally:
-        server.shutdown()
-        server.server_close()
+    with web_server(status, body) as uri:
+        assert main(["train", str(SMALL), "--tracking-uri", uri]) == code
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: --tracking-uri: the MLflow store failed: "), err
+    if code == 2:
+        assert len(err) == 1 and err[0].startswith(f"error: --tracking-uri: {uri} is no MLflow tracking server: "), err
+        assert err[0].endswith("fix the URI (host, port and path) or start one (mlflow_server/start.sh)"), err
+    else:
+        assert len(err) == 1 and err[0].startswith("error: --tracking-uri: the MLflow store failed: "), err
     assert "training" not in captured.out
