@@ -14,12 +14,14 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from iterhead.curricula.errors import ConfigError, require_utf8, shown
 from iterhead.search.tracking import sqlite_file
+from iterhead.trainable.checkpoint import write_atomic
 
 if TYPE_CHECKING:
     from iterhead.search.run import SearchOptions
@@ -28,8 +30,10 @@ if TYPE_CHECKING:
 STATE_FILE = "iterhead-search.json"
 
 
-def search_folder(loaded: LoadedSearch, opts: SearchOptions) -> tuple[Path, dict[str, Any] | None]:
-    """Where this search's Tune state lives, and its saved state when resuming.
+def search_folder(loaded: LoadedSearch, opts: SearchOptions,
+                  made: list[Path] | None = None) -> tuple[Path, dict[str, Any] | None]:
+    """Where this search's Tune state lives, and its saved state when resuming; a new search's
+    folder, and the folders above it that did not exist, are added to `made` (`remove_made`).
 
     A saved state of that name that does not read stops a resume only where its search could be
     the one picked (`read_state`): skipping it there could resume an older search in its place."""
@@ -45,10 +49,12 @@ def search_folder(loaded: LoadedSearch, opts: SearchOptions) -> tuple[Path, dict
     own = re.compile(rf"{re.escape(name)}-\d{{8}}-\d{{6}}x*")
     if not opts.resume:
         folder = root / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        root.mkdir(parents=True, exist_ok=True)
+        new = [path for path in (root, *root.parents) if not path.exists()]
         while True:  # made here, atomically: two searches started in one second get a folder each
             try:
-                folder.mkdir()
+                folder.mkdir(parents=True)  # the root too: another search's `remove_made` may just have removed it
+                if made is not None:
+                    made += [folder, *new]
                 return folder, None
             except FileExistsError:
                 folder = folder.with_name(folder.name + "x")
@@ -79,6 +85,18 @@ def search_folder(loaded: LoadedSearch, opts: SearchOptions) -> tuple[Path, dict
     return folder, state
 
 
+def remove_made(made: list[Path]) -> None:
+    """Remove a new search's folder that never began, and then each folder above it made for it
+    that is empty (another search may have begun in one since), nearest first."""
+    if made:
+        shutil.rmtree(made[0], ignore_errors=True)
+    for path in made[1:]:
+        try:
+            path.rmdir()
+        except OSError:  # not empty, or gone
+            return
+
+
 def _rank(state_file: Path) -> tuple[bool, float]:
     """Which search a resume picks (the highest): one Tune saved a state for, then the newest
     saved state of iterhead's; readable or not. A time that cannot be read counts as newest."""
@@ -104,6 +122,10 @@ SAVED: dict[str, Callable[[Any], bool]] = {  # what a resume reads of a saved st
     "search_spec": lambda v: isinstance(v, dict),
 }
 REQUIRED = ("parent_run_id", "uri", "base", "budget", "smoke", "penalty")  # every search saved them
+
+
+def save_state(folder: Path, state: dict[str, Any]) -> None:
+    write_atomic(folder / STATE_FILE, lambda f: f.write(json.dumps(state, indent=1).encode()))
 
 
 def read_state(path: Path) -> dict[str, Any]:

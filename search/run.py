@@ -29,12 +29,11 @@ from typing import Any, TextIO
 from iterhead.curricula.errors import ConfigError
 from iterhead.curricula.trial import SMOKE_PBT, TRIAL_FILE
 from iterhead.search import outcome, sharing, signals
-from iterhead.search.folder import (STATE_FILE, absolute_uri, check_parent_run, check_resume_options,
-                                    check_tune_state, ended_before, hold_folder, search_folder, spec_edits)
+from iterhead.search.folder import (STATE_FILE, absolute_uri, check_parent_run, check_resume_options, check_tune_state,
+                                    ended_before, hold_folder, remove_made, save_state, search_folder, spec_edits)
 from iterhead.search.spec import LoadedSearch, Resources, SearchSettings
 from iterhead.search.tracking import Heartbeat, RunWriter, ui_hint
 from iterhead.trainable import results
-from iterhead.trainable.checkpoint import write_atomic
 
 POPULATION = "population"  # a PBT search's population entries, inside its folder (`trainable/population.py`)
 SCRATCH = "artifacts"  # the MLflow callback's copies of trial artifacts awaiting upload
@@ -215,7 +214,8 @@ def _run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO,
     keys = list(spec.pbt.mutate) if pbt else list(spec.space)  # what the summary shows of each trial
     if not opts.address and not opts.resume:  # checked before Ray starts (a resume's: below)
         check_resources(loaded, float(opts.num_cpus or os.cpu_count() or 1), float(local_gpus()), "this machine")
-    folder, state = search_folder(loaded, opts)
+    new_folders: list[Path] = []  # removed if the search never begins
+    folder, state = search_folder(loaded, opts, new_folders)
     opts = replace(opts, uri=absolute_uri(opts.uri))  # saved in the state, used by the restored callback
     stopping = contextlib.ExitStack()
     if state:
@@ -298,7 +298,7 @@ def _run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO,
                                    _spec_params(loaded, settings, opts, base)).result()
             ours = True
             heartbeat = Heartbeat(writer, parent)
-            _save_state(folder, {"parent_run_id": parent, "uri": opts.uri, "spec": str(loaded.path.resolve()),
+            save_state(folder, {"parent_run_id": parent, "uri": opts.uri, "spec": str(loaded.path.resolve()),
                                  "state": "running", "base": base, "budget": budget, "smoke": smoke,
                                  "penalty": penalty, "seeds": seeds, "precision": precision,
                                  "share": share, "plan": plan, "pbt": pbt, "keys": keys,
@@ -332,7 +332,7 @@ def _run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO,
         complete = not terminated.is_set() and outcome.ran_to_end(grid, rows, finished)
         if complete:
             outcome.log_summary(writer, parent, rows, keys, sharing.accounting(rows))
-            _save_state(folder, {**json.loads((folder / STATE_FILE).read_text()), "state": "finished"})
+            save_state(folder, {**json.loads((folder / STATE_FILE).read_text()), "state": "finished"})
             for own in (sharing.PREFIXES, POPULATION, SCRATCH):  # only this search's trials start there
                 shutil.rmtree(folder / own, ignore_errors=True)
         status = "FINISHED" if complete else "KILLED"
@@ -343,7 +343,7 @@ def _run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO,
         signal.signal(signal.SIGTERM, lambda *_: terminated.set())  # raised in the clean-up, it left runs RUNNING
         stopping.close()
         if parent is None:  # a new search that never began: its folder holds nothing
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_made(new_folders)
         try:
             if heartbeat is not None:
                 heartbeat.stop()
@@ -368,10 +368,6 @@ def _run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO,
     if status != "FINISHED":  # Tune's graceful stop: the command still exits 130, or 143 after SIGTERM (`signals`)
         raise KeyboardInterrupt()
     return rows
-
-
-def _save_state(folder: Path, state: dict[str, Any]) -> None:
-    write_atomic(folder / STATE_FILE, lambda f: f.write(json.dumps(state, indent=1).encode()))
 
 
 PBT_UNUSED = ("algorithm", "grace_fraction", "reduction_factor")  # search settings a PBT search does not read

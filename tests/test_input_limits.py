@@ -13,7 +13,7 @@ import yaml
 
 from iterhead.search.cli import main
 
-from support import PARITY_BASE
+from support import PARITY_BASE, web_server
 
 MIX = {"name": "b", "seed": 0, **{k: v for k, v in PARITY_BASE.items() if k not in ("name", "seed")},
        "tasks": {"parity": {"kind": "parity"}, "polynomial": {"kind": "polynomial"}, "copy": {"kind": "copy"}},
@@ -256,3 +256,22 @@ def test_num_cpus_with_ray_address_set_names_the_way_to_the_embedded_ray(tmp_pat
         monkeypatch.setenv("RAY_ADDRESS", env)
         with pytest.raises(AssertionError, match="Ray was started"):
             main(argv + extra)
+
+
+@pytest.mark.parametrize("storage", ["runs/deep", "kept"])
+def test_a_search_whose_store_is_no_mlflow_server_exits_2_and_leaves_no_folder(tmp_path, capsys, monkeypatch,
+                                                                                 storage):
+    """The answer comes after the search's folder is made and Ray started: the folder was removed,
+    but not the storage folders made above it (an empty ./ray_results after every such failure).
+    A storage folder that was there before stays."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    write(tmp_path, "c.yaml", PARITY_BASE)
+    write(tmp_path, "spec.yaml", {"name": "s", "base": "c.yaml"})
+    (tmp_path / "kept").mkdir()
+    with web_server(404, b"<html>Not Found</html>") as uri:
+        code = main(["search", "spec.yaml", "--tracking-uri", uri, "--storage-path", storage, "--num-cpus", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "is no MLflow tracking server" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "kept", "spec.yaml"]
+    assert not any((tmp_path / "kept").iterdir())
