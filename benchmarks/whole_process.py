@@ -6,6 +6,7 @@ authors' trainer was measured the same way (`REFERENCE.md`)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,8 @@ def process_seconds(data: dict, device: torch.device, epochs: int, baseline: boo
     """Wall seconds of one whole process training `epochs` epochs of `data`: `iterhead train` at its
     default settings (precision auto; start-up, data, training, its evaluations, MLflow and
     artifacts included), or with `baseline` the obvious loop (fp32, then a full train+test
-    evaluation). Both are told the device and nothing else; the second value is what it printed."""
+    evaluation). Both are told the device and nothing else; the second value is what it printed
+    (the obvious loop's: its last line)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"paper_{epochs}_epochs.yaml"
         path.write_text(yaml.safe_dump(curriculum(data, epochs, f"paper-{epochs}-epochs")))
@@ -36,7 +38,24 @@ def process_seconds(data: dict, device: torch.device, epochs: int, baseline: boo
         t = time.perf_counter()
         out = subprocess.run([*command, "--device", str(device)], check=True, cwd=tmp, capture_output=True, text=True,
                              env={**os.environ, "PYTHONUNBUFFERED": "1"}).stdout
-        return time.perf_counter() - t, out.strip().splitlines()[-1] if out.strip() else ""
+        wall, text = time.perf_counter() - t, out.strip()
+        return wall, text.splitlines()[-1] if baseline and text else text
+
+
+# `iterhead train`'s summary line: its epochs, its evaluations, and all of `train()` (`search/train.py`)
+SUMMARY = re.compile(r"([\d.]+) s training, ([\d.]+) s evaluating \(([\d.]+) s in all\)")
+
+
+def own_seconds(wall: float, printed: str) -> dict[str, float]:
+    """Where a whole `iterhead train` process's `wall` seconds went, from the summary it printed:
+    before `train()` (the interpreter, imports, the command line), its epochs, its evaluations,
+    and the rest of `train()` (data, model, optimiser, MLflow writes and artifacts)."""
+    found = SUMMARY.search(printed)
+    if found is None:
+        raise SystemExit(f"no summary line in iterhead train's output: {printed[-400:]!r}")
+    training, evaluating, in_all = map(float, found.groups())
+    return {"whole": wall, "start": wall - in_all, "training": training, "evaluating": evaluating,
+            "rest": in_all - training - evaluating}
 
 
 REFERENCE_TWO_EPOCHS_S = 86.0  # the authors' trainer, 2 paper epochs (REFERENCE.md: Intel Xeon with AMX, 2026-11-22)
@@ -46,7 +65,9 @@ def process_section(device: torch.device, epochs: int = 2) -> list[str]:
     """`epochs` and 0 epochs of the paper configuration as whole processes, iterhead and the
     obvious loop, one after the other: the difference is what `epochs` epochs of training cost."""
     data = CONFIGS[PAPER]
-    ours = {n: process_seconds(data, device, n)[0] for n in (0, epochs)}
+    runs = {n: process_seconds(data, device, n) for n in (0, epochs)}
+    parts = {n: own_seconds(*runs[n]) for n in runs}
+    ours = {n: parts[n]["whole"] for n in runs}
     base = {0: process_seconds(data, device, 0, baseline=True)[0]}
     base[epochs], detail = process_seconds(data, device, epochs, baseline=True)
     ours_d, base_d = ours[epochs] - ours[0], base[epochs] - base[0]
@@ -63,7 +84,16 @@ def process_section(device: torch.device, epochs: int = 2) -> list[str]:
              f"| obvious loop (`benchmarks/baseline.py --device {device}`, fp32) | {base[epochs]:.1f} | {base[0]:.1f} "
              f"| {base_d:.1f} | 1.0x |",
              f"| `iterhead train --device {device}` (precision auto: {auto}) | {ours[epochs]:.1f} | {ours[0]:.1f} "
-             f"| {ours_d:.1f} | {base_d / ours_d:.1f}x |", "", f"Obvious loop, {epochs}-epoch run: {detail}."]
+             f"| {ours_d:.1f} | {base_d / ours_d:.1f}x |", "", f"Obvious loop, {epochs}-epoch run: {detail}.", "",
+             "Where `iterhead train`'s seconds went, from the summary line each run printed: before `train()` "
+             "(the interpreter, imports, the command line), its epochs, its evaluations, and the rest of `train()` "
+             "(data, model, optimiser, MLflow writes and artifacts).", "",
+             "| run | whole s | before train() s | epochs s | evaluations s | rest of train() s |",
+             "|---|---|---|---|---|---|"]
+    for name, row in ((f"{epochs} epochs", parts[epochs]), ("0 epochs", parts[0]),
+                      ("difference", {k: parts[epochs][k] - parts[0][k] for k in parts[0]})):
+        lines.append(f"| {name} | " + " | ".join(f"{row[k]:.1f}" for k in
+                                                 ("whole", "start", "training", "evaluating", "rest")) + " |")
     if device.type == "cpu" and epochs == 2:
         amx = torch.cpu._is_amx_tile_supported()
         lines += ["", "The obvious loop reuses iterhead's model and data, so it is itself faster than the authors' "

@@ -96,7 +96,8 @@ def print_summary(trainer: Trainer, summary: dict[str, float], seconds: float, r
     lengths = "" if cur.target.min_len is None else f" (lengths {cur.target.min_len}+)"
     print(f"\n{cur.name} (seed {cur.seed}): {reached} {cur.target.task} accuracy {cur.target.accuracy:g}{lengths} "
           f"after {trainer.compute.examples:,} examples, {trainer.compute.flops:.3e} training FLOP, "
-          f"{trainer.compute.seconds:.1f} s training ({seconds:.1f} s in all)", file=out)
+          f"{trainer.compute.seconds:.1f} s training, {trainer.compute.eval_seconds:.1f} s evaluating "
+          f"({seconds:.1f} s in all)", file=out)
     print(f"compute_to_target = {summary[r.COMPUTE_TO_TARGET]:.4e}"
           + ("" if summary[r.REACHED] else " (censored: the documented penalty)"), file=out)
     print(f"MLflow run {run_id} in experiment {experiment!r}; to look: {ui_hint(uri)}", file=out)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
+
 import pytest
 from mlflow import MlflowClient
 
@@ -14,18 +18,20 @@ SMALL = ROOT / "examples" / "poly_then_parity_small.yaml"
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-    """The shipped small curriculum trained twice into one store."""
+    """The shipped small curriculum trained twice into one store; the first run's printed lines."""
     folder = tmp_path_factory.mktemp("train")
     uri = f"sqlite:///{folder}/mlflow.db"
-    for _ in range(2):
-        assert main(["train", str(SMALL), "--tracking-uri", uri, "--experiment", "twice"]) == 0
+    printed = io.StringIO()
+    for i in range(2):
+        with contextlib.redirect_stdout(printed if i == 0 else io.StringIO()):
+            assert main(["train", str(SMALL), "--tracking-uri", uri, "--experiment", "twice"]) == 0
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("twice")
-    return client, client.search_runs([exp.experiment_id])
+    return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"]), printed.getvalue()
 
 
 def test_small_curriculum_reaches_target_reproducibly(two_runs):
-    _, runs = two_runs
+    _, runs, _ = two_runs
     assert len(runs) == 2
     a, b = (r.data.metrics for r in runs)
     assert a["reached"] == b["reached"] == 1.0
@@ -34,8 +40,24 @@ def test_small_curriculum_reaches_target_reproducibly(two_runs):
     assert finals and all(a[k] == b[k] for k in finals)
 
 
+def test_the_summary_line_splits_the_seconds_as_the_run_recorded_them(two_runs):
+    """`benchmarks/whole_process.py` reads this line to say where a whole process's time went."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from whole_process import SUMMARY
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    _, runs, printed = two_runs
+    found = SUMMARY.search(printed)
+    assert found, printed[-600:]
+    training, evaluating, in_all = map(float, found.groups())
+    metrics = runs[0].data.metrics
+    assert (training, evaluating) == (round(metrics["compute/seconds"], 1), round(metrics["compute/eval_seconds"], 1))
+    assert 0 < evaluating and training + evaluating <= in_all
+
+
 def test_run_holds_params_history_and_artifacts(two_runs, tmp_path):
-    client, runs = two_runs
+    client, runs, _ = two_runs
     run = runs[0]
     assert run.info.status == "FINISHED"
     params = run.data.params
