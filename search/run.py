@@ -299,11 +299,11 @@ def _run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO,
             ours = True
             heartbeat = Heartbeat(writer, parent)
             save_state(folder, {"parent_run_id": parent, "uri": opts.uri, "spec": str(loaded.path.resolve()),
-                                 "state": "running", "base": base, "budget": budget, "smoke": smoke,
-                                 "penalty": penalty, "seeds": seeds, "precision": precision,
-                                 "share": share, "plan": plan, "pbt": pbt, "keys": keys,
-                                 "resources": spec.resources.model_dump(),
-                                 "search_spec": spec.model_dump(mode="json")})
+                                "state": "running", "base": base, "budget": budget, "smoke": smoke,
+                                "penalty": penalty, "seeds": seeds, "precision": precision,
+                                "share": share, "plan": plan, "pbt": pbt, "keys": keys,
+                                "resources": spec.resources.model_dump(),
+                                "search_spec": spec.model_dump(mode="json")})
             how = (f"PBT over stage {population.pbt_stage(spec.pbt, base)!r}, {settings.num_samples} members compared "
                    f"every {population.interval_for(spec.pbt, smoke)} epochs" if pbt else
                    f"{settings.num_samples} sample(s), {settings.algorithm} + {settings.scheduler}")
