@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shlex
 import shutil
@@ -27,10 +26,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from iterhead.curricula.errors import ConfigError
-from iterhead.curricula.trial import SMOKE_PBT, TRIAL_FILE
+from iterhead.curricula.trial import SMOKE_PBT
 from iterhead.search import outcome, sharing, signals
 from iterhead.search.folder import (STATE_FILE, absolute_uri, check_parent_run, check_resume_options, check_tune_state,
                                     ended_before, hold_folder, remove_made, save_state, search_folder, spec_edits)
+from iterhead.search.quiet import quiet_libraries
 from iterhead.search.spec import LoadedSearch, Resources, SearchSettings
 from iterhead.search.tracking import Heartbeat, RunWriter, ui_hint
 from iterhead.trainable import results
@@ -126,51 +126,6 @@ def largest_node(nodes: list[dict[str, Any]]) -> tuple[float, float]:
     alive = [node.get("Resources", {}) for node in nodes if node.get("Alive")]
     return (max((res.get("CPU", 0.0) for res in alive), default=0.0),
             max((res.get("GPU", 0.0) for res in alive), default=0.0))
-
-
-def quiet_libraries() -> None:
-    """Keep the terminal iterhead's: what runs, progress, the summary, where to look.
-
-    Off: Tune's configuration box and TensorBoard hint (results live in MLflow; the legacy
-    reporter at verbose=0 prints nothing), MLflow's schema-creation notes and Ray's notice
-    that token authentication is on; Optuna's "study created" line is silenced where the
-    searcher is made. Warnings and errors still reach the terminal.
-    """
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    for name in ("mlflow.store.db.utils", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # A new local Ray turns token authentication on and says so as a warning; it is the
-    # secure default, nothing to act on. Its opposite (auth disabled) still shows.
-    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    if _not_auth_on_notice not in auth.filters:
-        auth.addFilter(_not_auth_on_notice)
-    # Tune's "Resume experiment with: Tuner.restore(...)" after a stop: iterhead prints the
-    # command that resumes the search into its MLflow runs; Tune's would resume without them
-    tune_log = logging.getLogger("ray.tune.tune")
-    if _not_tune_resume_hint not in tune_log.filters:
-        tune_log.addFilter(_not_tune_resume_hint)
-    # Tune's traceback of a trial whose drawn values make an invalid curriculum: the callback
-    # has said so in one line, with the reason; other failures keep their traceback
-    controller = logging.getLogger("ray.tune.execution.tune_controller")
-    if _not_invalid_trial_traceback not in controller.filters:
-        controller.addFilter(_not_invalid_trial_traceback)
-
-
-def _not_auth_on_notice(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("Token authentication is enabled")
-
-
-def _not_tune_resume_hint(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("Experiment has been interrupted, but the most recent state was saved")
-
-
-def _not_invalid_trial_traceback(record: logging.LogRecord) -> bool:
-    """False for Tune's traceback of a trial whose curriculum `trial_curriculum` refused (the error
-    its worker raised, inside Ray's wrapper), which the callback has named; True for the rest."""
-    error = record.exc_info[1] if record.exc_info else None
-    cause = getattr(error, "cause", error)
-    return not (isinstance(cause, ConfigError) and cause.file == TRIAL_FILE
-                and record.getMessage().startswith("Trial task failed"))
 
 
 def start_ray(opts: SearchOptions) -> bool:

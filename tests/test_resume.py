@@ -129,3 +129,54 @@ def test_stopped_search_resumes_into_the_same_runs(tmp_path, seeds, sig, older):
     assert list(tmp_path.glob("runs/*/iterhead-search.json")) and not list(tmp_path.glob("runs/*/artifacts"))
     again = subprocess.run(iterhead(*args, "--resume"), cwd=tmp_path, capture_output=True, text=True)
     assert again.returncode == 2 and "no unfinished search" in again.stderr
+
+
+def test_resumed_optuna_search_says_nothing_alarming(tmp_path):
+    """A search stopped with trials mid-training and trials not started stops and resumes without Tune's
+    "Failed to fetch metrics" (the ones not started have no result files yet) or Optuna's "step
+    is already reported" (a stopped trial trains again from its start and reports its steps
+    again), both harmless (`search.quiet`); and the resumed search's results are whole."""
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(PARITY_BASE))
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "quietly", "base": "base.yaml", "space": {"stages.train.epochs": {"choice": [3, 40]}},
+        # 2 CPUs for 4 trials: two wait, pending, at the stop; no checkpoint before a trial's end
+        "search": {"algorithm": "optuna", "num_samples": 4, "scheduler": "none", "max_concurrent": 4,
+                   "checkpoint_every_s": 600},
+        "resources": {"cpu": 1}}))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["search", "spec.yaml", "--storage-path", "runs", "--tracking-uri", uri, "--num-cpus", "2"]
+    driver = subprocess.Popen(iterhead(*args), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    seen = []
+    for line in driver.stdout:
+        seen.append(line)
+        if " finished:" in line:
+            driver.send_signal(signal.SIGTERM)
+            break
+    seen += driver.stdout.readlines()
+    assert driver.wait(timeout=120) == 128 + signal.SIGTERM, "".join(seen)
+    assert "Failed to fetch metrics" not in "".join(seen)  # Tune's table at the stop, of the same trials
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("quietly")
+    # what makes both warnings: a trial stopped after it reported (Optuna holds its steps) ...
+    stopped = [r for r in client.search_runs([exp.experiment_id]) if r.info.status == "KILLED"
+               and r.data.tags.get("iterhead.kind") != "search" and "acc/parity" in r.data.metrics]
+    assert stopped, "".join(seen)
+    # ... and one Tune had not started when it saved its state (no result files)
+    state = sorted(tmp_path.glob("runs/*/experiment_state-*.json"))[-1]
+    logged = list(tmp_path.glob("runs/*/train_trial_*/result.json"))
+    assert len(json.loads(state.read_text())["trial_data"]) > len(logged), logged
+
+    resumed = subprocess.run(iterhead(*args, "--resume"), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    said = resumed.stdout + resumed.stderr
+    assert "Failed to fetch metrics" not in said and "is already reported" not in said, resumed.stderr[-3000:]
+    runs = client.search_runs([exp.experiment_id])
+    parent, = [r for r in runs if r.data.tags.get("iterhead.kind") == "search"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    assert parent.data.metrics["trials"] == 4
+    for child in children:
+        epochs = int(child.data.params["stages.train.epochs"])
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "acc/parity")]
+        assert sorted(steps) == list(range(epochs)), (epochs, sorted(steps))  # each step once, all of them

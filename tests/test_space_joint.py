@@ -184,7 +184,7 @@ def test_only_a_refused_trial_curriculum_loses_tunes_traceback():
     from ray.exceptions import RayTaskError
 
     from iterhead.curricula.errors import ConfigError
-    from iterhead.search.run import _not_invalid_trial_traceback as shown
+    from iterhead.search.quiet import _not_invalid_trial_traceback as shown
 
     def record(cause: Exception, message: str = "Trial task failed for trial train_trial_1") -> logging.LogRecord:
         error = RayTaskError("train", "Traceback (most recent call last): ...", cause).as_instanceof_cause()
