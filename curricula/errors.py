@@ -32,7 +32,20 @@ class ConfigError(ValueError):
 
     def __str__(self) -> str:
         parts = [p for p in (self.file, self.field) if p]
-        return printable(": ".join(parts + [self.message]))
+        return one_line(": ".join(parts + [self.message]))
+
+
+# Characters that end or redraw a line: C0 and C1 controls (\n, \r, ESC ...) and the separators
+# str.splitlines breaks at. A key, a file name or a value holding one is written escaped (\n,
+# \x1b), so an error stays the one line it promises: the field path and the file name are
+# the user's text, quoted as they wrote it.
+_LINE_BREAKERS = {c: chr(c).encode("unicode_escape").decode() for c in
+                  [*range(0x20), 0x7F, *range(0x80, 0xA0), 0x2028, 0x2029]}
+
+
+def one_line(text: str) -> str:
+    """`text` as one printable line: line breakers escaped, and bytes that are not UTF-8 (`printable`)."""
+    return printable(text.translate(_LINE_BREAKERS))
 
 
 def printable(text: str) -> str:

@@ -68,7 +68,7 @@ def apply(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
             stage = _stage(out, parts[1], key)
             if parts[2] == "mix":
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ConfigError(f"a mix share must be a number, not {value!r}", field=key)
+                    raise ConfigError(f"a mix share must be a number, not {shown(value)}", field=key)
                 shares.setdefault(parts[1], {})[parts[3]] = float(value)
                 continue
             node, parts = stage, parts[2:]

@@ -111,9 +111,14 @@ LearningRate = Annotated[float, Field(gt=0.0, le=MAX_LR)]
 MIN_TARGET = 1e-9
 
 
+# A batch past an epoch's examples trains the epoch as one batch, so a bound takes nothing; past
+# 2**63 numpy's batch offsets turned float and the sampler failed after the run was made.
+MAX_BATCH = 2**31 - 1
+
+
 class OptimSpec(Spec):
     lr: LearningRate = 3.0e-4
-    batch_size: PositiveInt = 256
+    batch_size: Annotated[int, Field(gt=0, le=MAX_BATCH)] = 256
     weight_decay: Annotated[float, Field(ge=0.0, le=MAX_LR)] = 0.0
     # Who draws an epoch's batch order: each seed its own ("seeded"), or one stream shared by
     # every seed ("shared"), which lets batched seeds step through equal shapes unpadded.
@@ -121,12 +126,15 @@ class OptimSpec(Spec):
 
 
 MAX_MIX_WEIGHT = 1e12  # weights are relative; a bound keeps slots x weight finite (`sampler.shares`)
+# Far past any run (a billion epochs); an int of hundreds of digits passed, and the planned FLOPs
+# (`summary.planned_flops`) overflowed a float after the search had started.
+MAX_EPOCHS = 10**9
 
 
 class StageSpec(Spec):
     name: Name
     mix: dict[str, Annotated[float, Field(ge=0.0, le=MAX_MIX_WEIGHT)]]
-    epochs: Annotated[int, Field(ge=0)]
+    epochs: Annotated[int, Field(ge=0, le=MAX_EPOCHS)]
     lr: LearningRate | None = None
     train_modules: list[str] | None = None
     # A shared stage: it trains as the run of this seed does (that seed's data, initial

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from iterhead.curricula.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ConfigError, printable, require_utf8, shown
+from iterhead.curricula.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ConfigError, one_line, require_utf8, shown
 from iterhead.search.ablate import cmd_ablate
 from iterhead.search.endpoints import address_field, check_store, not_a_tracking_server, ray_address, uri_field
 from iterhead.search.signals import Terminated, sigterm_as_ctrl_c
@@ -122,7 +122,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"error: {err}", file=sys.stderr)
             bad += 1
             continue
-        print(printable(f"ok: {file}: {describe(obj)}"))
+        print(one_line(f"ok: {file}: {describe(obj)}"))
     return EXIT_BAD_INPUT if bad else EXIT_OK
 
 
@@ -273,10 +273,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     except OSError as err:  # a full disk, a read-only folder: earlier files are left as they were
         if err.errno == errno.ENAMETOOLONG:
             raise ConfigError(f"cannot write {args.out}: {err.strerror}; give a shorter path", field="-o") from None
-        print(f"error: cannot write {args.out}: {err.strerror or err}", file=sys.stderr)
+        print(one_line(f"error: cannot write {args.out}: {err.strerror or err}"), file=sys.stderr)
         return EXIT_FAILED
     for path in paths:
-        print(printable(f"wrote {path}"))
+        print(one_line(f"wrote {path}"))
     return EXIT_OK
 
 
@@ -286,8 +286,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     page = build(client, args.experiment, Path(args.out), args.parent_run)
     print(unmarked((page.parent / "medians.md").read_text()))
-    print(printable(f"wrote {page} and medians.md beside it (and the figures on the search's parent run, "
-                    "under report/)"))
+    print(one_line(f"wrote {page} and medians.md beside it (and the figures on the search's parent run, "
+                   "under report/)"))
     return EXIT_OK
 
 
@@ -363,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:
         if err.errno != errno.ENAMETOOLONG:  # only a path the user gave can be too long: bad input
             raise
-        print(f"error: {err.filename or err}: {err.strerror}; give a shorter path", file=sys.stderr)
+        print(one_line(f"error: {err.filename or err}: {err.strerror}; give a shorter path"), file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as err:  # noqa: BLE001 - the tracking store's failures only; the rest go on up
         if not type(err).__module__.startswith(STORE_MODULES):
@@ -372,10 +372,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         field = uri_field(given)
         wrong = not_a_tracking_server(err, given or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
         if wrong:
-            print(f"error: {field}: {wrong}", file=sys.stderr)
+            print(one_line(f"error: {field}: {wrong}"), file=sys.stderr)
             return EXIT_BAD_INPUT
         lines = str(err).strip().splitlines() or [type(err).__name__]
-        print(f"error: {field}: the MLflow store failed: {lines[0][:400]}", file=sys.stderr)
+        print(one_line(f"error: {field}: the MLflow store failed: {lines[0][:400]}"), file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -37,7 +37,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from iterhead.curricula.errors import ConfigError, shown
 from iterhead.curricula.io import parse_curriculum, read_yaml_mapping, validation_error
@@ -127,8 +127,11 @@ class Budget(Spec):
     flops: Annotated[float, Field(gt=0, le=MAX_BUDGET)] | None = None
 
 
+RAY_UNIT = 1e-4  # the smallest share of a resource Ray schedules: it refused less after the search began
+
+
 class Resources(Spec):
-    cpu: Annotated[float, Field(gt=0, le=1024)] = 1.0
+    cpu: Annotated[float, Field(ge=RAY_UNIT, le=1024)] = 1.0
     gpu: Annotated[float, Field(ge=0, le=64)] = 0.0
 
     @model_validator(mode="after")
@@ -136,6 +139,14 @@ class Resources(Spec):
         if self.gpu > 1:  # `devices.trial_device` trains on the first of the trial's GPUs: more would sit idle
             raise ValueError(f"a trial trains on one GPU or a share of one; set gpu to at most 1 (got {self.gpu:g})")
         return self
+
+    @field_validator("gpu")
+    @classmethod
+    def _gpu_share(cls, gpu: float) -> float:
+        if 0 < gpu < RAY_UNIT:
+            raise ValueError(f"Ray schedules GPU shares of at least {RAY_UNIT:g}; set gpu to 0 or at least that "
+                             f"(got {gpu:g})")
+        return gpu
 
 
 Seed = Annotated[int, Field(ge=0, lt=2**63)]

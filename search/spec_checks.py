@@ -72,30 +72,38 @@ def _check_space(spec: SearchSpec, base: Curriculum, file: str) -> None:
                           field=f"space.{key}", file=file)
     for key, domain in spec.space.items():
         _check_space_key(key, domain, file)
+    # which shares are searched, before their values: a share of 0 for a stage's only task failed on
+    # its value first, and that message led to a lower end which this rule then refused
+    _check_shares_leave_a_task(spec, base, file)
+    for key, domain in spec.space.items():
         for value in domain.probes():
             err = _invalid(data, {key: value})
             if err is None:
                 continue
             where = f"space.{key}"
             if err.field and err.field != key:
-                raise ConfigError(f"the value {value!r} makes the curriculum invalid: "
+                raise ConfigError(f"the value {_shown(value)} makes the curriculum invalid: "
                                   f"{err.field}: {err.message}", field=where, file=file)
             raise ConfigError(err.message, field=where, file=file)
-    _check_shares_leave_a_task(spec, base, file)
+    _check_shares_sum(spec, base, file)
     _check_joint(spec.space, data, file)
 
 
-def _check_shares_leave_a_task(spec: SearchSpec, base: Curriculum, file: str) -> None:
-    """Searched shares of a stage's mix leave one of its tasks out, which takes what they leave
-    (`overrides.blend`), and sum to at most 1: with every weighted task searched (or the only
-    one), or shares that can sum past 1, the drawn shares would be rescaled behind the values
-    MLflow records. PBT refuses the first alike."""
+def _searched_shares(spec: SearchSpec) -> dict[str, list[str]]:
+    """The tasks whose mix shares the space searches, by stage name."""
     searched: dict[str, list[str]] = {}
     for key in spec.space:
         parts = key.split(".")
         if parts[0] == "stages" and len(parts) == 4 and parts[2] == "mix":
             searched.setdefault(parts[1], []).append(parts[3])
-    for name, tasks in searched.items():
+    return searched
+
+
+def _check_shares_leave_a_task(spec: SearchSpec, base: Curriculum, file: str) -> None:
+    """Searched shares of a stage's mix leave one of its tasks out, which takes what they leave
+    (`overrides.blend`): with every weighted task searched (or the only one), the drawn shares
+    would be rescaled behind the values MLflow records. PBT refuses this alike."""
+    for name, tasks in _searched_shares(spec).items():
         stage = next((s for s in base.stages if s.name == name), None)
         if stage is not None and takes_every_task(stage, tasks):
             trained = ", ".join(sorted(_weighted(stage)))
@@ -104,6 +112,12 @@ def _check_shares_leave_a_task(spec: SearchSpec, base: Curriculum, file: str) ->
                               "task of the stage's mix out of the space to take the rest (give the base's mix that "
                               "task if it has none)",
                               field=f"space.stages.{name}.mix.{tasks[0]}", file=file)
+
+
+def _check_shares_sum(spec: SearchSpec, base: Curriculum, file: str) -> None:
+    """Searched shares of a stage's mix sum to at most 1, or they would be rescaled behind the
+    values recorded; checked once each share's values are known to be valid."""
+    for name, tasks in _searched_shares(spec).items():
         most = sum(max(float(v) for v in spec.space[f"stages.{name}.mix.{task}"].probes()) for task in tasks)
         if len(tasks) > 1 and most > 1:
             raise ConfigError(f"the searched shares of stage {name!r} ({', '.join(tasks)}) can sum to {most:g}, "
@@ -145,7 +159,7 @@ def _check_share(domain: Domain, where: str, file: str) -> None:
     examples, so every value from 1 up would train the same mix."""
     values = list(domain.args)
     if any(not 0.0 <= v <= 1.0 for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)):
-        raise ConfigError(f"a mix share lies in [0, 1] (got {values}): it is the task's fraction of the "
+        raise ConfigError(f"a mix share lies in [0, 1] (got {shown(values)}): it is the task's fraction of the "
                           "stage's examples, and every share from 1 up trains the same mix; narrow the "
                           "domain", field=where, file=file)
 
@@ -280,7 +294,7 @@ def _check_pbt(spec: SearchSpec, base: Curriculum, file: str) -> None:
             try:
                 parse_curriculum(apply(data, {f"stages.{name}.{key}": probe}), file=file)
             except ConfigError as err:
-                raise ConfigError(f"the value {probe!r} makes the curriculum invalid: {err.field}: {err.message}",
+                raise ConfigError(f"the value {_shown(probe)} makes the curriculum invalid: {err.field}: {err.message}",
                                   field=where, file=file) from None
         inside = value in domain.args if domain.kind == "choice" else domain.args[0] <= value <= domain.args[1]
         if not inside:

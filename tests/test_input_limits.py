@@ -50,6 +50,10 @@ CURRICULA = {  # the curriculum's change: what the line must say
                             "model.n_layers: "),  # small weights, but 9 module names a layer to list
     "mlp-past-int64": ({"model": {**PARITY_BASE["model"], "mlp_ratio": 10**20}}, "model: its weights"),
     "data-past-any-memory": ({"data": {**PARITY_BASE["data"], "train_per_len": 10**14}}, "data: its tokens"),
+    # validate said ok; train failed in the sampler (numpy's offsets turned float), after the run was made
+    "batch-past-int64": ({"optim": {**PARITY_BASE["optim"], "batch_size": 2**63}}, "optim.batch_size: "),
+    # validate said ok; a search failed on the planned FLOPs (an int past a float) after Ray started
+    "epochs-past-float": ({"stages": [{**PARITY_BASE["stages"][0], "epochs": 10**400}]}, "stages[0].epochs: "),
 }
 
 
@@ -85,12 +89,41 @@ SPECS = {  # the spec's fields: what the line must say
                             "search": {"algorithm": "random"}}, "fit in a 64-bit integer"),
     "asha-rungs-past-counting": ({"search": {"reduction_factor": 1.000000000000001}},  # hung after Ray started
                                  "search.reduction_factor: 1.000000000000001 with grace_fraction 0.111 gives ASHA "),
+    # Ray refused shares below its unit with a traceback, after the parent run was made
+    "cpu-below-ray-unit": ({"resources": {"cpu": 1e-5}}, "resources.cpu: Input should be greater than or equal to "),
+    "gpu-below-ray-unit": ({"resources": {"gpu": 1e-9}}, "resources.gpu: Ray schedules GPU shares of at least 0.0001"),
+    # the rule that refuses searching a stage's only task comes first: the value 0 was refused
+    # before it, and its message led to a lower end that the rule then refused
+    "only-task-share-from-0": ({"base": "only.yaml", "space": {"stages.train.mix.parity": {"uniform": [0.0, 0.4]}},
+                                "search": {"algorithm": "random"}}, "trains only parity, which the space searches"),
+    # a list of nested aliases in a share's choice: a message of hundreds of MB
+    "nested-share-choice": ({"space": {"stages.train.mix.parity": {"choice": yaml.safe_load(
+        "[&a [x, x, x, x], &b [*a, *a, *a, *a], &c [*b, *b, *b, *b], &d [*c, *c, *c, *c], 2.0]")}},
+        "search": {"algorithm": "random"}}, "a mix share lies in [0, 1] (got [['x', 'x', 'x', 'x'], "),
 }
 
 
 @pytest.mark.parametrize("fields, words", SPECS.values(), ids=list(SPECS))
 def test_specs_that_would_search_other_values_than_recorded_or_fail_after_ray(tmp_path, capsys, fields, words):
-    assert words in error_of(capsys, ["validate", str(spec(tmp_path, **fields))])
+    write(tmp_path, "only.yaml", PARITY_BASE)
+    err = error_of(capsys, ["validate", str(spec(tmp_path, **fields))])
+    assert words in err and len(err) < 1000, err[:2000]
+
+
+@pytest.mark.parametrize("key", [r"x\ny", r"x\ry", r"x\x1b[31my", r"x\u2028y"],
+                         ids=["newline", "return", "escape", "line-separator"])
+@pytest.mark.parametrize("where", ["top", "mix", "space"])
+def test_a_key_that_breaks_lines_is_named_escaped_on_the_one_line(tmp_path, capsys, key, where):
+    """The field path is the user's key: it was written raw, and a newline in it split the line."""
+    raw = key.encode().decode("unicode_escape")
+    if where == "top":
+        path = write(tmp_path, "c.yaml", {**PARITY_BASE, raw: 1})
+    elif where == "mix":
+        path = write(tmp_path, "c.yaml", {**PARITY_BASE, "stages": [{**PARITY_BASE["stages"][0], "mix": {raw: 1.0}}]})
+    else:
+        path = spec(tmp_path, space={f"optim.lr{raw}": {"uniform": [0.001, 0.01]}}, search={"algorithm": "random"})
+    err = error_of(capsys, ["validate", str(path)])
+    assert key in err and raw not in err, err
 
 
 def test_a_choice_of_epochs_written_as_text_and_numbers_validates(tmp_path, capsys):

@@ -70,7 +70,7 @@ BAD = {
                              "space.stages.finetune.mix.polynomial", "drawn shares would be rescaled to sum to 1"),
     "num-samples-bool": ("search: {num_samples: true}\n", "search.num_samples", "a number is needed here"),
     "negative-gpu": ("resources: {gpu: -1}\n", "resources.gpu", "greater than or equal to 0"),
-    "zero-cpu": ("resources: {cpu: 0}\n", "resources.cpu", "greater than 0"),
+    "zero-cpu": ("resources: {cpu: 0}\n", "resources.cpu", "greater than or equal to 0.0001"),
     "two-gpus": ("resources: {gpu: 2}\n", "resources", "a trial trains on one GPU or a share of one"),
     "unknown-resource": ("resources: {tpu: 1}\n", "resources.tpu", "unknown field"),
     "whole-section": ("space:\n  model: {choice: [1]}\n", "space.model", "single value, not a whole section (fields: d_model,"),
