@@ -85,6 +85,9 @@ def closest(given: object, choices: Iterable[object], cutoff: float = 0.6) -> st
     return by_lower[found[0]] if found else None
 
 
+MAX_LISTED = 24  # choices a message lists; the nearest one is found among all of them
+
+
 def suggest(given: object, choices: Iterable[object], *, listing: str = "choose one of") -> str:
     """What to write instead of `given`: ``did you mean 'x'? (choose one of a, b)``, or only
     ``choose one of a, b`` when no choice is close. Empty when there is nothing to choose.
@@ -94,7 +97,8 @@ def suggest(given: object, choices: Iterable[object], *, listing: str = "choose 
     names = [str(c) for c in choices]
     if not names:
         return ""
-    listed = f"{listing} {', '.join(names)}"
+    more = f", ... ({len(names)} in all)" if len(names) > MAX_LISTED else ""  # a 1024-layer model's modules
+    listed = f"{listing} {', '.join(names[:MAX_LISTED])}{more}"
     best = closest(given, names)
     return f"did you mean {best!r}? ({listed})" if best is not None else listed
 

@@ -50,6 +50,10 @@ CURRICULA = {  # the curriculum's change: what the line must say
                             "model.n_layers: "),  # small weights, but 9 module names a layer to list
     "mlp-past-int64": ({"model": {**PARITY_BASE["model"], "mlp_ratio": 10**20}}, "model: its weights"),
     "data-past-any-memory": ({"data": {**PARITY_BASE["data"], "train_per_len": 10**14}}, "data: its tokens"),
+    # a line of every module of the model (100 KB): a bounded listing, the nearest name still found
+    "module-list-of-1024-layers": ({"model": {**PARITY_BASE["model"], "d_model": 8, "n_layers": 1024},
+                                    "stages": [{**PARITY_BASE["stages"][0], "train_modules": ["blocks.1000.mlpp"]}]},
+                                   "did you mean 'blocks.1000.mlp'? (modules of this model: blocks, blocks.0, "),
     # validate said ok; train failed in the sampler (numpy's offsets turned float), after the run was made
     "batch-past-int64": ({"optim": {**PARITY_BASE["optim"], "batch_size": 2**63}}, "optim.batch_size: "),
     # validate said ok; a search failed on the planned FLOPs (an int past a float) after Ray started
@@ -60,7 +64,8 @@ CURRICULA = {  # the curriculum's change: what the line must say
 @pytest.mark.parametrize("change, words", CURRICULA.values(), ids=list(CURRICULA))
 def test_curricula_that_would_fail_or_mislead_in_training(tmp_path, capsys, change, words):
     path = write(tmp_path, "c.yaml", {**PARITY_BASE, **change})
-    assert words in error_of(capsys, ["validate", str(path)])
+    err = error_of(capsys, ["validate", str(path)])
+    assert words in err and len(err) < 1000, err[:2000]
 
 
 def test_a_file_of_nested_aliases_is_refused_at_once(tmp_path):
