@@ -85,7 +85,7 @@ def _check_space(spec: SearchSpec, base: Curriculum, file: str) -> None:
                 raise ConfigError(f"the value {_shown(value)} makes the curriculum invalid: "
                                   f"{err.field}: {err.message}", field=where, file=file)
             raise ConfigError(err.message, field=where, file=file)
-    _check_shares_sum(spec, base, file)
+    _check_shares_sum(spec, file)
     _check_joint(spec.space, data, file)
 
 
@@ -114,7 +114,7 @@ def _check_shares_leave_a_task(spec: SearchSpec, base: Curriculum, file: str) ->
                               field=f"space.stages.{name}.mix.{tasks[0]}", file=file)
 
 
-def _check_shares_sum(spec: SearchSpec, base: Curriculum, file: str) -> None:
+def _check_shares_sum(spec: SearchSpec, file: str) -> None:
     """Searched shares of a stage's mix sum to at most 1, or they would be rescaled behind the
     values recorded; checked once each share's values are known to be valid."""
     for name, tasks in _searched_shares(spec).items():
