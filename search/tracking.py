@@ -147,9 +147,23 @@ def raise_first(futures: list[Future]) -> None:
     errors = [e for e in (f.exception() for f in futures) if e is not None]
     if not errors:
         return
-    if len(errors) > 1 and hasattr(errors[0], "add_note"):
-        errors[0].add_note(f"{len(errors) - 1} more tracking write(s) failed; the last: {errors[-1]!r}")
+    more = [e for e in errors[1:] if e is not errors[0]]  # writes skipped after it raise it again
+    if more and hasattr(errors[0], "add_note"):
+        errors[0].add_note(f"{len(more)} more tracking write(s) failed; the last: {more[-1]!r}")
     raise errors[0]
+
+
+def unreachable(err: BaseException) -> bool:
+    """Whether `err` says the store did not answer, after MLflow's own retries of the call (about
+    4 minutes by default): MLflow raises its own error with the HTTP client's as the context."""
+    import requests
+
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class RunWriter:
@@ -161,6 +175,7 @@ class RunWriter:
         self._pending: list[Future] = []
         self._lock = threading.Lock()  # submit() is also called from the heartbeat thread
         self._client: Any = None
+        self._down: BaseException | None = None  # the store did not answer this error's write
         self.submit(self._connect)
 
     def _connect(self) -> None:
@@ -173,13 +188,30 @@ class RunWriter:
         if check:
             self.raise_errors()
         with self._lock:
-            future = self._pool.submit(fn, *args)
+            future = self._pool.submit(self._call, fn, *args)
             self._pending.append(future)
         return future
 
     def submit_untracked(self, fn: Callable[..., Any], *args: Any) -> Future:
         """Queue `fn(*args)` in order with the rest, outside the error tracking (heartbeats)."""
-        return self._pool.submit(fn, *args)
+        return self._pool.submit(self._call, fn, *args)
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(*args)` unless the store already failed to answer: each queued write would wait
+        out MLflow's retries again (minutes each: a stopped server held a command for hours), and
+        the command ends on that first error anyway, which every skipped write raises again."""
+        if self._down is not None:
+            raise self._down
+        try:
+            return fn(*args)
+        except Exception as err:
+            self.note_failure(err)
+            raise
+
+    def note_failure(self, err: BaseException) -> None:
+        """Remember `err` if it says the store did not answer, so later writes skip it (`_call`)."""
+        if self._down is None and unreachable(err):
+            self._down = err
 
     def raise_errors(self) -> None:
         with self._lock:
@@ -312,6 +344,7 @@ class Heartbeat:
             run = self.run_id.result() if isinstance(self.run_id, Future) else self.run_id
             self.writer.client.set_tag(run, r.HEARTBEAT_TAG, str(int(time.time())))
         except Exception as err:  # noqa: BLE001 - reported, and the next beat tries again
+            self.writer.note_failure(err)  # a store that did not answer: the queued beats skip it
             warnings.warn(f"iterhead: could not record a heartbeat ({err})", RuntimeWarning, stacklevel=1)
 
     def stop(self) -> None:

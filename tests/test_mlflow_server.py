@@ -8,7 +8,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import yaml
@@ -34,10 +36,9 @@ def listening(port: int) -> set[str]:
     return found
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    data = tmp_path_factory.mktemp("server")
-    port = free_port()
+@contextmanager
+def running_server(data: Path, port: int) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`start.sh` on `port` with its store in `data`, once it answers /health; stopped at the end."""
     proc = subprocess.Popen([str(ROOT / "mlflow_server" / "start.sh"), "--port", str(port), "--data", str(data)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -53,10 +54,19 @@ def server(tmp_path_factory):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"server did not start: {proc.stdout.read().decode()[-2000:]}")
             time.sleep(0.5)
-        yield url, port, data
+        yield url, proc
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # only the process group this test started
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # only the process group this test started
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    data = tmp_path_factory.mktemp("server")
+    port = free_port()
+    with running_server(data, port) as (url, _):
+        yield url, port, data
 
 
 def test_train_logs_to_the_server_over_http(server, tmp_path, monkeypatch):
@@ -115,3 +125,31 @@ def test_bad_port_is_refused():
     out = subprocess.run([str(ROOT / "mlflow_server" / "start.sh"), "--port", "http"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "--port" in out.stderr
+
+
+def test_a_server_gone_mid_run_ends_train_in_one_line(tmp_path):
+    """A server stopped while `iterhead train` logs to it: the first write that MLflow's retries
+    give up on ends the command (exit 1, one line naming the server). Each write queued behind it
+    used to wait out the same retries in turn (4 minutes each by default): hours, without a word."""
+    cur = tiny(name="gone", stages=[{"name": "s", "mix": {"parity": 1.0}, "epochs": 400}])
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cur.model_dump(mode="json")))
+    retries = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0"}  # about 6 s a write, not 4 minutes
+    with running_server(tmp_path / "data", free_port()) as (url, proc):
+        train = subprocess.Popen([str(Path(sys.executable).parent / "iterhead"), "train", str(tmp_path / "c.yaml"),
+                                  "--tracking-uri", url, "--threads", "1"], cwd=tmp_path, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **retries})
+        try:
+            for line in train.stdout:
+                if "epoch    3]" in line:
+                    break
+            os.killpg(proc.pid, signal.SIGKILL)
+            stopped = time.monotonic()
+            _, err = train.communicate(timeout=120)
+        finally:
+            if train.poll() is None:
+                train.kill()
+                train.wait()
+    assert time.monotonic() - stopped < 60  # a few writes' retries; it took minutes
+    assert train.returncode == 1, err
+    assert err.count("\n") == 1 and err.startswith("error: --tracking-uri:") and url in err, err
