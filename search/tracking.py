@@ -159,9 +159,11 @@ def unreachable(err: BaseException) -> bool:
     import requests
 
     seen: BaseException | None = err
-    while seen is not None:
+    chain: set[int] = set()  # a chain can loop back (an error raised again while handling its own cause)
+    while seen is not None and id(seen) not in chain:
         if isinstance(seen, (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError)):
             return True
+        chain.add(id(seen))
         seen = seen.__cause__ or seen.__context__
     return False
 
