@@ -16,12 +16,8 @@ from iterhead.curricula.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, Conf
 from iterhead.search.ablate import cmd_ablate
 from iterhead.search.endpoints import address_field, check_store, not_a_tracking_server, ray_address, uri_field
 from iterhead.search.signals import Terminated, sigterm_as_ctrl_c
-from iterhead.search.tracking import DEFAULT_URI
+from iterhead.search.tracking import DEFAULT_URI, STORE_MODULES
 
-# Whose exceptions are the tracking store's (unreachable server, locked or broken database): one
-# line and exit 1, not the client's traceback through its retries; exit 2 where the answer shows
-# that the URI names no MLflow server (`endpoints.not_a_tracking_server`).
-STORE_MODULES = ("mlflow.", "sqlalchemy.", "sqlite3")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -366,6 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(one_line(f"error: {err.filename or err}: {err.strerror}; give a shorter path"), file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as err:  # noqa: BLE001 - the tracking store's failures only; the rest go on up
+        # one line and exit 1, not the client's traceback through its retries; exit 2 where the
+        # answer shows that the URI names no MLflow server (`endpoints.not_a_tracking_server`)
         if not type(err).__module__.startswith(STORE_MODULES):
             raise
         given = getattr(args, "tracking_uri", None)

@@ -294,6 +294,11 @@ def _run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO,
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except Exception as err:  # a store that stopped answering, say: Tune saved what a resume continues
+        if parent is not None and not isinstance(err, ConfigError):
+            print(f"\nsearch failed; once its cause is fixed, continue it with: {resume_command(loaded, opts)}",
+                  file=out, flush=True)
+        raise
     finally:
         signal.signal(signal.SIGTERM, lambda *_: terminated.set())  # raised in the clean-up, it left runs RUNNING
         stopping.close()
@@ -307,7 +312,7 @@ def _run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO,
         finally:
             try:
                 if writer is not None:
-                    writer.close()
+                    writer.close(stopping=status == "KILLED")
             finally:
                 if started:
                     ray.shutdown()

@@ -18,6 +18,7 @@ import math
 import os
 import re
 import sqlite3
+import sys
 import threading
 import time
 import warnings
@@ -26,7 +27,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any, Callable
 
-from iterhead.curricula.errors import ConfigError, require_utf8, shown
+from iterhead.curricula.errors import ConfigError, one_line, require_utf8, shown
 from iterhead.search.endpoints import uri_field
 from iterhead.trainable import results as r
 
@@ -35,6 +36,8 @@ SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databrick
 MAX_METRICS, MAX_PARAMS, MAX_PARAM_CHARS = 1000, 100, 6000
 STORE_FIX = "name the store the runs were tracked in"  # to a command that reads one
 MLFLOW_TABLES = {"experiments", "runs"}  # in every MLflow store, those made before its migrations too
+# Whose exceptions are the tracking store's (unreachable server, locked or broken database)
+STORE_MODULES = ("mlflow.", "sqlalchemy.", "sqlite3")
 RUNS_PAGE = 50_000  # the most runs one MLflow search returns (its SEARCH_MAX_RESULTS_THRESHOLD)
 
 
@@ -227,10 +230,18 @@ class RunWriter:
             pending, self._pending = self._pending, []
         raise_first(pending)
 
-    def close(self) -> None:
-        """Wait for every queued write; raise the first error."""
+    def close(self, stopping: bool = False) -> None:
+        """Wait for every queued write; raise the first error. A command that is `stopping` (Ctrl-C,
+        SIGTERM) says a store's error in one line instead: raised, it replaced the stop as the
+        command's outcome (exit 1, not 130 or 143) while the store was down."""
         try:
             self.flush()
+        except Exception as err:
+            if not stopping or not type(err).__module__.startswith(STORE_MODULES):
+                raise
+            said = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            print(one_line(f"warning: the tracking store failed while stopping: {said}; runs it did not end stay "
+                           "RUNNING until `iterhead reconcile` (or a search's --resume) reaches it"), file=sys.stderr)
         finally:
             self._pool.shutdown(wait=True)
 

@@ -136,7 +136,7 @@ def train(cur: Curriculum, *, uri: str, experiment: str, device: torch.device,
         raise
     finally:
         logged.end()
-        writer.close()
+        writer.close(stopping=logged.status == "KILLED")
     print_summary(trainer, summary, time.perf_counter() - started, logged.run.result(), experiment, uri, out)
     return summary
 
@@ -176,7 +176,7 @@ def train_seeds(cur: Curriculum, seeds: list[int], *, uri: str, experiment: str,
     finally:
         for logged in runs.values():
             logged.end()
-        writer.close()
+        writer.close(stopping=any(logged.status == "KILLED" for logged in runs.values()))
     for seed, trainer in zip(seeds, batch.trainers):
         print_summary(trainer, summaries[seed], time.perf_counter() - started, runs[seed].run.result(),
                       experiment, uri, out)

@@ -127,29 +127,76 @@ def test_bad_port_is_refused():
     assert out.returncode == 2 and "--port" in out.stderr
 
 
+RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+           "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0"}  # about 6 s a write that gets no answer, not 4 minutes
+
+
+def gone_mid_run(tmp_path: Path, argv: list[str], begun: str, then: signal.Signals | None = None) -> tuple[
+        subprocess.CompletedProcess, float]:
+    """`iterhead ARGV --tracking-uri SERVER`, the server SIGKILLed once stdout shows `begun` (and the
+    command sent `then` at once); the command's outcome, and its seconds from the kill to its end."""
+    with running_server(tmp_path / "data", free_port()) as (url, proc):
+        command = subprocess.Popen([str(Path(sys.executable).parent / "iterhead"), *argv, "--tracking-uri", url],
+                                   cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   env={**os.environ, **RETRIES})
+        try:
+            seen = []
+            for line in command.stdout:
+                seen.append(line)
+                if begun in line:
+                    break
+            os.killpg(proc.pid, signal.SIGKILL)
+            if then is not None:
+                command.send_signal(then)
+            stopped = time.monotonic()
+            out, err = command.communicate(timeout=120)
+        finally:
+            if command.poll() is None:
+                command.kill()
+                command.wait()
+    return subprocess.CompletedProcess(argv, command.returncode, "".join(seen) + out, err), time.monotonic() - stopped
+
+
+def long_curriculum(tmp_path: Path) -> Path:
+    cur = tiny(name="gone", stages=[{"name": "s", "mix": {"parity": 1.0}, "epochs": 400}])
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cur.model_dump(mode="json")))
+    return tmp_path / "c.yaml"
+
+
 def test_a_server_gone_mid_run_ends_train_in_one_line(tmp_path):
     """A server stopped while `iterhead train` logs to it: the first write that MLflow's retries
     give up on ends the command (exit 1, one line naming the server). Each write queued behind it
     used to wait out the same retries in turn (4 minutes each by default): hours, without a word."""
-    cur = tiny(name="gone", stages=[{"name": "s", "mix": {"parity": 1.0}, "epochs": 400}])
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cur.model_dump(mode="json")))
-    retries = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-               "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0"}  # about 6 s a write, not 4 minutes
-    with running_server(tmp_path / "data", free_port()) as (url, proc):
-        train = subprocess.Popen([str(Path(sys.executable).parent / "iterhead"), "train", str(tmp_path / "c.yaml"),
-                                  "--tracking-uri", url, "--threads", "1"], cwd=tmp_path, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **retries})
-        try:
-            for line in train.stdout:
-                if "epoch    3]" in line:
-                    break
-            os.killpg(proc.pid, signal.SIGKILL)
-            stopped = time.monotonic()
-            _, err = train.communicate(timeout=120)
-        finally:
-            if train.poll() is None:
-                train.kill()
-                train.wait()
-    assert time.monotonic() - stopped < 60  # a few writes' retries; it took minutes
-    assert train.returncode == 1, err
-    assert err.count("\n") == 1 and err.startswith("error: --tracking-uri:") and url in err, err
+    done, seconds = gone_mid_run(tmp_path, ["train", str(long_curriculum(tmp_path)), "--threads", "1"], "epoch    3]")
+    assert seconds < 60  # a few writes' retries; it took minutes
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: --tracking-uri: the MLflow store failed: ")
+    assert "http://127.0.0.1:" in done.stderr, done.stderr
+
+
+def test_a_stop_while_the_server_is_gone_stays_a_stop(tmp_path):
+    """SIGTERM while the server does not answer: the store's error, raised while the writer closed,
+    replaced the stop (exit 1, not 143); it is said in one line and the command still exits 143."""
+    done, seconds = gone_mid_run(tmp_path, ["train", str(long_curriculum(tmp_path)), "--threads", "1"], "epoch    3]",
+                                 then=signal.SIGTERM)
+    assert seconds < 60
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("warning: the tracking store failed while stopping: "), lines
+    assert lines[1] == "terminated"
+
+
+def test_a_search_whose_server_is_gone_says_how_to_continue_it(tmp_path):
+    """The search fails (exit 1) at the store's first unanswered write; Tune saved its state, so it
+    says the command that continues it once the server is back (it said nothing)."""
+    long_curriculum(tmp_path)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "gone-search", "base": "c.yaml", "space": {"optim.lr": {"grid": [0.001]}},
+        "search": {"algorithm": "grid", "num_samples": 1, "max_concurrent": 1, "scheduler": "none"}}))
+    done, seconds = gone_mid_run(tmp_path, ["search", "spec.yaml", "--num-cpus", "1", "--storage-path", "runs"],
+                                 "MLflow parent run")
+    assert seconds < 90
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "search failed; once its cause is fixed, continue it with: iterhead search spec.yaml --resume " \
+        "--tracking-uri http://127.0.0.1:" in done.stdout, done.stdout[-2000:]
+    assert done.stderr.splitlines()[-1].startswith("error: --tracking-uri: the MLflow store failed: "), done.stderr
