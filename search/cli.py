@@ -363,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except Exception as err:  # noqa: BLE001 - the tracking store's failures only; the rest go on up
         # one line and exit 1, not the client's traceback through its retries; exit 2 where the
-        # answer shows that the URI names no MLflow server (`endpoints.not_a_tracking_server`)
+        # store's first answer shows that the URI names no MLflow server
         if not type(err).__module__.startswith(STORE_MODULES):
             raise
         given = getattr(args, "tracking_uri", None)

@@ -16,6 +16,8 @@ import socket
 import time
 import urllib.parse
 import urllib.request
+from concurrent.futures import Future
+from typing import Any
 
 from iterhead.curricula.errors import ConfigError
 
@@ -210,20 +212,36 @@ _NOT_JSON = "API request to endpoint was successful but the response body was no
 
 
 def not_a_tracking_server(err: BaseException, uri: str) -> str | None:
-    """Why `err`, raised by MLflow on a call to the HTTP store `uri`, shows that `uri` names no
-    MLflow server (bad input: its one line names the fix); None where it does not show that."""
-    if not uri.startswith(("http://", "https://")) or type(err).__module__.split(".")[0] != "mlflow":
+    """Why `err`, raised by MLflow on the first call to the HTTP store `uri` (`first_answer`), shows
+    that `uri` names no MLflow server (bad input: its one line names the fix); None where it does not."""
+    if not getattr(err, FIRST_ANSWER, False) or not uri.startswith(("http://", "https://")) \
+            or type(err).__module__.split(".")[0] != "mlflow":
         return None
     text = str(err)
     found = _NO_SUCH_CALL.match(text)
     if found:
         said = f"answered {found[1]} with HTTP {found[2]} and no MLflow reply"
     elif text.startswith(_NOT_JSON):
-        said = "answered with a page that is no MLflow reply"
+        said = "answered with a page that is no MLflow reply (a login page, or another web app)"
     else:
         return None
     return (f"{_without_login(uri)} is no MLflow tracking server: it {said}; fix the URI (host, port and path) or "
             "start one (mlflow_server/start.sh)")
+
+
+FIRST_ANSWER = "iterhead_first_answer"  # set on an error of the store's first answer (`first_answer`)
+
+
+def first_answer(future: Future) -> Any:
+    """`future`'s result, where it holds the store's first answer (no run exists yet). Its error is
+    marked: there, an answer showing that the URI names no MLflow server is bad input (exit 2,
+    `not_a_tracking_server`); later the same answer (a proxy's login page mid-run) is a failure
+    while running (exit 1). The mark stays with the error wherever it is raised again."""
+    try:
+        return future.result()
+    except Exception as err:
+        setattr(err, FIRST_ANSWER, True)
+        raise
 
 
 def _without_login(uri: str) -> str:

@@ -32,6 +32,7 @@ from iterhead.search.folder import (STATE_FILE, absolute_uri, check_parent_run, 
                                     ended_before, hold_folder, remove_made, save_state, search_folder, spec_edits)
 from iterhead.search.quiet import quiet_libraries
 from iterhead.search.spec import LoadedSearch, Resources, SearchSettings
+from iterhead.search.endpoints import first_answer
 from iterhead.search.tracking import Heartbeat, RunWriter, ui_hint
 from iterhead.trainable import results
 
@@ -212,7 +213,7 @@ def _run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO,
         with signals.through_ray_init(terminated):
             started = start_ray(opts)  # ... while Ray starts: both take seconds
         try:
-            made.result()  # before any trial can write
+            first_answer(made)  # before any trial can write
         except ConfigError as err:  # a deleted experiment: the spec's name chose it
             raise ConfigError(err.message, field="name", file=str(loaded.path)) from None
         for m in writer.submit(reconcile, writer.client, [experiment]).result():

@@ -158,13 +158,14 @@ def raise_first(futures: list[Future]) -> None:
 
 def unreachable(err: BaseException) -> bool:
     """Whether `err` says the store did not answer, after MLflow's own retries of the call (about
-    4 minutes by default): MLflow raises its own error with the HTTP client's as the context."""
+    4 minutes by default): MLflow raises its own error with the HTTP client's as the context. Not
+    a server that answered with errors (its 429s or 500s, `RetryError`): it may take the next call."""
     import requests
 
     seen: BaseException | None = err
     chain: set[int] = set()  # a chain can loop back (an error raised again while handling its own cause)
     while seen is not None and id(seen) not in chain:
-        if isinstance(seen, (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError)):
+        if isinstance(seen, (requests.ConnectionError, requests.Timeout)):
             return True
         chain.add(id(seen))
         seen = seen.__cause__ or seen.__context__
@@ -210,13 +211,9 @@ class RunWriter:
         try:
             return fn(*args)
         except Exception as err:
-            self.note_failure(err)
+            if self._down is None and unreachable(err):  # only here, on the worker thread
+                self._down = err
             raise
-
-    def note_failure(self, err: BaseException) -> None:
-        """Remember `err` if it says the store did not answer, so later writes skip it (`_call`)."""
-        if self._down is None and unreachable(err):
-            self._down = err
 
     def raise_errors(self) -> None:
         with self._lock:
@@ -344,8 +341,13 @@ class Heartbeat:
         self._thread.start()
 
     def _beat(self) -> None:
+        """A beat is queued only once the last one is done: while the store does not answer, each
+        waits out MLflow's retries (minutes), and beats queued meanwhile would hold every write
+        queued after them for as long again."""
+        beat: Future | None = None
         while True:
-            self.writer.submit_untracked(self._stamp)
+            if beat is None or beat.done():
+                beat = self.writer.submit_untracked(self._stamp)
             if self._stop.wait(self.every):
                 return
 
@@ -357,7 +359,6 @@ class Heartbeat:
             run = self.run_id.result() if isinstance(self.run_id, Future) else self.run_id
             self.writer.client.set_tag(run, r.HEARTBEAT_TAG, str(int(time.time())))
         except Exception as err:  # noqa: BLE001 - reported, and the next beat tries again
-            self.writer.note_failure(err)  # a store that did not answer: the queued beats skip it
             warnings.warn(f"iterhead: could not record a heartbeat ({err})", RuntimeWarning, stacklevel=1)
 
     def stop(self) -> None:

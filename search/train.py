@@ -18,6 +18,7 @@ import torch
 
 from iterhead.curricula.io import flatten
 from iterhead.curricula.schema import Curriculum
+from iterhead.search.endpoints import first_answer
 from iterhead.search.tracking import Heartbeat, RunWriter, ui_hint
 from iterhead.trainable import results as r
 from iterhead.trainable.artifacts import write_artifacts
@@ -122,7 +123,7 @@ def train(cur: Curriculum, *, uri: str, experiment: str, device: torch.device,
     logged = LoggedRun(writer, cur, experiment, run_tags(cur, source, device, precision), cur.name)
     try:
         trainer = Trainer(cur, device, precision=precision)
-        logged.run.result()  # made meanwhile: a store or experiment that cannot take it fails before training
+        first_answer(logged.run)  # made meanwhile: a store or experiment that cannot take it fails first
         print(f"training {cur.name!r} on {device} in {precision} ({trainer.n_params:,} non-embedding parameters)",
               file=out)
         for ev in trainer.run():
@@ -158,7 +159,7 @@ def train_seeds(cur: Curriculum, seeds: list[int], *, uri: str, experiment: str,
     try:
         batch = Seeds(cur, seeds, device, precision)
         for logged in runs.values():  # made meanwhile: a store or experiment that cannot take them fails first
-            logged.run.result()
+            first_answer(logged.run)
         print(f"training {cur.name!r} with seeds {seeds} ({batch.engine_name}) on {device} in {precision} "
               f"({batch.trainers[0].n_params:,} non-embedding parameters each)", file=out)
         for evaluations in batch.run():

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -138,7 +139,9 @@ def gone_mid_run(tmp_path: Path, argv: list[str], begun: str, then: signal.Signa
     with running_server(tmp_path / "data", free_port()) as (url, proc):
         command = subprocess.Popen([str(Path(sys.executable).parent / "iterhead"), *argv, "--tracking-uri", url],
                                    cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   env={**os.environ, **RETRIES})
+                                   env={**os.environ, **RETRIES, "ITERHEAD_HEARTBEAT_S": "3600"})  # no beat's warning
+        watchdog = threading.Timer(300, command.kill)  # reading its stdout has no timeout of its own
+        watchdog.start()
         try:
             seen = []
             for line in command.stdout:
@@ -151,6 +154,7 @@ def gone_mid_run(tmp_path: Path, argv: list[str], begun: str, then: signal.Signa
             stopped = time.monotonic()
             out, err = command.communicate(timeout=120)
         finally:
+            watchdog.cancel()
             if command.poll() is None:
                 command.kill()
                 command.wait()

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -151,13 +152,20 @@ def test_resumed_optuna_search_says_nothing_alarming(tmp_path):
     for line in driver.stdout:
         seen.append(line)
         if " finished:" in line:
-            driver.send_signal(signal.SIGTERM)
             break
+    # Optuna's seeded draws give the second trial 3 epochs, so it ends first; the stop waits for a
+    # running trial's first metrics in the store (a slow start could leave it none to report again)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("quietly")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(
+            "acc/parity" in r.data.metrics and r.data.tags.get("iterhead.kind") != "search"
+            for r in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")):
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGTERM)
     seen += driver.stdout.readlines()
     assert driver.wait(timeout=120) == 128 + signal.SIGTERM, "".join(seen)
     assert "Failed to fetch metrics" not in "".join(seen)  # Tune's table at the stop, of the same trials
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("quietly")
     # what makes both warnings: a trial stopped after it reported (Optuna holds its steps) ...
     stopped = [r for r in client.search_runs([exp.experiment_id]) if r.info.status == "KILLED"
                and r.data.tags.get("iterhead.kind") != "search" and "acc/parity" in r.data.metrics]
