@@ -48,8 +48,9 @@ SUMMARY = re.compile(r"([\d.]+) s training, ([\d.]+) s evaluating \(([\d.]+) s i
 
 def own_seconds(wall: float, printed: str) -> dict[str, float]:
     """Where a whole `iterhead train` process's `wall` seconds went, from the summary it printed:
-    before `train()` (the interpreter, imports, the command line), its epochs, its evaluations,
-    and the rest of `train()` (data, model, optimiser, MLflow writes and artifacts)."""
+    outside `train()` (the interpreter, imports and the command line before it, the summary and
+    the exit after), its epochs, its evaluations, and the rest of `train()` (data, model,
+    optimiser, MLflow writes and artifacts)."""
     found = SUMMARY.search(printed)
     if found is None:
         raise SystemExit(f"no summary line in iterhead train's output: {printed[-400:]!r}")
@@ -85,10 +86,11 @@ def process_section(device: torch.device, epochs: int = 2) -> list[str]:
              f"| {base_d:.1f} | 1.0x |",
              f"| `iterhead train --device {device}` (precision auto: {auto}) | {ours[epochs]:.1f} | {ours[0]:.1f} "
              f"| {ours_d:.1f} | {base_d / ours_d:.1f}x |", "", f"Obvious loop, {epochs}-epoch run: {detail}.", "",
-             "Where `iterhead train`'s seconds went, from the summary line each run printed: before `train()` "
-             "(the interpreter, imports, the command line), its epochs, its evaluations, and the rest of `train()` "
-             "(data, model, optimiser, MLflow writes and artifacts).", "",
-             "| run | whole s | before train() s | epochs s | evaluations s | rest of train() s |",
+             "Where `iterhead train`'s seconds went, from the summary line each run printed: outside `train()` "
+             "(the interpreter, imports and the command line before it, the summary and the exit after), its "
+             "epochs, its evaluations, and the rest of `train()` (data, model, optimiser, MLflow writes and "
+             "artifacts).", "",
+             "| run | whole s | outside train() s | epochs s | evaluations s | rest of train() s |",
              "|---|---|---|---|---|---|"]
     for name, row in ((f"{epochs} epochs", parts[epochs]), ("0 epochs", parts[0]),
                       ("difference", {k: parts[epochs][k] - parts[0][k] for k in parts[0]})):

@@ -125,6 +125,7 @@ REQUIRED = ("parent_run_id", "uri", "base", "budget", "smoke", "penalty")  # eve
 
 
 def save_state(folder: Path, state: dict[str, Any]) -> None:
+    """Write the search's state whole or not at all: a resume reads it (`read_state`)."""
     write_atomic(folder / STATE_FILE, lambda f: f.write(json.dumps(state, indent=1).encode()))
 
 
