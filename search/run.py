@@ -28,11 +28,11 @@ from typing import Any, TextIO
 from iterhead.curricula.errors import ConfigError
 from iterhead.curricula.trial import SMOKE_PBT
 from iterhead.search import outcome, sharing, signals
+from iterhead.search.endpoints import first_answer
 from iterhead.search.folder import (STATE_FILE, absolute_uri, check_parent_run, check_resume_options, check_tune_state,
                                     ended_before, hold_folder, remove_made, save_state, search_folder, spec_edits)
 from iterhead.search.quiet import quiet_libraries
 from iterhead.search.spec import LoadedSearch, Resources, SearchSettings
-from iterhead.search.endpoints import first_answer
 from iterhead.search.tracking import Heartbeat, RunWriter, ui_hint
 from iterhead.trainable import results
 
