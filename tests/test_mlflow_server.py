@@ -178,6 +178,7 @@ def test_a_server_gone_mid_run_ends_train_in_one_line(tmp_path):
     assert "http://127.0.0.1:" in done.stderr, done.stderr
 
 
+@pytest.mark.slow  # a server of its own to kill (about 20 s to start): `make test-slow`
 def test_a_stop_while_the_server_is_gone_stays_a_stop(tmp_path):
     """SIGTERM while the server does not answer: the store's error, raised while the writer closed,
     replaced the stop (exit 1, not 143); it is said in one line and the command still exits 143."""
@@ -190,6 +191,7 @@ def test_a_stop_while_the_server_is_gone_stays_a_stop(tmp_path):
     assert lines[1] == "terminated"
 
 
+@pytest.mark.slow  # a server of its own to kill (about 20 s to start): `make test-slow`
 def test_a_search_whose_server_is_gone_says_how_to_continue_it(tmp_path):
     """The search fails (exit 1) at the store's first unanswered write; Tune saved its state, so it
     says the command that continues it once the server is back (it said nothing)."""

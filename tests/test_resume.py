@@ -132,6 +132,7 @@ def test_stopped_search_resumes_into_the_same_runs(tmp_path, seeds, sig, older):
     assert again.returncode == 2 and "no unfinished search" in again.stderr
 
 
+@pytest.mark.slow  # a stop and a resume of a 4-trial search, about 40 s: `make test-slow`
 def test_resumed_optuna_search_says_nothing_alarming(tmp_path):
     """A search stopped with trials mid-training and trials not started stops and resumes without Tune's
     "Failed to fetch metrics" (the ones not started have no result files yet) or Optuna's "step
