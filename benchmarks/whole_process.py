@@ -6,7 +6,6 @@ authors' trainer was measured the same way (`REFERENCE.md`)."""
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from iterhead.search.train import SUMMARY_SECONDS
 from iterhead.trainable.devices import resolve_precision
 
 from configs import CONFIGS, D_MODEL, PAPER, curriculum
@@ -42,8 +42,6 @@ def process_seconds(data: dict, device: torch.device, epochs: int, baseline: boo
         return wall, text.splitlines()[-1] if baseline and text else text
 
 
-# `iterhead train`'s summary line: its epochs, its evaluations, and all of `train()` (`search/train.py`)
-SUMMARY = re.compile(r"([\d.]+) s training, ([\d.]+) s evaluating \(([\d.]+) s in all\)")
 
 
 def own_seconds(wall: float, printed: str) -> dict[str, float]:
@@ -51,7 +49,7 @@ def own_seconds(wall: float, printed: str) -> dict[str, float]:
     outside `train()` (the interpreter, imports and the command line before it, the summary and
     the exit after), its epochs, its evaluations, and the rest of `train()` (data, model,
     optimiser, MLflow writes and artifacts)."""
-    found = SUMMARY.search(printed)
+    found = SUMMARY_SECONDS.search(printed)
     if found is None:
         raise SystemExit(f"no summary line in iterhead train's output: {printed[-400:]!r}")
     training, evaluating, in_all = map(float, found.groups())

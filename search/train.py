@@ -7,6 +7,7 @@ of that seed would write.
 
 from __future__ import annotations
 
+import re
 import sys
 import tempfile
 import time
@@ -87,6 +88,10 @@ class LoggedRun:
 def run_tags(cur: Curriculum, source: str, device: torch.device, precision: str) -> dict[str, str]:
     return {r.CURRICULUM_TAG: cur.name, r.SOURCE_TAG: source, r.DEVICE_TAG: str(device),
             r.THREADS_TAG: str(torch.get_num_threads()), r.PRECISION_TAG: precision}
+
+
+# The seconds of the summary line, as `benchmarks/whole_process.py` reads them from a whole process
+SUMMARY_SECONDS = re.compile(r"([\d.]+) s training, ([\d.]+) s evaluating \(([\d.]+) s in all\)")
 
 
 def print_summary(trainer: Trainer, summary: dict[str, float], seconds: float, run_id: str,

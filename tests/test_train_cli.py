@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import sys
 
 import pytest
 from mlflow import MlflowClient
 
 from iterhead.search.cli import main
+from iterhead.search.train import SUMMARY_SECONDS
 
 from support import ROOT, no_ray, web_server
 
@@ -42,13 +42,8 @@ def test_small_curriculum_reaches_target_reproducibly(two_runs):
 
 def test_the_summary_line_splits_the_seconds_as_the_run_recorded_them(two_runs):
     """`benchmarks/whole_process.py` reads this line to say where a whole process's time went."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from whole_process import SUMMARY
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
     _, runs, printed = two_runs
-    found = SUMMARY.search(printed)
+    found = SUMMARY_SECONDS.search(printed)
     assert found, printed[-600:]
     training, evaluating, in_all = map(float, found.groups())
     metrics = runs[0].data.metrics
