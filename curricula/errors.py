@@ -43,6 +43,12 @@ _LINE_BREAKERS = {c: chr(c).encode("unicode_escape").decode() for c in
                   [*range(0x20), 0x7F, *range(0x80, 0xA0), 0x2028, 0x2029]}
 
 
+def first_line(err: BaseException, limit: int) -> str:
+    """The first line of `err`'s message, at most `limit` characters (its type's name if it has
+    none): a library's error can run on with a traceback or a whole HTML page."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]
+
+
 def one_line(text: str) -> str:
     """`text` as one printable line: line breakers escaped, and bytes that are not UTF-8 (`printable`)."""
     return printable(text.translate(_LINE_BREAKERS))

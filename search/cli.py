@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from iterhead.curricula.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ConfigError, one_line, require_utf8, shown
+from iterhead.curricula.errors import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ConfigError, first_line, one_line,
+                                       require_utf8, shown)
 from iterhead.search.ablate import cmd_ablate
 from iterhead.search.endpoints import address_field, check_store, not_a_tracking_server, ray_address, uri_field
 from iterhead.search.signals import Terminated, sigterm_as_ctrl_c
-from iterhead.search.tracking import DEFAULT_URI, STORE_MODULES
+from iterhead.search.tracking import DEFAULT_URI, store_error
 
 
 
@@ -364,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the tracking store's failures only; the rest go on up
         # one line and exit 1, not the client's traceback through its retries; exit 2 where the
         # store's first answer shows that the URI names no MLflow server
-        if not type(err).__module__.startswith(STORE_MODULES):
+        if not store_error(err):
             raise
         given = getattr(args, "tracking_uri", None)
         field = uri_field(given)
@@ -372,8 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if wrong:
             print(one_line(f"error: {field}: {wrong}"), file=sys.stderr)
             return EXIT_BAD_INPUT
-        lines = str(err).strip().splitlines() or [type(err).__name__]
-        print(one_line(f"error: {field}: the MLflow store failed: {lines[0][:400]}"), file=sys.stderr)
+        print(one_line(f"error: {field}: the MLflow store failed: {first_line(err, 400)}"), file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from iterhead.curricula.errors import ConfigError
+from iterhead.curricula.errors import ConfigError, first_line
 from iterhead.curricula.trial import SMOKE_PBT
 from iterhead.search import outcome, sharing, signals
 from iterhead.search.endpoints import first_answer
@@ -145,8 +145,8 @@ def start_ray(opts: SearchOptions) -> bool:
         try:
             ray.init(address=opts.address, log_to_driver=False, configure_logging=False)
         except ConnectionError as err:  # something answers there, but no Ray (`endpoints.ray_address`)
-            lines = str(err).strip().splitlines() or [type(err).__name__]
-            raise ConfigError(f"no Ray cluster at {opts.address}: {lines[0][:300]}", field=opts.address_field) from None
+            raise ConfigError(f"no Ray cluster at {opts.address}: {first_line(err, 300)}",
+                              field=opts.address_field) from None
         return True
     ray.init(address="local", num_cpus=opts.num_cpus or os.cpu_count() or 1, num_gpus=local_gpus(),
              include_dashboard=False, log_to_driver=False, configure_logging=False)

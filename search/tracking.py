@@ -27,7 +27,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any, Callable
 
-from iterhead.curricula.errors import ConfigError, one_line, require_utf8, shown
+from iterhead.curricula.errors import ConfigError, first_line, one_line, require_utf8, shown
 from iterhead.search.endpoints import uri_field
 from iterhead.trainable import results as r
 
@@ -156,6 +156,11 @@ def raise_first(futures: list[Future]) -> None:
     raise errors[0]
 
 
+def store_error(err: BaseException) -> bool:
+    """Whether `err` is the tracking store's (`STORE_MODULES`), not iterhead's own."""
+    return type(err).__module__.startswith(STORE_MODULES)
+
+
 def unreachable(err: BaseException) -> bool:
     """Whether `err` says the store did not answer, after MLflow's own retries of the call (about
     4 minutes by default): MLflow raises its own error with the HTTP client's as the context. Not
@@ -234,11 +239,11 @@ class RunWriter:
         try:
             self.flush()
         except Exception as err:
-            if not stopping or not type(err).__module__.startswith(STORE_MODULES):
+            if not stopping or not store_error(err):
                 raise
-            said = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-            print(one_line(f"warning: the tracking store failed while stopping: {said}; runs it did not end stay "
-                           "RUNNING until `iterhead reconcile` (or a search's --resume) reaches it"), file=sys.stderr)
+            print(one_line(f"warning: the tracking store failed while stopping: {first_line(err, 300)}; runs it "
+                           "did not end stay RUNNING until `iterhead reconcile` (or a search's --resume) reaches it"),
+                  file=sys.stderr)
         finally:
             self._pool.shutdown(wait=True)
 
