@@ -345,6 +345,8 @@ class MlflowSearchCallback(tune.Callback):
 
     def on_experiment_end(self, trials, **info) -> None:
         cut = [t for t in trials if not ended(t.last_result, t.status == "ERROR")]  # an interruption left them
+        if cut:  # a store that stopped answering must not turn the stop into a failure
+            self.writer.mark_stopping()
         for trial in cut:
             if run_key(trial) in self.runs and run_key(trial) not in self.ended:
                 self._end(trial, "KILLED")
@@ -354,7 +356,7 @@ class MlflowSearchCallback(tune.Callback):
         if not cut:
             for trial in self._stopped_earlier(trials):
                 self._end(trial, "FINISHED")
-        self.close()
+        self.close(stopping=bool(cut))
 
     def _stopped_earlier(self, trials) -> list:
         """After a resume, the PBT members whose last generation ended before the stop, that the
@@ -369,12 +371,13 @@ class MlflowSearchCallback(tune.Callback):
         return [t for key, t in latest.items() if key not in self.runs and key not in self.ended
                 and t.status == "TERMINATED" and t.last_result and not t.last_result.get(r.MEMBER_ENDS)]
 
-    def close(self) -> None:
-        """Wait for every write (raising the first error), then drop the copied artifacts."""
+    def close(self, stopping: bool = False) -> None:
+        """Wait for every write (raising the first error, or `stopping` saying a store's error in
+        one line: `RunWriter.close`), then drop the copied artifacts."""
         try:
             self._flush()
             if self._writer is not None:
-                self._writer.close()
+                self._writer.close(stopping=stopping)
         finally:
             self._writer = None
             if self._tmp is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from iterhead.search.report import short
-from iterhead.search.tracking import RunWriter, all_runs
+from iterhead.search.tracking import RunWriter, all_runs, store_error
 from iterhead.trainable import results
 
 
@@ -28,15 +28,21 @@ def ended(last_result: dict[str, Any] | None, errored: bool) -> bool:
 
 
 def trial_rows(grid, writer: RunWriter, experiment: str, parent: str, keys: list[str],
-               pbt: bool = False, finished: set[str] = frozenset()) -> list[dict[str, Any]]:
+               pbt: bool = False, finished: set[str] = frozenset(), stopping: bool = False) -> list[dict[str, Any]]:
     """One row per trial: its searched values, outcome and MLflow run (PBT: one per member); a
-    trial in `finished` ended before a resume (`folder.ended_before`)."""
+    trial in `finished` ended before a resume (`folder.ended_before`). A search `stopping` whose
+    store does not answer has rows without runs: the writer's close says the store's error."""
     def children() -> dict[str, str]:
         exp = writer.experiment_id(experiment)
         runs = all_runs(writer.client, exp, f"tags.`{results.PARENT_RUN}` = '{parent}'")
         return {run.data.tags.get(results.TRIAL_ID, ""): run.info.run_id for run in runs}
 
-    run_ids = writer.submit(children).result()
+    try:
+        run_ids = writer.submit(children).result()
+    except Exception as err:
+        if not stopping or not store_error(err):
+            raise
+        run_ids = {}
     if pbt:
         from iterhead.search.population import member_rows
 
@@ -65,8 +71,13 @@ def ran_to_end(grid, rows: list[dict[str, Any]], finished: set[str] = frozenset(
     ended, and no row is unfinished. PBT members between generations have no trial running while
     the searcher has the next ones to propose: a Ctrl-C there left every trial ended, and the
     search was summarised and marked finished (never to be resumed) with its population half trained."""
-    return all(row["status"] != "UNFINISHED" for row in rows) and all(
-        ended(res.metrics, res.error is not None) or (res.metrics or {}).get("trial_id") in finished for res in grid)
+    return all(row["status"] != "UNFINISHED" for row in rows) and trials_ended(grid, finished)
+
+
+def trials_ended(grid, finished: set[str] = frozenset()) -> bool:
+    """Whether every trial of Tune's result grid ended (`ended`), or had before a resume."""
+    return all(ended(res.metrics, res.error is not None) or (res.metrics or {}).get("trial_id") in finished
+               for res in grid)
 
 
 def _trials(grid) -> list[Any]:

@@ -284,7 +284,10 @@ def _run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO,
             grid = tuner.fit()
         finally:  # Tune leaves its own handler, which a SIGTERM (`signals`) would call on a search already over
             signal.signal(signal.SIGINT, sigint)
-        rows = outcome.trial_rows(grid, writer, experiment, parent, keys, pbt, finished)
+        stopped = terminated.is_set() or not outcome.trials_ended(grid, finished)  # Ctrl-C, SIGTERM
+        if stopped:
+            writer.mark_stopping()
+        rows = outcome.trial_rows(grid, writer, experiment, parent, keys, pbt, finished, stopping=stopped)
         complete = not terminated.is_set() and outcome.ran_to_end(grid, rows, finished)
         if complete:
             outcome.log_summary(writer, parent, rows, keys, sharing.accounting(rows))

@@ -39,6 +39,9 @@ MLFLOW_TABLES = {"experiments", "runs"}  # in every MLflow store, those made bef
 # Whose exceptions are the tracking store's (unreachable server, locked or broken database)
 STORE_MODULES = ("mlflow.", "sqlalchemy.", "sqlite3")
 RUNS_PAGE = 50_000  # the most runs one MLflow search returns (its SEARCH_MAX_RESULTS_THRESHOLD)
+# The stores whose failure while stopping this process has said: a search's driver and its
+# callback each close a writer, and one line says it
+SAID_WHILE_STOPPING: set[str] = set()
 
 
 def every_page(search: Callable[[int, str | None], Any], page: int) -> list[Any]:
@@ -187,6 +190,7 @@ class RunWriter:
         self._lock = threading.Lock()  # submit() is also called from the heartbeat thread
         self._client: Any = None
         self._down: BaseException | None = None  # the store did not answer this error's write
+        self._stopping = False  # `mark_stopping()`: earlier writes' errors wait for close(stopping=True)
         self.submit(self._connect)
 
     def _connect(self) -> None:
@@ -195,8 +199,9 @@ class RunWriter:
         self._client = MlflowClient(tracking_uri=self.uri)
 
     def submit(self, fn: Callable[..., Any], *args: Any, check: bool = True) -> Future:
-        """Queue `fn(*args)`; with `check`, first re-raise the error of an earlier failed write."""
-        if check:
+        """Queue `fn(*args)`; with `check`, first re-raise the error of an earlier failed write
+        (unless the command is stopping: `mark_stopping()`)."""
+        if check and not self._stopping:
             self.raise_errors()
         with self._lock:
             future = self._pool.submit(self._call, fn, *args)
@@ -226,6 +231,12 @@ class RunWriter:
             self._pending = [f for f in self._pending if not f.done()]
         raise_first(done)
 
+    def mark_stopping(self) -> None:
+        """The command is stopping (Ctrl-C, SIGTERM): what it still writes (ending its runs) is
+        queued whatever failed before, and close(stopping=True) says the first error. Raised at a
+        later submit, the error skipped the writes after it and replaced the stop (exit 1)."""
+        self._stopping = True
+
     def flush(self) -> None:
         """Wait for every queued write; raise the first error. The writer stays usable."""
         with self._lock:
@@ -241,9 +252,11 @@ class RunWriter:
         except Exception as err:
             if not stopping or not store_error(err):
                 raise
-            print(one_line(f"warning: the tracking store failed while stopping: {first_line(err, 300)}; runs it "
-                           "did not end stay RUNNING until `iterhead reconcile` (or a search's --resume) reaches it"),
-                  file=sys.stderr)
+            if self.uri not in SAID_WHILE_STOPPING:
+                SAID_WHILE_STOPPING.add(self.uri)
+                print(one_line(f"warning: the tracking store failed while stopping: {first_line(err, 300)}; runs "
+                               "it did not end stay RUNNING until `iterhead reconcile` (or a search's --resume) "
+                               "reaches it"), file=sys.stderr)
         finally:
             self._pool.shutdown(wait=True)
 
