@@ -48,7 +48,9 @@ class LoggedRun:
     def __init__(self, writer: RunWriter, cur: Curriculum, experiment: str, tags: dict[str, str],
                  name: str) -> None:
         self.writer, self.cur = writer, cur
-        self.run: Future = writer.submit(writer.create_run, experiment, name, tags, flatten(cur))
+        # unchecked: another run's failed creation is raised where its first answer is read, marked
+        # (`first_answer`); raised here, unmarked, a URI naming no MLflow server exited 1, not 2
+        self.run: Future = writer.submit(writer.create_run, experiment, name, tags, flatten(cur), check=False)
         self.heartbeat = Heartbeat(writer, self.run)
         self.last: Evaluation | None = None
         self.status = "FAILED"

@@ -255,3 +255,28 @@ def test_a_server_that_is_no_tracking_store_fails_in_one_line_before_training(tm
     else:
         assert len(err) == 1 and err[0].startswith("error: --tracking-uri: the MLflow store failed: "), err
     assert "training" not in captured.out
+
+
+def test_a_run_made_after_another_failed_leaves_that_error_to_its_first_answer(monkeypatch):
+    """`train --seeds` makes one run per seed; each creation was submitted checking the writes
+    before it, so where the first seed's had already failed (a URI that names no MLflow server),
+    the second's submit raised that error unmarked: exit 1, not 2, as the race went."""
+    from iterhead.curricula.io import load_curriculum
+    from iterhead.search.endpoints import first_answer, not_a_tracking_server
+    from iterhead.search.tracking import RunWriter
+    from iterhead.search.train import LoggedRun
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    cur = load_curriculum(SMALL)
+    with web_server(200, b"<html>a web app</html>") as uri:
+        writer = RunWriter(uri)
+        runs = [LoggedRun(writer, cur, "seeds", {}, "seed0")]
+        assert runs[0].run.exception() is not None  # failed before the next seed's run is made
+        runs.append(LoggedRun(writer, cur, "seeds", {}, "seed1"))
+        with pytest.raises(Exception) as failed:
+            first_answer(runs[0].run)
+        assert not_a_tracking_server(failed.value, uri), failed.value
+        for logged in runs:
+            logged.end()
+        with pytest.raises(Exception):
+            writer.close()
