@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import http.server
+import os
+import signal
 import socket
 import struct
+import subprocess
 import threading
+import time
+import urllib.request
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,6 +75,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(data: Path, port: int) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`start.sh` on `port` with its store in `data`, once it answers /health; stopped at the end."""
+    proc = subprocess.Popen([str(ROOT / "mlflow_server" / "start.sh"), "--port", str(port), "--data", str(data)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.read().strip() == b"OK":
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start: {proc.stdout.read().decode()[-2000:]}")
+            time.sleep(0.5)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # only the process group this test started
+        proc.wait(timeout=30)
 
 
 @contextmanager

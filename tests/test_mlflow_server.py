@@ -8,10 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import yaml
@@ -19,7 +16,7 @@ from mlflow import MlflowClient
 
 from iterhead.search.cli import main
 
-from support import ROOT, free_port, tiny
+from support import ROOT, free_port, running_server, tiny
 
 pytestmark = pytest.mark.integration
 
@@ -35,31 +32,6 @@ def listening(port: int) -> set[str]:
                 if state == "0A" and int(hex_port, 16) == port:
                     found.add(address)
     return found
-
-
-@contextmanager
-def running_server(data: Path, port: int) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`start.sh` on `port` with its store in `data`, once it answers /health; stopped at the end."""
-    proc = subprocess.Popen([str(ROOT / "mlflow_server" / "start.sh"), "--port", str(port), "--data", str(data)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.read().strip() == b"OK":
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start: {proc.stdout.read().decode()[-2000:]}")
-            time.sleep(0.5)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # only the process group this test started
-        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
