@@ -82,3 +82,16 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(saved)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real `mlflow server` (`mlflow_server/start.sh`) for every test that only logs to it,
+    since its start takes about 20 s: (url, port, data folder). Tests that stop a server start
+    their own."""
+    from support import free_port, running_server
+
+    data = tmp_path_factory.mktemp("server")
+    port = free_port()
+    with running_server(data, port) as (url, _):
+        yield url, port, data

@@ -34,12 +34,9 @@ def listening(port: int) -> set[str]:
     return found
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    data = tmp_path_factory.mktemp("server")
-    port = free_port()
-    with running_server(data, port) as (url, _):
-        yield url, port, data
+@pytest.fixture
+def server(mlflow_server):
+    return mlflow_server
 
 
 def test_train_logs_to_the_server_over_http(server, tmp_path, monkeypatch):

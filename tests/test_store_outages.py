@@ -28,7 +28,7 @@ from mlflow.exceptions import MlflowException
 
 from iterhead.search.tracking import HEARTBEAT_TAG, Heartbeat, RunWriter
 
-from support import free_port, running_server, tiny
+from support import tiny
 
 pytestmark = pytest.mark.integration
 
@@ -144,10 +144,9 @@ def wait_until(done: Callable[[], bool], what: str) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with running_server(tmp_path_factory.mktemp("server"), free_port()) as (url, _):
-        yield url
+@pytest.fixture
+def server(mlflow_server: tuple[str, int, Any]) -> str:
+    return mlflow_server[0]
 
 
 @pytest.fixture
