@@ -279,9 +279,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     client = existing_store(args.tracking_uri)
-    from iterhead.search.page import build, unmarked
+    from iterhead.search.page import NotLogged, build, unmarked
 
-    page = build(client, args.experiment, Path(args.out), args.parent_run)
+    try:
+        page = build(client, args.experiment, Path(args.out), args.parent_run)
+    except NotLogged as err:
+        print(one_line(f"error: {err}"), file=sys.stderr)
+        return EXIT_FAILED
     print(unmarked((page.parent / "medians.md").read_text()))
     print(one_line(f"wrote {page} and medians.md beside it (and the figures on the search's parent run, "
                    "under report/)"))

@@ -171,9 +171,17 @@ def build(client: Any, experiment: str, out: Path, parent_run_id: str | None = N
                  report.medians_text(medians, keys, report.is_replicate(rows)))
         write_atomic(page, lambda f: f.write(marked(text).encode()))  # an interrupted report leaves no cut page
         write_atomic(out / OUTPUTS[1], lambda f: f.write(marked(table + "\n").encode()))
-        client.log_artifacts(parent, str(folder), "report")
-        client.log_artifact(parent, str(page), "report")
+        try:
+            client.log_artifacts(parent, str(folder), "report")
+            client.log_artifact(parent, str(page), "report")
+        except OSError as err:  # a store copied without its artifact folder (whose path it keeps), or read-only
+            raise NotLogged(f"wrote {page}, but its figures cannot be logged on the search's parent run {parent}: "
+                            f"{err.filename or err}: {err.strerror or type(err).__name__}") from None
     return page
+
+
+class NotLogged(RuntimeError):
+    """The page is written, but the parent run's artifact folder refused its figures; exit 1."""
 
 
 def members_text(rows: list[dict[str, Any]]) -> str:

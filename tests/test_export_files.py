@@ -231,3 +231,21 @@ def test_a_missing_store_is_named_from_where_its_uri_came(tmp_path, capsys, monk
     assert main(["export", "--experiment", "e", "-o", "x.yaml"]) == 2
     assert capsys.readouterr().err.startswith("error: MLFLOW_TRACKING_URI: no tracking store at sqlite:///missing.db")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_report_into_a_store_whose_artifact_folder_is_gone_exits_1_in_one_line(tmp_path, capsys):
+    """A store copied without its artifact folder (or one shared read-only) keeps the page, but
+    logging its figures on the parent run failed with a PermissionError traceback."""
+    import shutil
+
+    from iterhead.search.cli import main
+
+    uri = store_with_a_reached_trial(tmp_path)
+    shutil.rmtree(tmp_path / "mlruns")
+    (tmp_path / "mlruns").write_text("not the artifact folder\n")  # no folder can be made there, even by root
+    capsys.readouterr()
+    assert main(["report", "--experiment", "e", "--tracking-uri", uri, "-o", str(tmp_path / "rep")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: wrote {tmp_path / 'rep' / 'report.html'}, but "), err
+    assert "parent run" in err[0] and str(tmp_path / "mlruns") in err[0], err
+    assert (tmp_path / "rep" / "report.html").read_text().startswith("<!-- written by iterhead report")
