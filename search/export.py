@@ -39,7 +39,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from iterhead.curricula.errors import ConfigError
+from iterhead.curricula.errors import ConfigError, require_utf8
 from iterhead.curricula.io import dump_curriculum, parse_curriculum, parse_yaml_mapping
 from iterhead.search.tracking import all_runs
 from iterhead.trainable import results as r
@@ -265,6 +265,8 @@ def check_own_file(out: Path, mark: str, what: str, instead: str, *older: str) -
 def export(client: Any, experiment: str, out: Path, *, top_k: int = 1,
            parent_run_id: str | None = None) -> list[Path]:
     """Write the `top_k` best reached trials of the search; returns the files written."""
+    # each file's header quotes the path in its reproduce line: a byte that is not UTF-8 failed there
+    require_utf8(str(out), "the path", "the header of the file it writes quotes it: give a path in UTF-8", field="-o")
     if top_k == 1 and out.suffix not in (".yaml", ".yml"):
         raise ConfigError("with --top-k 1, give a file name ending in .yaml", field="-o")
     if top_k == 1 and out.is_dir():

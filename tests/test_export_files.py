@@ -249,3 +249,18 @@ def test_report_into_a_store_whose_artifact_folder_is_gone_exits_1_in_one_line(t
     assert len(err) == 1 and err[0].startswith(f"error: wrote {tmp_path / 'rep' / 'report.html'}, but "), err
     assert "parent run" in err[0] and str(tmp_path / "mlruns") in err[0], err
     assert (tmp_path / "rep" / "report.html").read_text().startswith("<!-- written by iterhead report")
+
+
+@pytest.mark.parametrize("top_k, name", [(1, b"best\xff.yaml"), (2, b"top\xff")])
+def test_export_to_a_path_that_is_not_utf8_exits_2_and_makes_nothing(tmp_path, capsys, top_k, name):
+    """The header quotes -o in its reproduce line: a byte that is not UTF-8 was a UnicodeEncodeError
+    traceback once the store was read, with --top-k 2's folder already made (and left empty)."""
+    from iterhead.search.cli import main
+
+    uri = store_with_a_reached_trial(tmp_path)
+    out = os.fsdecode(bytes(tmp_path) + b"/" + name)
+    capsys.readouterr()
+    assert main(["export", "--experiment", "e", "--tracking-uri", uri, "-o", out, "--top-k", str(top_k)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: -o: ") and "0xff" in err[0], err
+    assert not os.path.lexists(out)
