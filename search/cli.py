@@ -286,6 +286,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     except NotLogged as err:
         print(one_line(f"error: {err}"), file=sys.stderr)
         return EXIT_FAILED
+    except OSError as err:  # a full disk, a folder that refuses what os.access allowed: as export says it
+        if err.errno == errno.ENAMETOOLONG:
+            raise
+        print(one_line(f"error: cannot write {args.out}: {err.strerror or err}"), file=sys.stderr)
+        return EXIT_FAILED
     print(unmarked((page.parent / "medians.md").read_text()))
     print(one_line(f"wrote {page} and medians.md beside it (and the figures on the search's parent run, "
                    "under report/)"))

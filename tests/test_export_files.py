@@ -264,3 +264,23 @@ def test_export_to_a_path_that_is_not_utf8_exits_2_and_makes_nothing(tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: -o: ") and "0xff" in err[0], err
     assert not os.path.lexists(out)
+
+
+def test_report_on_a_full_disk_fails_in_one_line_and_keeps_the_earlier_page(tmp_path, monkeypatch, capsys):
+    """As export does: exit 1, one line, the earlier report's files as they were (a traceback before)."""
+    from iterhead.search.cli import main
+
+    uri = store_with_a_reached_trial(tmp_path)
+    rep = tmp_path / "rep"
+    assert main(["report", "--experiment", "e", "--tracking-uri", uri, "-o", str(rep)]) == 0
+    before = listing(rep)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    capsys.readouterr()
+    assert main(["report", "--experiment", "e", "--tracking-uri", uri, "-o", str(rep)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == f"error: cannot write {rep}: No space left on device", err
+    assert listing(rep) == before
