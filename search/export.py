@@ -262,6 +262,21 @@ def check_own_file(out: Path, mark: str, what: str, instead: str, *older: str) -
                           "or move the file away first", field="-o")
 
 
+def curriculum_file(client: Any, c: Candidate, folder: str) -> str:
+    """The trial's curriculum artifact, downloaded into `folder`; `ExportError` naming the artifact folder
+    where it is missing: a store moved or copied without it still names the folder it was made beside."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.download_artifacts(c.run_id, "curriculum.yaml", folder)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    where = client.get_run(c.run_id).info.artifact_uri
+    raise ExportError(f"trial {c.trial_id}'s curriculum.yaml is not in its run's artifact folder {where}; a store "
+                      "moved or copied keeps that path: put the artifacts there, or export where the store was made")
+
+
 def export(client: Any, experiment: str, out: Path, *, top_k: int = 1,
            parent_run_id: str | None = None) -> list[Path]:
     """Write the `top_k` best reached trials of the search; returns the files written."""
@@ -289,7 +304,7 @@ def export(client: Any, experiment: str, out: Path, *, top_k: int = 1,
     texts = []
     for rank, (c, path) in enumerate(zip(chosen, paths), 1):
         with tempfile.TemporaryDirectory(prefix="iterhead-export-") as tmp:
-            local = client.download_artifacts(c.run_id, "curriculum.yaml", tmp)
+            local = curriculum_file(client, c, tmp)
             cur = parse_curriculum(parse_yaml_mapping(Path(local).read_text(), file=local), file=local)
         shown = out if top_k == 1 else out / path.name  # as given, so the command runs where export ran
         texts.append(header(c, experiment, parent, rank, shlex.quote(str(shown)), budget) + dump_curriculum(cur))

@@ -284,3 +284,19 @@ def test_report_on_a_full_disk_fails_in_one_line_and_keeps_the_earlier_page(tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0] == f"error: cannot write {rep}: No space left on device", err
     assert listing(rep) == before
+
+
+def test_export_from_a_store_without_its_artifacts_names_the_folder_it_looked_in(tmp_path, capsys):
+    """A store copied without its artifact folder (or moved: it keeps the folder's absolute path)
+    said only 'Failed to download artifacts from path curriculum.yaml', blaming --tracking-uri."""
+    import shutil
+
+    from iterhead.search.cli import main
+
+    uri = store_with_a_reached_trial(tmp_path)
+    shutil.rmtree(tmp_path / "mlruns")
+    capsys.readouterr()
+    assert main(["export", "--experiment", "e", "--tracking-uri", uri, "-o", str(tmp_path / "best.yaml")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trial t1" in err[0] and (tmp_path / "mlruns").as_uri() in err[0], err
+    assert not (tmp_path / "best.yaml").exists()
