@@ -33,7 +33,7 @@ from iterhead.search.folder import (STATE_FILE, absolute_uri, check_parent_run, 
                                     ended_before, hold_folder, remove_made, save_state, search_folder, spec_edits)
 from iterhead.search.quiet import quiet_libraries
 from iterhead.search.spec import LoadedSearch, Resources, SearchSettings
-from iterhead.search.tracking import Heartbeat, RunWriter, ui_hint
+from iterhead.search.tracking import Heartbeat, RunWriter, begin_command, ui_hint
 from iterhead.trainable import results
 
 POPULATION = "population"  # a PBT search's population entries, inside its folder (`trainable/population.py`)
@@ -164,6 +164,7 @@ def run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO | None = N
 def _run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO,
                 terminated: threading.Event) -> list[dict[str, Any]]:
     quiet_libraries()
+    begin_command()
     spec = loaded.spec
     settings = settings_for(loaded, opts.smoke)
     pbt = settings.scheduler == "pbt"

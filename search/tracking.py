@@ -39,9 +39,15 @@ MLFLOW_TABLES = {"experiments", "runs"}  # in every MLflow store, those made bef
 # Whose exceptions are the tracking store's (unreachable server, locked or broken database)
 STORE_MODULES = ("mlflow.", "sqlalchemy.", "sqlite3")
 RUNS_PAGE = 50_000  # the most runs one MLflow search returns (its SEARCH_MAX_RESULTS_THRESHOLD)
-# The stores whose failure while stopping this process has said: a search's driver and its
-# callback each close a writer, and one line says it
+# The stores whose failure while stopping the command running in this process has said: a
+# search's driver and its callback each close a writer, and one line says it (`begin_command`)
 SAID_WHILE_STOPPING: set[str] = set()
+
+
+def begin_command() -> None:
+    """A search or a training begins in this process: its stop says a store's failure again, where
+    an earlier command's (a benchmark's, a test's) said it for the same store."""
+    SAID_WHILE_STOPPING.clear()
 
 
 def every_page(search: Callable[[int, str | None], Any], page: int) -> list[Any]:

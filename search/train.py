@@ -20,7 +20,7 @@ import torch
 from iterhead.curricula.io import flatten
 from iterhead.curricula.schema import Curriculum
 from iterhead.search.endpoints import first_answer
-from iterhead.search.tracking import Heartbeat, RunWriter, ui_hint
+from iterhead.search.tracking import Heartbeat, RunWriter, begin_command, ui_hint
 from iterhead.trainable import results as r
 from iterhead.trainable.artifacts import write_artifacts
 from iterhead.trainable.loop import Evaluation, Trainer
@@ -126,6 +126,7 @@ def train(cur: Curriculum, *, uri: str, experiment: str, device: torch.device,
     exactly (`iterhead export` writes the budget into its command)."""
     out = out or sys.stdout
     started = time.perf_counter()
+    begin_command()
     writer = RunWriter(uri)
     logged = LoggedRun(writer, cur, experiment, run_tags(cur, source, device, precision), cur.name)
     try:
@@ -157,6 +158,7 @@ def train_seeds(cur: Curriculum, seeds: list[int], *, uri: str, experiment: str,
 
     out = out or sys.stdout
     started = time.perf_counter()
+    begin_command()
     writer = RunWriter(uri)
     tags = {**run_tags(cur, source, device, precision), r.BATCHED_SEEDS_TAG: ",".join(map(str, seeds)),
             r.ENGINE_TAG: choose_engine("auto", device, len(seeds))}

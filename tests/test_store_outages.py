@@ -5,7 +5,7 @@ behind such a failure would each wait out MLflow's retries again. A server that 
 (500s, 429s) may take the next write, and a missed heartbeat must never stop the run it watches. And a
 page that is no MLflow reply means "this URI is no MLflow server" (exit 2) only as the store's first
 answer: mid-run it is a failure while running (exit 1). The proxy only switches what stands in the path;
-every answer that succeeds comes from the real server.
+every answer that succeeds comes from the real server. Last, a command stopped while its store fails.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from iterhead.search.tracking import HEARTBEAT_TAG, Heartbeat, RunWriter
+from iterhead.search.tracking import HEARTBEAT_TAG, Heartbeat, RunWriter, begin_command
 
 from support import tiny
 
@@ -259,3 +259,27 @@ def test_a_login_page_mid_run_is_a_store_failure_not_a_wrong_uri(server, proxy, 
     assert proxy.counts["html"] >= 1  # the login page was what failed
     client = MlflowClient(server)
     assert len(client.search_runs([client.get_experiment_by_name("login-mid-run").experiment_id])) == 1  # made
+
+
+def test_a_stopping_writer_still_ends_its_runs_and_says_the_stores_error_once(tmp_path, capsys):
+    """A search stopped while its store failed: a write's error raised at the next submit skipped the
+    runs' ends and replaced the stop (exit 1). Stopping, the ends are queued whatever failed before,
+    and the first error is said in one line, once for the driver's and the callback's writers."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    writers = [RunWriter(uri), RunWriter(uri)]
+    run = writers[0].submit(writers[0].create_run, "w", "ok", {}, {}).result()
+    for writer in writers:
+        assert writer.submit(writer.log_metrics, "no-such-run", {"m": 1.0}, 0).exception() is not None
+        writer.mark_stopping()
+    writers[0].submit(writers[0].end_run, run, "KILLED")  # raised the error above, unqueued, before
+    for writer in writers:
+        writer.close(stopping=True)
+    said = [line for line in capsys.readouterr().err.splitlines() if "tracking store" in line]  # not MLflow's log
+    assert len(said) == 1 and said[0].startswith("warning: the tracking store failed while stopping: "), said
+    assert "no-such-run" in said[0]
+    assert MlflowClient(uri).get_run(run).info.status == "KILLED"
+    begin_command()  # the next command's stop says it again
+    later = RunWriter(uri)
+    assert later.submit(later.log_metrics, "no-such-run", {"m": 1.0}, 0).exception() is not None
+    later.close(stopping=True)
+    assert "no-such-run" in capsys.readouterr().err

@@ -31,25 +31,6 @@ def test_every_failed_write_is_reported_not_only_the_first(tmp_path):
     assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 2.0)]
 
 
-def test_a_stopping_writer_still_ends_its_runs_and_says_the_stores_error_once(tmp_path, capsys):
-    """A search stopped while its store failed: a write's error raised at the next submit skipped the
-    runs' ends and replaced the stop (exit 1). Stopping, the ends are queued whatever failed before,
-    and the first error is said in one line, once for the driver's and the callback's writers."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    writers = [RunWriter(uri), RunWriter(uri)]
-    run = writers[0].submit(writers[0].create_run, "w", "ok", {}, {}).result()
-    for writer in writers:
-        assert writer.submit(writer.log_metrics, "no-such-run", {"m": 1.0}, 0).exception() is not None
-        writer.mark_stopping()
-    writers[0].submit(writers[0].end_run, run, "KILLED")  # raised the error above, unqueued, before
-    for writer in writers:
-        writer.close(stopping=True)
-    said = [line for line in capsys.readouterr().err.splitlines() if "tracking store" in line]  # not MLflow's log
-    assert len(said) == 1 and said[0].startswith("warning: the tracking store failed while stopping: "), said
-    assert "no-such-run" in said[0]
-    assert MlflowClient(uri).get_run(run).info.status == "KILLED"
-
-
 def test_an_evaluation_is_stamped_when_it_is_logged_not_when_the_writer_gets_to_it(tmp_path):
     """The writer is a background thread; a store busy for a second must not move the
     evaluation's wall time on MLflow's time axis by that second."""
