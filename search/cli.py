@@ -260,17 +260,18 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError("must be at least 1", field="--top-k")
     client = existing_store(args.tracking_uri)
     from iterhead.search.export import ExportError, export
+    from iterhead.search.folder import not_written
 
     try:
         paths = export(client, args.experiment, Path(args.out), top_k=args.top_k,
                        parent_run_id=args.parent_run)
     except ExportError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(one_line(f"error: {err}"), file=sys.stderr)
         return EXIT_FAILED
     except OSError as err:  # a full disk, a read-only folder: earlier files are left as they were
         if err.errno == errno.ENAMETOOLONG:
             raise ConfigError(f"cannot write {args.out}: {err.strerror}; give a shorter path", field="-o") from None
-        print(one_line(f"error: cannot write {args.out}: {err.strerror or err}"), file=sys.stderr)
+        print(one_line(not_written(args.out, err)), file=sys.stderr)
         return EXIT_FAILED
     for path in paths:
         print(one_line(f"wrote {path}"))
@@ -279,6 +280,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     client = existing_store(args.tracking_uri)
+    from iterhead.search.folder import not_written
     from iterhead.search.page import NotLogged, build, unmarked
 
     try:
@@ -286,10 +288,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     except NotLogged as err:
         print(one_line(f"error: {err}"), file=sys.stderr)
         return EXIT_FAILED
-    except OSError as err:  # a full disk, a folder that refuses what os.access allowed: as export says it
+    except OSError as err:  # as export says it
         if err.errno == errno.ENAMETOOLONG:
             raise
-        print(one_line(f"error: cannot write {args.out}: {err.strerror or err}"), file=sys.stderr)
+        print(one_line(not_written(args.out, err)), file=sys.stderr)
         return EXIT_FAILED
     print(unmarked((page.parent / "medians.md").read_text()))
     print(one_line(f"wrote {page} and medians.md beside it (and the figures on the search's parent run, "

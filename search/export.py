@@ -73,7 +73,8 @@ class Candidate:
 
 
 class ExportError(RuntimeError):
-    """Nothing to export (no trial reached the target); exit code 1."""
+    """Nothing to export (no trial reached the target), or a trial's curriculum is not where its run
+    says; exit code 1."""
 
 
 def child_runs(client: Any, experiment_id: str, parent_run_id: str) -> list[Any]:
@@ -274,7 +275,8 @@ def curriculum_file(client: Any, c: Candidate, folder: str) -> str:
             raise
     where = client.get_run(c.run_id).info.artifact_uri
     raise ExportError(f"trial {c.trial_id}'s curriculum.yaml is not in its run's artifact folder {where}; a store "
-                      "moved or copied keeps that path: put the artifacts there, or export where the store was made")
+                      "moved or copied keeps that path: put the artifacts there, or export where the store was made "
+                      "(where the folder is there, the upload failed: train the trial again)")
 
 
 def export(client: Any, experiment: str, out: Path, *, top_k: int = 1,

@@ -186,6 +186,16 @@ def writable_folder(folder: Path, field: str) -> None:
         raise ConfigError(f"cannot write in {existing}; give a folder you can write in", field=field)
 
 
+def not_written(out: str, err: OSError) -> str:
+    """The line for `err`, met while a command wrote its output `out` (a full disk, a folder that
+    refuses what `os.access` allowed) or read what it needed on the way (an artifact it cannot
+    read: named as itself, not as `out`)."""
+    place = Path(os.fsdecode(err.filename)) if isinstance(err.filename, (str, bytes)) else None
+    if place is None or place.absolute().is_relative_to(Path(out).absolute()):
+        return f"error: cannot write {out}: {err.strerror or err}"
+    return f"error: cannot use {place}: {err.strerror or err}"
+
+
 def absolute_uri(uri: str) -> str:
     """`uri` with a relative sqlite path made absolute: a search resumed from another folder
     then still names its own store, not a new one in that folder."""

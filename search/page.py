@@ -175,8 +175,9 @@ def build(client: Any, experiment: str, out: Path, parent_run_id: str | None = N
             client.log_artifacts(parent, str(folder), "report")
             client.log_artifact(parent, str(page), "report")
         except OSError as err:  # a store copied without its artifact folder (whose path it keeps), or read-only
+            why = f"{err.filename}: {err.strerror}" if err.filename else str(err)
             raise NotLogged(f"wrote {page}, but its figures cannot be logged on the search's parent run {parent}: "
-                            f"{err.filename or err}: {err.strerror or type(err).__name__}") from None
+                            f"{why}") from None
     return page
 
 

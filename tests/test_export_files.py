@@ -300,3 +300,16 @@ def test_export_from_a_store_without_its_artifacts_names_the_folder_it_looked_in
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "trial t1" in err[0] and (tmp_path / "mlruns").as_uri() in err[0], err
     assert not (tmp_path / "best.yaml").exists()
+
+
+def test_an_error_reading_what_a_report_needs_is_not_said_as_writing_its_folder(tmp_path):
+    """report and export said every OSError as `cannot write OUT`, an artifact they could not read too."""
+    from iterhead.search.folder import not_written
+
+    out = str(tmp_path / "rep")
+    assert not_written(out, OSError(errno.ENOSPC, "No space left on device")) == \
+        f"error: cannot write {out}: No space left on device"
+    assert not_written(out, OSError(errno.EACCES, "Permission denied", f"{out}/.report.html.tmp")) == \
+        f"error: cannot write {out}: Permission denied"
+    assert not_written(out, OSError(errno.EACCES, "Permission denied", "/store/artifacts/a.png")) == \
+        "error: cannot use /store/artifacts/a.png: Permission denied"
