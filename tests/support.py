@@ -14,7 +14,7 @@ import urllib.request
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from iterhead.curricula.io import parse_curriculum
 from iterhead.curricula.schema import Curriculum
@@ -152,3 +152,27 @@ def damage_a_record(path: Path) -> str:
         raw[i] ^= 0xFF
     path.write_bytes(bytes(raw))
     return record.filename
+
+
+def run_until(argv: list[str], cwd: Path, env: dict[str, str], begun: str,
+              then: Callable[[subprocess.Popen], None]) -> subprocess.CompletedProcess:
+    """`argv` run in `cwd`; once its stdout shows `begun`, `then(it)` (a stop, a store that fails); its
+    outcome, with the whole of its stdout. A watchdog kills it after 300 s: reading its stdout has no
+    timeout of its own."""
+    command = subprocess.Popen(argv, cwd=cwd, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    watchdog = threading.Timer(300, command.kill)
+    watchdog.start()
+    try:
+        seen = []
+        for line in command.stdout or []:
+            seen.append(line)
+            if begun in line:
+                break
+        then(command)
+        out, err = command.communicate(timeout=120)
+    finally:
+        watchdog.cancel()
+        if command.poll() is None:
+            command.kill()
+            command.wait()
+    return subprocess.CompletedProcess(argv, command.returncode, "".join(seen) + out, err)

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from mlflow import MlflowClient
 
 from iterhead.search.cli import main
 
-from support import ROOT, free_port, running_server, tiny
+from support import ROOT, free_port, run_until, running_server, tiny
 
 pytestmark = pytest.mark.integration
 
@@ -105,29 +104,17 @@ def gone_mid_run(tmp_path: Path, argv: list[str], begun: str, then: signal.Signa
         subprocess.CompletedProcess, float]:
     """`iterhead ARGV --tracking-uri SERVER`, the server SIGKILLed once stdout shows `begun` (and the
     command sent `then` at once); the command's outcome, and its seconds from the kill to its end."""
+    stopped: list[float] = []
     with running_server(tmp_path / "data", free_port()) as (url, proc):
-        command = subprocess.Popen([str(Path(sys.executable).parent / "iterhead"), *argv, "--tracking-uri", url],
-                                   cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   env={**os.environ, **RETRIES, "ITERHEAD_HEARTBEAT_S": "3600"})  # no beat's warning
-        watchdog = threading.Timer(300, command.kill)  # reading its stdout has no timeout of its own
-        watchdog.start()
-        try:
-            seen = []
-            for line in command.stdout:
-                seen.append(line)
-                if begun in line:
-                    break
+        def fail(command: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             if then is not None:
                 command.send_signal(then)
-            stopped = time.monotonic()
-            out, err = command.communicate(timeout=120)
-        finally:
-            watchdog.cancel()
-            if command.poll() is None:
-                command.kill()
-                command.wait()
-    return subprocess.CompletedProcess(argv, command.returncode, "".join(seen) + out, err), time.monotonic() - stopped
+            stopped.append(time.monotonic())
+
+        done = run_until([str(Path(sys.executable).parent / "iterhead"), *argv, "--tracking-uri", url], tmp_path,
+                         {**os.environ, **RETRIES, "ITERHEAD_HEARTBEAT_S": "3600"}, begun, fail)  # no beat's warning
+    return done, time.monotonic() - stopped[0]
 
 
 def long_curriculum(tmp_path: Path) -> Path:

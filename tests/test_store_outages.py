@@ -13,7 +13,6 @@ from __future__ import annotations
 import http.client
 import http.server
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -28,7 +27,7 @@ from mlflow.exceptions import MlflowException
 
 from iterhead.search.tracking import HEARTBEAT_TAG, Heartbeat, RunWriter, begin_command
 
-from support import tiny
+from support import run_until, tiny
 
 pytestmark = pytest.mark.integration
 
@@ -234,28 +233,14 @@ def test_a_login_page_mid_run_is_a_store_failure_not_a_wrong_uri(server, proxy, 
     in tests/test_train_cli.py."""
     cur = tiny(name="login-mid-run", stages=[{"name": "s", "mix": {"parity": 1.0}, "epochs": 400}])
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cur.model_dump(mode="json")))
-    command = subprocess.Popen([sys.executable, "-m", "iterhead.search.cli", "train", "c.yaml", "--threads", "1",
-                                "--tracking-uri", proxy.url], cwd=tmp_path, text=True, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE,
-                               env={**os.environ, **RETRIES, "ITERHEAD_HEARTBEAT_S": "3600"})  # no beat's warning
-    watchdog = threading.Timer(300, command.kill)  # reading its stdout has no timeout of its own
-    watchdog.start()
-    try:
-        seen = []
-        for line in command.stdout:
-            seen.append(line)
-            if "epoch    3]" in line:
-                break
-        proxy.mode = "html"
-        out, err = command.communicate(timeout=120)
-    finally:
-        watchdog.cancel()
-        if command.poll() is None:
-            command.kill()
-            command.wait()
-    assert "".join(seen).count("epoch    3]") == 1, "".join(seen) + out + err
-    assert command.returncode == 1, err
-    assert err.count("\n") == 1 and err.startswith("error: --tracking-uri: the MLflow store failed: "), err
+    done = run_until([sys.executable, "-m", "iterhead.search.cli", "train", "c.yaml", "--threads", "1",
+                      "--tracking-uri", proxy.url], tmp_path,
+                     {**os.environ, **RETRIES, "ITERHEAD_HEARTBEAT_S": "3600"},  # no beat's warning
+                     "epoch    3]", lambda _: setattr(proxy, "mode", "html"))
+    assert done.stdout.count("epoch    3]") == 1, done.stdout + done.stderr
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("error: --tracking-uri: the MLflow store failed: "), done.stderr
     assert proxy.counts["html"] >= 1  # the login page was what failed
     client = MlflowClient(server)
     assert len(client.search_runs([client.get_experiment_by_name("login-mid-run").experiment_id])) == 1  # made
