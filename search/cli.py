@@ -177,11 +177,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     where = dict(uri=uri, experiment=args.experiment or cur.name, device=device,
                  source=str(Path(args.curriculum).resolve()),
                  precision=resolve_precision(args.precision, device, cur.model.d_model), budget=args.budget)
-    with sigterm_as_ctrl_c():
-        if seeds is None:
-            train(cur, **where)
-        else:
-            train_seeds(cur, seeds, **where)
+    if seeds is None:
+        train(cur, **where)
+    else:
+        train_seeds(cur, seeds, **where)
     return EXIT_OK
 
 
@@ -357,8 +356,9 @@ def recorded_path(file: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        check_arguments(args)
-        return COMMANDS[args.command](args)
+        with sigterm_as_ctrl_c():  # every command's clean-up runs (its temporary folders go, runs end KILLED)
+            check_arguments(args)
+            return COMMANDS[args.command](args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

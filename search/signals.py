@@ -1,10 +1,11 @@
-"""How `iterhead train` and `iterhead search` stop on SIGTERM (a batch scheduler's stop, `kill`).
+"""How `iterhead` commands stop on SIGTERM (a batch scheduler's stop, `kill`).
 
 Python's default for SIGTERM ends the process at once: no `finally`, so a training's runs stay
-RUNNING until `iterhead reconcile`, and a search's driver dies without Tune's last state save.
-Here SIGTERM stops them as Ctrl-C does: a training's runs end KILLED; a search stops the way
-Tune stops on Ctrl-C (trials stopped, the experiment state saved, runs KILLED, the
-``--resume`` hint printed). Either command then exits 143 (128 + SIGTERM).
+RUNNING until `iterhead reconcile`, a search's driver dies without Tune's last state save, and
+a report's temporary folder stays. Here SIGTERM stops every command as Ctrl-C does: a
+training's runs end KILLED; a search stops the way Tune stops on Ctrl-C (trials stopped, the
+experiment state saved, runs KILLED, the ``--resume`` hint printed). The command then exits
+143 (128 + SIGTERM).
 """
 
 from __future__ import annotations

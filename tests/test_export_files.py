@@ -313,3 +313,31 @@ def test_an_error_reading_what_a_report_needs_is_not_said_as_writing_its_folder(
         f"error: cannot write {out}: Permission denied"
     assert not_written(out, OSError(errno.EACCES, "Permission denied", "/store/artifacts/a.png")) == \
         "error: cannot use /store/artifacts/a.png: Permission denied"
+
+
+def test_a_sigterm_mid_report_exits_143_and_leaves_no_temporary_folder(tmp_path):
+    """SIGTERM killed report by default: its figures' temporary folder stayed behind in TMPDIR."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    uri = store_with_a_reached_trial(tmp_path)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    report = subprocess.Popen([sys.executable, "-m", "iterhead.search.cli", "report", "--experiment", "e",
+                               "--tracking-uri", uri, "-o", str(tmp_path / "rep")], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "TMPDIR": str(temp)})
+    try:
+        deadline = time.monotonic() + 120  # the import of MLflow and matplotlib alone take seconds
+        while not list(temp.glob("iterhead-report-*")) and report.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert list(temp.glob("iterhead-report-*")), "the report never made its folder"
+        report.send_signal(signal.SIGTERM)
+        out, err = report.communicate(timeout=120)
+    finally:
+        if report.poll() is None:
+            report.kill()
+            report.wait()
+    assert report.returncode == 128 + signal.SIGTERM and err.splitlines()[-1] == "terminated", err
+    assert list(temp.glob("iterhead-report-*")) == []
