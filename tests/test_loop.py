@@ -108,6 +108,18 @@ def test_weights_left_non_finite_by_an_epochs_last_step_are_a_divergence(monkeyp
     assert len(events) == (1 if seeds is None else 2)
 
 
+def test_finite_weights_whose_activations_overflow_are_a_divergence():
+    """One step an epoch: its loss was taken before the step and the weights stayed finite, but
+    their products overflow float32, so the probes were NaN, written as metrics, and the accuracy
+    an argmax of NaN logits."""
+    stages = [{"name": "only", "mix": {"parity": 1.0}, "epochs": 1}]
+    trainer = Trainer(tiny(optim={"lr": 1.0e10, "batch_size": 10**6}, stages=stages))
+    events = list(trainer.run())
+    assert trainer.weights_finite()
+    assert len(events) == 1 and events[0].diverged and events[0].final and trainer.outcome.diverged
+    assert all(np.isfinite(v) for v in events[0].metrics.values())
+
+
 def test_epoch_costs_the_same_whatever_the_mix():
     costs = []
     for mix in ({"parity": 1.0}, {"polynomial": 1.0}, {"parity": 0.3, "polynomial": 0.7}):

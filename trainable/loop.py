@@ -21,7 +21,9 @@ loss is checked, and before an evaluation the weights too (`weights_finite`: an 
 step can leave them NaN after a finite loss, and a NaN model's argmax, token 0, scores the
 answers made of it); if either is NaN or infinite, training stops at once and a final
 evaluation marked ``diverged`` is yielded, with compute but no accuracy (a model with
-non-finite weights has none worth measuring). It is an outcome, not an error.
+non-finite weights has none worth measuring). So is an evaluation with a non-finite metric:
+weights can stay finite while their products overflow float32 (NaN attention in the probes,
+an accuracy read off NaN logits). It is an outcome, not an error.
 
 Determinism: everything random derives from the curriculum seed: model init, each epoch's
 rows and order (stream "sampler", stage, epoch), and each epoch's dropout (stream "dropout",
@@ -273,6 +275,8 @@ class Trainer:
         metrics.update(probe_metrics(self.model, self.test, self.cur.eval.probe_per_len,
                                      self.cur.data.cot, self.device, self.cur.target.min_len))
         self.compute.eval_seconds += watch.stop()
+        if not all(np.isfinite(v) for v in metrics.values()):  # finite weights, overflowing products
+            return self.diverged(stage)
         metrics[results.LOSS] = loss
         metrics.update(self.compute.metrics())
         target = self.cur.target
