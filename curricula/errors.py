@@ -49,6 +49,13 @@ def first_line(err: BaseException, limit: int) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]
 
 
+def out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is a failed allocation (numpy's MemoryError, torch's allocators' RuntimeError):
+    a curriculum too large for this machine, which validation, bounding sizes at `MAX_BYTES`, passes."""
+    return isinstance(err, MemoryError) or isinstance(err, RuntimeError) and (
+        type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(err))
+
+
 def one_line(text: str) -> str:
     """`text` as one printable line: line breakers escaped, and bytes that are not UTF-8 (`printable`)."""
     return printable(text.translate(_LINE_BREAKERS))

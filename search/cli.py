@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from iterhead.curricula.errors import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ConfigError, first_line, one_line,
-                                       require_utf8, shown)
+                                       out_of_memory, require_utf8, shown)
 from iterhead.search.ablate import cmd_ablate
 from iterhead.search.endpoints import address_field, check_store, not_a_tracking_server, ray_address, uri_field
 from iterhead.search.signals import Terminated, sigterm_as_ctrl_c
@@ -373,9 +373,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(one_line(f"error: {err.filename or err}: {err.strerror}; give a shorter path"), file=sys.stderr)
         return EXIT_BAD_INPUT
-    except Exception as err:  # noqa: BLE001 - the tracking store's failures only; the rest go on up
+    except Exception as err:  # noqa: BLE001 - the tracking store's failures and failed allocations; the rest go on up
         # one line and exit 1, not the client's traceback through its retries; exit 2 where the
-        # store's first answer shows that the URI names no MLflow server
+        # store's first answer shows that the URI names no MLflow server; one line and exit 1 for memory
+        if out_of_memory(err):
+            print(one_line(f"error: out of memory: {first_line(err, 300)}; lower the model's or the data's "
+                           "sizes, or optim.batch_size"), file=sys.stderr)
+            return EXIT_FAILED
         if not store_error(err):
             raise
         given = getattr(args, "tracking_uri", None)

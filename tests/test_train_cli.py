@@ -114,6 +114,28 @@ def test_a_thread_count_torch_cannot_start_exits_2_at_once(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no store
 
 
+def test_a_curriculum_too_large_for_the_memory_fails_in_one_line(tmp_path):
+    """Validation bounds a curriculum's data at 1 TiB, past any machine, not at this one's memory:
+    data too large for it failed in numpy's allocation with a traceback. A subprocess with its
+    address space capped, so the allocation fails on any machine."""
+    import resource
+    import subprocess
+    import sys
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (12 * 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+    big = tmp_path / "big.yaml"
+    big.write_text("name: big\ntasks: {parity: {kind: parity}}\ndata: {max_len: 1, train_per_len: 20000000000, "
+                   "test_per_len: 1}\nstages: [{name: s, mix: {parity: 1}, epochs: 1}]\ntarget: {task: parity}\n")
+    out = subprocess.run([sys.executable, "-m", "iterhead.search.cli", "train", str(big), "--device", "cpu",
+                          "--tracking-uri", f"sqlite:///{tmp_path}/m.db"], capture_output=True, text=True,
+                         timeout=120, preexec_fn=cap)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-800:]
+    assert last.startswith("error: out of memory: Unable to allocate") and "data" in last, last
+
+
 @pytest.mark.parametrize("command, file, says", [
     ("train", ROOT / "examples" / "search_small.yaml", "this is a search spec"),
     ("search", SMALL, "this is a curriculum"),
