@@ -373,13 +373,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(one_line(f"error: {err.filename or err}: {err.strerror}; give a shorter path"), file=sys.stderr)
         return EXIT_BAD_INPUT
-    except Exception as err:  # noqa: BLE001 - the tracking store's failures and failed allocations; the rest go on up
-        # one line and exit 1, not the client's traceback through its retries; exit 2 where the
-        # store's first answer shows that the URI names no MLflow server; one line and exit 1 for memory
-        if out_of_memory(err):
+    except Exception as err:  # noqa: BLE001 - the store's failures and failed allocations only; the rest go on up
+        if out_of_memory(err):  # too large for this machine: validation bounds sizes past any machine
             print(one_line(f"error: out of memory: {first_line(err, 300)}; lower the model's or the data's "
                            "sizes, or optim.batch_size"), file=sys.stderr)
             return EXIT_FAILED
+        # one line and exit 1, not the client's traceback through its retries; exit 2 where the
+        # store's first answer shows that the URI names no MLflow server
         if not store_error(err):
             raise
         given = getattr(args, "tracking_uri", None)
