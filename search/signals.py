@@ -28,8 +28,12 @@ def sigterm_as_ctrl_c() -> Iterator[threading.Event]:
     SIGINT handler is installed (Tune's, during a search), else `Terminated`. The event says
     whether one came; a SIGTERM after the first does nothing, and a KeyboardInterrupt out of the
     block after one is `Terminated`. `ray.init` replaces the handler while it runs: wrap it in
-    `through_ray_init`."""
+    `through_ray_init`. Off the main thread (a caller's worker thread) signals are not ours to
+    handle: the block runs as it is."""
     seen = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # signal.signal would raise
+        yield seen
+        return
 
     def stop(signum: int, frame: Any) -> None:
         if seen.is_set():  # the stop is under way: a second signal (a scheduler's repeat) would cut its cleanup

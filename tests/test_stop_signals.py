@@ -97,3 +97,19 @@ def test_a_stop_while_the_search_starts_exits_143_or_130_and_leaves_nothing(tmp_
     assert [r.info.status for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
             if r.info.status == "RUNNING"] == []
 
+
+
+def test_a_command_run_off_the_main_thread_is_not_refused_for_its_signals(tmp_path):
+    """Every command now handles SIGTERM, which only the main thread may: `main()` called from a
+    caller's worker thread raised ValueError from `signal.signal` for all of them."""
+    import threading
+
+    from iterhead.search.cli import main
+
+    curriculum = tmp_path / "c.yaml"
+    curriculum.write_text(yaml.safe_dump(PARITY_BASE))
+    codes: list[int] = []
+    worker = threading.Thread(target=lambda: codes.append(main(["validate", str(curriculum)])))
+    worker.start()
+    worker.join(timeout=120)
+    assert codes == [0]
