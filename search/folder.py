@@ -191,7 +191,9 @@ def not_written(out: str, err: OSError) -> str:
     refuses what `os.access` allowed) or read what it needed on the way (an artifact it cannot
     read: named as itself, not as `out`)."""
     place = Path(os.fsdecode(err.filename)) if isinstance(err.filename, (str, bytes)) else None
-    if place is None or place.absolute().is_relative_to(Path(out).absolute()):
+    mine = Path(out).absolute()  # and the temporary file `write_atomic` makes beside it
+    if place is None or place.absolute().is_relative_to(mine) or (
+            place.absolute().parent == mine.parent and place.name.startswith(f".{mine.name}.")):
         return f"error: cannot write {out}: {err.strerror or err}"
     return f"error: cannot use {place}: {err.strerror or err}"
 

@@ -313,6 +313,9 @@ def test_an_error_reading_what_a_report_needs_is_not_said_as_writing_its_folder(
         f"error: cannot write {out}: Permission denied"
     assert not_written(out, OSError(errno.EACCES, "Permission denied", "/store/artifacts/a.png")) == \
         "error: cannot use /store/artifacts/a.png: Permission denied"
+    best = str(tmp_path / "best.yaml")  # export's -o is a file: its temporary sits beside it
+    assert not_written(best, OSError(errno.EACCES, "Permission denied", str(tmp_path / ".best.yaml.x1.tmp"))) == \
+        f"error: cannot write {best}: Permission denied"
 
 
 def test_a_sigterm_mid_report_exits_143_and_leaves_no_temporary_folder(tmp_path):
