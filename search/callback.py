@@ -296,7 +296,7 @@ class MlflowSearchCallback(tune.Callback):
             return
         self._end(trial, "FINISHED")
         if last.get(r.DIVERGED):
-            how = "diverged (the loss, weights or outputs became NaN or infinite; censored)"
+            how = "diverged (the loss, weights or probes became NaN or infinite; censored)"
         elif last.get(r.REACHED):
             how = f"reached the target at {last[r.COMPUTE_TO_TARGET]:.3e} FLOP"
         else:

@@ -31,7 +31,7 @@ def progress_line(ev: Evaluation, prefix: str = "") -> str:
     m = ev.metrics
     where = f"[{prefix}{ev.stage} epoch {ev.epoch:4d}]"
     if ev.diverged:
-        return (f"{where} DIVERGED: the training loss, the weights or the model's outputs became NaN or infinite; "
+        return (f"{where} DIVERGED: the training loss, the weights or the probes became NaN or infinite; "
                 f"stopped after {m[r.FLOPS]:.3e} FLOP (lower the learning rate)")
     accs = "  ".join(f"{k[len(r.ACC_PREFIX):]} {v:6.1%}" for k, v in m.items()
                      if k.startswith(r.ACC_PREFIX) and k.count("/") == 1)

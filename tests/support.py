@@ -168,6 +168,7 @@ def run_until(argv: list[str], cwd: Path, env: dict[str, str], begun: str,
             seen.append(line)
             if begun in line:
                 break
+        assert seen and begun in seen[-1], "".join(seen) + (command.stderr.read() if command.stderr else "")
         then(command)
         out, err = command.communicate(timeout=120)
     finally:

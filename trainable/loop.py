@@ -101,7 +101,7 @@ class Evaluation:
     metrics: dict[str, float] = field(default_factory=dict)
     reached: bool = False
     final: bool = False  # no evaluation follows: the target is reached or training is over
-    diverged: bool = False  # the loss, weights or metrics became NaN or infinite; metrics hold compute only
+    diverged: bool = False  # the loss, weights or probes became NaN or infinite; metrics hold compute only
     target_acc: float = 0.0  # what the target is judged on (`results.target_accuracy`); 0 once diverged
 
 

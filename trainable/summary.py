@@ -47,7 +47,7 @@ def summary_metrics(cur: Curriculum, outcome: Outcome, budget_flops: float | Non
 
     With a budget, a target reached past it counts as censored, as in a search (the budget is
     checked at evaluations). A censored trial has no examples or seconds to target: they are left out rather than
-    invented, and ``reached = 0`` says why. A trial whose loss became NaN or infinite is
+    invented, and ``reached = 0`` says why. A trial that diverged (`loop.Evaluation.diverged`) is
 censored the same way and also carries ``diverged = 1``.
     """
     if not (outcome.reached and (budget_flops is None or outcome.compute_to_target <= budget_flops)):
