@@ -334,14 +334,18 @@ NOT_EMPTY = {
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    """Refuse an empty value where one silently meant a default, and an experiment name that is not
-    UTF-8 text (MLflow failed on it with a store error, exit 1)."""
+    """Refuse an empty value where one silently meant a default, and an experiment name that is blank
+    or not UTF-8 text (MLflow failed on those bytes with a store error, exit 1)."""
     for dest, (flag, hint) in NOT_EMPTY.items():
         value = getattr(args, dest, None)
         if value is not None and not value.strip():  # blank: a file named " " is legal, but never meant
             raise ConfigError(f"{value!r} is {'empty' if not value else 'blank'}; {hint}", field=flag)
     names = getattr(args, "experiment", None)
     for name in names if isinstance(names, list) else [names]:
+        if name is not None and not name.strip():  # MLflow takes it: a blank-named experiment, never meant
+            raise ConfigError(f"{name!r} is {'empty' if not name else 'blank'}; name the experiment"
+                              + (", or leave the option out" if args.command in ("train", "reconcile") else ""),
+                              field="--experiment")
         if name is not None:
             require_utf8(name, shown(name), "name the experiment in UTF-8", field="--experiment")
 

@@ -52,6 +52,10 @@ EMPTY = {
     "export-out": (["export", "--experiment", "s", "-o", ""], "-o: '' is empty"),
     "report-out": (["report", "--experiment", "s", "-o", "  "], "-o: '  ' is blank"),
     "ablate-checkpoint": (["ablate", "--checkpoint", ""], "--checkpoint: '' is empty"),
+    "train-experiment": (["train", "c.yaml", "--experiment", "   ", "--precision", "x"],
+                         "--experiment: '   ' is blank; name the experiment, or leave the option out"),
+    "export-experiment": (["export", "--experiment", " ", "-o", "best.yaml"], "--experiment: ' ' is blank"),
+    "reconcile-experiment": (["reconcile", "--experiment", "s", "--experiment", ""], "--experiment: '' is empty"),
 }
 
 
