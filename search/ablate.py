@@ -19,9 +19,11 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         found = (path / checkpoint.FILENAME).is_file()
     except OSError as err:  # a name past the file system's limit, a symlink loop
         raise ConfigError(f"cannot read {path} ({err.strerror or err})", field="--checkpoint") from None
-    if not found:
-        raise ConfigError(f"no {checkpoint.FILENAME} in {path}; give a trial's checkpoint folder",
-                          field="--checkpoint")
+    if not found:  # a trial's folder (Tune's), given for the checkpoint folders it holds, is the likely slip
+        inside = sorted(path.glob(f"checkpoint_*/{checkpoint.FILENAME}")) if path.is_dir() else []
+        raise ConfigError(f"no {checkpoint.FILENAME} in {path}; " + (
+            f"give one of its checkpoint folders, the newest: {inside[-1].parent}" if inside
+            else "give a trial's checkpoint folder"), field="--checkpoint")
     from iterhead.curricula.io import parse_curriculum
     from iterhead.trainable.ablation import ablate, not_applicable
     from iterhead.trainable.devices import prepare_env, resolve_device

@@ -236,6 +236,17 @@ def test_a_storage_path_that_is_a_file_exits_2_before_ray_or_mlflow(tmp_path, ca
     assert not (tmp_path / "mlflow.db").exists()  # no store, no parent run
 
 
+def test_ablate_on_a_trial_folder_names_its_newest_checkpoint_folder(tmp_path, capsys):
+    """Tune's trial folder holds checkpoint_NNNNNN folders: given the trial's, ablate said only
+    that it held no trainer.pt."""
+    for step in ("checkpoint_000000", "checkpoint_000002"):
+        (tmp_path / step).mkdir()
+        (tmp_path / step / "trainer.pt").write_bytes(b"")
+    assert main(["ablate", "--checkpoint", str(tmp_path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(f"the newest: {tmp_path / 'checkpoint_000002'}"), err
+
+
 @pytest.mark.parametrize("content", [b"garbage\n", b"", b"PK\x03\x04" + b"x" * 64, b"seed: 0\n"])
 def test_ablate_on_a_file_that_is_no_checkpoint_exits_2_with_one_line(tmp_path, capsys, content):
     (tmp_path / "trainer.pt").write_bytes(content)
