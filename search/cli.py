@@ -334,20 +334,18 @@ NOT_EMPTY = {
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    """Refuse an empty value where one silently meant a default, and an experiment name that is blank
-    or not UTF-8 text (MLflow failed on those bytes with a store error, exit 1)."""
-    for dest, (flag, hint) in NOT_EMPTY.items():
-        value = getattr(args, dest, None)
-        if value is not None and not value.strip():  # blank: a file named " " is legal, but never meant
-            raise ConfigError(f"{value!r} is {'empty' if not value else 'blank'}; {hint}", field=flag)
+    """Refuse an empty value where one silently meant a default (a file named " " is legal, but never
+    meant; MLflow takes a blank experiment name), and an experiment name that is not UTF-8 text
+    (MLflow failed on those bytes with a store error, exit 1)."""
     names = getattr(args, "experiment", None)
-    for name in names if isinstance(names, list) else [names]:
-        if name is not None and not name.strip():  # MLflow takes it: a blank-named experiment, never meant
-            raise ConfigError(f"{name!r} is {'empty' if not name else 'blank'}; name the experiment"
-                              + (", or leave the option out" if args.command in ("train", "reconcile") else ""),
-                              field="--experiment")
-        if name is not None:
-            require_utf8(name, shown(name), "name the experiment in UTF-8", field="--experiment")
+    names = [name for name in (names if isinstance(names, list) else [names]) if name is not None]
+    keep = ", or leave the option out" if args.command in ("train", "reconcile") else ""
+    given = [(getattr(args, dest, None), flag, hint) for dest, (flag, hint) in NOT_EMPTY.items()]
+    for value, flag, hint in given + [(name, "--experiment", "name the experiment" + keep) for name in names]:
+        if value is not None and not value.strip():
+            raise ConfigError(f"{value!r} is {'empty' if not value else 'blank'}; {hint}", field=flag)
+    for name in names:
+        require_utf8(name, shown(name), "name the experiment in UTF-8", field="--experiment")
 
 
 def recorded_path(file: str) -> None:
