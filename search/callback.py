@@ -50,6 +50,7 @@ from ray import tune
 from iterhead.curricula.errors import ConfigError
 from iterhead.curricula.io import dump_curriculum, flatten
 from iterhead.search.outcome import ended
+from iterhead.search import signals
 from iterhead.search.report import short
 from iterhead.search.tracking import RunWriter
 from iterhead.trainable import results as r
@@ -343,20 +344,24 @@ class MlflowSearchCallback(tune.Callback):
         extra = f"; best running target accuracy {best:.1%}" if best is not None else ""
         print(f"[status] {line}; {reached} reached the target{extra}", file=self.out, flush=True)
 
+    def setup(self, **info) -> None:
+        signals.note_stops()  # a stop when no trial runs leaves every trial ended: `on_experiment_end`
+
     def on_experiment_end(self, trials, **info) -> None:
         cut = [t for t in trials if not ended(t.last_result, t.status == "ERROR")]  # an interruption left them
-        if cut:  # a store that stopped answering must not turn the stop into a failure
+        stopped = bool(cut) or signals.STOP_ASKED.is_set()  # or one came as no trial ran (between generations)
+        if stopped:  # a store that stopped answering must not turn the stop into a failure
             self.writer.mark_stopping()
         for trial in cut:
             if run_key(trial) in self.runs and run_key(trial) not in self.ended:
                 self._end(trial, "KILLED")
         for trial in trials:  # PBT members still open: the population ended before their training did
-            if run_key(trial) not in self.ended and run_key(trial) in self.runs:  # (or, if cut, the search)
-                self._end(trial, "KILLED" if cut else "FINISHED")
-        if not cut:
+            if run_key(trial) not in self.ended and run_key(trial) in self.runs:  # (or, if stopped, the search)
+                self._end(trial, "KILLED" if stopped else "FINISHED")
+        if not stopped:
             for trial in self._stopped_earlier(trials):
                 self._end(trial, "FINISHED")
-        self.close(stopping=bool(cut))
+        self.close(stopping=stopped)
 
     def _stopped_earlier(self, trials) -> list:
         """After a resume, the PBT members whose last generation ended before the stop, that the

@@ -281,15 +281,17 @@ def _run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO,
                                           failure_config=tune.FailureConfig(max_failures=settings.max_failures)),
             )
         sigint = signal.getsignal(signal.SIGINT)
+        signals.STOP_ASKED.clear()
         try:
             grid = tuner.fit()
         finally:  # Tune leaves its own handler, which a SIGTERM (`signals`) would call on a search already over
             signal.signal(signal.SIGINT, sigint)
-        stopped = terminated.is_set() or not outcome.trials_ended(grid, finished)  # Ctrl-C, SIGTERM
+        # Ctrl-C or SIGTERM: with trials cut, or as one ended before the next began (`signals.note_stops`)
+        stopped = terminated.is_set() or signals.STOP_ASKED.is_set() or not outcome.trials_ended(grid, finished)
         if stopped:
             writer.mark_stopping()
         rows = outcome.trial_rows(grid, writer, experiment, parent, keys, pbt, finished, stopping=stopped)
-        complete = not terminated.is_set() and outcome.ran_to_end(grid, rows, finished)
+        complete = not stopped and outcome.ran_to_end(grid, rows, finished)
         if complete:
             outcome.log_summary(writer, parent, rows, keys, sharing.accounting(rows))
             save_state(folder, {**json.loads((folder / STATE_FILE).read_text()), "state": "finished"})

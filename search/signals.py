@@ -56,6 +56,29 @@ def sigterm_as_ctrl_c() -> Iterator[threading.Event]:
         signal.signal(signal.SIGTERM, previous)
 
 
+# Set when Ctrl-C or SIGTERM reaches a running Tune loop (`note_stops`); cleared as a search begins
+STOP_ASKED = threading.Event()
+
+
+def note_stops() -> None:
+    """Have the SIGINT handler in place, Tune's while a search runs (installed before its
+    callbacks' `setup`, which calls this), also set `STOP_ASKED`. Tune stops between two of
+    its steps: a stop as a trial ends, before the next one starts (a search with more samples
+    than run at once, a PBT search between generations), leaves every trial ended, which only
+    this tells from a search that ran to its end. Where Ctrl-C raises KeyboardInterrupt (no
+    handler of Tune's), or off the main thread, nothing is needed or possible."""
+    handler = signal.getsignal(signal.SIGINT)
+    if (threading.current_thread() is not threading.main_thread() or not callable(handler)
+            or handler is signal.default_int_handler):
+        return
+
+    def noted(signum: int, frame: Any) -> None:
+        STOP_ASKED.set()
+        handler(signum, frame)
+
+    signal.signal(signal.SIGINT, noted)
+
+
 @contextlib.contextmanager
 def through_ray_init(seen: threading.Event) -> Iterator[None]:
     """Around `ray.init`, which installs its own SIGTERM handler, ``sys.exit(15)``, for its whole

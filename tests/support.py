@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import io
 import os
 import signal
 import socket
@@ -177,3 +178,17 @@ def run_until(argv: list[str], cwd: Path, env: dict[str, str], begun: str,
             command.kill()
             command.wait()
     return subprocess.CompletedProcess(argv, command.returncode, "".join(seen) + out, err)
+
+
+class CtrlCAt(io.StringIO):
+    """The terminal's output, which presses Ctrl-C (SIGINT to this process) when `at` is printed."""
+
+    def __init__(self, at: str) -> None:
+        super().__init__()
+        self.at, self.pressed = at, False
+
+    def write(self, text: str) -> int:
+        if self.at in text and not self.pressed:
+            self.pressed = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().write(text)

@@ -34,7 +34,7 @@ from iterhead.trainable import results as r
 from iterhead.trainable.checkpoint import FILENAME
 from iterhead.trainable.loop import Trainer
 
-from support import ROOT, tiny
+from support import ROOT, CtrlCAt, tiny
 
 pytestmark = pytest.mark.integration
 
@@ -258,20 +258,6 @@ def test_a_stopped_pbt_search_resumes_to_the_same_population(search, tmp_path, s
     # prefix it stored itself before the stop trained that prefix: `tune.fork_record`)
     for key in (r.FLOPS_TRAINED, r.FLOPS_CURRICULA):
         assert parent.data.metrics[key] == parent0.data.metrics[key], key
-
-
-class CtrlCAt(io.StringIO):
-    """The terminal's output, which presses Ctrl-C (SIGINT to this process) when `at` is printed."""
-
-    def __init__(self, at: str) -> None:
-        super().__init__()
-        self.at, self.pressed = at, False
-
-    def write(self, text: str) -> int:
-        if self.at in text and not self.pressed:
-            self.pressed = True
-            os.kill(os.getpid(), signal.SIGINT)
-        return super().write(text)
 
 
 def test_a_pbt_search_stopped_between_comparisons_ends_with_every_member_unfinished(ray_local, tmp_path):

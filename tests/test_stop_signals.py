@@ -8,6 +8,7 @@ never after a fixed sleep.
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -113,3 +114,37 @@ def test_a_command_run_off_the_main_thread_is_not_refused_for_its_signals(tmp_pa
     worker.start()
     worker.join(timeout=120)
     assert codes == [0]
+
+
+def test_a_ctrl_c_when_no_trial_runs_stops_the_search_rather_than_ending_it(ray_local, tmp_path):
+    """Ctrl-C as the first of two trials ends, one at a time: Tune stops before it starts the
+    second, so every trial it holds has ended. The search was summarised and marked finished
+    with one of its two trials (`--resume` then had nothing to continue); it is a stop, which
+    `--resume` continues to both."""
+    import json
+
+    from iterhead.search.run import SearchOptions, run_search
+    from iterhead.search.spec import load_search
+
+    from support import CtrlCAt
+
+    write_spec(tmp_path, [1, 2])
+    spec = yaml.safe_load((tmp_path / "spec.yaml").read_text())
+    spec["search"]["max_concurrent"] = 1
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    opts = SearchOptions(uri=uri, storage_path=str(tmp_path / "runs"))
+    out = CtrlCAt(" finished:")
+    with pytest.raises(KeyboardInterrupt):
+        run_search(load_search(tmp_path / "spec.yaml"), opts, out=out)
+    assert out.pressed and "search interrupted" in out.getvalue(), out.getvalue()
+    (state,) = (tmp_path / "runs").glob("stopped-*/iterhead-search.json")
+    assert json.loads(state.read_text())["state"] != "finished"
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("stopped").experiment_id
+    (parent,) = client.search_runs([exp], filter_string="tags.`iterhead.kind` = 'search'")
+    assert parent.info.status == "KILLED"
+    rows = run_search(load_search(tmp_path / "spec.yaml"), SearchOptions(uri=uri, storage_path=str(tmp_path / "runs"),
+                                                                        resume=True), out=io.StringIO())
+    assert len(rows) == 2 and all(row["status"] == "TERMINATED" for row in rows), rows
+    assert {run.info.status for run in client.search_runs([exp])} == {"FINISHED"}

@@ -268,3 +268,34 @@ def test_a_stopping_writer_still_ends_its_runs_and_says_the_stores_error_once(tm
     assert later.submit(later.log_metrics, "no-such-run", {"m": 1.0}, 0).exception() is not None
     later.close(stopping=True)
     assert "no-such-run" in capsys.readouterr().err
+
+
+def test_a_ctrl_c_as_no_trial_runs_while_the_store_is_gone_stays_a_stop(proxy, ray_local, tmp_path, capsys):
+    """The server stops answering and Ctrl-C comes as the first of two trials (one at a time)
+    ends: Tune starts no other, so every trial it holds has ended. The stop was taken for the
+    search's end, and the writes that failed on it for a failure (exit 1, 'search failed'); it
+    stays a stop (exit 130, the `--resume` hint) with one line for the store."""
+    from iterhead.search.run import SearchOptions, run_search
+    from iterhead.search.spec import load_search
+
+    from support import PARITY_BASE, CtrlCAt
+
+    class GoneAt(CtrlCAt):
+        def write(self, text: str) -> int:
+            if self.at in text:
+                proxy.mode = "drop"
+            return super().write(text)
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(PARITY_BASE))
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "gone-between", "base": "base.yaml", "space": {"stages.train.epochs": {"grid": [1, 2]}},
+        "search": {"algorithm": "grid", "num_samples": 1, "max_concurrent": 1, "scheduler": "none"},
+        "resources": {"cpu": 1}}))
+    out = GoneAt(" finished:")
+    with pytest.raises(KeyboardInterrupt):
+        run_search(load_search(tmp_path / "spec.yaml"),
+                   SearchOptions(uri=proxy.url, storage_path=str(tmp_path / "runs")), out=out)
+    assert out.pressed and proxy.counts["drop"] > 0
+    assert "search interrupted; continue it with: iterhead search" in out.getvalue(), out.getvalue()
+    said = [line for line in capsys.readouterr().err.splitlines() if "tracking store" in line]
+    assert len(said) == 1 and said[0].startswith("warning: the tracking store failed while stopping: "), said
