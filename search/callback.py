@@ -25,7 +25,7 @@ from. When the experiment ends, the writer is closed here (Tune restores this ca
 from its state, so the driver may hold no reference to it) and the runs of trials left
 unfinished by an interruption are marked KILLED: no run stays RUNNING once a search ends,
 and a resume sets them RUNNING again. Progress goes to the terminal: trial starts and
-ends, and a status line at most every `status_every` seconds.
+ends, and a status line at most every `status_every` seconds (`search.progress`).
 
 A trial whose sampled values make an invalid curriculum (validation probes the domains'
 ends and choices, not every interior value: `search.spec`) is one failed trial, never the
@@ -50,8 +50,8 @@ from ray import tune
 from iterhead.curricula.errors import ConfigError
 from iterhead.curricula.io import dump_curriculum, flatten
 from iterhead.search.outcome import ended
-from iterhead.search import signals
-from iterhead.search.report import short
+from iterhead.search import progress, signals
+from iterhead.search.progress import member_of
 from iterhead.search.tracking import RunWriter
 from iterhead.trainable import results as r
 from iterhead.trainable.artifacts import ARTIFACTS
@@ -76,11 +76,6 @@ def seed_items(result: dict[str, Any]) -> dict[int, dict[str, Any]]:
 def seed_target(trial_id: str, seed: int) -> str:
     """The key under which a seed's run is kept beside its configuration's (the trial id)."""
     return f"{trial_id}/seed_{seed}"
-
-
-def member_of(trial) -> dict[str, Any] | None:
-    """A PBT trial's member config (`search.population.Population.config`); None for other trials."""
-    return trial.config.get("pbt")
 
 
 def run_key(trial) -> str:
@@ -225,26 +220,7 @@ class MlflowSearchCallback(tune.Callback):
         self._run(trial)
         if run_key(trial) in self.invalid:
             trial.max_failures = 0  # Tune's retries are for crashes; this trial would fail the same way again
-        member = member_of(trial)
-        if member is not None:
-            self._member_started(member)
-            return
-        values = ", ".join(f"{k}={short(v)}" for k, v in trial.config.items())
-        print(f"trial {trial.trial_id} started{': ' + values if values else ''}", file=self.out, flush=True)
-        if run_key(trial) in self.invalid:
-            print(f"trial {trial.trial_id}: these values make an invalid curriculum "
-                  f"({self.invalid[run_key(trial)]}); it will fail, and the search goes on", file=self.out, flush=True)
-
-    def _member_started(self, member: dict[str, Any]) -> None:
-        """A PBT member's first generation, or one that starts from another member's state."""
-        settings = ", ".join(f"{k}={short(v)}" for k, v in member["segments"][-1]["settings"].items())
-        if member["generation"] == 0:
-            print(f"member {member['member']} started: {settings}", file=self.out, flush=True)
-        elif member["donor"] is not None:
-            at = member["segments"][-1]["start"]
-            print(f"member {member['member']} copies member {member['donor']} at epoch {at} of stage "
-                  f"{member['stage']} (generation {member['generation']}) and goes on with {settings}",
-                  file=self.out, flush=True)
+        self._say(*progress.trial_started(trial, self.invalid.get(run_key(trial))))
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         self._run(trial)
@@ -269,7 +245,7 @@ class MlflowSearchCallback(tune.Callback):
         now = time.monotonic()
         if now - self._last_status >= self.status_every:
             self._last_status = now
-            self._status(trials)
+            self._say(progress.status_line(trials))
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
         self._run(trial)
@@ -289,31 +265,25 @@ class MlflowSearchCallback(tune.Callback):
                 self.writer.submit(lambda run=run, dst=dst: self.writer.client.log_artifacts(run.result(), str(dst)))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        last = trial.last_result or {}
-        member = member_of(trial)
-        if member is not None and not last.get(r.MEMBER_ENDS):  # a generation's end: the member goes on
-            for target in self._targets(trial):
+        if member_of(trial) is not None and not (trial.last_result or {}).get(r.MEMBER_ENDS):
+            for target in self._targets(trial):  # a generation's end: the member goes on
                 self._flush(target)
-            return
-        self._end(trial, "FINISHED")
-        if last.get(r.DIVERGED):
-            how = "diverged (the loss, weights or probes became NaN or infinite; censored)"
-        elif last.get(r.REACHED):
-            how = f"reached the target at {last[r.COMPUTE_TO_TARGET]:.3e} FLOP"
         else:
-            how = f"censored (did not reach the target; {last.get(r.FLOPS, 0):.3e} FLOP spent)"
-        if self.seeds:
-            how = (f"{int(last.get(r.SEEDS_REACHED, 0))} of {len(self.seeds)} seeds reached the target; "
-                   f"median {how}")
-        who = f"member {member['member']}" if member is not None else f"trial {trial.trial_id}"
-        print(f"{who} finished: {how}", file=self.out, flush=True)
+            self._end(trial, "FINISHED")
+            self._say(progress.trial_finished(trial, self.seeds))
+        self._say(progress.generation_trained(trials, trial))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._end(trial, "FAILED")
         reason = self.invalid.get(run_key(trial))
         why = (f"its sampled values make an invalid curriculum: {reason}" if reason is not None
                else "see its error file under the storage path")
-        print(f"trial {trial.trial_id} FAILED ({why})", file=self.out, flush=True)
+        self._say(f"trial {trial.trial_id} FAILED ({why})", progress.generation_trained(trials, trial, failed=True))
+
+    def _say(self, *lines: str | None) -> None:
+        for line in lines:
+            if line is not None:
+                print(line, file=self.out, flush=True)
 
     def _flush(self, trial_id: str | None = None) -> None:
         """Queue the buffered metrics (of one trial, or all) as one write per trial."""
@@ -332,17 +302,6 @@ class MlflowSearchCallback(tune.Callback):
             self.ended.add(target)
             run = self.runs[target]
             self.writer.submit(lambda run=run: self.writer.end_run(run.result(), status))
-
-    def _status(self, trials) -> None:
-        states: dict[str, int] = {}
-        for t in trials:
-            states[t.status] = states.get(t.status, 0) + 1
-        reached = sum(1 for t in trials if (t.last_result or {}).get(r.REACHED))
-        running = [t for t in trials if t.status == "RUNNING" and t.last_result]
-        best = max((t.last_result.get(r.TARGET_ACC, 0.0) for t in running), default=None)
-        line = ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items()))
-        extra = f"; best running target accuracy {best:.1%}" if best is not None else ""
-        print(f"[status] {line}; {reached} reached the target{extra}", file=self.out, flush=True)
 
     def setup(self, **info) -> None:
         signals.note_stops()  # a stop when no trial runs leaves every trial ended: `on_experiment_end`

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -108,6 +109,13 @@ def test_one_run_per_member_and_members_copy_each_other(search, tmp_path):
     copied = [m for m, lineage in lineages.items() if len(lineage["segments"]) > 1]
     assert copied, lineages  # exploits happened, and are on the runs
     assert "copies member" in out and sum(row["switches"] for row in rows) >= len(copied)
+    # one line per generation, naming the member ranked first: with 4 members and quantile 0.25
+    # the one every copy of the next generation starts from
+    best = {int(g): m for g, m in re.findall(r"^generation (\d+) trained: best target accuracy [\d.]+% "
+                                             r"\(member (\d+)\)$", out, re.M)}
+    assert sorted(best) == list(range(max(row["generations"] for row in rows))), out
+    copies = re.findall(r"^member \d+ copies member (\d+) at epoch \d+ of stage \w+ \(generation (\d+)\)", out, re.M)
+    assert copies and all(donor == best[int(g) - 1] for donor, g in copies), out
     for m in copied:
         segments = lineages[m]["segments"]
         assert segments[-1]["stage"] == f"train-m{m}-e{segments[-1]['from_epoch']}"
@@ -260,13 +268,16 @@ def test_a_stopped_pbt_search_resumes_to_the_same_population(search, tmp_path, s
         assert parent.data.metrics[key] == parent0.data.metrics[key], key
 
 
-def test_a_pbt_search_stopped_between_comparisons_ends_with_every_member_unfinished(ray_local, tmp_path):
+@pytest.mark.parametrize("at", ["copies member", "generation 0 trained"], ids=["generation-1-begun", "between"])
+def test_a_pbt_search_stopped_between_comparisons_ends_with_every_member_unfinished(ray_local, tmp_path, at):
     """Ctrl-C once the first comparison is made (a member copies another; none reached the target
-    there, or no generation would follow): every member has more to train, so the summary says
-    unfinished for each, not the censoring penalty of a member that ended, and the search is not
-    summarised on its parent run nor marked finished; the members' runs say KILLED alike."""
+    there, or no generation would follow), or as generation 0's last trial ends, before Tune
+    starts generation 1 (every trial it holds then has ended: the members' runs were ended
+    FINISHED): every member has more to train, so the summary says unfinished for each, not the
+    censoring penalty of a member that ended, and the search is not summarised on its parent run
+    nor marked finished; the members' runs say KILLED alike."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    out = CtrlCAt("copies member")
+    out = CtrlCAt(at)
     with pytest.raises(KeyboardInterrupt):
         run_search(load_search(write(tmp_path)), SearchOptions(uri=uri, storage_path=str(tmp_path / "ray")), out=out)
     text = out.getvalue()
