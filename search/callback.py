@@ -303,12 +303,9 @@ class MlflowSearchCallback(tune.Callback):
             run = self.runs[target]
             self.writer.submit(lambda run=run: self.writer.end_run(run.result(), status))
 
-    def setup(self, **info) -> None:
-        signals.note_stops()  # a stop when no trial runs leaves every trial ended: `on_experiment_end`
-
     def on_experiment_end(self, trials, **info) -> None:
         cut = [t for t in trials if not ended(t.last_result, t.status == "ERROR")]  # an interruption left them
-        stopped = bool(cut) or signals.STOP_ASKED.is_set()  # or one came as no trial ran (between generations)
+        stopped = bool(cut) or signals.tune_stopped()  # or one came as no trial ran (between generations)
         if stopped:  # a store that stopped answering must not turn the stop into a failure
             self.writer.mark_stopping()
         for trial in cut:

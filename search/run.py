@@ -280,14 +280,10 @@ def _run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO,
                                           verbose=0, checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                           failure_config=tune.FailureConfig(max_failures=settings.max_failures)),
             )
-        sigint = signal.getsignal(signal.SIGINT)
-        signals.STOP_ASKED.clear()
-        try:
+        with signals.tune_loop():
             grid = tuner.fit()
-        finally:  # Tune leaves its own handler, which a SIGTERM (`signals`) would call on a search already over
-            signal.signal(signal.SIGINT, sigint)
-        # Ctrl-C or SIGTERM: with trials cut, or as one ended before the next began (`signals.note_stops`)
-        stopped = terminated.is_set() or signals.STOP_ASKED.is_set() or not outcome.trials_ended(grid, finished)
+            # Ctrl-C or SIGTERM: with trials cut, or with none running (`signals.tune_stopped`)
+            stopped = terminated.is_set() or signals.tune_stopped() or not outcome.trials_ended(grid, finished)
         if stopped:
             writer.mark_stopping()
         rows = outcome.trial_rows(grid, writer, experiment, parent, keys, pbt, finished, stopping=stopped)

@@ -56,27 +56,35 @@ def sigterm_as_ctrl_c() -> Iterator[threading.Event]:
         signal.signal(signal.SIGTERM, previous)
 
 
-# Set when Ctrl-C or SIGTERM reaches a running Tune loop (`note_stops`); cleared as a search begins
-STOP_ASKED = threading.Event()
+_BEFORE_TUNE: list[Any] = []  # the SIGINT handler in place as Tune's loop began (`tune_loop`)
 
 
-def note_stops() -> None:
-    """Have the SIGINT handler in place, Tune's while a search runs (installed before its
-    callbacks' `setup`, which calls this), also set `STOP_ASKED`. Tune stops between two of
-    its steps: a stop as a trial ends, before the next one starts (a search with more samples
-    than run at once, a PBT search between generations), leaves every trial ended, which only
-    this tells from a search that ran to its end. Where Ctrl-C raises KeyboardInterrupt (no
-    handler of Tune's), or off the main thread, nothing is needed or possible."""
-    handler = signal.getsignal(signal.SIGINT)
-    if (threading.current_thread() is not threading.main_thread() or not callable(handler)
-            or handler is signal.default_int_handler):
-        return
+@contextlib.contextmanager
+def tune_loop() -> Iterator[None]:
+    """Around `Tuner.fit`. Tune installs a SIGINT handler of its own (on the main thread, unless
+    ``TUNE_DISABLE_SIGINT_HANDLER``), which SIGTERM reaches too (`sigterm_as_ctrl_c`), and on a
+    stop puts back the handler it found: `tune_stopped`. After a fit no stop reached, Tune's is
+    left in place, which a SIGTERM would call on a search already over: the one found is put back."""
+    before = signal.getsignal(signal.SIGINT)
+    _BEFORE_TUNE[:] = [before]
+    try:
+        yield
+    finally:
+        _BEFORE_TUNE.clear()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, before)
 
-    def noted(signum: int, frame: Any) -> None:
-        STOP_ASKED.set()
-        handler(signum, frame)
 
-    signal.signal(signal.SIGINT, noted)
+def tune_stopped() -> bool:
+    """Within `tune_loop`, whether a stop (Ctrl-C, SIGTERM, Tune's SIGUSR1) reached Tune: its handler
+    put back the one it found. Tune stops between two of its steps, so a stop as a trial ends,
+    before the next one starts (a search with more samples than run at once, a PBT search
+    between generations), or before the first starts, leaves every trial it holds ended, and
+    only this tells it from a search that ran to its end. False where Tune installs no handler:
+    a Ctrl-C there is a KeyboardInterrupt."""
+    return (bool(_BEFORE_TUNE) and threading.current_thread() is threading.main_thread()
+            and not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0"))
+            and signal.getsignal(signal.SIGINT) is _BEFORE_TUNE[0])
 
 
 @contextlib.contextmanager

@@ -148,3 +148,28 @@ def test_a_ctrl_c_when_no_trial_runs_stops_the_search_rather_than_ending_it(ray_
                                                                         resume=True), out=io.StringIO())
     assert len(rows) == 2 and all(row["status"] == "TERMINATED" for row in rows), rows
     assert {run.info.status for run in client.search_runs([exp])} == {"FINISHED"}
+
+
+@pytest.mark.parametrize("stop", [None, signal.SIGINT, signal.SIGUSR1], ids=["none", "ctrl-c", "sigusr1"])
+def test_a_stop_before_tune_starts_a_trial_is_told_from_a_fit_that_ran_to_its_end(ray_local, tmp_path, stop):
+    """A stop as Tune's loop begins, before it makes a trial (a callback's setup sends it), leaves
+    nothing unfinished: Tune returns an empty grid, as a search with nothing left to run does.
+    `tune_stopped` tells the two apart, for Ctrl-C and for Tune's SIGUSR1 alike."""
+    from ray import tune
+
+    from iterhead.search import signals
+
+    class StopAtSetup(tune.Callback):
+        def setup(self, **info) -> None:
+            if stop is not None:
+                os.kill(os.getpid(), stop)
+
+    tuner = tune.Tuner(lambda config: {"x": 1.0}, param_space={"a": tune.grid_search([1, 2])},
+                       run_config=tune.RunConfig(storage_path=str(tmp_path), callbacks=[StopAtSetup()], verbose=0))
+    with signals.tune_loop():
+        grid = tuner.fit()
+        stopped = signals.tune_stopped()
+    assert stopped == (stop is not None)
+    assert len(grid) == (0 if stop is not None else 2)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Tune's own handler is gone
+
