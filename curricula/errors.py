@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import reprlib
+from pathlib import Path
 from typing import Iterable
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2  # the CLI's: bad input (a `ConfigError`) is 2
@@ -141,3 +142,10 @@ def require_utf8(text: str, what: str, fix: str, *, field: str = "", file: str =
     a byte `not_utf8` finds: refused before anything is made, not in the store once it is."""
     if byte := not_utf8(text):
         raise ConfigError(f"{what} holds the byte {byte}, which is not UTF-8 text; {fix}", field=field, file=file)
+
+
+def recorded_path(file: str) -> None:
+    """A curriculum or spec whose absolute path MLflow records must be UTF-8 text: its store failed on
+    other bytes after the experiment was made (exit 1, naming the store)."""
+    require_utf8(str(Path(file).resolve()), "its path", "the run records it: rename the file (or the folder that "
+                 "holds it)", file=file)

@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Sequence
 
 from iterhead.curricula.errors import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ConfigError, first_line, one_line,
-                                       out_of_memory, require_utf8, shown)
+                                       out_of_memory, recorded_path, require_utf8, shown)
 from iterhead.search.ablate import cmd_ablate
 from iterhead.search.endpoints import address_field, check_store, not_a_tracking_server, ray_address, uri_field
-from iterhead.search.signals import Terminated, sigterm_as_ctrl_c
+from iterhead.search.signals import Terminated, after_stop, sigterm_as_ctrl_c
 from iterhead.search.tracking import DEFAULT_URI, store_error
-
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -348,15 +347,13 @@ def check_arguments(args: argparse.Namespace) -> None:
         require_utf8(name, shown(name), "name the experiment in UTF-8", field="--experiment")
 
 
-def recorded_path(file: str) -> None:
-    """A curriculum or spec whose absolute path MLflow records must be UTF-8 text: its store failed on
-    other bytes after the experiment was made (exit 1, naming the store)."""
-    require_utf8(str(Path(file).resolve()), "its path", "the run records it: rename the file (or the folder that "
-                 "holds it)", file=file)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """Without `argv`, the command of this process: its stop lasts to the process's end (`after_stop`)."""
+    code = _command(_parser().parse_args(argv))
+    return after_stop(code) if argv is None else code
+
+
+def _command(args: argparse.Namespace) -> int:
     try:
         with sigterm_as_ctrl_c():  # every command's clean-up runs (its temporary folders go, runs end KILLED)
             check_arguments(args)

@@ -22,14 +22,19 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the work is, so every `except KeyboardInterrupt` cleanup runs."""
 
 
+_OPEN: list[threading.Event] = []  # the events of the `sigterm_as_ctrl_c` blocks open now, outermost first
+STOP_CODES = (130, 128 + signal.SIGTERM)  # a command's exit status after Ctrl-C, after SIGTERM
+
+
 @contextlib.contextmanager
 def sigterm_as_ctrl_c() -> Iterator[threading.Event]:
     """Within the block, SIGTERM does what Ctrl-C does at that moment: a graceful stop where a
     SIGINT handler is installed (Tune's, during a search), else `Terminated`. The event says
     whether one came; a SIGTERM after the first does nothing, and a KeyboardInterrupt out of the
-    block after one is `Terminated`. `ray.init` replaces the handler while it runs: wrap it in
-    `through_ray_init`. Off the main thread (a caller's worker thread) signals are not ours to
-    handle: the block runs as it is."""
+    block after one is `Terminated`. Blocks nest (a command's, a search's): a stop seen by one is
+    seen by every block around it, so a repeat after the inner block ends is still ignored.
+    `ray.init` replaces the handler while it runs: wrap it in `through_ray_init`. Off the main
+    thread (a caller's worker thread) signals are not ours to handle: the block runs as it is."""
     seen = threading.Event()
     if threading.current_thread() is not threading.main_thread():  # signal.signal would raise
         yield seen
@@ -38,7 +43,8 @@ def sigterm_as_ctrl_c() -> Iterator[threading.Event]:
     def stop(signum: int, frame: Any) -> None:
         if seen.is_set():  # the stop is under way: a second signal (a scheduler's repeat) would cut its cleanup
             return
-        seen.set()
+        for event in _OPEN:
+            event.set()
         handler = signal.getsignal(signal.SIGINT)
         if callable(handler) and handler is not signal.default_int_handler:
             handler(signal.SIGINT, frame)
@@ -46,6 +52,7 @@ def sigterm_as_ctrl_c() -> Iterator[threading.Event]:
             raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, stop)
+    _OPEN.append(seen)
     try:
         yield seen
     except KeyboardInterrupt as interrupt:  # Tune's stop, or Ray's waits, which pass `Terminated` on as a plain one
@@ -53,7 +60,19 @@ def sigterm_as_ctrl_c() -> Iterator[threading.Event]:
             raise Terminated() from None
         raise
     finally:
+        _OPEN.remove(seen)
         signal.signal(signal.SIGTERM, previous)
+
+
+def after_stop(code: int) -> int:
+    """`code`, the exit status of this process's own command; after a stop (`STOP_CODES`) SIGTERM is
+    ignored from here to the process's end, as during the stop. Python's default ended the process
+    as it exited (Ray's processes stopped, then the output a pipe still buffered written): a
+    scheduler's repeated SIGTERM a second after the first killed it there, its summary and its
+    `--resume` hint unwritten."""
+    if code in STOP_CODES and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return code
 
 
 _BEFORE_TUNE: list[Any] = []  # the SIGINT handler in place as Tune's loop began (`tune_loop`)
@@ -102,7 +121,8 @@ def through_ray_init(seen: threading.Event) -> Iterator[None]:
     except SystemExit as stop:
         if stop.code != signal.SIGTERM:
             raise
-        seen.set()  # first: a repeated SIGTERM, once ours is back, then finds the stop begun
+        for event in {seen, *_OPEN}:  # first: a repeated SIGTERM, once ours is back, then finds the stop begun
+            event.set()
         signal.signal(signal.SIGTERM, ours)  # Ray's sys.exit must not cut what follows
         kill_started(before)
         raise Terminated() from None

@@ -173,3 +173,48 @@ def test_a_stop_before_tune_starts_a_trial_is_told_from_a_fit_that_ran_to_its_en
     assert len(grid) == (0 if stop is not None else 2)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Tune's own handler is gone
 
+
+def test_a_sigterm_repeated_as_a_stopped_search_exits_is_ignored(tmp_path):
+    """A batch scheduler that repeats SIGTERM until the process ends: once the stopped driver said
+    `terminated`, Python's default handler was back for the process's exit, and a repeat then
+    killed it (status -15), the summary and `--resume` hint it still buffered for a pipe unwritten."""
+    write_spec(tmp_path, [400])  # a trial that trains until the stop
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        driver = subprocess.Popen(command("spec.yaml", "--num-cpus", "1", "--storage-path", "runs", "--tracking-uri",
+                                          f"sqlite:///{tmp_path}/mlflow.db"),
+                                  cwd=tmp_path, stdout=stdout, stderr=stderr, start_new_session=True)
+    try:
+        wait_for(lambda: "started" in out.read_text(), driver, "a trial's start")
+        driver.send_signal(signal.SIGTERM)
+        wait_for(lambda: "terminated" in err.read_text().splitlines()[-1:], driver, "its stop", limit_s=240)
+        while driver.poll() is None:  # the repeats, until it has exited
+            driver.send_signal(signal.SIGTERM)
+            time.sleep(0.02)
+        assert driver.returncode == 143, out.read_text()[-2000:] + err.read_text()[-2000:]
+        assert "search interrupted; continue it with: iterhead search spec.yaml --resume" in out.read_text()
+    finally:
+        if driver.poll() is None or alive(driver.pid):
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+
+
+def test_a_stop_seen_in_an_inner_block_is_seen_by_the_blocks_around_it():
+    """A search's block sits in its command's: a SIGTERM repeated after the search's block ended
+    reached the command's block, which took it for a first one and raised `Terminated` again,
+    cutting the stopped command's summary."""
+    from iterhead.search.signals import Terminated, sigterm_as_ctrl_c
+
+    def signalled() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs between two bytecodes of this thread, soon after
+            time.sleep(0.001)
+
+    try:
+        with sigterm_as_ctrl_c() as command_seen:
+            with pytest.raises(Terminated), sigterm_as_ctrl_c() as search_seen:
+                signalled()
+            signalled()  # the repeat: ignored
+    except Terminated:  # a KeyboardInterrupt would end the whole test session
+        pytest.fail("the repeated SIGTERM stopped the command's block again")
+    assert search_seen.is_set() and command_seen.is_set()
