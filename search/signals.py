@@ -43,7 +43,8 @@ def sigterm_as_ctrl_c() -> Iterator[threading.Event]:
     def stop(signum: int, frame: Any) -> None:
         if seen.is_set():  # the stop is under way: a second signal (a scheduler's repeat) would cut its cleanup
             return
-        for event in _OPEN:
+        seen.set()
+        for event in _OPEN:  # and the blocks around this one
             event.set()
         handler = signal.getsignal(signal.SIGINT)
         if callable(handler) and handler is not signal.default_int_handler:
@@ -66,10 +67,10 @@ def sigterm_as_ctrl_c() -> Iterator[threading.Event]:
 
 def after_stop(code: int) -> int:
     """`code`, the exit status of this process's own command; after a stop (`STOP_CODES`) SIGTERM is
-    ignored from here to the process's end, as during the stop. Python's default ended the process
-    as it exited (Ray's processes stopped, then the output a pipe still buffered written): a
-    scheduler's repeated SIGTERM a second after the first killed it there, its summary and its
-    `--resume` hint unwritten."""
+    ignored from here to the process's end, as during the stop. With Python's default back, a
+    scheduler's SIGTERM repeated a second after the first killed the process as it exited (while
+    Ray's processes stopped, before what a pipe still buffered was written): its summary and its
+    `--resume` hint were lost."""
     if code in STOP_CODES and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return code

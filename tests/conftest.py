@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 
 import pytest
@@ -41,6 +42,15 @@ def _torch_threads():
 
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _sigint_as_found():
+    """The SIGINT handler as it was before the test: a `Tuner.fit` outside `signals.tune_loop`
+    leaves Tune's installed, and a later test's SIGTERM (`signals.sigterm_as_ctrl_c`) went to it."""
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 @pytest.fixture

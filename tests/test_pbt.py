@@ -268,16 +268,14 @@ def test_a_stopped_pbt_search_resumes_to_the_same_population(search, tmp_path, s
         assert parent.data.metrics[key] == parent0.data.metrics[key], key
 
 
-@pytest.mark.parametrize("at", ["copies member", "generation 0 trained"], ids=["generation-1-begun", "between"])
-def test_a_pbt_search_stopped_between_comparisons_ends_with_every_member_unfinished(ray_local, tmp_path, at):
-    """Ctrl-C once the first comparison is made (a member copies another; none reached the target
-    there, or no generation would follow), or as generation 0's last trial ends, before Tune
-    starts generation 1 (every trial it holds then has ended: the members' runs were ended
-    FINISHED): every member has more to train, so the summary says unfinished for each, not the
-    censoring penalty of a member that ended, and the search is not summarised on its parent run
-    nor marked finished; the members' runs say KILLED alike."""
+def test_a_pbt_search_stopped_between_comparisons_ends_with_every_member_unfinished(ray_local, tmp_path):
+    """Ctrl-C as generation 0's last trial ends, before Tune starts generation 1 (no member has
+    reached the target there, or no generation would follow): every trial Tune holds has ended,
+    and the members' runs were ended FINISHED. Every member has more to train, so the summary
+    says unfinished for each, not the censoring penalty of a member that ended, and the search
+    is not summarised on its parent run nor marked finished; the members' runs say KILLED alike."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    out = CtrlCAt(at)
+    out = CtrlCAt("generation 0 trained")
     with pytest.raises(KeyboardInterrupt):
         run_search(load_search(write(tmp_path)), SearchOptions(uri=uri, storage_path=str(tmp_path / "ray")), out=out)
     text = out.getvalue()

@@ -8,7 +8,6 @@ never after a fixed sleep.
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import subprocess
@@ -116,40 +115,6 @@ def test_a_command_run_off_the_main_thread_is_not_refused_for_its_signals(tmp_pa
     assert codes == [0]
 
 
-def test_a_ctrl_c_when_no_trial_runs_stops_the_search_rather_than_ending_it(ray_local, tmp_path):
-    """Ctrl-C as the first of two trials ends, one at a time: Tune stops before it starts the
-    second, so every trial it holds has ended. The search was summarised and marked finished
-    with one of its two trials (`--resume` then had nothing to continue); it is a stop, which
-    `--resume` continues to both."""
-    import json
-
-    from iterhead.search.run import SearchOptions, run_search
-    from iterhead.search.spec import load_search
-
-    from support import CtrlCAt
-
-    write_spec(tmp_path, [1, 2])
-    spec = yaml.safe_load((tmp_path / "spec.yaml").read_text())
-    spec["search"]["max_concurrent"] = 1
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    opts = SearchOptions(uri=uri, storage_path=str(tmp_path / "runs"))
-    out = CtrlCAt(" finished:")
-    with pytest.raises(KeyboardInterrupt):
-        run_search(load_search(tmp_path / "spec.yaml"), opts, out=out)
-    assert out.pressed and "search interrupted" in out.getvalue(), out.getvalue()
-    (state,) = (tmp_path / "runs").glob("stopped-*/iterhead-search.json")
-    assert json.loads(state.read_text())["state"] != "finished"
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("stopped").experiment_id
-    (parent,) = client.search_runs([exp], filter_string="tags.`iterhead.kind` = 'search'")
-    assert parent.info.status == "KILLED"
-    rows = run_search(load_search(tmp_path / "spec.yaml"), SearchOptions(uri=uri, storage_path=str(tmp_path / "runs"),
-                                                                        resume=True), out=io.StringIO())
-    assert len(rows) == 2 and all(row["status"] == "TERMINATED" for row in rows), rows
-    assert {run.info.status for run in client.search_runs([exp])} == {"FINISHED"}
-
-
 @pytest.mark.parametrize("stop", [None, signal.SIGINT, signal.SIGUSR1], ids=["none", "ctrl-c", "sigusr1"])
 def test_a_stop_before_tune_starts_a_trial_is_told_from_a_fit_that_ran_to_its_end(ray_local, tmp_path, stop):
     """A stop as Tune's loop begins, before it makes a trial (a callback's setup sends it), leaves
@@ -166,12 +131,13 @@ def test_a_stop_before_tune_starts_a_trial_is_told_from_a_fit_that_ran_to_its_en
 
     tuner = tune.Tuner(lambda config: {"x": 1.0}, param_space={"a": tune.grid_search([1, 2])},
                        run_config=tune.RunConfig(storage_path=str(tmp_path), callbacks=[StopAtSetup()], verbose=0))
+    before = signal.getsignal(signal.SIGINT)
     with signals.tune_loop():
         grid = tuner.fit()
         stopped = signals.tune_stopped()
     assert stopped == (stop is not None)
     assert len(grid) == (0 if stop is not None else 2)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Tune's own handler is gone
+    assert signal.getsignal(signal.SIGINT) is before  # Tune's own handler is gone
 
 
 def test_a_sigterm_repeated_as_a_stopped_search_exits_is_ignored(tmp_path):
@@ -210,6 +176,7 @@ def test_a_stop_seen_in_an_inner_block_is_seen_by_the_blocks_around_it():
         for _ in range(1000):  # the handler runs between two bytecodes of this thread, soon after
             time.sleep(0.001)
 
+    sigint = signal.signal(signal.SIGINT, signal.default_int_handler)  # no handler left by a fit run before
     try:
         with sigterm_as_ctrl_c() as command_seen:
             with pytest.raises(Terminated), sigterm_as_ctrl_c() as search_seen:
@@ -217,4 +184,6 @@ def test_a_stop_seen_in_an_inner_block_is_seen_by_the_blocks_around_it():
             signalled()  # the repeat: ignored
     except Terminated:  # a KeyboardInterrupt would end the whole test session
         pytest.fail("the repeated SIGTERM stopped the command's block again")
+    finally:
+        signal.signal(signal.SIGINT, sigint)
     assert search_seen.is_set() and command_seen.is_set()
