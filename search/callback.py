@@ -52,7 +52,7 @@ from iterhead.curricula.io import dump_curriculum, flatten
 from iterhead.search.outcome import ended
 from iterhead.search import progress, signals
 from iterhead.search.progress import member_of
-from iterhead.search.tracking import RunWriter
+from iterhead.search.tracking import RunWriter, all_runs
 from iterhead.trainable import results as r
 from iterhead.trainable.artifacts import ARTIFACTS
 from iterhead.curricula.trial import trial_curriculum
@@ -317,20 +317,45 @@ class MlflowSearchCallback(tune.Callback):
         if not stopped:
             for trial in self._stopped_earlier(trials):
                 self._end(trial, "FINISHED")
+            for trial in self._left_open(trials):  # its last report and artifacts, if they were lost
+                if trial.last_result:
+                    self.on_trial_result(0, trials, trial, trial.last_result)
+                if trial.checkpoint is not None:
+                    self.on_checkpoint(0, trials, trial, trial.checkpoint)
+                self._end(trial, "FAILED" if trial.status == "ERROR" else "FINISHED")
         self.close(stopping=stopped)
 
-    def _stopped_earlier(self, trials) -> list:
-        """After a resume, the PBT members whose last generation ended before the stop, that the
-        population then ended without training them again: their runs, which this driver has not
-        touched (found again by their tags), stand as the stop left them. Not a failed member, nor
-        one whose own training ended (its run ended with it)."""
+    def _untouched(self, trials) -> dict[str, Any]:
+        """The trial of each run key (PBT: a member's last generation) whose run this driver has not
+        touched: after a resume, what ended before it (found again by its tags only if it runs again)."""
         latest: dict[str, Any] = {}
         for t in trials:
             member = member_of(t)
-            if member is not None and member["generation"] >= member_of(latest.get(run_key(t), t))["generation"]:
+            if member is None or member["generation"] >= member_of(latest.get(run_key(t), t))["generation"]:
                 latest[run_key(t)] = t
-        return [t for key, t in latest.items() if key not in self.runs and key not in self.ended
+        return {key: t for key, t in latest.items() if key not in self.runs and key not in self.ended}
+
+    def _stopped_earlier(self, trials) -> list:
+        """After a resume, the PBT members whose last generation ended before the stop, that the
+        population then ended without training them again: their runs stand as the stop left them.
+        Not a failed member, nor one whose own training ended (its run ended with it: `_left_open`)."""
+        return [t for t in self._untouched(trials).values() if member_of(t) is not None
                 and t.status == "TERMINATED" and t.last_result and not t.last_result.get(r.MEMBER_ENDS)]
+
+    def _left_open(self, trials) -> list:
+        """After a resume, the trials (PBT: members) whose training ended before it and whose runs
+        say RUNNING, or KILLED (`reconcile` marks a run left RUNNING for long): a store that stopped
+        answering as they ended dropped their last writes (the command exited 1, or was stopped).
+        No trial of theirs runs again: their last report and their end are written here."""
+        done = {key: t for key, t in self._untouched(trials).items() if ended(t.last_result, t.status == "ERROR")
+                and (member_of(t) is None or t.status == "ERROR" or t.last_result.get(r.MEMBER_ENDS))}
+        if not done:
+            return []
+        query = f"tags.`{r.PARENT_RUN}` = '{self.parent}'"
+        unended = self.writer.submit(lambda: {run.data.tags.get(r.TRIAL_ID) for run in all_runs(
+            self.writer.client, self.writer.experiment_id(self.experiment), query)
+            if run.info.status in ("RUNNING", "KILLED")}).result()
+        return [t for key, t in done.items() if key in unended]
 
     def close(self, stopping: bool = False) -> None:
         """Wait for every write (raising the first error, or `stopping` saying a store's error in

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import io
+import json
 import os
 import sys
 import threading
 import time
 import urllib.parse
 from collections import Counter
+from dataclasses import replace
 from typing import Any, Callable, Iterator, Literal
 
 import pytest
@@ -26,6 +29,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from iterhead.search.tracking import HEARTBEAT_TAG, Heartbeat, RunWriter, begin_command
+from iterhead.trainable.results import KIND, REACHED
 
 from support import run_until, tiny
 
@@ -273,8 +277,12 @@ def test_a_stopping_writer_still_ends_its_runs_and_says_the_stores_error_once(tm
 def test_a_ctrl_c_as_no_trial_runs_while_the_store_is_gone_stays_a_stop(proxy, ray_local, tmp_path, capsys):
     """The server stops answering and Ctrl-C comes as the first of two trials (one at a time)
     ends: Tune starts no other, so every trial it holds has ended. The stop was taken for the
-    search's end, and the writes that failed on it for a failure (exit 1, 'search failed'); it
-    stays a stop (exit 130, the `--resume` hint) with one line for the store."""
+    search's end: with the store there, the search was summarised and marked finished with one
+    trial; gone, the writes that failed on it made a failure of it (exit 1, 'search failed'). It
+    stays a stop (exit 130, the `--resume` hint) with one line for the store. Once the server
+    answers again, `--resume` trains the second trial and ends the first trial's run, which its
+    dropped end left RUNNING, then `reconcile` KILLED (no trial of it runs again)."""
+    from iterhead.search.reconcile import reconcile
     from iterhead.search.run import SearchOptions, run_search
     from iterhead.search.spec import load_search
 
@@ -292,10 +300,26 @@ def test_a_ctrl_c_as_no_trial_runs_while_the_store_is_gone_stays_a_stop(proxy, r
         "search": {"algorithm": "grid", "num_samples": 1, "max_concurrent": 1, "scheduler": "none"},
         "resources": {"cpu": 1}}))
     out = GoneAt(" finished:")
+    opts = SearchOptions(uri=proxy.url, storage_path=str(tmp_path / "runs"))
     with pytest.raises(KeyboardInterrupt):
-        run_search(load_search(tmp_path / "spec.yaml"),
-                   SearchOptions(uri=proxy.url, storage_path=str(tmp_path / "runs")), out=out)
+        run_search(load_search(tmp_path / "spec.yaml"), opts, out=out)
     assert out.pressed and proxy.counts["drop"] > 0
     assert "search interrupted; continue it with: iterhead search" in out.getvalue(), out.getvalue()
     said = [line for line in capsys.readouterr().err.splitlines() if "tracking store" in line]
     assert len(said) == 1 and said[0].startswith("warning: the tracking store failed while stopping: "), said
+    (state,) = (tmp_path / "runs").glob("gone-between-*/iterhead-search.json")
+    assert json.loads(state.read_text())["state"] != "finished"
+    proxy.mode = "forward"  # back an hour later: `reconcile`, as the resume's own does, marks its runs KILLED
+    assert [m.what for m in reconcile(MlflowClient(proxy.url), ["gone-between"], now=time.time() + 3600)]
+    rows = run_search(load_search(tmp_path / "spec.yaml"), replace(opts, resume=True), out=io.StringIO())
+    assert len(rows) == 2 and all(row["status"] == "TERMINATED" for row in rows), rows
+    client = MlflowClient(proxy.url)
+    runs = client.search_runs([client.get_experiment_by_name("gone-between").experiment_id])
+    # the first trial's run too, whose end and last report the stop dropped: no trial of it ran again
+    assert len(runs) == 3 and {run.info.status for run in runs} == {"FINISHED"}, runs
+    trial_runs = [run for run in runs if run.data.tags.get(KIND) == "trial"]
+    assert len(trial_runs) == 2
+    for run in trial_runs:  # and what it reported and drew last
+        assert REACHED in run.data.metrics, run.info.run_name
+        drawn = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"curriculum.yaml", "attention.png", "compute_to_accuracy.png"} <= drawn, (run.info.run_name, drawn)
