@@ -23,12 +23,16 @@ def quiet_libraries() -> None:
     """Keep the terminal iterhead's: what runs, progress, the summary, where to look.
 
     Off: Tune's configuration box and TensorBoard hint (results live in MLflow; the legacy
-    reporter at verbose=0 prints nothing), MLflow's schema-creation notes and Ray's notice
-    that token authentication is on; Optuna's "study created" line is silenced where the
-    searcher is made. Two warnings of every resume, both harmless, are off too (below).
-    Warnings and errors still reach the terminal.
+    reporter at verbose=0 prints nothing), MLflow's schema-creation notes and its links to each
+    run a server ended, and Ray's notice that token authentication is on; Optuna's "study
+    created" line is silenced where the searcher is made. Two warnings of every resume, both
+    harmless, are off too (below). Warnings and errors still reach the terminal.
     """
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # With a tracking server, MLflow writes two lines to stdout as each run ends ("View run ...",
+    # "View experiment ..."): a search ends one or more runs a trial, between iterhead's lines;
+    # its summary says where to look
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     for name in ("mlflow.store.db.utils", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # A new local Ray turns token authentication on and says so as a warning; it is the

@@ -313,6 +313,7 @@ def test_a_ctrl_c_as_no_trial_runs_while_the_store_is_gone_stays_a_stop(proxy, r
     assert [m.what for m in reconcile(MlflowClient(proxy.url), ["gone-between"], now=time.time() + 3600)]
     rows = run_search(load_search(tmp_path / "spec.yaml"), replace(opts, resume=True), out=io.StringIO())
     assert len(rows) == 2 and all(row["status"] == "TERMINATED" for row in rows), rows
+    assert "View run" not in capsys.readouterr().out  # MLflow's lines for each run a server ends: not a search's
     client = MlflowClient(proxy.url)
     runs = client.search_runs([client.get_experiment_by_name("gone-between").experiment_id])
     # the first trial's run too, whose end and last report the stop dropped: no trial of it ran again
