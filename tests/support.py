@@ -192,3 +192,11 @@ class CtrlCAt(io.StringIO):
             self.pressed = True
             os.kill(os.getpid(), signal.SIGINT)
         return super().write(text)
+
+
+def ctrl_c_as_at_a_terminal() -> None:
+    """Let the commands a test starts from here hear Ctrl-C (SIGINT), as at a terminal. A test run
+    that a non-interactive shell started in the background (a CI job) has Ctrl-C ignored, which a
+    child keeps across exec, and a command rightly keeps it so (`nohup cmd &`). The autouse
+    fixture in conftest.py puts the handler back after the test."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)

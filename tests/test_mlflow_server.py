@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 
 from iterhead.search.cli import main
 
-from support import ROOT, free_port, run_until, running_server, tiny
+from support import ROOT, ctrl_c_as_at_a_terminal, free_port, run_until, running_server, tiny
 
 pytestmark = pytest.mark.integration
 
@@ -171,6 +171,7 @@ def test_a_search_stopped_while_its_server_is_gone_stays_a_stop(tmp_path, then, 
     raised out of Tune's fit, replaced the stop (exit 1, 'search failed'); it is said in one line,
     the command says how to continue and still exits 143 or 130."""
     long_curriculum(tmp_path)
+    ctrl_c_as_at_a_terminal()
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
         "name": "gone-stop", "base": "c.yaml", "space": {"optim.lr": {"grid": [0.001]}},
         "search": {"algorithm": "grid", "num_samples": 1, "max_concurrent": 1, "scheduler": "none"}}))

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from support import PARITY_BASE, alive
+from support import PARITY_BASE, alive, ctrl_c_as_at_a_terminal
 
 pytestmark = pytest.mark.integration
 
@@ -73,6 +73,7 @@ def test_a_stop_while_the_search_starts_exits_143_or_130_and_leaves_nothing(tmp_
     the agents its raylet had started lived on for a minute, as they did after a Ctrl-C there."""
     write_spec(tmp_path, [3])
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    ctrl_c_as_at_a_terminal()
     driver = subprocess.Popen(command("spec.yaml", "--smoke", "--num-cpus", "1", "--storage-path", "runs",
                                       "--tracking-uri", uri),
                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -176,7 +177,7 @@ def test_a_stop_seen_in_an_inner_block_is_seen_by_the_blocks_around_it():
         for _ in range(1000):  # the handler runs between two bytecodes of this thread, soon after
             time.sleep(0.001)
 
-    sigint = signal.signal(signal.SIGINT, signal.default_int_handler)  # no handler left by a fit run before
+    sigint = signal.signal(signal.SIGINT, signal.default_int_handler)  # none a fit left, nor Ctrl-C ignored
     try:
         with sigterm_as_ctrl_c() as command_seen:
             with pytest.raises(Terminated), sigterm_as_ctrl_c() as search_seen:
