@@ -66,12 +66,12 @@ def trial_rows(grid, writer: RunWriter, experiment: str, parent: str, keys: list
     return rows
 
 
-def ran_to_end(grid, rows: list[dict[str, Any]], finished: set[str] = frozenset()) -> bool:
-    """Whether the search ran to its end once Tune returns (it returns on Ctrl-C too): every trial
-    ended, and no row is unfinished. PBT members between generations have no trial running while
-    the searcher has the next ones to propose: a Ctrl-C there left every trial ended, and the
-    search was summarised and marked finished (never to be resumed) with its population half trained."""
-    return all(row["status"] != "UNFINISHED" for row in rows) and trials_ended(grid, finished)
+def ran_to_end(rows: list[dict[str, Any]]) -> bool:
+    """Whether a search whose trials all ended (`trials_ended`) also ran to its end: no row is
+    unfinished. PBT members between generations have no trial running while the searcher has the
+    next ones to propose: a Ctrl-C there left every trial ended, and the search was summarised and
+    marked finished (never to be resumed) with its population half trained."""
+    return all(row["status"] != "UNFINISHED" for row in rows)
 
 
 def trials_ended(grid, finished: set[str] = frozenset()) -> bool:

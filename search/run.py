@@ -287,7 +287,7 @@ def _run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO,
         if stopped:
             writer.mark_stopping()
         rows = outcome.trial_rows(grid, writer, experiment, parent, keys, pbt, finished, stopping=stopped)
-        complete = not stopped and outcome.ran_to_end(grid, rows, finished)
+        complete = not stopped and outcome.ran_to_end(rows)
         if complete:
             outcome.log_summary(writer, parent, rows, keys, sharing.accounting(rows))
             save_state(folder, {**json.loads((folder / STATE_FILE).read_text()), "state": "finished"})

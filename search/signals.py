@@ -43,9 +43,7 @@ def sigterm_as_ctrl_c() -> Iterator[threading.Event]:
     def stop(signum: int, frame: Any) -> None:
         if seen.is_set():  # the stop is under way: a second signal (a scheduler's repeat) would cut its cleanup
             return
-        seen.set()
-        for event in _OPEN:  # and the blocks around this one
-            event.set()
+        _mark_stopped(seen)
         handler = signal.getsignal(signal.SIGINT)
         if callable(handler) and handler is not signal.default_int_handler:
             handler(signal.SIGINT, frame)
@@ -63,6 +61,12 @@ def sigterm_as_ctrl_c() -> Iterator[threading.Event]:
     finally:
         _OPEN.remove(seen)
         signal.signal(signal.SIGTERM, previous)
+
+
+def _mark_stopped(seen: threading.Event) -> None:
+    """A stop came: `seen` (a block's event) and every block open around it now say so."""
+    for event in (seen, *_OPEN):
+        event.set()
 
 
 def after_stop(code: int) -> int:
@@ -122,8 +126,7 @@ def through_ray_init(seen: threading.Event) -> Iterator[None]:
     except SystemExit as stop:
         if stop.code != signal.SIGTERM:
             raise
-        for event in {seen, *_OPEN}:  # first: a repeated SIGTERM, once ours is back, then finds the stop begun
-            event.set()
+        _mark_stopped(seen)  # first: a repeated SIGTERM, once ours is back, then finds the stop begun
         signal.signal(signal.SIGTERM, ours)  # Ray's sys.exit must not cut what follows
         kill_started(before)
         raise Terminated() from None

@@ -284,10 +284,10 @@ def test_a_search_stopped_between_generations_has_not_run_to_its_end():
     """Ctrl-C after generation 0's last trial ended and before Tune made generation 1's: every
     trial ended, but the members have more to train. A search whose population ended (a member
     reached the target) has run to its end."""
-    from iterhead.search.outcome import ran_to_end
+    from iterhead.search.outcome import ran_to_end, trials_ended
 
     at_end = {r.TRIAL_ENDS: 1.0}
     between = [member_result(m, 0, **at_end) for m in range(4)]
-    assert not ran_to_end(between, member_rows(between, {}, ["lr"]))
+    assert trials_ended(between) and not ran_to_end(member_rows(between, {}, ["lr"]))
     over = [*between[1:], member_result(0, 0, **at_end, **{r.REACHED: 1.0, r.MEMBER_ENDS: 1.0})]
-    assert ran_to_end(over, member_rows(over, {}, ["lr"]))
+    assert trials_ended(over) and ran_to_end(member_rows(over, {}, ["lr"]))
