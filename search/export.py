@@ -56,6 +56,7 @@ class SeedRun:
     run_id: str
     reached: bool
     compute_to_target: float  # the search's penalty when censored
+    flops: float  # what it trained
 
 
 @dataclass
@@ -93,7 +94,7 @@ def seed_runs(client: Any, experiment_id: str, configuration_run_ids: set[str]) 
         if parent in out:
             m = run.data.metrics
             out[parent].append(SeedRun(int(run.data.tags[r.SEED]), run.info.run_id, m.get(r.REACHED) == 1.0,
-                                       m.get(r.COMPUTE_TO_TARGET, float("nan"))))
+                                       m.get(r.COMPUTE_TO_TARGET, float("nan")), m.get(r.FLOPS, float("nan"))))
     for seeds in out.values():
         seeds.sort(key=lambda s: s.seed)
     return out
@@ -159,6 +160,22 @@ def check_search_run(client: Any, experiment_id: str, experiment: str, run_id: s
         what = f"a {kind} run" if kind else "not an iterhead run"
         raise ConfigError(f"run {run_id} is {what}, not a search's parent run; give the parent run of the "
                           "search (its name starts with 'search:')", field="--run")
+
+
+def retrain_budget(params: dict[str, str], c: Candidate) -> str | None:
+    """The `--budget` of the re-train command: the search's, where it had one. Without one, a
+    configuration's seeds take the search's horizon, half its penalty (`results.PENALTY_PARAM`):
+    `iterhead train` then charges a censored seed the search's penalty, not twice its own plan.
+    Only where no seed trained past it, so that it stops none sooner than the search did; a
+    search from before the penalty was recorded has none to give."""
+    budget = params.get("budget.flops")
+    if budget not in (None, "", "None"):
+        return budget
+    penalty = params.get(r.PENALTY_PARAM)
+    if not c.is_configuration or penalty is None:
+        return None
+    horizon = float(penalty) / r.CENSOR_FACTOR
+    return repr(horizon) if all(s.flops <= horizon for s in c.seeds) else None
 
 
 def header(c: Candidate, experiment: str, parent: str, rank: int, file: str, budget: str | None = None) -> str:
@@ -295,8 +312,7 @@ def export(client: Any, experiment: str, out: Path, *, top_k: int = 1,
     if top_k == 1:
         check_file(out)  # before the store is read: nothing is written where it would replace another's file
     parent, reached = find_candidates(client, experiment, parent_run_id)
-    budget = client.get_run(parent).data.params.get("budget.flops")
-    budget = budget if budget not in (None, "", "None") else None
+    params = client.get_run(parent).data.params
     if not reached:
         raise ExportError(f"no trial of {experiment!r} reached its target; nothing to export")
     chosen = reached[:top_k]
@@ -309,7 +325,8 @@ def export(client: Any, experiment: str, out: Path, *, top_k: int = 1,
             local = curriculum_file(client, c, tmp)
             cur = parse_curriculum(parse_yaml_mapping(Path(local).read_text(), file=local), file=local)
         shown = out if top_k == 1 else out / path.name  # as given, so the command runs where export ran
-        texts.append(header(c, experiment, parent, rank, shlex.quote(str(shown)), budget) + dump_curriculum(cur))
+        texts.append(header(c, experiment, parent, rank, shlex.quote(str(shown)), retrain_budget(params, c))
+                     + dump_curriculum(cur))
     if top_k > 1:
         out.mkdir(exist_ok=True)
     for path, text in zip(paths, texts):

@@ -208,7 +208,6 @@ def _run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO,
         from iterhead.search.callback import MlflowSearchCallback
         from iterhead.search.reconcile import reconcile
         from iterhead.search.space import horizon, param_space, scheduler, searcher
-        from iterhead.trainable.summary import CENSOR_FACTOR
         from iterhead.trainable.tune import train_trial
 
         with signals.through_ray_init(terminated):
@@ -224,7 +223,7 @@ def _run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO,
         base = state["base"] if state else loaded.base.model_dump(mode="json")
         budget = state["budget"] if state else spec.budget.flops
         smoke = state["smoke"] if state else opts.smoke
-        penalty = state["penalty"] if state else CENSOR_FACTOR * horizon(loaded, smoke)
+        penalty = state["penalty"] if state else results.CENSOR_FACTOR * horizon(loaded, smoke)
         seeds = state.get("seeds") if state else seeds_for(loaded, opts.smoke)
         precision = state.get("precision", "fp32") if state else opts.precision
         pbt = state.get("pbt", False) if state else pbt
@@ -252,7 +251,7 @@ def _run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO,
             parent = writer.submit(writer.create_run, experiment, f"search:{spec.name}",
                                    {results.KIND: results.KIND_SEARCH, results.SPEC_TAG: str(loaded.path.resolve()),
                                     results.STORAGE_TAG: str(folder)},
-                                   _spec_params(loaded, settings, opts, base)).result()
+                                   _spec_params(loaded, settings, opts, base, penalty)).result()
             ours = True
             heartbeat = Heartbeat(writer, parent)
             save_state(folder, {"parent_run_id": parent, "uri": opts.uri, "spec": str(loaded.path.resolve()),
@@ -337,9 +336,10 @@ PBT_UNUSED = ("algorithm", "grace_fraction", "reduction_factor")  # search setti
 
 
 def _spec_params(loaded: LoadedSearch, settings: SearchSettings, opts: SearchOptions,
-                 base: dict[str, Any]) -> dict[str, Any]:
+                 base: dict[str, Any], penalty: float) -> dict[str, Any]:
     """The parent run's params: how the search searched (a PBT search: its `pbt` settings as it
-    runs them, not the searcher and ASHA settings it does not use), its budget and resources."""
+    runs them, not the searcher and ASHA settings it does not use), its budget, the penalty a
+    censored trial reports (export's re-train command charges the same) and resources."""
     spec = loaded.spec
     params: dict[str, Any] = {f"space.{k}": f"{d.kind} {d.args}" for k, d in spec.space.items()}
     search = settings.model_dump()
@@ -352,7 +352,8 @@ def _spec_params(loaded: LoadedSearch, settings: SearchSettings, opts: SearchOpt
                        "pbt.stage": population.pbt_stage(spec.pbt, base),
                        **{f"pbt.mutate.{k}": f"{d.kind} {d.args}" for k, d in spec.pbt.mutate.items()}})
     params.update({f"search.{k}": v for k, v in search.items()})
-    params.update({"budget.flops": loaded.spec.budget.flops, "base": str(loaded.base_path), "smoke": opts.smoke,
+    params.update({"budget.flops": loaded.spec.budget.flops, results.PENALTY_PARAM: penalty,
+                   "base": str(loaded.base_path), "smoke": opts.smoke,
                    "seeds": ",".join(map(str, loaded.spec.seeds)) if loaded.spec.seeds else "",
                    "precision": opts.precision})
     params.update({f"resources.{k}": v for k, v in loaded.spec.resources.model_dump().items()})

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from iterhead.search.export import Candidate, header, safe_name, targets
+from iterhead.search.export import Candidate, SeedRun, header, retrain_budget, safe_name, targets
 from iterhead.trainable import results as r
 from iterhead.trainable.checkpoint import write_atomic
 
@@ -142,6 +142,25 @@ def test_the_reproduce_command_pins_the_device_kind_it_trained_on(device, kind, 
     (line,) = [x for x in header(c, "e", "p", 1, "best.yaml").splitlines() if x.startswith("# reproduce")]
     assert where in line
     assert line.endswith(f"iterhead train best.yaml --device {kind} --threads 2 --precision bf16")
+
+
+def test_the_retrain_budget_is_the_searchs_or_else_its_horizon_where_no_seed_passed_it():
+    """A re-train charges a censored seed twice its budget: the search's budget where it had one;
+    without one, its horizon (half its recorded penalty) for a configuration whose seeds all
+    trained within it. Nothing where a seed trained past it (the budget would stop it sooner),
+    for a single trial (exported only if it reached, so nothing of it is censored), or for a
+    search from before the penalty was recorded."""
+    def configuration(*flops: float) -> Candidate:
+        seeds = [SeedRun(i, f"s{i}", i == 0, 1e9 if i == 0 else 6e9, f) for i, f in enumerate(flops)]
+        return Candidate("r1", "t1", {}, {r.KIND: r.KIND_CONFIGURATION}, seeds)
+
+    within, past = configuration(1e9, 3e9), configuration(1e9, 3e9 + 1)
+    assert retrain_budget({"budget.flops": "1e+12", r.PENALTY_PARAM: "2e+12"}, past) == "1e+12"
+    assert retrain_budget({"budget.flops": "None", r.PENALTY_PARAM: "6000000000.0"}, within) == "3000000000.0"
+    assert retrain_budget({"budget.flops": "None", r.PENALTY_PARAM: "6000000000.0"}, past) is None
+    trial = Candidate("r", "t", {}, {})
+    assert retrain_budget({"budget.flops": "None", r.PENALTY_PARAM: "6000000000.0"}, trial) is None
+    assert retrain_budget({"budget.flops": "None"}, within) is None
 
 
 @pytest.mark.parametrize("tables", [False, True], ids=["empty-file", "no-tables"])

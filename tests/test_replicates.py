@@ -29,7 +29,6 @@ pytestmark = pytest.mark.integration
 SEEDS = [0, 1, 2]
 BASE = {**PARITY_BASE, "stages": [{"name": "train", "mix": {"parity": 1.0}, "epochs": 6}],
         "target": {"task": "parity", "accuracy": 0.6}}
-BUDGET = 1.0e12
 
 
 SIGINT_HANDLERS: list = []  # (before, after) the search fixture's run
@@ -37,14 +36,14 @@ SIGINT_HANDLERS: list = []  # (before, after) the search fixture's run
 
 @pytest.fixture(scope="module")
 def search(ray_local, tmp_path_factory):
-    """A grid of two configurations, each trained on three seeds."""
+    """A grid of two configurations, each trained on three seeds; no budget (a censored seed is
+    charged the search's penalty: twice its horizon, the base's planned compute)."""
     folder = tmp_path_factory.mktemp("replicates")
     (folder / "base.yaml").write_text(yaml.safe_dump(BASE))
     (folder / "spec.yaml").write_text(yaml.safe_dump({
         "name": "replicates", "base": "base.yaml", "seeds": SEEDS,
         "space": {"optim.lr": {"grid": [1.0e-3, 3.0e-3]}},
-        "search": {"algorithm": "grid", "num_samples": 1, "max_concurrent": 2, "scheduler": "none"},
-        "budget": {"flops": BUDGET}}))
+        "search": {"algorithm": "grid", "num_samples": 1, "max_concurrent": 2, "scheduler": "none"}}))
     uri = f"sqlite:///{folder}/mlflow.db"
     out = io.StringIO()
     before = signal.getsignal(signal.SIGINT)
@@ -84,9 +83,13 @@ def test_one_parent_a_run_per_configuration_and_one_per_seed_under_it(search):
 
 def test_a_configuration_scores_the_median_of_its_seeds(search):
     """compute_to_target is the median over seeds (censored at the penalty), per the seeds' runs."""
+    from iterhead.trainable.summary import planned_flops
+
     rows, runs, _, _ = search
     seeds = kind(runs, r.KIND_SEED)
-    penalty = 2.0 * BUDGET
+    (parent,) = kind(runs, r.KIND_SEARCH)
+    penalty = float(parent.data.params[r.PENALTY_PARAM])  # recorded, for export's re-train command
+    assert penalty == r.CENSOR_FACTOR * planned_flops(parse_curriculum(BASE))  # the grid's keys plan no more
     for c in kind(runs, r.KIND_CONFIGURATION):
         mine = [s.data.metrics for s in seeds if s.data.tags[r.PARENT_RUN] == c.info.run_id]
         own = [(m[r.REACHED] == 1.0, m[r.COMPUTE_TO_TARGET]) for m in mine]
@@ -151,7 +154,9 @@ def seeds_of(runs, configuration):
 
 
 def test_export_writes_the_command_that_retrains_every_seed_to_its_result(search, tmp_path):
-    """The exported header names `--seeds 0,1,2`; running it gives each seed's search result exactly."""
+    """The exported header names `--seeds 0,1,2`; running it gives each seed's search result
+    exactly. The search had no budget: the command's is its horizon, where no seed trained
+    more, so a censored seed is charged the search's penalty rather than twice its own plan."""
     from iterhead.search.cli import main
 
     _, runs, client, _ = search
@@ -166,8 +171,10 @@ def test_export_writes_the_command_that_retrains_every_seed_to_its_result(search
     precision = best.data.tags[r.PRECISION_TAG]  # auto, resolved on this machine: what a re-run here resolves
     prefix = f"# reproduce every seed exactly on CPU: iterhead train {out} "
     (command,) = [line[len(prefix):].split() for line in text.splitlines() if line.startswith(prefix)]
+    horizon = float(kind(runs, r.KIND_SEARCH)[0].data.params[r.PENALTY_PARAM]) / r.CENSOR_FACTOR
     assert command == ["--seeds", "0,1,2", "--device", "cpu", "--threads", threads, "--precision", precision,
-                       "--budget", str(BUDGET)]
+                       "--budget", repr(horizon)]
+    assert not all(m[r.REACHED] == 1.0 for m in mine.values()), "no censored seed: the penalty goes untested"
     by_seed = ", ".join(f"seed {s} " + (f"{m[r.COMPUTE_TO_TARGET]:.6e}" if m[r.REACHED] == 1.0 else "censored")
                         for s, m in sorted(mine.items()))
     assert f"# compute_to_target by seed: {by_seed}\n" in text

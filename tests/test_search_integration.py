@@ -113,8 +113,11 @@ def test_export_best_retrains_to_the_same_compute(search, tmp_path, capsys):
     text = out.read_text()
     assert text.startswith("# exported by iterhead") and best["trial_id"] in text and "--threads 1" in text
     cur = load_curriculum(out)
-    assert main(["train", str(out), "--tracking-uri", f"sqlite:///{tmp_path}/retrain.db",
-                 "--experiment", "retrain", "--threads", "1"]) == 0
+    prefix = f"# reproduce exactly on CPU: iterhead train {out} "
+    (command,) = [line[len(prefix):].split() for line in text.splitlines() if line.startswith(prefix)]
+    assert command[-2:] == ["--budget", "1000000000000.0"]  # the search's: past it a trial stops, censored
+    assert main(["train", str(out), *command, "--tracking-uri", f"sqlite:///{tmp_path}/retrain.db",
+                 "--experiment", "retrain"]) == 0
     retrain = MlflowClient(f"sqlite:///{tmp_path}/retrain.db")
     (run,) = retrain.search_runs([retrain.get_experiment_by_name("retrain").experiment_id])
     assert run.data.metrics["compute_to_target"] == best["compute_to_target"]  # exactly, on CPU

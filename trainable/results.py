@@ -62,8 +62,11 @@ def meets_target(target_acc: float, target: float) -> bool:
     return target_acc >= target - TARGET_SLACK
 
 
-# The largest FLOP budget a search or `iterhead train --budget` takes: a censored trial reports
-# twice its budget (`summary.CENSOR_FACTOR`), which must stay finite, as Tune drops inf.
+# A censored trial reports CENSOR_FACTOR x its budget (`summary.censored_value`): the penalty.
+CENSOR_FACTOR = 2.0
+PENALTY_PARAM = "penalty"  # a search's penalty, a param of its parent run (`iterhead export` reads it)
+# The largest FLOP budget a search or `iterhead train --budget` takes: its penalty must stay
+# finite, as Tune drops inf.
 MAX_BUDGET = 1e300
 
 

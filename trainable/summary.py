@@ -1,7 +1,7 @@
 """A trial's summary metrics, and the value a censored trial reports.
 
 A trial that never reaches its target is censored, not dropped: ``reached = 0`` and its
-``compute_to_target`` is the finite penalty ``CENSOR_FACTOR x budget``, where the budget is
+``compute_to_target`` is the finite penalty ``results.CENSOR_FACTOR x budget``, where the budget is
 the search's FLOP budget or, without one, the compute the whole curriculum would spend if
 every stage ran to its end. The penalty is above anything a trial that reached the target
 can report, so a searcher minimising compute_to_target ranks censored trials last, and it
@@ -18,8 +18,6 @@ from iterhead.curricula.schema import Curriculum
 from iterhead.trainable import results as r
 from iterhead.trainable.compute import count_params, flops
 from iterhead.trainable.loop import Outcome
-
-CENSOR_FACTOR = 2.0
 
 
 def epoch_flops(cur: Curriculum) -> float:
@@ -39,7 +37,7 @@ def censored_value(cur: Curriculum, budget_flops: float | None = None) -> float:
     """What an unreached trial reports as compute_to_target (module docstring). A curriculum
     that trains no epoch is charged one: its planned 0 would rank it with a model that met the
     target before any training (compute_to_target 0), and ahead of every trial that trained."""
-    return CENSOR_FACTOR * (budget_flops if budget_flops else max(planned_flops(cur), epoch_flops(cur)))
+    return r.CENSOR_FACTOR * (budget_flops if budget_flops else max(planned_flops(cur), epoch_flops(cur)))
 
 
 def summary_metrics(cur: Curriculum, outcome: Outcome, budget_flops: float | None = None) -> dict[str, float]:
