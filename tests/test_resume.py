@@ -43,8 +43,12 @@ def forget_ends(folder: Path) -> int:
     return changed
 
 
-@pytest.mark.parametrize("seeds, sig, older", [(None, signal.SIGKILL, False), ([0, 1], signal.SIGKILL, False),
-                                               (None, signal.SIGTERM, False), (None, signal.SIGTERM, True)],
+SLOW = pytest.mark.slow  # about 40 s each: `make test-slow`; the default tier's two cover a SIGKILL and a SIGTERM
+
+
+@pytest.mark.parametrize("seeds, sig, older", [pytest.param(None, signal.SIGKILL, False, marks=SLOW),
+                                               ([0, 1], signal.SIGKILL, False), (None, signal.SIGTERM, False),
+                                               pytest.param(None, signal.SIGTERM, True, marks=SLOW)],
                          ids=["one-seed-trials", "replicates", "sigterm", "sigterm-state-of-an-earlier-version"])
 def test_stopped_search_resumes_into_the_same_runs(tmp_path, seeds, sig, older):
     """SIGKILL (the driver and its Ray at once) or SIGTERM (a batch scheduler's stop, to the
