@@ -207,7 +207,7 @@ def _run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO,
         from iterhead.search import population
         from iterhead.search.callback import MlflowSearchCallback
         from iterhead.search.reconcile import reconcile
-        from iterhead.search.space import horizon, param_space, scheduler, searcher
+        from iterhead.search.space import horizon, param_space, rungs, scheduler, searcher
         from iterhead.trainable.tune import train_trial
 
         with signals.through_ray_init(terminated):
@@ -225,6 +225,7 @@ def _run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO,
         smoke = state["smoke"] if state else opts.smoke
         penalty = state["penalty"] if state else results.CENSOR_FACTOR * horizon(loaded, smoke)
         seeds = state.get("seeds") if state else seeds_for(loaded, opts.smoke)
+        checkpoints_at = state.get("rungs", []) if state else rungs(loaded, settings, smoke)  # ASHA's, as it began
         precision = state.get("precision", "fp32") if state else opts.precision
         pbt = state.get("pbt", False) if state else pbt
         keys = state.get("keys", keys) if state else keys
@@ -238,7 +239,7 @@ def _run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO,
                                  precision=precision, threads=max(1, int(resources["cpu"])),
                                  share={"folder": str(folder / sharing.PREFIXES), "planned": plan} if share else None,
                                  population=str(folder / POPULATION) if pbt else None,
-                                 checkpoint_every_s=settings.checkpoint_every_s), resources)
+                                 checkpoint_every_s=settings.checkpoint_every_s, rungs=checkpoints_at), resources)
         if state:
             writer.submit(lambda: writer.client.update_run(parent, status="RUNNING")).result()
             ours = True
@@ -256,7 +257,7 @@ def _run_search(loaded: LoadedSearch, opts: SearchOptions, out: TextIO,
             heartbeat = Heartbeat(writer, parent)
             save_state(folder, {"parent_run_id": parent, "uri": opts.uri, "spec": str(loaded.path.resolve()),
                                 "state": "running", "base": base, "budget": budget, "smoke": smoke,
-                                "penalty": penalty, "seeds": seeds, "precision": precision,
+                                "penalty": penalty, "rungs": checkpoints_at, "seeds": seeds, "precision": precision,
                                 "share": share, "plan": plan, "pbt": pbt, "keys": keys,
                                 "resources": spec.resources.model_dump(),
                                 "search_spec": spec.model_dump(mode="json")})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from ray import tune
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
@@ -88,3 +89,16 @@ def scheduler(loaded: LoadedSearch, settings: SearchSettings, smoke: bool = Fals
     return AsyncHyperBandScheduler(time_attr=TIME_ATTR, metric=SCHEDULER_METRIC, mode=SCHEDULER_MODE,
                                    max_t=max_t, grace_period=max_t * settings.grace_fraction,
                                    reduction_factor=settings.reduction_factor)
+
+
+def rungs(loaded: LoadedSearch, settings: SearchSettings, smoke: bool = False) -> list[float]:
+    """The FLOPs (`TIME_ATTR`) at which ASHA compares trials, placed as Ray's one bracket places
+    them (``grace_period x reduction_factor^k`` for k while that stays within ``max_t``); none
+    without ASHA. A trial checkpoints at the first report at or past each (`trainable.tune`),
+    so one that ASHA stops there keeps its state, curriculum and figures."""
+    if settings.scheduler != "asha":
+        return []
+    max_t = horizon(loaded, smoke)
+    grace, factor = max_t * settings.grace_fraction, settings.reduction_factor
+    count = int(np.log(max_t / grace) / np.log(factor) + 1)  # Ray's own expression: the same count at a tie
+    return [grace * factor ** k for k in range(count)]

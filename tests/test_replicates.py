@@ -259,3 +259,6 @@ def test_asha_stops_whole_configurations_never_one_of_their_seeds(ray_local, tmp
             assert steps == reports[1.0e-6]
             for s in mine:  # stopped with it, at the same report: no seed ran on alone
                 assert len(client.get_metric_history(s.info.run_id, r.FLOPS)) == steps
+                # stopped seconds in, long before a timed checkpoint: the one saved at the rung gave its figures
+                artifacts = {a.path for a in client.list_artifacts(s.info.run_id)}
+                assert {"curriculum.yaml", "attention.png", "compute_to_accuracy.png"} <= artifacts, artifacts

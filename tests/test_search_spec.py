@@ -362,3 +362,18 @@ def test_a_smoke_search_runs_at_most_two_trials_at_once_and_never_more_than_aske
     for body in (f"space: {{optim.lr: {{uniform: [0.001, 0.01]}}}}\nsearch: {{max_concurrent: {asked}}}\n",
                  f"search: {{scheduler: pbt, max_concurrent: {asked}}}\n" + PBT_SECTION):
         assert run.settings_for(load_search(write_spec(tmp_path, body)), smoke=True).max_concurrent == smoke
+
+
+@pytest.mark.parametrize("grace, factor", [(1 / 9, 3.0), (0.25, 2.0), (0.1, 3.0), (0.3, 4.0), (1.0, 3.0)])
+def test_checkpoint_rungs_are_where_ashas_bracket_compares(tmp_path, grace, factor):
+    """A trial checkpoints at ASHA's rungs, so that one ASHA stops there keeps its figures: the
+    list must be the one Ray's bracket holds, a tie of the logarithms (1/9 at factor 3) included."""
+    from iterhead.search.space import rungs, scheduler
+
+    asha = f"search: {{scheduler: asha, grace_fraction: {grace}, reduction_factor: {factor}}}\n"
+    loaded = load_search(write_spec(tmp_path, "space: {optim.lr: {uniform: [0.001, 0.01]}}\n" + asha))
+    settings = run.settings_for(loaded, smoke=False)
+    bracket = scheduler(loaded, settings)._brackets[0]  # Ray's own: one bracket
+    assert rungs(loaded, settings) == sorted(milestone for milestone, _ in bracket._rungs)
+    none = load_search(write_spec(tmp_path, "search: {scheduler: none}\n"))
+    assert rungs(none, run.settings_for(none, smoke=False)) == []

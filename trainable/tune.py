@@ -5,11 +5,14 @@ Per evaluation it reports the metrics with cumulative compute, the running
 ``target_acc`` for the scheduler. Checkpoints hold the whole trainer state, so a trial that
 fails or is restored continues exactly where it stood; they are written at most every
 `checkpoint_every_s` seconds (each one makes Tune snapshot its experiment state) and at the
-last evaluation. Each checkpoint also carries the trial's artifacts (curriculum YAML,
+last evaluation, and at the first report at or past each of ASHA's rungs, where ASHA may
+stop the trial. Each checkpoint also carries the trial's artifacts (curriculum YAML,
 attention maps, accuracy-against-compute plot) for the driver to log, so a trial that ASHA
-stops early keeps those of its latest checkpoint. A trial ends when the target is reached,
-its compute passes the budget (censored), or its last stage ends. A trial restored after
-it had finished (its end not yet in Tune's state) reports its last result again.
+stops keeps those of the report it stopped at (unless that report replays a shared prefix,
+whose states between its ends no trial holds: then those of its latest checkpoint, if any).
+A trial ends when the target is reached, its compute passes the budget (censored), or its
+last stage ends. A trial restored after it had finished (its end not yet in Tune's state)
+reports its last result again.
 
 Replicates (a search with ``seeds:``): the trial is one configuration trained on every seed
 in one schedule (`trainable.seeds.Seeds`). Each report carries the configuration's scores
@@ -38,7 +41,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import ray
 import torch
@@ -97,7 +100,8 @@ def configuration_report(step: int, stage: str, trainers: list[Trainer], penalty
 def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float | None = None,
                 penalty: float | None = None, smoke: bool = False, threads: int = 1,
                 checkpoint_every_s: float = 30.0, seeds: list[int] | None = None, precision: str = "auto",
-                share: dict[str, Any] | None = None, population: str | None = None) -> None:
+                share: dict[str, Any] | None = None, population: str | None = None,
+                rungs: Sequence[float] = ()) -> None:
     """Train one trial of a search (module docstring).
 
     `penalty` is what a censored trial reports as compute_to_target; the driver passes one
@@ -106,6 +110,8 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float |
     With `share` (``folder``, ``planned``: the point keys other trials start from, or None,
     ``lease_s``), the trial starts from the deepest stored prefix of its curriculum and
     stores its own states where others can start (`trainable.prefix_store`).
+    `rungs`: ASHA's, in FLOPs (`search.space.rungs`); the first report at or past each carries
+    a checkpoint, so a trial ASHA stops there keeps its state and artifacts.
     A PBT trial (a ``pbt`` config) is one member for one generation: it starts from the
     population entry its config names, in the folder `population`, and leaves its own at the
     generation's end (`trainable.population`); only the first generation uses `share`.
@@ -151,7 +157,7 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], budget: float |
         elif sharing is not None:
             sharing.resume()
         _train(cur, device, precision, seeds, state, history, replay, forked, penalty, budget, checkpoint_every_s,
-               sharing, source, member)
+               sharing, source, member, tuple(rungs))
     finally:
         if sharing is not None:
             sharing.close()
@@ -219,7 +225,8 @@ def strip(report: dict[str, Any]) -> dict[str, Any]:
 def _train(cur: Curriculum, device: torch.device, precision: str, seeds: list[int] | None,
            state: dict[str, Any] | None, history: list[dict[str, Any]], replay: list[dict[str, Any]],
            forked: dict[str, Any], penalty: float, budget: float | None, checkpoint_every_s: float,
-           sharing: Sharing | None, source: dict[str, str], member: MemberTrial | None = None) -> None:
+           sharing: Sharing | None, source: dict[str, str], member: MemberTrial | None = None,
+           rungs: tuple[float, ...] = ()) -> None:
     """The trial's reports: first those of a forked prefix, as made, then its own evaluations.
 
     `history` holds the reports made so far (a restored trial's, from its checkpoint); each
@@ -288,6 +295,8 @@ def _train(cur: Curriculum, device: torch.device, precision: str, seeds: list[in
                 own = seed_report(ev, by_seed[seed], penalty, budget).to_dict()
                 report.metrics.update({results.per_seed(seed, k): v for k, v in own.items()})
         report.metrics[results.FLOPS_SEEDS] = trained_flops(trainers)
+        before = history[-1][results.FLOPS] if history else 0.0
+        at_rung = any(before < rung <= report.metrics[results.FLOPS] for rung in rungs)  # ASHA may stop it here
         ends = all(t.finished for t in trainers) or over_budget(report.metrics)
         if member is not None:
             report.metrics.update(schedule_metrics(trainers[0]))
@@ -305,7 +314,7 @@ def _train(cur: Curriculum, device: torch.device, precision: str, seeds: list[in
         if ends or len(over) == len(trainers):  # the trial's last report
             metrics[results.TRIAL_ENDS] = 1.0
         save = ends or resumable(evaluations, trainers) and (
-            any(ev.final for _, ev in evaluations) or time.monotonic() - saved_at >= checkpoint_every_s)
+            any(ev.final for _, ev in evaluations) or at_rung or time.monotonic() - saved_at >= checkpoint_every_s)
         send(metrics, save, history[:-1])
         if save:
             saved_at = time.monotonic()
