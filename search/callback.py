@@ -52,7 +52,7 @@ from iterhead.curricula.io import dump_curriculum, flatten
 from iterhead.search.outcome import ended
 from iterhead.search import progress, signals
 from iterhead.search.progress import member_of
-from iterhead.search.tracking import RunWriter, all_runs
+from iterhead.search.tracking import MAX_PARAM_CHARS, RunWriter, all_runs
 from iterhead.trainable import results as r
 from iterhead.trainable.artifacts import ARTIFACTS
 from iterhead.curricula.trial import trial_curriculum
@@ -143,8 +143,9 @@ class MlflowSearchCallback(tune.Callback):
         return self.runs[trial_id].result()
 
     def _find_or_create(self, target: str, name: str, tags: dict[str, str], params: dict[str, Any],
-                        parent: str, yaml_text: str | None) -> str:
-        """The run of a trial (or of one seed of it): found again by its tags, else made."""
+                        parent: str, yaml_text: str | None, more: dict[str, str] | None = None) -> str:
+        """The run of a trial (or of one seed of it): found again by its tags, else made (with
+        the tags `more` too, which finding it does not read)."""
         client = self.writer.client
         exp = self.writer.experiment_id(self.experiment)
         query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in {**tags, r.PARENT_RUN: parent}.items())
@@ -155,7 +156,7 @@ class MlflowSearchCallback(tune.Callback):
             steps = [m.step for m in client.get_metric_history(run_id, r.FLOPS)]
             self.logged[target] = max(steps, default=-1)
             return run_id
-        run_id = self.writer.create_run(self.experiment, name, tags, params, parent)
+        run_id = self.writer.create_run(self.experiment, name, {**tags, **(more or {})}, params, parent)
         if yaml_text is not None:
             client.log_text(run_id, yaml_text, "curriculum.yaml")
         return run_id
@@ -171,6 +172,9 @@ class MlflowSearchCallback(tune.Callback):
             except ConfigError as err:
                 return self._invalid_run(trial, err)
             tags = self._trial_tags(tid)
+            # its params hold the values cut to smoke size; the terminal shows those drawn (cut as a param is)
+            drawn = ({r.DRAWN_PREFIX + k: str(v)[:MAX_PARAM_CHARS] for k, v in trial.config.items() if k != "pbt"}
+                     if self.smoke else {})
             member = member_of(trial)
             if member is not None:
                 tags.update({r.KIND: r.KIND_MEMBER, r.MEMBER_TAG: str(member["member"])})
@@ -178,7 +182,8 @@ class MlflowSearchCallback(tune.Callback):
             if self.seeds:
                 params.pop("seed", None)
                 params["seeds"] = ",".join(map(str, self.seeds))
-            run = self.writer.submit(self._find_or_create, tid, tid, tags, params, self.parent, dump_curriculum(cur))
+            run = self.writer.submit(self._find_or_create, tid, tid, tags, params, self.parent, dump_curriculum(cur),
+                                     drawn)
             self.runs[tid] = run
             for seed in self.seeds or []:
                 one = cur.model_copy(update={"seed": seed})

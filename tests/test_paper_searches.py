@@ -55,3 +55,8 @@ def test_runs_at_smoke_size(spec, ray_local, tmp_path):
     assert loaded.spec.seeds == [0, 1, 2]  # the shipped experiments score configurations over seeds
     assert kinds.count("configuration") == expected and kinds.count("seed") == 2 * expected  # smoke: 2 seeds
     assert all(r.info.status == "FINISHED" for r in runs)
+    drawn = {row["trial_id"]: row for row in rows}  # as the terminal and trials.csv show them, before the cut
+    for run in (x for x in runs if x.data.tags.get("iterhead.kind") == "configuration"):
+        row = drawn[run.data.tags["iterhead.trial_id"]]
+        assert {k: run.data.tags.get(f"iterhead.drawn.{k}") for k in loaded.spec.space} == \
+            {k: str(row[k]) for k in loaded.spec.space}

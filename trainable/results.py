@@ -123,6 +123,7 @@ HEARTBEAT_TAG = "iterhead.heartbeat"  # Unix seconds of a live run's last beat (
 BATCHED_SEEDS_TAG = "iterhead.batched_seeds"  # `iterhead train --seeds`: the seeds trained together
 ENGINE_TAG = "iterhead.engine"  # `iterhead train --seeds`: how they stepped (`trainable.seeds.choose_engine`)
 INVALID_TAG = "iterhead.invalid_curriculum"  # on a trial's run: why its sampled values make no valid curriculum
+DRAWN_PREFIX = "iterhead.drawn."  # + a searched key, on a --smoke trial's run: the value drawn, before the cut
 
 _SEED_KEY = re.compile(r"^seed_(\d+)/(.+)$")
 
