@@ -180,7 +180,7 @@ def retrain_budget(params: dict[str, str], c: Candidate) -> str | None:
 
 def header(c: Candidate, experiment: str, parent: str, rank: int, file: str, budget: str | None = None) -> str:
     """Where the file came from, what it scored, and the command that reproduces it exactly
-    (with the search's budget, where it had one: past it a trial stops and is censored)."""
+    (with `budget`, `retrain_budget`'s, where there is one: past it a trial stops and is censored)."""
     threads = c.tags.get(r.THREADS_TAG, "1")
     precision = c.tags.get(r.PRECISION_TAG, "fp32")  # runs from before precision was tagged trained in fp32
     # the device kind it trained on, pinned: `--device auto` would take a GPU wherever one is, and
