@@ -23,7 +23,7 @@ from support import PARITY_BASE
 pytestmark = pytest.mark.integration
 
 BASE = {**PARITY_BASE, "stages": [{"name": "train", "mix": {"parity": 1.0}, "epochs": 12}]}  # 3 checkpoints
-# before the kill, the rest after it; every epoch is a checkpoint and a store write (about 0.8 s), so keep it short
+# before the kill, the rest after it; every epoch is a checkpoint and a store write, so keep it short
 
 
 def trial_workers(session: int) -> list[int]:
