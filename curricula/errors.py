@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 import reprlib
 from pathlib import Path
 from typing import Iterable
@@ -55,6 +56,28 @@ def out_of_memory(err: BaseException) -> bool:
     a curriculum too large for this machine, which validation, bounding sizes at `MAX_BYTES`, passes."""
     return isinstance(err, MemoryError) or isinstance(err, RuntimeError) and (
         type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(err))
+
+
+# torch's CUDA out-of-memory message: "GPU 0 has a total capacity of 79.15 GiB of which ... is free.
+# [Process N has ...] Including non-PyTorch memory, this process has 1.20 GiB memory in use." (before
+# torch 2.2 "capacty")
+_GPU_TOTAL = re.compile(r"total capac\w* of ([\d.]+) ([KMGT])iB")
+_GPU_OWN = re.compile(r"this process has ([\d.]+) ([KMGT])iB memory in use")
+
+
+def memory_advice(err: BaseException) -> str:
+    """What to do about `err` (`out_of_memory`): lower the sizes; but where torch's CUDA message
+    says this process held under half of the GPU, other processes hold the rest, and lower
+    sizes would not have helped."""
+    total, own = _GPU_TOTAL.search(str(err)), _GPU_OWN.search(str(err))
+    if total and own and _bytes(own) < _bytes(total) / 2:
+        return (f"other processes hold most of the GPU's memory (this one held {own[1]} {own[2]}iB of "
+                f"{total[1]} {total[2]}iB; nvidia-smi lists them): free it, or choose another GPU")
+    return "lower the model's or the data's sizes, or optim.batch_size"
+
+
+def _bytes(found: re.Match) -> float:
+    return float(found[1]) * 1024 ** "KMGT".index(found[2]) * 1024
 
 
 def one_line(text: str) -> str:

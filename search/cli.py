@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from iterhead.curricula.errors import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ConfigError, first_line, one_line,
-                                       out_of_memory, recorded_path, require_utf8, shown)
+from iterhead.curricula.errors import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ConfigError, first_line, memory_advice,
+                                       one_line, out_of_memory, recorded_path, require_utf8, shown)
 from iterhead.search.ablate import cmd_ablate
 from iterhead.search.endpoints import address_field, check_store, not_a_tracking_server, ray_address, uri_field
 from iterhead.search.signals import Terminated, after_stop, sigterm_as_ctrl_c
@@ -374,8 +374,7 @@ def _command(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     except Exception as err:  # noqa: BLE001 - the store's failures and failed allocations only; the rest go on up
         if out_of_memory(err):  # too large for this machine: validation bounds sizes past any machine
-            print(one_line(f"error: out of memory: {first_line(err, 300)}; lower the model's or the data's "
-                           "sizes, or optim.batch_size"), file=sys.stderr)
+            print(one_line(f"error: out of memory: {first_line(err, 300)}; {memory_advice(err)}"), file=sys.stderr)
             return EXIT_FAILED
         # one line and exit 1, not the client's traceback through its retries; exit 2 where the
         # store's first answer shows that the URI names no MLflow server

@@ -159,6 +159,28 @@ def test_a_curriculum_too_large_for_the_memory_fails_in_one_line(tmp_path):
     assert last.startswith("error: out of memory: Unable to allocate") and "for an array with shape" in last, last
 
 
+def test_a_gpu_that_other_processes_fill_is_said_so_not_blamed_on_the_sizes():
+    """torch's CUDA out-of-memory message says how much of the GPU this process held: under
+    half, lower sizes would not have helped. Messages in torch's own words (2.2 on, and the
+    "capacty" of 2.0 and 2.1); an allocation this process filled, or numpy's, keep the sizes advice."""
+    import torch
+
+    from iterhead.curricula.errors import memory_advice, out_of_memory
+
+    other = ("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79.15 GiB of which "
+             "6.75 MiB is free. Process 4242 has 70.00 GiB memory in use. Including non-PyTorch memory, this "
+             "process has 9.12 GiB memory in use. Of the allocated memory 8.50 GiB is allocated by PyTorch")
+    own = ("CUDA out of memory. Tried to allocate 3.00 GiB. GPU 0 has a total capacty of 23.65 GiB of which "
+           "1.66 GiB is free. Including non-PyTorch memory, this process has 20.81 GiB memory in use.")
+    sizes = "lower the model's or the data's sizes, or optim.batch_size"
+    for message, advice in ((other, "other processes hold most of the GPU's memory (this one held 9.12 GiB of "
+                                     "79.15 GiB; nvidia-smi lists them): free it, or choose another GPU"),
+                            (own, sizes), (other.replace("capacity", "capacty"), "other processes")):
+        err = torch.OutOfMemoryError(message)
+        assert out_of_memory(err) and memory_advice(err).startswith(advice), (message, memory_advice(err))
+    assert memory_advice(MemoryError("Unable to allocate 149. GiB for an array")) == sizes
+
+
 @pytest.mark.parametrize("command, file, says", [
     ("train", ROOT / "examples" / "search_small.yaml", "this is a search spec"),
     ("search", SMALL, "this is a curriculum"),
