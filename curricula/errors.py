@@ -59,8 +59,8 @@ def out_of_memory(err: BaseException) -> bool:
 
 
 # torch's CUDA out-of-memory message: "GPU 0 has a total capacity of 79.15 GiB of which ... is free.
-# [Process N has ...] Including non-PyTorch memory, this process has 1.20 GiB memory in use." (before
-# torch 2.2 "capacty")
+# [Process N has ...] Including non-PyTorch memory, this process has 1.20 GiB memory in use." (some
+# versions spelled it "capacty")
 _GPU_TOTAL = re.compile(r"total capac\w* of ([\d.]+) ([KMGT])iB")
 _GPU_OWN = re.compile(r"this process has ([\d.]+) ([KMGT])iB memory in use")
 
@@ -77,6 +77,7 @@ def memory_advice(err: BaseException) -> str:
 
 
 def _bytes(found: re.Match) -> float:
+    """A size that `_GPU_TOTAL` or `_GPU_OWN` found, in bytes."""
     return float(found[1]) * 1024 ** "KMGT".index(found[2]) * 1024
 
 

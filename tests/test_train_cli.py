@@ -161,8 +161,8 @@ def test_a_curriculum_too_large_for_the_memory_fails_in_one_line(tmp_path):
 
 def test_a_gpu_that_other_processes_fill_is_said_so_not_blamed_on_the_sizes():
     """torch's CUDA out-of-memory message says how much of the GPU this process held: under
-    half, lower sizes would not have helped. Messages in torch's own words (2.2 on, and the
-    "capacty" of 2.0 and 2.1); an allocation this process filled, or numpy's, keep the sizes advice."""
+    half, lower sizes would not have helped. Messages in torch's own words (also as some versions
+    spelled them, "capacty"); an allocation this process filled, or numpy's, keep the sizes advice."""
     import torch
 
     from iterhead.curricula.errors import memory_advice, out_of_memory
