@@ -10,9 +10,11 @@ experiment state saved, runs KILLED, the ``--resume`` hint printed). The command
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -52,6 +54,8 @@ def sigterm_as_ctrl_c() -> Iterator[threading.Event]:
 
     previous = signal.signal(signal.SIGTERM, stop)
     _OPEN.append(seen)
+    hook = sys.unraisablehook
+    sys.unraisablehook = _interrupt_again(hook)
     try:
         yield seen
     except KeyboardInterrupt as interrupt:  # Tune's stop, or Ray's waits, which pass `Terminated` on as a plain one
@@ -59,8 +63,32 @@ def sigterm_as_ctrl_c() -> Iterator[threading.Event]:
             raise Terminated() from None
         raise
     finally:
+        sys.unraisablehook = hook
         _OPEN.remove(seen)
         signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt_again(previous: Any) -> Any:
+    """An unraisable hook that raises again a Ctrl-C (or `Terminated`) that landed in a finaliser:
+    Python prints a `__del__`'s or a garbage-collector callback's exception as "ignored" and goes
+    on, and a Ctrl-C there (seen about 3 s into `iterhead report`) let the command run to its end
+    and exit 0. `_thread.interrupt_main` calls the SIGINT handler at the main thread's next
+    instruction: the stop a Ctrl-C makes there (Tune's, during a fit). Called from a timer's thread
+    a moment later: called at once, the handler ran within this hook, whose exception Python
+    ignores too; should it land in a finaliser again, this hook tries again. Where Python handles
+    no SIGINT (ignored, as under ``nohup``), it is left as before."""
+    def hook(unraisable: Any) -> None:
+        handled = callable(signal.getsignal(signal.SIGINT))
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt) and handled:
+            again = threading.Timer(INTERRUPT_AGAIN_S, _thread.interrupt_main)
+            again.daemon = True
+            again.start()
+            return
+        previous(unraisable)
+    return hook
+
+
+INTERRUPT_AGAIN_S = 0.05  # past the hook's return, and soon for a person who pressed Ctrl-C
 
 
 def _mark_stopped(seen: threading.Event) -> None:

@@ -188,3 +188,32 @@ def test_a_stop_seen_in_an_inner_block_is_seen_by_the_blocks_around_it():
     finally:
         signal.signal(signal.SIGINT, sigint)
     assert search_seen.is_set() and command_seen.is_set()
+
+
+@pytest.mark.parametrize("raised", ["ctrl-c", "sigterm"])
+def test_a_stop_that_lands_in_a_finaliser_still_stops_the_command(raised):
+    """Python prints an exception raised in a finaliser (a `__del__`, a garbage-collector callback)
+    as "ignored" and goes on: a Ctrl-C that landed there let `iterhead report` run to its end and
+    exit 0. Within a command's block it is raised again at the next instruction, a SIGTERM's as
+    `Terminated`. (A finaliser raises here what the signal's handler would raise there.)"""
+    from iterhead.search.signals import Terminated, sigterm_as_ctrl_c
+
+    class Finaliser:
+        def __del__(self) -> None:
+            if raised == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)  # its handler raises Terminated here, in the finaliser
+                time.sleep(0.05)
+            else:
+                raise KeyboardInterrupt
+
+    sigint = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C heard, as at a terminal
+    found = sys.unraisablehook  # pytest's own
+    try:
+        with pytest.raises(Terminated if raised == "sigterm" else KeyboardInterrupt), sigterm_as_ctrl_c():
+            Finaliser()  # dropped at once: its exception goes to sys.unraisablehook
+            for _ in range(1000):
+                time.sleep(0.001)
+            pytest.fail("the stop was swallowed")
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    assert sys.unraisablehook is found  # the block put back the hook it found
