@@ -68,6 +68,9 @@ def sigterm_as_ctrl_c() -> Iterator[threading.Event]:
         signal.signal(signal.SIGTERM, previous)
 
 
+INTERRUPT_AGAIN_S = 0.05  # past the hook's return, and soon for a person who pressed Ctrl-C
+
+
 def _interrupt_again(previous: Any) -> Any:
     """An unraisable hook that raises again a Ctrl-C (or `Terminated`) that landed in a finaliser:
     Python prints a `__del__`'s or a garbage-collector callback's exception as "ignored" and goes
@@ -86,9 +89,6 @@ def _interrupt_again(previous: Any) -> Any:
             return
         previous(unraisable)
     return hook
-
-
-INTERRUPT_AGAIN_S = 0.05  # past the hook's return, and soon for a person who pressed Ctrl-C
 
 
 def _mark_stopped(seen: threading.Event) -> None:

@@ -177,7 +177,7 @@ def test_a_stop_seen_in_an_inner_block_is_seen_by_the_blocks_around_it():
         for _ in range(1000):  # the handler runs between two bytecodes of this thread, soon after
             time.sleep(0.001)
 
-    sigint = signal.signal(signal.SIGINT, signal.default_int_handler)  # none a fit left, nor Ctrl-C ignored
+    ctrl_c_as_at_a_terminal()  # none a fit left, nor Ctrl-C ignored; the conftest puts it back
     try:
         with sigterm_as_ctrl_c() as command_seen:
             with pytest.raises(Terminated), sigterm_as_ctrl_c() as search_seen:
@@ -185,8 +185,6 @@ def test_a_stop_seen_in_an_inner_block_is_seen_by_the_blocks_around_it():
             signalled()  # the repeat: ignored
     except Terminated:  # a KeyboardInterrupt would end the whole test session
         pytest.fail("the repeated SIGTERM stopped the command's block again")
-    finally:
-        signal.signal(signal.SIGINT, sigint)
     assert search_seen.is_set() and command_seen.is_set()
 
 
@@ -194,7 +192,7 @@ def test_a_stop_seen_in_an_inner_block_is_seen_by_the_blocks_around_it():
 def test_a_stop_that_lands_in_a_finaliser_still_stops_the_command(raised):
     """Python prints an exception raised in a finaliser (a `__del__`, a garbage-collector callback)
     as "ignored" and goes on: a Ctrl-C that landed there let `iterhead report` run to its end and
-    exit 0. Within a command's block it is raised again at the next instruction, a SIGTERM's as
+    exit 0. Within a command's block it is raised again a moment later, a SIGTERM's as
     `Terminated`. (A finaliser raises here what the signal's handler would raise there.)"""
     from iterhead.search.signals import Terminated, sigterm_as_ctrl_c
 
@@ -206,14 +204,11 @@ def test_a_stop_that_lands_in_a_finaliser_still_stops_the_command(raised):
             else:
                 raise KeyboardInterrupt
 
-    sigint = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C heard, as at a terminal
+    ctrl_c_as_at_a_terminal()  # the conftest puts the handler back
     found = sys.unraisablehook  # pytest's own
-    try:
-        with pytest.raises(Terminated if raised == "sigterm" else KeyboardInterrupt), sigterm_as_ctrl_c():
-            Finaliser()  # dropped at once: its exception goes to sys.unraisablehook
-            for _ in range(1000):
-                time.sleep(0.001)
-            pytest.fail("the stop was swallowed")
-    finally:
-        signal.signal(signal.SIGINT, sigint)
+    with pytest.raises(Terminated if raised == "sigterm" else KeyboardInterrupt), sigterm_as_ctrl_c():
+        Finaliser()  # dropped at once: its exception goes to sys.unraisablehook
+        for _ in range(1000):
+            time.sleep(0.001)
+        pytest.fail("the stop was swallowed")
     assert sys.unraisablehook is found  # the block put back the hook it found
