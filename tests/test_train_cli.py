@@ -48,7 +48,7 @@ def test_small_curriculum_reaches_target(small_run):
     assert run.data.metrics["reached"] == 1.0 and any(k.startswith("final/acc/") for k in run.data.metrics)
 
 
-@pytest.mark.slow  # a second whole run of the shipped example, about 33 s: `make test-slow`
+@pytest.mark.slow  # a second whole run of the shipped example, about 17 s: `make test-slow`
 def test_small_curriculum_reaches_target_reproducibly(small_run):
     client, _, _ = small_run
     train_small(client.tracking_uri)
